@@ -1,0 +1,451 @@
+"""Thin Autobahn protocol classes: they translate WebSocket events into calls on the
+network-free core (:mod:`streamrelay.streams`) and back.  Wire protocol v1 is documented
+once, in ``docs/protocol.md``.
+
+Every timer runs on the injected reactor (``RelayContext.clock``) so tests drive them
+with ``Clock.advance``; Autobahn's own txaio timers are all switched off in
+:func:`configure_factory`.  Each close goes through ``sendCloseFrame`` so that every close
+code (1001, 1003, 1007, 1008, 1009, 4409) reaches the peer, and each close, whoever starts
+it, is bounded by ``close_timeout`` after which the TCP connection is aborted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
+from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from streamrelay import wire
+from streamrelay.streams import PublisherSession, ViewerSession
+from streamrelay.wire import WireError
+
+if TYPE_CHECKING:
+    from streamrelay.web import RelayContext
+
+_log = Logger()
+
+
+def format_peer(address: object) -> str:
+    """``ip:port`` for TCP peers (``[ip]:port`` for IPv6), the path for unix sockets."""
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return f"unix:{name.decode() if isinstance(name, bytes) else name or ''}"
+    return str(address)
+
+
+class RelayProtocol(WebSocketServerProtocol):
+    """Behaviour shared by every relay endpoint: liveness pings, bounded closes, error
+    containment and teardown."""
+
+    role = "relay"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.context: RelayContext | None = None
+        self.stream_name = ""
+        self._last_heard = 0.0
+        self._ping_call: IDelayedCall | None = None
+        self._pong_deadline: IDelayedCall | None = None
+        self._close_deadline: IDelayedCall | None = None
+        self._gone = False
+
+    # -- plumbing set up by the web gate -------------------------------------------
+
+    @property
+    def _clock(self) -> Any:
+        assert self.context is not None
+        return self.context.clock
+
+    def connectionMade(self) -> None:
+        """Turn on TCP keepalive: a dead peer's socket is eventually reported."""
+        super().connectionMade()
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpKeepAlive(True)
+        if self.context is not None:
+            self._last_heard = self._clock.seconds()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Any byte from the peer proves it is alive."""
+        if self.context is not None:
+            self._last_heard = self._clock.seconds()
+        super().dataReceived(data)
+
+    # -- Autobahn callbacks, guarded -------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        """Select ``streamrelay.v1`` when offered; no subprotocol also means v1."""
+        if wire.SUBPROTOCOL in request.protocols:
+            return wire.SUBPROTOCOL
+        return None
+
+    def onOpen(self) -> None:
+        """Start liveness pings, then the role's own opening."""
+        self._schedule_ping()
+        self._guarded("open", self.opened)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        """Hand the message to the role, containing any error."""
+        self._guarded("message", self.message_received, payload, isBinary)
+
+    def _guarded(self, event: str, handler: Callable[..., None], *arguments: Any) -> None:
+        try:
+            handler(*arguments)
+        except Exception:
+            _log.failure(
+                "Unhandled error on {event} ({role} {stream})",
+                event=event,
+                role=self.role,
+                stream=self.stream_name,
+            )
+            self.close_with(wire.CLOSE_INTERNAL_ERROR, "internal error")
+
+    def opened(self) -> None:
+        """The WebSocket is open (role hook)."""
+
+    def message_received(self, payload: bytes, is_binary: bool) -> None:
+        """A whole message arrived (role hook)."""
+
+    def closed(self) -> None:
+        """The connection is gone (role hook); called exactly once."""
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start a closing handshake with any code, bounded by the close timeout."""
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendCloseFrame(code, reason.encode("utf-8")[:123], isReply=False)
+        elif self.state != WebSocketServerProtocol.STATE_CLOSED:
+            self._arm_close_deadline()
+
+    def sendCloseFrame(
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        """Send a close frame (Autobahn's path, used for every close) and bound the wait."""
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        self._arm_close_deadline()
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        """A close the peer starts arms no Autobahn timer: bound it ourselves."""
+        result = super().onCloseFrame(code, reasonRaw)
+        self._arm_close_deadline()
+        return result
+
+    def _arm_close_deadline(self) -> None:
+        if self._close_deadline is None and self.context is not None and not self._gone:
+            self._close_deadline = self._clock.callLater(
+                self.context.config.close_timeout, self.abort
+            )
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a closing handshake."""
+        if not self._gone and self.transport is not None:
+            self.transport.abortConnection()
+
+    def _fail_with(self, code: int, reason: str) -> None:
+        # Autobahn's failure path: it stops buffering the message being received.
+        self._fail_connection(code, reason)
+
+    # -- liveness --------------------------------------------------------------------
+
+    def heard_from_peer(self) -> None:
+        """Record proof that the peer is alive (data or write progress)."""
+        self._last_heard = self._clock.seconds()
+
+    def _schedule_ping(self) -> None:
+        if self.context is None or self._gone or self.context.config.ping_interval <= 0:
+            return
+        self._ping_call = self._clock.callLater(self.context.config.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        if self.state != WebSocketServerProtocol.STATE_OPEN or self.context is None:
+            return
+        sent_at = self._clock.seconds()
+        self.sendPing()
+        self._pong_deadline = self._clock.callLater(
+            self.context.config.ping_timeout, self._check_alive, sent_at
+        )
+
+    def _check_alive(self, ping_sent_at: float) -> None:
+        self._pong_deadline = None
+        if self._last_heard < ping_sent_at:
+            _log.info(
+                "{role} {peer} silent after ping: aborting",
+                role=self.role,
+                peer=format_peer(self.transport.getPeer()),
+            )
+            self.abort()
+        else:
+            self._schedule_ping()
+
+    # -- teardown --------------------------------------------------------------------
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Cancel every timer and let the role detach; exactly once."""
+        self._gone = True
+        for call in (self._ping_call, self._pong_deadline, self._close_deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._pong_deadline = self._close_deadline = None
+        try:
+            super().connectionLost(reason)
+        finally:
+            try:
+                self.closed()
+            except Exception:
+                _log.failure("Error while detaching {role}", role=self.role)
+
+
+class PublisherProtocol(RelayProtocol):
+    """``/publish/{stream}``: media and metadata in; viewer counts and keyframe requests out."""
+
+    role = "publisher"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: PublisherSession | None = None
+        self._last_media = 0.0
+        self._idle_call: IDelayedCall | None = None
+        self.peer = ""
+
+    def opened(self) -> None:
+        """Attach to the stream, replacing any current publisher."""
+        assert self.context is not None
+        self.peer = format_peer(self.transport.getPeer())
+        result = self.context.registry.publish(self.stream_name, self)
+        if not isinstance(result, PublisherSession):
+            self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
+            return
+        self.session = result
+        _log.info("Publisher {peer} live on {stream}", peer=self.peer, stream=self.stream_name)
+        self._last_media = self._clock.seconds()
+        self._arm_idle_check(self.context.config.publisher_idle_timeout)
+
+    def _arm_idle_check(self, delay: float) -> None:
+        if delay > 0 and not self._gone:
+            self._idle_call = self._clock.callLater(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        assert self.context is not None
+        self._idle_call = None
+        timeout = self.context.config.publisher_idle_timeout
+        idle_for = self._clock.seconds() - self._last_media
+        if idle_for >= timeout:
+            self.close_with(wire.CLOSE_POLICY_VIOLATION, "publisher idle")
+        else:
+            self._arm_idle_check(timeout - idle_for)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        """Count fragments: Autobahn bounds a message's bytes, not its fragments."""
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """Refuse a message split into more fragments than allowed (1009)."""
+        self._fragments += 1
+        assert self.context is not None
+        if self._fragments > self.context.config.max_fragments_per_message:
+            self._fail_with(wire.CLOSE_MESSAGE_TOO_BIG, "too many fragments in one message")
+            return
+        super().onMessageFrameBegin(length)
+
+    def message_received(self, payload: bytes, is_binary: bool) -> None:
+        """Relay media; keep and forward ``meta``; refuse what breaks v1."""
+        if self.session is None or not self.session.current:
+            return
+        if is_binary:
+            try:
+                message = wire.parse_media(payload)
+            except WireError as error:
+                self.close_with(wire.CLOSE_INVALID_PAYLOAD, str(error))
+                return
+            self._last_media = self._clock.seconds()
+            self.session.media(message)
+            return
+        if len(payload) > wire.MAX_META_BYTES:
+            self.close_with(wire.CLOSE_MESSAGE_TOO_BIG, "text message over 64 KiB")
+            return
+        try:
+            parsed = wire.parse_text(payload)
+        except WireError as error:
+            self.close_with(wire.CLOSE_INVALID_PAYLOAD, str(error))
+            return
+        if parsed.get("type") == "meta":
+            self.session.meta(payload)
+
+    def send_viewer_count(self, count: int) -> None:
+        """Tell the publisher how many viewers watch."""
+        self._send_json({"type": "viewers", "count": count})
+
+    def send_keyframe_request(self) -> None:
+        """Ask the publisher for a keyframe."""
+        self._send_json({"type": "keyframe-request"})
+
+    def _send_json(self, message: dict[str, Any]) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(wire.encode_text(message), isBinary=False)
+
+    def replaced(self) -> None:
+        """A newer publisher took the stream: close with 4409."""
+        _log.info("Publisher {peer} replaced on {stream}", peer=self.peer, stream=self.stream_name)
+        self.close_with(wire.CLOSE_PUBLISHER_REPLACED, "replaced by a newer publisher")
+
+    def closed(self) -> None:
+        """Leave the stream (viewers see ``offline`` unless a newer publisher took over)."""
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self.session is not None:
+            if self.session.current:
+                _log.info("Publisher {peer} left {stream}", peer=self.peer, stream=self.stream_name)
+            self.session.close()
+            self.session = None
+
+
+@implementer(IPushProducer)
+class _ViewerProducer:
+    """The viewer's transport pauses and resumes its queue through this producer."""
+
+    def __init__(self, protocol: ViewerProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        session = self._protocol.session
+        if session is not None:
+            session.queue.pause_producing()
+
+    def resumeProducing(self) -> None:
+        # Write progress proves the peer is reading: it counts as liveness.
+        self._protocol.heard_from_peer()
+        session = self._protocol.session
+        if session is not None:
+            session.queue.resume_producing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ViewerProtocol(RelayProtocol):
+    """``/watch/{stream}``: status, meta and media out; keyframe requests in."""
+
+    role = "viewer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: ViewerSession | None = None
+        self._producer: _ViewerProducer | None = None
+
+    def opened(self) -> None:
+        """Register as the transport's producer, then join the stream."""
+        assert self.context is not None
+        self._producer = _ViewerProducer(self)
+        self.transport.registerProducer(self._producer, True)
+        result = self.context.registry.watch(self.stream_name, self)
+        if not isinstance(result, ViewerSession):
+            self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
+            return
+        self.session = result
+
+    def write_frame(self, frame: Any) -> None:
+        """Write one prepared message; never after the WebSocket left the open state."""
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendPreparedMessage(frame)
+
+    def stalled(self) -> None:
+        """No write progress for the stall timeout: close with 1008."""
+        _log.info(
+            "Viewer {peer} of {stream} stalled: closing",
+            peer=format_peer(self.transport.getPeer()),
+            stream=self.stream_name,
+        )
+        self.close_with(wire.CLOSE_POLICY_VIOLATION, "viewer stalled")
+
+    def message_received(self, payload: bytes, is_binary: bool) -> None:
+        """Honour ``keyframe-request``; ignore other text; refuse binary (1003)."""
+        if is_binary:
+            self.close_with(wire.CLOSE_UNSUPPORTED_DATA, "viewers may not send binary messages")
+            return
+        try:
+            parsed = wire.parse_text(payload)
+        except WireError:
+            return
+        if parsed.get("type") == "keyframe-request" and self.session is not None:
+            self.session.request_keyframe()
+
+    def closed(self) -> None:
+        """Leave the stream and give back every queued byte."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+class EchoProtocol(RelayProtocol):
+    """``/echo`` (only with ``--echo``): echoes every message, for the conformance suite."""
+
+    role = "echo"
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        """Count fragments, as for publishers."""
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """Refuse a message split into more fragments than allowed (1009)."""
+        self._fragments += 1
+        assert self.context is not None
+        if self._fragments > self.context.config.max_fragments_per_message:
+            self._fail_with(wire.CLOSE_MESSAGE_TOO_BIG, "too many fragments in one message")
+            return
+        super().onMessageFrameBegin(length)
+
+    def message_received(self, payload: bytes, is_binary: bool) -> None:
+        """Send the message back as it came."""
+        self.sendMessage(payload, is_binary)
+
+
+def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+def configure_factory(
+    factory: WebSocketServerFactory, context: RelayContext, max_message_bytes: int,
+    compression: bool = False,
+) -> None:
+    """Apply the relay's options to a factory: Autobahn's own timers off (ours run on the
+    injected reactor), close frames on protocol errors, the size bound, origins checked
+    by the web gate."""
+    factory.setProtocolOptions(
+        maxFramePayloadSize=max_message_bytes,
+        maxMessagePayloadSize=max_message_bytes,
+        failByDrop=False,
+        openHandshakeTimeout=0,
+        closeHandshakeTimeout=0,
+        autoPingInterval=0,
+        autoPingTimeout=0,
+        autoFragmentSize=0,
+        echoCloseCodeReason=False,
+        webStatus=False,
+        perMessageCompressionAccept=_accept_deflate if compression else (lambda offers: None),
+        # The web gate has already checked the origin: Autobahn must not re-decide,
+        # and each setProtocolOptions call resets allowNullOrigin, so it goes last.
+        allowedOrigins=["*"],
+        allowNullOrigin=True,
+    )

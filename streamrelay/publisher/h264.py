@@ -1,0 +1,351 @@
+"""H.264 helpers for the v1 H.264 profile: Annex-B NAL units, SPS parsing, packaging.
+
+The H.264 profile of wire protocol v1:
+
+- every payload is Annex-B (start-code delimited NAL units);
+- CONFIG carries the SPS and PPS, and is sent before the first KEY and again whenever
+  they change;
+- every KEY is an IDR access unit that carries its own SPS and PPS in-band, so that a
+  decoder can start from any KEY (WebCodecs decodes such chunks with no ``description``);
+- the ``meta`` codec string is ``avc1.PPCCLL`` from the SPS profile, constraint and level
+  bytes.
+
+:class:`H264Packager` turns access units from any encoder into wire messages following
+those rules; :func:`avcc_to_annexb` and :func:`avcc_config_to_parameter_sets` help when an
+encoder produces MP4-style (length-prefixed) output instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from .wire import FLAG_CONFIG, FLAG_KEY, MediaMessage
+
+NAL_SLICE: Final = 1
+NAL_IDR: Final = 5
+NAL_SEI: Final = 6
+NAL_SPS: Final = 7
+NAL_PPS: Final = 8
+NAL_AUD: Final = 9
+
+START_CODE: Final = b"\x00\x00\x00\x01"
+_SHORT_START_CODE: Final = b"\x00\x00\x01"
+
+# Profiles whose SPS carries chroma format, bit depth and scaling matrices (H.264 7.3.2.1.1).
+_HIGH_PROFILES: Final = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
+
+
+class H264Error(ValueError):
+    """Malformed or unusable H.264 data."""
+
+
+def split_annexb(data: bytes) -> list[bytes]:
+    """Split an Annex-B byte stream into NAL units (start codes removed).
+
+    Both 3- and 4-byte start codes are accepted; trailing zero bytes of a NAL unit (the
+    leading zero of the next 4-byte start code, or trailing_zero_8bits) are dropped.
+    """
+    start = data.find(_SHORT_START_CODE)
+    if start < 0:
+        if data.strip(b"\x00"):
+            raise H264Error("no Annex-B start code found")
+        return []
+    if data[:start].strip(b"\x00"):
+        raise H264Error("data before the first Annex-B start code")
+    units: list[bytes] = []
+    position = start + 3
+    while True:
+        following = data.find(_SHORT_START_CODE, position)
+        end = len(data) if following < 0 else following
+        unit = data[position:end].rstrip(b"\x00")
+        if unit:
+            units.append(unit)
+        if following < 0:
+            return units
+        position = following + 3
+
+
+def join_annexb(units: Iterable[bytes]) -> bytes:
+    """Join NAL units into an Annex-B byte stream with 4-byte start codes."""
+    return b"".join(START_CODE + unit for unit in units)
+
+
+def nal_type(unit: bytes) -> int:
+    """Return the nal_unit_type (low 5 bits of the first byte) of a NAL unit."""
+    if not unit:
+        raise H264Error("empty NAL unit")
+    return unit[0] & 0x1F
+
+
+def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
+    """Convert a length-prefixed (AVCC / MP4-style) access unit to Annex-B."""
+    if length_size not in (1, 2, 4):
+        raise H264Error(f"bad NAL length size {length_size}")
+    units = []
+    position = 0
+    while position < len(data):
+        if position + length_size > len(data):
+            raise H264Error("truncated AVCC length prefix")
+        length = int.from_bytes(data[position : position + length_size], "big")
+        position += length_size
+        if position + length > len(data):
+            raise H264Error("AVCC NAL unit runs past the end of the data")
+        units.append(data[position : position + length])
+        position += length
+    return join_annexb(units)
+
+
+def avcc_config_to_parameter_sets(record: bytes) -> tuple[list[bytes], list[bytes], int]:
+    """Parse an AVCDecoderConfigurationRecord (``avcC``): (SPS list, PPS list, length size)."""
+    try:
+        if record[0] != 1:
+            raise H264Error("avcC configurationVersion is not 1")
+        length_size = (record[4] & 0x03) + 1
+        position = 5
+        parameter_sets: list[list[bytes]] = []
+        for count_mask in (0x1F, 0xFF):
+            count = record[position] & count_mask
+            position += 1
+            units = []
+            for _ in range(count):
+                length = int.from_bytes(record[position : position + 2], "big")
+                position += 2
+                unit = record[position : position + length]
+                if len(unit) != length:
+                    raise H264Error("truncated avcC record")
+                units.append(unit)
+                position += length
+            parameter_sets.append(units)
+    except IndexError:
+        raise H264Error("truncated avcC record") from None
+    return parameter_sets[0], parameter_sets[1], length_size
+
+
+def unescape_rbsp(unit: bytes) -> bytes:
+    """Remove emulation-prevention bytes (00 00 03 -> 00 00) from a NAL unit payload."""
+    if b"\x00\x00\x03" not in unit:
+        return unit
+    output = bytearray()
+    zeros = 0
+    for byte in unit:
+        if zeros >= 2 and byte == 3:
+            zeros = 0
+            continue
+        output.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(output)
+
+
+class _BitReader:
+    """Reads bits and Exp-Golomb codes from an RBSP, most significant bit first."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._bit_position = 0
+
+    def bit(self) -> int:
+        byte_index, bit_index = divmod(self._bit_position, 8)
+        if byte_index >= len(self._data):
+            raise H264Error("SPS ends early")
+        self._bit_position += 1
+        return (self._data[byte_index] >> (7 - bit_index)) & 1
+
+    def bits(self, count: int) -> int:
+        value = 0
+        for _ in range(count):
+            value = (value << 1) | self.bit()
+        return value
+
+    def unsigned_exp_golomb(self) -> int:
+        leading_zeros = 0
+        while self.bit() == 0:
+            leading_zeros += 1
+            if leading_zeros > 31:
+                raise H264Error("Exp-Golomb code too long")
+        return (1 << leading_zeros) - 1 + self.bits(leading_zeros)
+
+    def signed_exp_golomb(self) -> int:
+        code = self.unsigned_exp_golomb()
+        return (code + 1) // 2 if code % 2 else -(code // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class SpsInfo:
+    """The fields of a sequence parameter set that a publisher and a player care about."""
+
+    profile_idc: int
+    constraint_flags: int
+    level_idc: int
+    width: int
+    height: int
+
+    @property
+    def codec_string(self) -> str:
+        """The WebCodecs / RFC 6381 codec string, ``avc1.PPCCLL``."""
+        return f"avc1.{self.profile_idc:02X}{self.constraint_flags:02X}{self.level_idc:02X}"
+
+
+def codec_string_from_sps(sps: bytes) -> str:
+    """Return ``avc1.PPCCLL`` from an SPS NAL unit (header byte included)."""
+    if len(sps) < 4 or nal_type(sps) != NAL_SPS:
+        raise H264Error("not an SPS NAL unit")
+    profile_idc, constraint_flags, level_idc = unescape_rbsp(sps[1:5])[:3]
+    return f"avc1.{profile_idc:02X}{constraint_flags:02X}{level_idc:02X}"
+
+
+def _skip_scaling_list(reader: _BitReader, size: int) -> None:
+    last_scale = next_scale = 8
+    for _ in range(size):
+        if next_scale != 0:
+            next_scale = (last_scale + reader.signed_exp_golomb() + 256) % 256
+        last_scale = next_scale if next_scale != 0 else last_scale
+
+
+def parse_sps(sps: bytes) -> SpsInfo:
+    """Parse an SPS NAL unit (header byte included) for profile, level and display size."""
+    if not sps or nal_type(sps) != NAL_SPS:
+        raise H264Error("not an SPS NAL unit")
+    reader = _BitReader(unescape_rbsp(sps[1:]))
+    profile_idc = reader.bits(8)
+    constraint_flags = reader.bits(8)
+    level_idc = reader.bits(8)
+    reader.unsigned_exp_golomb()  # seq_parameter_set_id
+    chroma_format_idc = 1
+    separate_colour_plane = 0
+    if profile_idc in _HIGH_PROFILES:
+        chroma_format_idc = reader.unsigned_exp_golomb()
+        if chroma_format_idc == 3:
+            separate_colour_plane = reader.bit()
+        reader.unsigned_exp_golomb()  # bit_depth_luma_minus8
+        reader.unsigned_exp_golomb()  # bit_depth_chroma_minus8
+        reader.bit()  # qpprime_y_zero_transform_bypass_flag
+        if reader.bit():  # seq_scaling_matrix_present_flag
+            for index in range(8 if chroma_format_idc != 3 else 12):
+                if reader.bit():
+                    _skip_scaling_list(reader, 16 if index < 6 else 64)
+    reader.unsigned_exp_golomb()  # log2_max_frame_num_minus4
+    pic_order_cnt_type = reader.unsigned_exp_golomb()
+    if pic_order_cnt_type == 0:
+        reader.unsigned_exp_golomb()  # log2_max_pic_order_cnt_lsb_minus4
+    elif pic_order_cnt_type == 1:
+        reader.bit()  # delta_pic_order_always_zero_flag
+        reader.signed_exp_golomb()  # offset_for_non_ref_pic
+        reader.signed_exp_golomb()  # offset_for_top_to_bottom_field
+        for _ in range(reader.unsigned_exp_golomb()):
+            reader.signed_exp_golomb()  # offset_for_ref_frame[i]
+    reader.unsigned_exp_golomb()  # max_num_ref_frames
+    reader.bit()  # gaps_in_frame_num_value_allowed_flag
+    width_in_macroblocks = reader.unsigned_exp_golomb() + 1
+    height_in_map_units = reader.unsigned_exp_golomb() + 1
+    frame_mbs_only = reader.bit()
+    if not frame_mbs_only:
+        reader.bit()  # mb_adaptive_frame_field_flag
+    reader.bit()  # direct_8x8_inference_flag
+    width = width_in_macroblocks * 16
+    height = (2 - frame_mbs_only) * height_in_map_units * 16
+    if reader.bit():  # frame_cropping_flag
+        left, right, top, bottom = (reader.unsigned_exp_golomb() for _ in range(4))
+        chroma_array_type = 0 if separate_colour_plane else chroma_format_idc
+        sub_width, sub_height = {1: (2, 2), 2: (2, 1), 3: (1, 1)}.get(chroma_array_type, (1, 1))
+        crop_unit_x = sub_width if chroma_array_type else 1
+        crop_unit_y = (2 - frame_mbs_only) * (sub_height if chroma_array_type else 1)
+        width -= crop_unit_x * (left + right)
+        height -= crop_unit_y * (top + bottom)
+    if width <= 0 or height <= 0:
+        raise H264Error("SPS cropping leaves no picture")
+    return SpsInfo(profile_idc, constraint_flags, level_idc, width, height)
+
+
+def extract_parameter_sets(units: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Return the (SPS list, PPS list) found among ``units``, in order."""
+    sps = [unit for unit in units if nal_type(unit) == NAL_SPS]
+    pps = [unit for unit in units if nal_type(unit) == NAL_PPS]
+    return sps, pps
+
+
+def is_idr(units: Sequence[bytes]) -> bool:
+    """True when the access unit contains an IDR slice (a v1 KEY point)."""
+    return any(nal_type(unit) == NAL_IDR for unit in units)
+
+
+def _has_picture(units: Sequence[bytes]) -> bool:
+    return any(1 <= nal_type(unit) <= 5 for unit in units)
+
+
+class H264Packager:
+    """Turns Annex-B access units from any H.264 encoder into v1 media messages.
+
+    Feed access units in decoding order to :meth:`package`. It returns the messages to send:
+    a CONFIG (SPS+PPS) before a KEY whose parameter sets differ from the last ones sent,
+    then the access unit itself, flagged KEY when it holds an IDR slice. A KEY that lacks
+    in-band SPS/PPS (an encoder with global headers) gets the last known ones inserted, so
+    that every KEY stands alone. An access unit holding only parameter sets updates the
+    configuration and yields just a CONFIG.
+    """
+
+    def __init__(self) -> None:
+        self._sps: tuple[bytes, ...] = ()
+        self._pps: tuple[bytes, ...] = ()
+        self._config_sent: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None
+
+    @property
+    def sps_info(self) -> SpsInfo | None:
+        """The parsed current SPS, once one has been seen."""
+        return parse_sps(self._sps[0]) if self._sps else None
+
+    @property
+    def codec_string(self) -> str | None:
+        """The codec string of the current SPS, once one has been seen."""
+        return codec_string_from_sps(self._sps[0]) if self._sps else None
+
+    @property
+    def config_payload(self) -> bytes | None:
+        """The current CONFIG payload (Annex-B SPS+PPS), once both have been seen."""
+        if not (self._sps and self._pps):
+            return None
+        return join_annexb(self._sps + self._pps)
+
+    def set_parameter_sets(self, sps: Sequence[bytes], pps: Sequence[bytes]) -> None:
+        """Provide SPS/PPS obtained out of band (for example from an ``avcC`` record)."""
+        self._sps, self._pps = tuple(sps), tuple(pps)
+
+    def package(self, access_unit: bytes, timestamp_us: int) -> list[MediaMessage]:
+        """Return the v1 messages for one Annex-B access unit (see the class docstring)."""
+        units = split_annexb(access_unit)
+        if not units:
+            return []
+        sps, pps = extract_parameter_sets(units)
+        if sps:
+            self._sps = tuple(sps)
+        if pps:
+            self._pps = tuple(pps)
+        messages: list[MediaMessage] = []
+        if not _has_picture(units):
+            if self._sps and self._pps and (sps or pps):
+                messages.extend(self._config_if_changed(timestamp_us))
+            return messages
+        if not is_idr(units):
+            messages.append(MediaMessage(0, timestamp_us, access_unit))
+            return messages
+        if not (self._sps and self._pps):
+            raise H264Error("IDR access unit without SPS/PPS, and none known")
+        messages.extend(self._config_if_changed(timestamp_us))
+        if not (sps and pps):
+            access_unit = self._with_parameter_sets(units)
+        messages.append(MediaMessage(FLAG_KEY, timestamp_us, access_unit))
+        return messages
+
+    def _config_if_changed(self, timestamp_us: int) -> list[MediaMessage]:
+        current = (self._sps, self._pps)
+        if current == self._config_sent:
+            return []
+        self._config_sent = current
+        return [MediaMessage(FLAG_CONFIG, timestamp_us, join_annexb(self._sps + self._pps))]
+
+    def _with_parameter_sets(self, units: Sequence[bytes]) -> bytes:
+        # Parameter sets go after any access unit delimiter, which must stay first.
+        delimiters = [unit for unit in units if nal_type(unit) == NAL_AUD]
+        rest = [unit for unit in units if nal_type(unit) not in (NAL_AUD, NAL_SPS, NAL_PPS)]
+        return join_annexb([*delimiters, *self._sps, *self._pps, *rest])

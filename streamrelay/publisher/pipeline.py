@@ -1,0 +1,209 @@
+"""The capture thread: read frames, drop them at the source when the network is behind,
+encode the rest and hand the messages to the reactor thread.
+
+The reactor never waits for the encoder, and the encoder never queues without bound: before
+encoding each raw frame the thread asks the sink (a :class:`~.client.Publisher`) whether it
+is READY. When it is CONGESTED (its outbox is over the high-water mark, or too many handed-
+off frames still wait for the reactor) the raw frame is dropped and counted, and the next
+frame encoded is forced to be a keyframe so the stream stays decodable. While OFFLINE frames
+are skipped without encoding (not counted as drops) and the first frame after is a keyframe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .client import Readiness
+from .encoder import H264Encoder
+from .sources import FrameSource
+from .wire import MediaMessage
+
+_log = Logger()
+
+
+class MediaSink(Protocol):
+    """What the capture thread needs from the network side (a Publisher has all of it)."""
+
+    @property
+    def readiness(self) -> Readiness:
+        """READY, CONGESTED or OFFLINE; read from the capture thread."""
+        ...
+
+    def send_meta_threadsafe(self, meta: Mapping[str, Any]) -> None:
+        """Queue a meta message for the reactor thread."""
+        ...
+
+    def send_config_threadsafe(self, payload: bytes, timestamp_us: int | None = None) -> None:
+        """Queue a CONFIG for the reactor thread."""
+        ...
+
+    def send_frame_threadsafe(
+        self, payload: bytes, *, key: bool, timestamp_us: int | None = None
+    ) -> bool:
+        """Queue a frame for the reactor thread; False if it was dropped at the handoff."""
+        ...
+
+
+@dataclass
+class PipelineStats:
+    """Counters written by the capture thread (plain int updates; read anywhere)."""
+
+    frames_captured: int = 0
+    frames_encoded: int = 0
+    frames_dropped: int = 0
+    frames_offline: int = 0
+    keyframes_encoded: int = 0
+    bytes_encoded: int = 0
+    encode_seconds: float = 0.0
+
+
+class CapturePipeline:
+    """Runs source -> encoder -> sink in a thread of its own (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        encoder: H264Encoder,
+        sink: MediaSink,
+        *,
+        reactor: Any,
+        fps: Fraction,
+        meta_extra: Mapping[str, Any] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._encoder = encoder
+        self._sink = sink
+        self._reactor = reactor
+        self._frame_interval = 1.0 / float(fps)
+        self._meta_extra = dict(meta_extra or {})
+        self._monotonic = monotonic
+        self._stop_requested = threading.Event()
+        self._keyframe_requested = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._finished: defer.Deferred[None] = defer.Deferred()
+        self.stats = PipelineStats()
+
+    def start(self) -> None:
+        """Start the capture thread."""
+        if self._thread is not None:
+            raise RuntimeError("pipeline already started")
+        # A daemon thread: a device read that blocks forever must not keep the process alive.
+        self._thread = threading.Thread(target=self._run, name="streamrelay-capture", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the capture thread to finish after the current frame. Any thread."""
+        self._stop_requested.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the capture thread; True if it has ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def request_keyframe(self) -> None:
+        """Make the next encoded frame a keyframe. Any thread."""
+        self._keyframe_requested.set()
+
+    def when_finished(self) -> defer.Deferred[None]:
+        """Fires in the reactor thread when the capture thread ends (errback on failure)."""
+        return self._finished
+
+    def run_once(self, frame_index: int, elapsed: float, force_keyframe: bool) -> bool:
+        """Capture one frame and encode or drop it; return whether the next must be a KEY.
+
+        The body of the capture loop, public so that tests can drive it without a thread.
+        """
+        captured = self._source.read(frame_index, elapsed)
+        stats = self.stats
+        stats.frames_captured += 1
+        readiness = self._sink.readiness
+        if readiness is Readiness.OFFLINE:
+            stats.frames_offline += 1
+            return True
+        if readiness is Readiness.CONGESTED:
+            stats.frames_dropped += 1
+            return True
+        if self._keyframe_requested.is_set():
+            self._keyframe_requested.clear()
+            force_keyframe = True
+        started = time.perf_counter()
+        messages = self._encoder.encode(
+            captured.frame, captured.timestamp_us, force_keyframe=force_keyframe
+        )
+        stats.encode_seconds += time.perf_counter() - started
+        stats.frames_encoded += 1
+        return self._hand_off(messages)
+
+    def _hand_off(self, messages: list[MediaMessage]) -> bool:
+        """Pass encoded messages to the sink; True if a frame was refused (KEY needed)."""
+        needs_keyframe = False
+        for message in messages:
+            self.stats.bytes_encoded += len(message.payload)
+            if message.is_config:
+                # meta goes first: its codec string comes from this very SPS.
+                meta = self._encoder.meta(**self._meta_extra)
+                if meta is not None:
+                    self._sink.send_meta_threadsafe(meta)
+                self._sink.send_config_threadsafe(message.payload, message.timestamp_us)
+                continue
+            if message.is_key:
+                self.stats.keyframes_encoded += 1
+            accepted = self._sink.send_frame_threadsafe(
+                message.payload, key=message.is_key, timestamp_us=message.timestamp_us
+            )
+            needs_keyframe = needs_keyframe or not accepted
+        return needs_keyframe
+
+    def _run(self) -> None:
+        interval = self._frame_interval
+        started = self._monotonic()
+        next_due = started
+        frame_index = 0
+        force_keyframe = True
+        outcome: Failure | None = None
+        try:
+            while not self._stop_requested.is_set():
+                if not self._source.live:
+                    delay = next_due - self._monotonic()
+                    if delay > 0:
+                        if self._stop_requested.wait(delay):
+                            break
+                    elif delay < -2 * interval:
+                        # Encoding is slower than real time: carry on from now rather
+                        # than burst to catch up on frames that are already late.
+                        next_due = self._monotonic()
+                    elapsed = next_due - started
+                else:
+                    elapsed = self._monotonic() - started
+                force_keyframe = self.run_once(frame_index, elapsed, force_keyframe)
+                frame_index += 1
+                next_due += interval
+        except BaseException:
+            outcome = Failure()
+        finally:
+            try:
+                self._source.close()
+                self._encoder.close()
+            except Exception:
+                outcome = outcome or Failure()
+            self._reactor.callFromThread(self._report_finished, outcome)
+
+    def _report_finished(self, outcome: Failure | None) -> None:
+        if self._finished.called:
+            return
+        if outcome is None:
+            self._finished.callback(None)
+        else:
+            self._finished.errback(outcome)

@@ -1,0 +1,299 @@
+"""Frame sources: the test pattern, screen capture, a looped video file, a camera.
+
+Source specifications (the CLI's ``--source``):
+
+``testsrc``
+    the built-in moving test pattern with clock and frame counter (the default);
+``screen`` or ``screen:INPUT``
+    screen capture: x11grab on Linux (INPUT defaults to ``$DISPLAY``, e.g. ``:0.0+100,200``),
+    gdigrab on Windows (``desktop`` or ``title=Window title``), avfoundation on macOS
+    (``Capture screen 0``);
+``file:PATH`` (or an existing file's path)
+    a video file, decoded, looped forever and re-timed to the output frame rate;
+``camera`` or ``camera:DEVICE``
+    v4l2 on Linux (``/dev/video0``), dshow on Windows (the device name, required),
+    avfoundation on macOS (device index or name, default ``0``).
+
+Every source returns yuv420p frames of the configured size, paired with their capture time.
+Sources are used from the capture thread only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Final
+
+import av
+
+from .testpattern import TestPattern
+from .wire import now_us
+
+SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera")
+
+
+class SourceError(Exception):
+    """A source could not be opened or stopped delivering frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedFrame:
+    """A picture and the wall-clock time (microseconds) it was captured."""
+
+    frame: av.VideoFrame
+    timestamp_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A parsed ``--source`` value: the kind and an optional kind-specific target."""
+
+    kind: str
+    target: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """Human-readable form, e.g. ``file:/videos/clip.mp4``."""
+        return self.kind if self.target is None else f"{self.kind}:{self.target}"
+
+
+def parse_source_spec(text: str) -> SourceSpec:
+    """Parse ``testsrc``, ``screen[:INPUT]``, ``file:PATH``, ``camera[:DEVICE]`` or a path."""
+    kind, separator, target = text.partition(":")
+    if kind in SOURCE_KINDS:
+        if kind == "testsrc" and separator:
+            raise ValueError("testsrc takes no argument")
+        if kind == "file" and not target:
+            raise ValueError("file: needs a path, e.g. file:clip.mp4")
+        return SourceSpec(kind, target if separator and target else None)
+    if os.path.isfile(text):
+        return SourceSpec("file", text)
+    raise ValueError(
+        f"unknown source {text!r}: use testsrc, screen[:INPUT], file:PATH or camera[:DEVICE]"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInput:
+    """How to open a capture device with ``av.open``: URL, format and options."""
+
+    url: str
+    format: str
+    options: dict[str, str]
+
+
+def device_input(
+    spec: SourceSpec,
+    fps: Fraction,
+    platform: str = sys.platform,
+    environ: Mapping[str, str] = os.environ,
+) -> DeviceInput:
+    """Map a ``screen`` or ``camera`` spec to the platform's FFmpeg input device."""
+    rate = str(fps.numerator) if fps.denominator == 1 else f"{fps.numerator}/{fps.denominator}"
+    if spec.kind == "screen":
+        if platform.startswith("win"):
+            url, fmt, options = spec.target or "desktop", "gdigrab", {"framerate": rate}
+        elif platform == "darwin":
+            url = spec.target or "Capture screen 0"
+            fmt, options = "avfoundation", {"framerate": rate, "capture_cursor": "1"}
+        else:
+            display = spec.target or environ.get("DISPLAY")
+            if not display:
+                raise SourceError(
+                    "screen capture needs an X display: set DISPLAY or use screen::0 "
+                    "(Wayland-only sessions are not supported by x11grab)"
+                )
+            url, fmt, options = display, "x11grab", {"framerate": rate, "draw_mouse": "1"}
+    elif spec.kind == "camera":
+        if platform.startswith("win"):
+            if not spec.target:
+                raise SourceError(
+                    "camera on Windows needs a device name: camera:NAME "
+                    "(list them with: ffmpeg -list_devices true -f dshow -i dummy)"
+                )
+            url, fmt, options = f"video={spec.target}", "dshow", {}
+        elif platform == "darwin":
+            device = spec.target or "0"
+            url, fmt, options = f"{device}:none", "avfoundation", {"framerate": rate}
+        else:
+            url, fmt, options = spec.target or "/dev/video0", "v4l2", {}
+    else:
+        raise SourceError(f"{spec.kind} is not a capture device")
+    options.update(spec.options)
+    return DeviceInput(url, fmt, options)
+
+
+class FrameSource(ABC):
+    """Where pictures come from. Used from the capture thread only."""
+
+    #: True when :meth:`read` blocks until the device has a new frame (the device sets the
+    #: pace); False when the caller must pace reads to the frame rate.
+    live: bool = False
+
+    def __init__(self, width: int, height: int, description: str) -> None:
+        self.width = width
+        self.height = height
+        self.description = description
+
+    @abstractmethod
+    def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
+        """Return the picture for output frame ``frame_index``, ``elapsed`` s after start."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook: not every source holds resources)
+        """Release the source's resources."""
+
+    def _fit(self, frame: av.VideoFrame) -> av.VideoFrame:
+        """Scale and convert a picture to the output size and yuv420p."""
+        if (frame.width, frame.height, frame.format.name) == (self.width, self.height, "yuv420p"):
+            return frame
+        return frame.reformat(self.width, self.height, "yuv420p")
+
+
+class TestPatternSource(FrameSource):
+    """The built-in test pattern (see :mod:`.testpattern`)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(
+        self, width: int, height: int, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(width, height, "testsrc")
+        self._pattern = TestPattern(width, height)
+        self._wall_clock = wall_clock
+
+    def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
+        """Draw the pattern now; its clock shows the same instant as the timestamp."""
+        wall_time = self._wall_clock()
+        frame = self._pattern.render(frame_index, wall_time)
+        return CapturedFrame(frame, int(wall_time * 1_000_000))
+
+
+class FileSource(FrameSource):
+    """A video file, looped forever and re-timed to the output frame rate.
+
+    For output time ``elapsed`` it returns the latest source picture due by then, so a
+    25 fps file plays at its own speed in a 30 fps stream (frames repeat or are skipped).
+    """
+
+    def __init__(self, path: str, width: int, height: int) -> None:
+        super().__init__(width, height, f"file:{path}")
+        if not os.path.isfile(path):
+            raise SourceError(f"no such file: {path}")
+        self._path = path
+        self._container: Any = None
+        self._frames: Iterator[av.VideoFrame] = iter(())
+        self._frame_rate: float = 25.0
+        self._first_time: float | None = None
+        self._loop_offset = 0.0
+        self._last_time = 0.0
+        self._decoded_this_pass = 0
+        self._current: av.VideoFrame | None = None
+        self._pending: tuple[av.VideoFrame, float] | None = None
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._container = av.open(self._path)
+            stream = self._container.streams.video[0]
+        except (av.FFmpegError, IndexError) as error:
+            raise SourceError(f"cannot read video from {self._path}: {error}") from None
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        if rate:
+            self._frame_rate = float(rate)
+        self._frames = self._container.decode(stream)
+        self._first_time = None
+        self._decoded_this_pass = 0
+
+    def _next_decoded(self) -> tuple[av.VideoFrame, float]:
+        """The next source picture and its loop-adjusted time in seconds."""
+        for _attempt in range(2):
+            try:
+                frame = next(self._frames)
+            except StopIteration:
+                if self._decoded_this_pass == 0:
+                    break
+                # Reopening is the loop that works for every container, seekable or not.
+                self._container.close()
+                self._loop_offset += self._last_time + 1.0 / self._frame_rate
+                self._open()
+                continue
+            except av.FFmpegError as error:
+                raise SourceError(f"decoding {self._path} failed: {error}") from None
+            frame_time = frame.time
+            if frame_time is None:
+                frame_time = self._decoded_this_pass / self._frame_rate
+            if self._first_time is None:
+                self._first_time = frame_time
+            self._decoded_this_pass += 1
+            self._last_time = max(0.0, frame_time - self._first_time)
+            return frame, self._loop_offset + self._last_time
+        raise SourceError(f"{self._path} holds no decodable video frames")
+
+    def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
+        """Return the latest source picture due at ``elapsed`` seconds of playback."""
+        while True:
+            if self._pending is None:
+                self._pending = self._next_decoded()
+            frame, due = self._pending
+            if self._current is not None and due > elapsed:
+                break
+            self._current = frame
+            self._pending = None
+        return CapturedFrame(self._fit(self._current), now_us())
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+class DeviceSource(FrameSource):
+    """A live capture device (screen or camera); the device paces the reads."""
+
+    live = True
+
+    def __init__(self, device: DeviceInput, width: int, height: int, description: str) -> None:
+        super().__init__(width, height, description)
+        try:
+            self._container: Any = av.open(
+                device.url, format=device.format, options=device.options
+            )
+            stream = self._container.streams.video[0]
+        except (av.FFmpegError, IndexError, ValueError) as error:
+            raise SourceError(
+                f"cannot open {description} ({device.format} {device.url!r}): {error}"
+            ) from None
+        self._frames: Iterator[av.VideoFrame] = self._container.decode(stream)
+
+    def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
+        """Block until the device delivers its next picture."""
+        try:
+            frame = next(self._frames)
+        except StopIteration:
+            raise SourceError(f"{self.description} stopped delivering frames") from None
+        except av.FFmpegError as error:
+            raise SourceError(f"{self.description} failed: {error}") from None
+        return CapturedFrame(self._fit(frame), now_us())
+
+    def close(self) -> None:
+        """Close the device."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+def open_source(spec: SourceSpec, width: int, height: int, fps: Fraction) -> FrameSource:
+    """Open the source that ``spec`` names, producing ``width`` x ``height`` frames."""
+    if spec.kind == "testsrc":
+        return TestPatternSource(width, height)
+    if spec.kind == "file":
+        assert spec.target is not None
+        return FileSource(spec.target, width, height)
+    return DeviceSource(device_input(spec, fps), width, height, spec.describe())

@@ -1,0 +1,146 @@
+"""The one-line live status on stderr, and a log observer that does not garble it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+)
+from zope.interface import provider
+
+from .client import ConnectionState, Publisher, Readiness
+from .pipeline import CapturePipeline
+
+_CLEAR_LINE = "\r\x1b[K"
+
+
+class StatusLine:
+    """fps, kbit/s, viewers, dropped frames and connection state, on one line.
+
+    On a terminal the line is rewritten in place (``\\r``) every half second; otherwise a
+    full line is written every few seconds, so that logs stay readable.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        publisher: Publisher,
+        pipeline: CapturePipeline | None,
+        stream: TextIO,
+        *,
+        interactive: bool | None = None,
+        interval: float | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._publisher = publisher
+        self._pipeline = pipeline
+        self._stream = stream
+        if interactive is None:
+            isatty: Callable[[], bool] | None = getattr(stream, "isatty", None)
+            interactive = bool(isatty and isatty())
+        self.interactive = interactive
+        self.interval = interval if interval is not None else (0.5 if interactive else 5.0)
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._last_time: float | None = None
+        self._last_frames = 0
+        self._last_bytes = 0
+        self._shown = False
+
+    def start(self) -> None:
+        """Start updating."""
+        self._last_time = self._reactor.seconds()
+        self._last_frames = self._publisher.stats.frames_sent
+        self._last_bytes = self._publisher.stats.bytes_sent
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        """Stop updating and leave the terminal on a fresh line."""
+        if self._loop.running:
+            self._loop.stop()
+        if self._shown and self.interactive:
+            self._stream.write("\n")
+            self._stream.flush()
+        self._shown = False
+
+    def dropped(self) -> int:
+        """Frames dropped because the network was behind, at the source and after."""
+        at_source = self._pipeline.stats.frames_dropped if self._pipeline else 0
+        return at_source + self._publisher.dropped
+
+    def render(self) -> str:
+        """The status text since the previous call (rates over that interval)."""
+        now = self._reactor.seconds()
+        stats = self._publisher.stats
+        elapsed = max(1e-6, now - (self._last_time if self._last_time is not None else now))
+        fps = (stats.frames_sent - self._last_frames) / elapsed
+        kbps = (stats.bytes_sent - self._last_bytes) * 8 / 1000 / elapsed
+        self._last_time, self._last_frames, self._last_bytes = (
+            now,
+            stats.frames_sent,
+            stats.bytes_sent,
+        )
+        publisher = self._publisher
+        state = publisher.state.value
+        if publisher.state is ConnectionState.LIVE and publisher.readiness is Readiness.CONGESTED:
+            state = "live, network behind"
+        elif publisher.state is not ConnectionState.LIVE and publisher.last_error:
+            state = f"{state}: {publisher.last_error[:60]}"
+        viewers = "-" if publisher.viewers is None else str(publisher.viewers)
+        return (
+            f"{fps:5.1f} fps {kbps:7.0f} kbit/s  viewers {viewers}  "
+            f"dropped {self.dropped()}  [{state}]"
+        )
+
+    def _tick(self) -> None:
+        self._write_status(self.render())
+
+    def _write_status(self, text: str) -> None:
+        if self.interactive:
+            self._stream.write(_CLEAR_LINE + text)
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+        self._shown = True
+
+    def write_log(self, text: str) -> None:
+        """Write a log line without mixing it into the status line."""
+        if self.interactive and self._shown:
+            self._stream.write(_CLEAR_LINE)
+            self._shown = False
+        self._stream.write(text if text.endswith("\n") else text + "\n")
+        self._stream.flush()
+
+
+def console_observer(
+    stream: TextIO, level: LogLevel, status: StatusLine | None = None
+) -> ILogObserver:
+    """A log observer writing ``HH:MM:SS level message`` lines to ``stream``."""
+
+    def format_time(when: float | None) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(when)) if when else "-"
+
+    @provider(ILogObserver)
+    def write(event: LogEvent) -> None:
+        text = eventAsText(event, includeSystem=False, formatTime=format_time)
+        log_level = event.get("log_level")
+        if log_level is not None and log_level is not LogLevel.info:
+            time_part, _, message = text.partition(" ")
+            text = f"{time_part} {log_level.name}: {message}"
+        if status is not None:
+            status.write_log(text)
+        else:
+            stream.write(text + "\n")
+            stream.flush()
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    return FilteringLogObserver(write, [predicate])

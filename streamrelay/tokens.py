@@ -1,0 +1,61 @@
+"""Publisher and viewer tokens: ``<expires-unix-seconds>.<hex HMAC-SHA256>``.
+
+The HMAC covers ``"<role>:<stream>:<expires>"`` with the configured secret.  A token is
+checked once, when the connection is made: a connection outlives its token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+ROLES = ("publish", "view")
+_DIGEST_HEX_LENGTH = 64
+
+
+class TokenError(Exception):
+    """A token that does not grant the request; the message never contains the token."""
+
+
+def _signature(secret: bytes, role: str, stream: str, expires: int) -> str:
+    message = f"{role}:{stream}:{expires}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def make_token(secret: bytes, role: str, stream: str, expires: int) -> str:
+    """Return a token granting ``role`` on ``stream`` until the Unix time ``expires``."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    return f"{expires}.{_signature(secret, role, stream, expires)}"
+
+
+def verify_token(secret: bytes, token: str, role: str, stream: str, now: float) -> None:
+    """Raise :class:`TokenError` unless ``token`` grants ``role`` on ``stream`` at ``now``."""
+    expires_text, dot, signature = token.partition(".")
+    if not dot or not expires_text.isdigit() or len(expires_text) > 12:
+        raise TokenError("malformed token")
+    if len(signature) != _DIGEST_HEX_LENGTH:
+        raise TokenError("malformed token")
+    expires = int(expires_text)
+    expected = _signature(secret, role, stream, expires)
+    # Compare before looking at the expiry so that timing says nothing about validity.
+    if not hmac.compare_digest(expected.encode(), signature.lower().encode("ascii", "replace")):
+        raise TokenError("invalid token")
+    if expires <= now:
+        raise TokenError("expired token")
+
+
+def read_secret_file(path: str) -> bytes:
+    """Read a secret from a file, stripping surrounding whitespace; refuse an empty one."""
+    secret = Path(path).read_bytes().strip()
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
+
+
+def secret_from_environment(name: str) -> bytes | None:
+    """Return the secret held in environment variable ``name``, or None when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value.encode() if value else None

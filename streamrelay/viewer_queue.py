@@ -1,0 +1,271 @@
+"""Per-viewer outbound queue and the drop-to-keyframe policy, with no I/O.
+
+The viewer's transport tells the queue when to stop and start writing (it is the
+transport's push producer).  While the transport accepts data, messages are written at
+once; while it is paused they wait here.  The bytes pending towards one viewer never
+exceed ``limit`` plus one message: a media message that would go over puts the viewer
+into *skipping* -- queued media that has not started is discarded and every media message
+until the next KEY is dropped.  Text messages are never dropped and keep their order.
+A message already handed to the transport is always finished, so framing stays valid.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from streamrelay.wire import MediaMessage, encode_text
+
+# What a transport may hold before it pauses its producer (Twisted's FileDescriptor
+# bufferSize).  Public APIs do not expose the transport's buffer, so bytes handed over
+# just before a pause are estimated with this figure.
+TRANSPORT_HIGH_WATER_BYTES = 64 * 1024
+
+
+class ViewerSink(Protocol):
+    """What the queue needs from a viewer connection."""
+
+    def write_frame(self, frame: Any) -> None:
+        """Write one prepared WebSocket message to the transport."""
+
+    def stalled(self) -> None:
+        """The transport made no write progress for the stall timeout."""
+
+
+@dataclass(slots=True)
+class _Outbound:
+    frame: Any
+    size: int
+    message: MediaMessage | None  # None for text
+    text_kind: str | None = None
+
+
+FrameFactory = Callable[[bytes, bool], Any]
+
+
+class ViewerQueue:
+    """Orders, bounds and drops what goes to one viewer."""
+
+    def __init__(
+        self,
+        sink: ViewerSink,
+        clock: IReactorTime,
+        frame_factory: FrameFactory,
+        limit: int,
+        stall_timeout: float,
+        on_backlog_change: Callable[[int], None],
+        on_dropped: Callable[[int], None],
+        on_need_keyframe: Callable[[], None],
+    ) -> None:
+        self._sink = sink
+        self._clock = clock
+        self._frame_factory = frame_factory
+        self.limit = limit
+        self._stall_timeout = stall_timeout
+        self._on_backlog_change = on_backlog_change
+        self._on_dropped = on_dropped
+        self._on_need_keyframe = on_need_keyframe
+
+        self._queue: deque[_Outbound] = deque()
+        self._queued_bytes = 0
+        self._transport_bytes = 0
+        self.paused = False
+        self._stall_call: IDelayedCall | None = None
+        self.closed = False
+
+        # Until a KEY arrives the viewer cannot decode: at join, after a publisher change.
+        self.waiting_for_key = True
+        self.skipping = False
+        self.dropped_in_episode = 0
+        self.dropped_total = 0
+        self.skip_episodes = 0
+        self._latest_config: tuple[MediaMessage, Any] | None = None
+        self._config_sent: MediaMessage | None = None
+
+    # -- accounting ---------------------------------------------------------------
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes pending towards this viewer: queued here plus estimated in the transport."""
+        return self._queued_bytes + self._transport_bytes
+
+    def _set_transport_bytes(self, value: int) -> None:
+        delta = value - self._transport_bytes
+        self._transport_bytes = value
+        if delta:
+            self._on_backlog_change(delta)
+
+    # -- input from the stream ------------------------------------------------------
+
+    def start(
+        self,
+        sequence: list[tuple[MediaMessage, Any]],
+        config: tuple[MediaMessage, Any] | None,
+    ) -> None:
+        """Begin with a cached GOP (CONFIG, KEY, ...) or, when empty, wait for a KEY."""
+        # With a cached GOP the CONFIG in effect at its KEY comes first, from the sequence.
+        self._latest_config = None if sequence else config
+        for message, frame in sequence:
+            self.send_media(message, frame)
+
+    def expect_new_source(self) -> None:
+        """The publisher changed: wait for its CONFIG and KEY; not a drop episode."""
+        self.waiting_for_key = True
+        self._latest_config = None
+        self._config_sent = None
+
+    def send_text(self, frame: Any, size: int, kind: str) -> None:
+        """Queue a text message; an unsent older one of the same kind is superseded."""
+        if self.closed:
+            return
+        if kind in ("status", "meta"):
+            for item in list(self._queue):
+                if item.text_kind == kind:
+                    self._queue.remove(item)
+                    self._queued_bytes -= item.size
+                    self._on_backlog_change(-item.size)
+        self._deliver(_Outbound(frame, size, None, kind))
+
+    def send_media(self, message: MediaMessage, frame: Any) -> None:
+        """Offer a media message; it is delivered, held, or dropped by the policy."""
+        if self.closed:
+            return
+        if message.is_config:
+            self._latest_config = (message, frame)
+            if self.waiting_for_key or self.skipping:
+                return
+        elif self.waiting_for_key or self.skipping:
+            if not message.is_key or not self._fits(message.size):
+                self._count_drop(1)
+                return
+            self._resume_with(message, frame)
+            return
+        if not self._fits(message.size):
+            self._enter_skipping()
+            self._count_drop(1)
+            return
+        if message.is_config:
+            self._config_sent = message
+        self._deliver(_Outbound(frame, message.size, message))
+
+    def _fits(self, size: int) -> bool:
+        pending = self.backlog_bytes
+        return pending == 0 or pending + size <= self.limit
+
+    def _count_drop(self, count: int) -> None:
+        if self.skipping:
+            self.dropped_in_episode += count
+            self.dropped_total += count
+            self._on_dropped(count)
+
+    def _resume_with(self, key: MediaMessage, frame: Any) -> None:
+        if self.skipping:
+            notice = encode_text({"type": "dropped", "messages": self.dropped_in_episode})
+            notice_frame = self._frame_factory(notice, False)
+            self._deliver(_Outbound(notice_frame, len(notice), None, "dropped"))
+        self.skipping = False
+        self.waiting_for_key = False
+        self.dropped_in_episode = 0
+        if self._latest_config is not None and self._latest_config[0] is not self._config_sent:
+            config, config_frame = self._latest_config
+            self._config_sent = config
+            self._deliver(_Outbound(config_frame, config.size, config))
+        self._deliver(_Outbound(frame, key.size, key))
+
+    def _enter_skipping(self) -> None:
+        if self.skipping:
+            return
+        self.skipping = True
+        self.skip_episodes += 1
+        self.dropped_in_episode = 0
+        kept: deque[_Outbound] = deque()
+        discarded = 0
+        discarded_bytes = 0
+        for item in self._queue:
+            if item.message is None:
+                kept.append(item)
+            else:
+                discarded += 1
+                discarded_bytes += item.size
+        self._queue = kept
+        self._queued_bytes -= discarded_bytes
+        if discarded_bytes:
+            self._on_backlog_change(-discarded_bytes)
+        self._count_drop(discarded)
+        if not self.paused:
+            self._on_need_keyframe()
+
+    def shed(self) -> None:
+        """Put the viewer into skipping now (the global budget is over its bound)."""
+        if not self.closed and not self.waiting_for_key:
+            self._enter_skipping()
+
+    def request_keyframe(self) -> None:
+        """The viewer asked for a keyframe itself."""
+        self._on_need_keyframe()
+
+    # -- output towards the transport --------------------------------------------
+
+    def _deliver(self, item: _Outbound) -> None:
+        if self.paused or self._queue:
+            self._queue.append(item)
+            self._queued_bytes += item.size
+            self._on_backlog_change(item.size)
+            return
+        self._write(item)
+
+    def _write(self, item: _Outbound) -> None:
+        self._sink.write_frame(item.frame)
+        # A write that made the transport pause us sits, with up to its high-water mark
+        # of earlier data, in the transport's buffer; one that did not is on its way.
+        if self.paused:
+            self._set_transport_bytes(TRANSPORT_HIGH_WATER_BYTES + item.size)
+
+    def pause_producing(self) -> None:
+        """The transport's buffer is full: hold messages here and start the stall clock."""
+        if self.paused or self.closed:
+            return
+        self.paused = True
+        if self._stall_call is None and self._stall_timeout > 0:
+            self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
+
+    def resume_producing(self) -> None:
+        """The transport drained: write what waits, then ask for a KEY if skipping."""
+        if self.closed:
+            return
+        self.paused = False
+        self._set_transport_bytes(0)
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+        while self._queue and not self.paused and not self.closed:
+            item = self._queue.popleft()
+            self._queued_bytes -= item.size
+            self._on_backlog_change(-item.size)
+            self._write(item)
+        if self.skipping and not self.paused:
+            self._on_need_keyframe()
+
+    def _stalled(self) -> None:
+        self._stall_call = None
+        if not self.closed:
+            self._sink.stalled()
+
+    def close(self) -> None:
+        """The viewer is gone: drop everything and give its bytes back."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+        released = self.backlog_bytes
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._transport_bytes = 0
+        if released:
+            self._on_backlog_change(-released)
