@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import time
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -214,6 +216,11 @@ def _raw_response(status: int, reason: str, retry_after: int | None = None) -> b
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+# Every channel and WebSocket protocol ever built, held weakly: leak accounting for
+# /api/internals (an instance still listed after its connection ended is a leak).
+LIVE_OBJECTS: weakref.WeakSet[object] = weakref.WeakSet()
+
+
 class RelayChannel(http.HTTPChannel):
     """``Site.protocol``: limits, request-head bounds, the handshake deadline and the
     WebSocket upgrade."""
@@ -222,6 +229,7 @@ class RelayChannel(http.HTTPChannel):
 
     def __init__(self) -> None:
         super().__init__()
+        LIVE_OBJECTS.add(self)
         self.slot: ConnectionSlot | None = None
         self.refusal: Refusal | None = None
         self.upgraded: RelayProtocol | None = None
@@ -523,6 +531,39 @@ class StreamsApi(_HttpResource):
         return json.dumps(body).encode("utf-8")
 
 
+class Internals(_HttpResource):
+    """``/api/internals`` (loopback only): live object counts for leak accounting."""
+
+    def serve(self, request: server.Request) -> bytes:
+        """Count live channels and protocols after a full collection."""
+        if not is_direct_loopback(request):
+            return _plain(request, 403, "loopback only")
+        gc.collect()
+        counts: dict[str, int] = {}
+        for item in list(LIVE_OBJECTS):
+            name = type(item).__name__
+            counts[name] = counts.get(name, 0) + 1
+        context = self.context
+        body = {
+            "objects": counts,
+            "streams": len(context.registry.streams),
+            "connections": len(context.connections),
+            "limiter": {
+                "total": context.limiter.total,
+                "addresses": context.limiter.tracked_addresses,
+                "refused": context.limiter.refused,
+            },
+            "handshake_rate": {
+                "addresses": context.handshake_rate.tracked_addresses,
+                "refused": context.handshake_rate.refused,
+            },
+            "buffered_bytes": context.registry.budget.total,
+        }
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode("utf-8")
+
+
 _CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",
     ".js": b"text/javascript; charset=utf-8",
@@ -707,6 +748,7 @@ class StreamGate(resource.Resource):
         }[self.role]
         assert factory is not None
         protocol = factory.buildProtocol(request.getClientAddress())
+        LIVE_OBJECTS.add(protocol)
         protocol.context = context
         protocol.stream_name = name
         channel.upgrade(protocol)
@@ -752,10 +794,14 @@ class Root(resource.Resource):
 class _ApiFolder(resource.Resource):
     def __init__(self, context: RelayContext) -> None:
         super().__init__()
-        self._streams = StreamsApi(context)
+        self._children: dict[bytes, resource.Resource] = {
+            b"streams": StreamsApi(context),
+            b"internals": Internals(context),
+        }
         self._not_found = NotFound(context)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
-        if path == b"streams" and request.postpath in ([], [b""]):
-            return self._streams
+        child = self._children.get(path)
+        if child is not None and request.postpath in ([], [b""]):
+            return child
         return self._not_found

@@ -262,9 +262,7 @@ class DeviceSource(FrameSource):
     def __init__(self, device: DeviceInput, width: int, height: int, description: str) -> None:
         super().__init__(width, height, description)
         try:
-            self._container: Any = av.open(
-                device.url, format=device.format, options=device.options
-            )
+            self._container: Any = av.open(device.url, format=device.format, options=device.options)
             stream = self._container.streams.video[0]
         except (av.FFmpegError, IndexError, ValueError) as error:
             raise SourceError(

@@ -97,13 +97,17 @@ def now_us(clock_ns: Callable[[], int] = time.time_ns) -> int:
     return clock_ns() // 1000
 
 
-def meta_message(
-    codec: str, width: int, height: int, fps: float, **extra: Any
-) -> dict[str, Any]:
+def meta_message(codec: str, width: int, height: int, fps: float, **extra: Any) -> dict[str, Any]:
     """Build a ``meta`` text message body (``extra`` members are passed through)."""
     fps_value: float | int = int(fps) if float(fps).is_integer() else round(float(fps), 3)
-    return {"type": "meta", "codec": codec, "width": width, "height": height, "fps": fps_value,
-            **extra}
+    return {
+        "type": "meta",
+        "codec": codec,
+        "width": width,
+        "height": height,
+        "fps": fps_value,
+        **extra,
+    }
 
 
 def encode_control(message: Mapping[str, Any]) -> bytes:

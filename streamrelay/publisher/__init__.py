@@ -1,0 +1,143 @@
+"""The streamrelay desktop publisher: pushes live H.264 to a relay over wire protocol v1.
+
+Command line: ``streamrelay-publish`` or ``python -m streamrelay.publisher`` (see
+:mod:`streamrelay.publisher.cli`).
+
+Library use, for a desktop application that has its own frames
+=================================================================
+
+The network side is :class:`Publisher`. It runs on the Twisted reactor (the reactor must
+run, usually in the main thread), connects, reconnects with backoff and jitter, re-sends meta
+and CONFIG after every reconnect, and tells you when to produce a keyframe::
+
+    from streamrelay.publisher import H264Packager, Publisher, Readiness
+
+    publisher = Publisher("ws://127.0.0.1:8080/publish/desk", token=token)
+    packager = H264Packager()      # Annex-B access units -> CONFIG / KEY / delta messages
+    publisher.on_keyframe_request = my_encoder.force_idr        # relay asked, or reconnect
+    publisher.on_viewers = lambda count: print("viewers:", count)
+    publisher.start()
+
+    # In the encoder thread, for every picture:
+    if publisher.readiness is not Readiness.READY:               # offline or network behind
+        skip_this_picture_and_force_idr_on_the_next()            # drop raw frames at the source
+    else:
+        for message in packager.package(access_unit, capture_time_us):
+            if message.is_config:
+                publisher.send_meta_threadsafe(
+                    {"codec": packager.codec_string, "width": w, "height": h, "fps": fps})
+                publisher.send_config_threadsafe(message.payload, message.timestamp_us)
+            elif not publisher.send_frame_threadsafe(
+                    message.payload, key=message.is_key, timestamp_us=message.timestamp_us):
+                force_idr_on_the_next()                          # dropped at the handoff
+
+    # On the way out (reactor thread): publisher.stop() returns a Deferred.
+
+Threads: every ``Publisher`` method runs in the reactor thread, except ``readiness`` and
+the ``*_threadsafe`` methods (``send_meta_threadsafe``, ``send_config_threadsafe``,
+``send_frame_threadsafe``, ``stop_threadsafe``), which hand over with
+``reactor.callFromThread``. At most ``max_pending_threadsafe_calls`` frames may wait for
+the reactor: past that ``send_frame_threadsafe`` drops (and returns False) until the next
+KEY, so nothing queues without bound. Callbacks (``on_viewers(count)``,
+``on_keyframe_request()``, ``on_state_change(state)``) run in the reactor thread; keep
+them short (set a flag the encoder thread reads).
+
+Reactor-thread API: ``start()``, ``stop() -> Deferred``, ``when_stopped() -> Deferred``,
+``send_meta(dict)``, ``send_config(bytes, timestamp_us=None)``,
+``send_frame(bytes, key=..., timestamp_us=None) -> bool``; state in ``state``
+(:class:`ConnectionState`), ``connected``, ``viewers``, ``stats``, ``dropped``,
+``last_error``.
+
+Building blocks:
+
+- :mod:`.wire`: the 9-byte header (``pack_header``, ``pack_media_message``,
+  ``parse_media_message``, :class:`MediaMessage`), JSON control messages, ``now_us()``;
+- :mod:`.h264`: ``split_annexb``, ``join_annexb``, ``extract_parameter_sets``,
+  ``parse_sps``/``codec_string_from_sps``, ``avcc_to_annexb``, :class:`H264Packager`;
+- :mod:`.encoder` (needs PyAV): :class:`H264Encoder` and :class:`EncoderSettings`: libx264
+  with zerolatency, no B-frames, in-band SPS/PPS, forced IDRs on request;
+- :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
+- :mod:`.pipeline`: :class:`CapturePipeline`, the capture/encode thread with drop-at-source.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .backoff import Backoff
+from .client import ConnectionState, Publisher, PublisherStats, Readiness
+from .h264 import (
+    H264Error,
+    H264Packager,
+    SpsInfo,
+    avcc_to_annexb,
+    codec_string_from_sps,
+    extract_parameter_sets,
+    join_annexb,
+    parse_sps,
+    split_annexb,
+)
+from .wire import (
+    FLAG_CONFIG,
+    FLAG_KEY,
+    HEADER_SIZE,
+    SUBPROTOCOL,
+    MediaMessage,
+    WireFormatError,
+    now_us,
+    pack_header,
+    pack_media_message,
+    parse_media_message,
+)
+
+if TYPE_CHECKING:
+    from .encoder import EncoderSettings, H264Encoder
+    from .pipeline import CapturePipeline
+
+# PyAV is needed only to encode or capture: importing it lazily keeps the network side and
+# the packaging helpers usable by an application that brings its own encoder.
+_LAZY = {
+    "EncoderSettings": "encoder",
+    "H264Encoder": "encoder",
+    "CapturePipeline": "pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module_name}", __name__), name)
+
+
+__all__ = [
+    "FLAG_CONFIG",
+    "FLAG_KEY",
+    "HEADER_SIZE",
+    "SUBPROTOCOL",
+    "Backoff",
+    "CapturePipeline",
+    "ConnectionState",
+    "EncoderSettings",
+    "H264Encoder",
+    "H264Error",
+    "H264Packager",
+    "MediaMessage",
+    "Publisher",
+    "PublisherStats",
+    "Readiness",
+    "SpsInfo",
+    "WireFormatError",
+    "avcc_to_annexb",
+    "codec_string_from_sps",
+    "extract_parameter_sets",
+    "join_annexb",
+    "now_us",
+    "pack_header",
+    "pack_media_message",
+    "parse_media_message",
+    "parse_sps",
+    "split_annexb",
+]
