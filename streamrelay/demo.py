@@ -51,7 +51,8 @@ class _ChildProtocol(protocol.ProcessProtocol):
         self._partial = self._partial[-MAX_LOG_LINE:]
         for line in lines:
             if line.strip():
-                _log.info("demo publisher: {line}", line=line[:MAX_LOG_LINE].decode("utf-8", "replace"))
+                shown = line[:MAX_LOG_LINE].decode("utf-8", "replace")
+                _log.info("demo publisher: {line}", line=shown)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)

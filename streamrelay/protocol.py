@@ -22,6 +22,7 @@ from autobahn.websocket.compress import (
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -53,6 +54,7 @@ class RelayProtocol(WebSocketServerProtocol):
     containment and teardown."""
 
     role = "relay"
+    transport: Any
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,7 +197,7 @@ class RelayProtocol(WebSocketServerProtocol):
 
     # -- teardown --------------------------------------------------------------------
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cancel every timer and let the role detach; exactly once."""
         self._gone = True
         for call in (self._ping_call, self._pong_deadline, self._close_deadline):
@@ -221,20 +223,28 @@ class PublisherProtocol(RelayProtocol):
         self.session: PublisherSession | None = None
         self._last_media = 0.0
         self._idle_call: IDelayedCall | None = None
-        self.peer = ""
+        self.peer_address = ""
 
     def opened(self) -> None:
         """Attach to the stream, replacing any current publisher."""
         assert self.context is not None
-        self.peer = format_peer(self.transport.getPeer())
+        self.peer_address = format_peer(self.transport.getPeer())
         result = self.context.registry.publish(self.stream_name, self)
         if not isinstance(result, PublisherSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return
         self.session = result
-        _log.info("Publisher {peer} live on {stream}", peer=self.peer, stream=self.stream_name)
+        self._log_event("live on")
         self._last_media = self._clock.seconds()
         self._arm_idle_check(self.context.config.publisher_idle_timeout)
+
+    def _log_event(self, what: str) -> None:
+        _log.info(
+            "Publisher {peer} {what} {stream}",
+            peer=self.peer_address,
+            what=what,
+            stream=self.stream_name,
+        )
 
     def _arm_idle_check(self, delay: float) -> None:
         if delay > 0 and not self._gone:
@@ -302,7 +312,7 @@ class PublisherProtocol(RelayProtocol):
 
     def replaced(self) -> None:
         """A newer publisher took the stream: close with 4409."""
-        _log.info("Publisher {peer} replaced on {stream}", peer=self.peer, stream=self.stream_name)
+        self._log_event("replaced on")
         self.close_with(wire.CLOSE_PUBLISHER_REPLACED, "replaced by a newer publisher")
 
     def closed(self) -> None:
@@ -312,7 +322,7 @@ class PublisherProtocol(RelayProtocol):
         self._idle_call = None
         if self.session is not None:
             if self.session.current:
-                _log.info("Publisher {peer} left {stream}", peer=self.peer, stream=self.stream_name)
+                self._log_event("left")
             self.session.close()
             self.session = None
 

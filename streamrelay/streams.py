@@ -33,7 +33,7 @@ class PublisherLink(Protocol):
     """What the core needs from a publisher connection."""
 
     @property
-    def peer(self) -> str:
+    def peer_address(self) -> str:
         """The publisher's address as ``ip:port`` (or a unix socket path)."""
         ...
 
@@ -278,7 +278,7 @@ class Stream:
         if self.publisher is not None and self.publisher_since is not None:
             since = datetime.datetime.fromtimestamp(self.publisher_since, datetime.timezone.utc)
             publisher = {
-                "peer": self.publisher.peer if show_peer else None,
+                "peer": self.publisher.peer_address if show_peer else None,
                 "since": since.isoformat(timespec="seconds").replace("+00:00", "Z"),
             }
         return {

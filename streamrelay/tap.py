@@ -225,12 +225,13 @@ class ListenerService(service.Service):
         address = port.getHost()
         scheme = "https" if self.description.startswith("ssl:") else "http"
         host = getattr(address, "host", None)
+        port_number = getattr(address, "port", None)
         if host is not None:
             shown = f"[{host}]" if ":" in host else host
             _log.info(
                 "streamrelay listening on {description}: {url}",
-                description=self.description.split(":", 2)[0] + ":" + str(address.port),
-                url=f"{scheme}://{shown}:{address.port}/",
+                description=self.description.split(":", 2)[0] + ":" + str(port_number),
+                url=f"{scheme}://{shown}:{port_number}/",
             )
         else:
             _log.info("streamrelay listening on {address}", address=address)
@@ -241,7 +242,9 @@ class ListenerService(service.Service):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
-            return maybeDeferred(port.stopListening)
+            stopping: Any = port.stopListening
+            stopped: Deferred[None] = maybeDeferred(stopping)
+            return stopped
         return None
 
 

@@ -26,7 +26,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.util import wildcards2patterns
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -126,7 +127,7 @@ class RelayContext:
             check()
             if not done.called:
                 # An abort is reported on the next reactor turn at the latest.
-                self.clock.callLater(0.5, lambda: done.called or done.callback(None))
+                self.clock.callLater(0.5, lambda: None if done.called else done.callback(None))
 
         poller = _Poller(self.clock, 0.05, check)
         deadline = self.clock.callLater(self.config.close_timeout, abort_stragglers)
@@ -226,6 +227,7 @@ class RelayChannel(http.HTTPChannel):
     WebSocket upgrade."""
 
     context: RelayContext
+    transport: Any
 
     def __init__(self) -> None:
         super().__init__()
@@ -384,7 +386,7 @@ class RelayChannel(http.HTTPChannel):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Release the slot and every timer; tell the WebSocket, if any."""
         self._cancel_deadline()
         if self._lingering is not None and self._lingering.active():
@@ -412,23 +414,22 @@ def access_log_line(timestamp: str, request: server.Request) -> str:
     referer = request.getHeader("referer")
     agent = request.getHeader("user-agent") or ""
     client = request.getClientAddress()
-    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
-        getattr(client, "host", "-"),
-        timestamp,
-        request.method.decode("ascii", "replace"),
-        _redacted_path(request.uri),
-        request.clientproto.decode("ascii", "replace"),
-        request.code,
-        request.sentLength or "-",
-        _redacted_path(referer.encode()) if referer else "-",
-        agent.replace('"', "'")[:200],
+    host = getattr(client, "host", "-")
+    method = request.method.decode("ascii", "replace")
+    path = _redacted_path(request.uri)
+    version = request.clientproto.decode("ascii", "replace")
+    shown_referer = _redacted_path(referer.encode()) if referer else "-"
+    shown_agent = agent.replace('"', "'")[:200]
+    return (
+        f'"{host}" - - {timestamp} "{method} {path} {version}" {request.code} '
+        f'{request.sentLength or "-"} "{shown_referer}" "{shown_agent}"'
     )
 
 
 class RelaySite(server.Site):
     """The relay's ``Site``: its channels share the :class:`RelayContext`."""
 
-    protocol = RelayChannel
+    protocol = RelayChannel  # type: ignore[assignment]
 
     def __init__(self, context: RelayContext, root: resource.Resource) -> None:
         # The reactor given here times every channel (HTTPFactory sets channel.callLater).
@@ -440,7 +441,7 @@ class RelaySite(server.Site):
         )
         self.context = context
 
-    def buildProtocol(self, addr: Any) -> IProtocol | None:
+    def buildProtocol(self, addr: Any) -> Any:
         """Every channel knows the shared context."""
         channel = super().buildProtocol(addr)
         if channel is not None:
@@ -451,13 +452,19 @@ class RelaySite(server.Site):
 # -- resources ---------------------------------------------------------------------------
 
 
-def _plain(request: server.Request, status: int, text: str, retry_after: int | None = None) -> bytes:
+def _plain(
+    request: server.Request, status: int, text: str, retry_after: int | None = None
+) -> bytes:
     request.setResponseCode(status, _REASONS.get(status))
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     if retry_after is not None:
         request.setHeader(b"retry-after", b"%d" % retry_after)
     return text.encode("utf-8") + b"\n"
+
+
+def _postpath(request: server.Request) -> list[bytes]:
+    return request.postpath or []
 
 
 def _channel(request: server.Request) -> RelayChannel | None:
@@ -600,10 +607,10 @@ class StaticPage(_HttpResource):
         """Serve ``name`` (fixed) or the file named by the single path segment."""
         name = self._name
         if name is None:
-            if len(request.postpath) != 1:
+            if len(_postpath(request)) != 1:
                 return _plain(request, 404, "not found")
-            name = request.postpath[0].decode("utf-8", "replace")
-        elif request.postpath not in ([], [b""]) and name == "index.html":
+            name = _postpath(request)[0].decode("utf-8", "replace")
+        elif _postpath(request) not in ([], [b""]) and name == "index.html":
             return _plain(request, 404, "not found")
         content = self._files.get(name)
         if content is None:
@@ -626,9 +633,9 @@ class PlayerPage(StaticPage):
 
     def serve(self, request: server.Request) -> bytes:
         """Check the stream name, then serve the player."""
-        if len(request.postpath) != 1:
+        if len(_postpath(request)) != 1:
             return _plain(request, 404, "not found")
-        if not is_valid_stream_name(request.postpath[0].decode("utf-8", "replace")):
+        if not is_valid_stream_name(_postpath(request)[0].decode("utf-8", "replace")):
             return _plain(request, 400, "invalid stream name")
         request.postpath = []
         return super().serve(request)
@@ -658,7 +665,7 @@ class StreamGate(resource.Resource):
         """Refuse with a status and reason, or upgrade to a WebSocket."""
         channel = _channel(request)
         name = ""
-        segments = request.postpath
+        segments = _postpath(request)
         if self.role == "echo":
             if segments not in ([], [b""]):
                 return self._refuse(request, Refusal(404, "not found"))
@@ -747,13 +754,14 @@ class StreamGate(resource.Resource):
             "echo": context.echo_factory,
         }[self.role]
         assert factory is not None
-        protocol = factory.buildProtocol(request.getClientAddress())
+        protocol: Any = factory.buildProtocol(request.getClientAddress())
         LIVE_OBJECTS.add(protocol)
         protocol.context = context
         protocol.stream_name = name
         channel.upgrade(protocol)
-        # Autobahn parses the handshake itself: replay the head twisted.web consumed.
-        head = [request.method + b" " + request.uri + b" HTTP/1.1"]
+        # Autobahn parses the handshake itself: replay the head twisted.web consumed,
+        # without the query string, which may carry a token.
+        head = [request.method + b" " + request.path + b" HTTP/1.1"]
         for header_name, values in request.requestHeaders.getAllRawHeaders():
             for value in values:
                 head.append(header_name + b": " + value)
@@ -802,6 +810,6 @@ class _ApiFolder(resource.Resource):
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
         child = self._children.get(path)
-        if child is not None and request.postpath in ([], [b""]):
+        if child is not None and _postpath(request) in ([], [b""]):
             return child
         return self._not_found

@@ -198,12 +198,18 @@ class _PublisherProtocol(WebSocketClientProtocol):
     """The Autobahn client protocol: forwards events to its :class:`Publisher`."""
 
     # Autobahn logs the raw opening handshake, Authorization header included, at debug
-    # level. A logger pinned at info keeps the token out of every log, whatever level the
-    # application sets globally for txaio.
+    # level. A logger pinned at error keeps the token out of every log whatever level the
+    # application sets globally for txaio, and drops Autobahn's chatter about failed
+    # handshakes, which the publisher reports itself, once, with the retry delay.
     # (txaio sets make_logger up at run time, hence the ignore.)
-    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    log = txaio.make_logger(level="error")  # type: ignore[attr-defined]
 
     factory: _PublisherFactory
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        """Register with the publisher first: the handshake may complete at any time now."""
+        self.factory.publisher._tcp_connected(self)
+        super().connectionMade()
 
     def onConnect(self, response: ConnectionResponse) -> None:  # noqa: N802 (Autobahn API)
         """Note the negotiated subprotocol (none means v1 too)."""
@@ -226,13 +232,14 @@ class _PublisherProtocol(WebSocketClientProtocol):
 
 class _PublisherFactory(WebSocketClientFactory):
     protocol = _PublisherProtocol  # type: ignore[assignment]  # Autobahn's is untyped
+    noisy = False  # one factory per attempt: "Starting factory" on each would be noise
 
     def __init__(self, publisher: Publisher, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.publisher = publisher
 
 
-_STATUS_IN_REASON = re.compile(r"upgrade failed \[(\d{3})\]: ?(.*?)\)?$")
+_STATUS_IN_REASON = re.compile(r"upgrade failed \[(\d{3})\]: ?([^\"')]*)")
 
 
 def handshake_refusal(reason: str | None) -> tuple[int, str] | None:
@@ -457,7 +464,7 @@ class Publisher:
         endpoint = self._endpoint_factory(self._reactor, self.target, self._insecure)
         attempt = endpoint.connect(factory)
         self._connect_attempt = attempt
-        attempt.addCallbacks(self._tcp_connected, self._connect_failed)
+        attempt.addCallbacks(self._connect_succeeded, self._connect_failed)
 
     def _make_factory(self) -> _PublisherFactory:
         headers = {}
@@ -484,8 +491,10 @@ class Publisher:
         )
         return factory
 
-    def _tcp_connected(self, session: _PublisherProtocol) -> None:
+    def _connect_succeeded(self, session: _PublisherProtocol) -> None:
         self._connect_attempt = None
+
+    def _tcp_connected(self, session: _PublisherProtocol) -> None:
         self._handshaking = session
 
     def _connect_failed(self, failure: Failure) -> None:
