@@ -42,6 +42,7 @@ class _Outbound:
     size: int
     message: MediaMessage | None  # None for text
     text_kind: str | None = None
+    dropped: int = 0  # for a "dropped" notice: the count it reports
 
 
 FrameFactory = Callable[[bytes, bool], Any]
@@ -148,8 +149,6 @@ class ViewerQueue:
             self._enter_skipping()
             self._count_drop(1)
             return
-        if message.is_config:
-            self._config_sent = message
         self._deliver(_Outbound(frame, message.size, message))
 
     def _fits(self, size: int) -> bool:
@@ -166,13 +165,14 @@ class ViewerQueue:
         if self.skipping:
             notice = encode_text({"type": "dropped", "messages": self.dropped_in_episode})
             notice_frame = self._frame_factory(notice, False)
-            self._deliver(_Outbound(notice_frame, len(notice), None, "dropped"))
+            self._deliver(
+                _Outbound(notice_frame, len(notice), None, "dropped", self.dropped_in_episode)
+            )
         self.skipping = False
         self.waiting_for_key = False
         self.dropped_in_episode = 0
         if self._latest_config is not None and self._latest_config[0] is not self._config_sent:
             config, config_frame = self._latest_config
-            self._config_sent = config
             self._deliver(_Outbound(config_frame, config.size, config))
         self._deliver(_Outbound(frame, key.size, key))
 
@@ -181,16 +181,21 @@ class ViewerQueue:
             return
         self.skipping = True
         self.skip_episodes += 1
-        self.dropped_in_episode = 0
         kept: deque[_Outbound] = deque()
         discarded = 0
         discarded_bytes = 0
+        carried = 0
         for item in self._queue:
-            if item.message is None:
+            if item.text_kind == "dropped":
+                # The previous episode's notice never left: one notice will cover both.
+                carried += item.dropped
+                discarded_bytes += item.size
+            elif item.message is None:
                 kept.append(item)
             else:
                 discarded += 1
                 discarded_bytes += item.size
+        self.dropped_in_episode = carried
         self._queue = kept
         self._queued_bytes -= discarded_bytes
         if discarded_bytes:
@@ -219,6 +224,9 @@ class ViewerQueue:
         self._write(item)
 
     def _write(self, item: _Outbound) -> None:
+        if item.message is not None and item.message.is_config:
+            # Only a CONFIG that really left counts as sent: a discarded one is resent.
+            self._config_sent = item.message
         self._sink.write_frame(item.frame)
         # A write that made the transport pause us sits, with up to its high-water mark
         # of earlier data, in the transport's buffer; one that did not is on its way.
