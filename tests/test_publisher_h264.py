@@ -10,7 +10,6 @@ from streamrelay.publisher.h264 import (
     NAL_AUD,
     NAL_IDR,
     NAL_PPS,
-    NAL_SEI,
     NAL_SLICE,
     NAL_SPS,
     H264Error,

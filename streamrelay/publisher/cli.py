@@ -328,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutting_down = False
 
     def fail(why: str) -> None:
+        """Log a fatal problem and stop with exit status 1."""
         nonlocal exit_status
         exit_status = 1
         _log.error("{why}", why=why)
@@ -335,16 +336,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             reactor.stop()
 
     def capture_ended(outcome: Failure | None) -> None:
+        """The capture thread ended: fatal unless we are shutting down."""
         if isinstance(outcome, Failure):
             fail(f"capture stopped: {outcome.getErrorMessage()}")
         elif not shutting_down:
             fail("capture stopped")
 
     def publisher_stopped(reason: str) -> None:
+        """The publisher gave up (replaced by a newer one): fatal."""
         if not shutting_down:
             fail(f"publisher stopped: {reason}")
 
     def shut_down() -> Any:
+        """Before reactor shutdown: stop capture, close the WebSocket cleanly."""
         nonlocal shutting_down
         shutting_down = True
         pipeline.stop()
@@ -353,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return publisher.stop("publisher shutting down")
 
     def begin() -> None:
+        """Once the reactor runs: connect, start capturing and the status line."""
         _log.info(
             "publishing {source} as {width}x{height} {fps} fps {bitrate} kbit/s "
             "(GOP {gop} frames, {profile}) to {url}",

@@ -242,10 +242,22 @@ class _PublisherFactory(WebSocketClientFactory):
 _STATUS_IN_REASON = re.compile(r"upgrade failed \[(\d{3})\]: ?([^\"')]*)")
 
 
+_UNCLEAN_WRAPPER = re.compile(r"^connection was closed uncleanly \((.*)\)$", re.DOTALL)
+
+
 def handshake_refusal(reason: str | None) -> tuple[int, str] | None:
     """The HTTP status and reason with which the relay refused a handshake, if it did."""
     match = _STATUS_IN_REASON.search(reason or "")
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+def short_close_reason(reason: str | None) -> str:
+    """Autobahn's close reason without its "closed uncleanly (...)" wrapper and quotes."""
+    text = (reason or "").strip()
+    match = _UNCLEAN_WRAPPER.match(text)
+    if match:
+        text = match.group(1).strip().strip("\"'")
+    return text
 
 
 class Publisher:
@@ -577,9 +589,13 @@ class Publisher:
             hint = " (check --token / STREAMRELAY_TOKEN)" if status in (401, 403) else ""
             why = f"relay refused the connection: {status} {text}{hint}"
         elif was_open:
-            why = f"connection closed (code {code}{', ' + reason if reason else ''})"
+            detail = short_close_reason(reason)
+            why = f"connection closed ({code}{': ' + detail if detail else ''})"
         else:
-            why = f"handshake failed ({reason or 'connection lost'})"
+            detail = short_close_reason(reason) or "connection lost"
+            if "certificate verify failed" in detail:
+                detail += "; --insecure accepts a self-signed test certificate"
+            why = f"handshake failed ({detail})"
         self.last_error = why
         if was_open and self._reactor.seconds() - self._opened_at >= self._stable_after:
             self._backoff.reset()
@@ -776,4 +792,5 @@ __all__ = [
     "default_endpoint",
     "handshake_refusal",
     "parse_relay_url",
+    "short_close_reason",
 ]

@@ -146,6 +146,7 @@ class _BitReader:
         self._bit_position = 0
 
     def bit(self) -> int:
+        """One bit."""
         byte_index, bit_index = divmod(self._bit_position, 8)
         if byte_index >= len(self._data):
             raise H264Error("SPS ends early")
@@ -153,12 +154,14 @@ class _BitReader:
         return (self._data[byte_index] >> (7 - bit_index)) & 1
 
     def bits(self, count: int) -> int:
+        """``count`` bits as an unsigned integer."""
         value = 0
         for _ in range(count):
             value = (value << 1) | self.bit()
         return value
 
     def unsigned_exp_golomb(self) -> int:
+        """An unsigned Exp-Golomb code, ue(v)."""
         leading_zeros = 0
         while self.bit() == 0:
             leading_zeros += 1
@@ -167,6 +170,7 @@ class _BitReader:
         return (1 << leading_zeros) - 1 + self.bits(leading_zeros)
 
     def signed_exp_golomb(self) -> int:
+        """A signed Exp-Golomb code, se(v)."""
         code = self.unsigned_exp_golomb()
         return (code + 1) // 2 if code % 2 else -(code // 2)
 

@@ -19,15 +19,12 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .client import Readiness
 from .encoder import H264Encoder
 from .sources import FrameSource
 from .wire import MediaMessage
-
-_log = Logger()
 
 
 class MediaSink(Protocol):

@@ -127,10 +127,12 @@ def console_observer(
     """A log observer writing ``HH:MM:SS level message`` lines to ``stream``."""
 
     def format_time(when: float | None) -> str:
+        """Local wall-clock time, seconds precision."""
         return time.strftime("%H:%M:%S", time.localtime(when)) if when else "-"
 
     @provider(ILogObserver)
     def write(event: LogEvent) -> None:
+        """Format one event and write it around the status line."""
         text = eventAsText(event, includeSystem=False, formatTime=format_time)
         log_level = event.get("log_level")
         if log_level is not None and log_level is not LogLevel.info:

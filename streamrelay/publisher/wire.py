@@ -9,8 +9,8 @@ A binary WebSocket message is one media unit::
 A text message is a JSON object with a ``type`` member: the publisher sends ``meta``;
 the relay sends ``viewers`` and ``keyframe-request``.
 
-This module has no Twisted or PyAV dependency so that it can later move to a shared
-``streamrelay/wire.py`` unchanged.
+The constants are the relay's own (:mod:`streamrelay.wire`); this module adds what a
+publisher needs: checked packing, parsing into payload form, control messages.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-SUBPROTOCOL: Final = "streamrelay.v1"
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, HEADER_SIZE, MAX_META_BYTES, SUBPROTOCOL
 
-FLAG_KEY: Final = 0x01
-FLAG_CONFIG: Final = 0x02
+__all__ = ["FLAG_CONFIG", "FLAG_KEY", "HEADER_SIZE", "MAX_META_BYTES", "SUBPROTOCOL"]
+
 _KNOWN_FLAGS: Final = FLAG_KEY | FLAG_CONFIG
-
-HEADER_SIZE: Final = 9
 MAX_TIMESTAMP_US: Final = 2**64 - 1
-MAX_META_BYTES: Final = 64 * 1024
 
 _HEADER = struct.Struct(">BQ")
 
