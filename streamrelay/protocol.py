@@ -65,6 +65,7 @@ class RelayProtocol(WebSocketServerProtocol):
         self._pong_deadline: IDelayedCall | None = None
         self._close_deadline: IDelayedCall | None = None
         self._gone = False
+        self._fragments = 0
 
     # -- plumbing set up by the web gate -------------------------------------------
 
@@ -157,6 +158,20 @@ class RelayProtocol(WebSocketServerProtocol):
         """Drop the TCP connection now, without a closing handshake."""
         if not self._gone and self.transport is not None:
             self.transport.abortConnection()
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        """Count fragments: Autobahn bounds a message's bytes, not its fragments."""
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """Refuse a message split into more fragments than allowed (1009)."""
+        self._fragments += 1
+        assert self.context is not None
+        if self._fragments > self.context.config.max_fragments_per_message:
+            self._fail_with(wire.CLOSE_MESSAGE_TOO_BIG, "too many fragments in one message")
+            return
+        super().onMessageFrameBegin(length)
 
     def _fail_with(self, code: int, reason: str) -> None:
         # Autobahn's failure path: it stops buffering the message being received.
@@ -259,20 +274,6 @@ class PublisherProtocol(RelayProtocol):
             self.close_with(wire.CLOSE_POLICY_VIOLATION, "publisher idle")
         else:
             self._arm_idle_check(timeout - idle_for)
-
-    def onMessageBegin(self, isBinary: bool) -> None:
-        """Count fragments: Autobahn bounds a message's bytes, not its fragments."""
-        self._fragments = 0
-        super().onMessageBegin(isBinary)
-
-    def onMessageFrameBegin(self, length: int) -> None:
-        """Refuse a message split into more fragments than allowed (1009)."""
-        self._fragments += 1
-        assert self.context is not None
-        if self._fragments > self.context.config.max_fragments_per_message:
-            self._fail_with(wire.CLOSE_MESSAGE_TOO_BIG, "too many fragments in one message")
-            return
-        super().onMessageFrameBegin(length)
 
     def message_received(self, payload: bytes, is_binary: bool) -> None:
         """Relay media; keep and forward ``meta``; refuse what breaks v1."""
@@ -408,20 +409,6 @@ class EchoProtocol(RelayProtocol):
     """``/echo`` (only with ``--echo``): echoes every message, for the conformance suite."""
 
     role = "echo"
-
-    def onMessageBegin(self, isBinary: bool) -> None:
-        """Count fragments, as for publishers."""
-        self._fragments = 0
-        super().onMessageBegin(isBinary)
-
-    def onMessageFrameBegin(self, length: int) -> None:
-        """Refuse a message split into more fragments than allowed (1009)."""
-        self._fragments += 1
-        assert self.context is not None
-        if self._fragments > self.context.config.max_fragments_per_message:
-            self._fail_with(wire.CLOSE_MESSAGE_TOO_BIG, "too many fragments in one message")
-            return
-        super().onMessageFrameBegin(length)
 
     def message_received(self, payload: bytes, is_binary: bool) -> None:
         """Send the message back as it came."""

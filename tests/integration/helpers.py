@@ -105,10 +105,6 @@ async def binary(ws: ClientConnection, timeout: float = 5.0) -> bytes:
     return message
 
 
-async def recv_any(ws: ClientConnection, timeout: float = 5.0) -> str | bytes:
-    """Receive one message of either kind."""
-    return await asyncio.wait_for(ws.recv(), timeout)
-
 
 async def text_of_type(ws: ClientConnection, kind: str, timeout: float = 5.0) -> dict[str, Any]:
     """Receive until a JSON text message of ``type`` ``kind`` (others are skipped)."""
@@ -205,10 +201,6 @@ def http_get(
         connection.close()
 
 
-async def http_get_async(base_url: str, path: str, **options: Any) -> HttpResponse:
-    """:func:`http_get` off the event loop."""
-    return await asyncio.to_thread(http_get, base_url, path, **options)
-
 
 def api(relay: Any) -> dict[str, Any]:
     """``/api/streams`` as JSON."""
@@ -241,19 +233,6 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
             raise AssertionError(f"condition not met within {timeout} s (last: {value!r})")
         time.sleep(interval)
 
-
-async def wait_until_async(
-    predicate: Callable[[], Awaitable[T]], timeout: float, interval: float = 0.05
-) -> T:
-    """Async :func:`wait_until`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 def idle_state(relay: Any) -> dict[str, Any] | None:
@@ -319,10 +298,6 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
         head += struct.pack("!Q", length)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return bytes(head) + mask + masked
-
-
-def close_payload(code: int, reason: bytes = b"") -> bytes:
-    return struct.pack("!H", code) + reason
 
 
 @dataclass
@@ -460,10 +435,6 @@ class RawWebSocket:
         except OSError:
             pass
 
-
-def set_rst_on_close(sock: socket.socket) -> None:
-    """``SO_LINGER`` 0: closing the socket sends RST instead of FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def relay_host_port(relay: Any) -> tuple[str, int]:
