@@ -66,6 +66,7 @@ class RelayProtocol(WebSocketServerProtocol):
         self._close_deadline: IDelayedCall | None = None
         self._gone = False
         self._fragments = 0
+        self._last_ping_sent = 0.0
 
     # -- plumbing set up by the web gate -------------------------------------------
 
@@ -189,13 +190,22 @@ class RelayProtocol(WebSocketServerProtocol):
         self._ping_call = self._clock.callLater(self.context.config.ping_interval, self._ping)
 
     def _ping(self) -> None:
+        # Pings go out every interval whatever the checks do, so a peer that falls silent
+        # is caught by the next ping's deadline: within interval + timeout.
         self._ping_call = None
         if self.state != WebSocketServerProtocol.STATE_OPEN or self.context is None:
             return
-        sent_at = self._clock.seconds()
+        self._last_ping_sent = self._clock.seconds()
         self.sendPing()
+        self._schedule_ping()
+        if self._pong_deadline is None:
+            self._arm_pong_deadline(self._last_ping_sent)
+
+    def _arm_pong_deadline(self, ping_sent_at: float) -> None:
+        assert self.context is not None
+        delay = ping_sent_at + self.context.config.ping_timeout - self._clock.seconds()
         self._pong_deadline = self._clock.callLater(
-            self.context.config.ping_timeout, self._check_alive, sent_at
+            max(0.0, delay), self._check_alive, ping_sent_at
         )
 
     def _check_alive(self, ping_sent_at: float) -> None:
@@ -207,8 +217,9 @@ class RelayProtocol(WebSocketServerProtocol):
                 peer=format_peer(self.transport.getPeer()),
             )
             self.abort()
-        else:
-            self._schedule_ping()
+        elif self._last_heard < self._last_ping_sent:
+            # Alive for that ping; a newer one is still unanswered.
+            self._arm_pong_deadline(self._last_ping_sent)
 
     # -- teardown --------------------------------------------------------------------
 

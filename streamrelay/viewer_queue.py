@@ -193,7 +193,8 @@ class ViewerQueue:
             elif item.message is None:
                 kept.append(item)
             else:
-                discarded += 1
+                # A discarded CONFIG is not lost: it is resent before the next KEY.
+                discarded += 0 if item.message.is_config else 1
                 discarded_bytes += item.size
         self.dropped_in_episode = carried
         self._queue = kept
