@@ -103,7 +103,10 @@ class RelayProtocol(WebSocketServerProtocol):
         self._guarded("open", self.opened)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        """Hand the message to the role, containing any error."""
+        """Hand the message to the role, containing any error; nothing is relayed once
+        a close has started."""
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
         self._guarded("message", self.message_received, payload, isBinary)
 
     def _guarded(self, event: str, handler: Callable[..., None], *arguments: Any) -> None:

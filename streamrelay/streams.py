@@ -116,7 +116,11 @@ class RateWindow:
         now = self._clock.seconds()
         current = int(now / self._bucket_width)
         self._prune(current)
-        elapsed = min(self._span, max(now - self._started, self._bucket_width))
+        # Divide by the time the kept buckets really cover, not the nominal span.
+        covered_from = self._started
+        if self._buckets:
+            covered_from = max(self._started, min(self._buckets) * self._bucket_width)
+        elapsed = min(self._span, max(now - covered_from, self._bucket_width))
         total_bytes = sum(bucket[0] for bucket in self._buckets.values())
         total_frames = sum(bucket[1] for bucket in self._buckets.values())
         return int(total_bytes * 8 / elapsed), round(total_frames / elapsed, 2)
@@ -175,6 +179,8 @@ class Stream:
         else:
             self._broadcast_text({"type": "status", "state": "live"}, "status")
         self._viewer_count_updates.request()
+        if any(queue.waiting_for_key for queue in self.viewers.values()):
+            self.need_keyframe()
 
     def detach_publisher(self, link: PublisherLink) -> None:
         if self.publisher is not link:

@@ -96,6 +96,17 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any], str]] = [
 ]
 
 
+def _check_port(description: str) -> None:
+    """TCP and TLS endpoints name their port first: it must be 0-65535."""
+    kind, _, rest = description.partition(":")
+    if kind.lower() not in ("tcp", "ssl", "tcp6", "ssl6"):
+        return
+    positional = [part for part in rest.split(":") if "=" not in part]
+    port = positional[0] if positional else ""
+    if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
+        raise usage.UsageError(f"--listen: {description!r}: port must be 0-65535")
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd streamrelay``."""
 
@@ -150,9 +161,10 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         for description in self["listen"]:
+            _check_port(description)
             try:
                 endpoints.serverFromString(reactor, description)
-            except (ValueError, TypeError, KeyError) as error:
+            except Exception as error:  # a bad key file raises OSError or an SSL error
                 raise usage.UsageError(f"--listen: {description!r}: {error}") from None
         for option, variable in (
             ("publish-secret-file", "STREAMRELAY_PUBLISH_SECRET"),

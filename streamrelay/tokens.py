@@ -34,7 +34,9 @@ def make_token(secret: bytes, role: str, stream: str, expires: int) -> str:
 def verify_token(secret: bytes, token: str, role: str, stream: str, now: float) -> None:
     """Raise :class:`TokenError` unless ``token`` grants ``role`` on ``stream`` at ``now``."""
     expires_text, dot, signature = token.partition(".")
-    if not dot or not expires_text.isdigit() or len(expires_text) > 12:
+    if not dot or not (expires_text.isascii() and expires_text.isdigit()):
+        raise TokenError("malformed token")
+    if len(expires_text) > 12:
         raise TokenError("malformed token")
     if len(signature) != _DIGEST_HEX_LENGTH:
         raise TokenError("malformed token")

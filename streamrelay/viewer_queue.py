@@ -140,7 +140,12 @@ class ViewerQueue:
             if self.waiting_for_key or self.skipping:
                 return
         elif self.waiting_for_key or self.skipping:
-            if not message.is_key or not self._fits(message.size):
+            if not message.is_key:
+                self._count_drop(1)
+                return
+            if not self._fits(message.size):
+                # A KEY this viewer cannot take: a drop episode, resumed by a requested KEY.
+                self._enter_skipping()
                 self._count_drop(1)
                 return
             self._resume_with(message, frame)
@@ -162,7 +167,7 @@ class ViewerQueue:
             self._on_dropped(count)
 
     def _resume_with(self, key: MediaMessage, frame: Any) -> None:
-        if self.skipping:
+        if self.skipping and self.dropped_in_episode:
             notice = encode_text({"type": "dropped", "messages": self.dropped_in_episode})
             notice_frame = self._frame_factory(notice, False)
             self._deliver(

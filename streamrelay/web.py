@@ -301,7 +301,8 @@ class RelayChannel(http.HTTPChannel):
             return
         config = self.context.config
         self._head_bytes += len(line) + 2
-        self._head_lines += 1
+        if line:  # the blank line that ends the head is not a header line
+            self._head_lines += 1
         if self._head_bytes > config.max_header_bytes:
             self.refuse(431, "request headers too large")
             return
@@ -499,7 +500,14 @@ class _HttpResource(resource.Resource):
 
 
 class NotFound(_HttpResource):
-    """404 for every unknown path."""
+    """404 for every unknown path, before any other refusal (the documented order)."""
+
+    def render(self, request: server.Request) -> bytes:  # type: ignore[override]
+        """Say it plainly; close afterwards when the connection is over the limits."""
+        channel = _channel(request)
+        if channel is not None and channel.refusal is not None:
+            channel.close_after_response()
+        return self.serve(request)
 
     def serve(self, request: server.Request) -> bytes:
         """Say it plainly."""
@@ -807,6 +815,10 @@ class _ApiFolder(resource.Resource):
             b"internals": Internals(context),
         }
         self._not_found = NotFound(context)
+
+    def render(self, request: server.Request) -> bytes:  # type: ignore[override]
+        """``/api`` itself is not a resource."""
+        return self._not_found.render(request)  # type: ignore[return-value]
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
         child = self._children.get(path)

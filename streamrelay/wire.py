@@ -86,7 +86,8 @@ def parse_text(payload: bytes) -> dict[str, Any]:
     """Parse a text message, raising :class:`WireError` unless it is a JSON object."""
     try:
         value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        # RecursionError: deeply nested arrays fit in a few KiB.
         raise WireError("text message is not JSON") from error
     if not isinstance(value, dict):
         raise WireError("text message is not a JSON object")
