@@ -49,6 +49,28 @@ def format_peer(address: object) -> str:
     return str(address)
 
 
+@implementer(IPushProducer)
+class _TransportProducer:
+    """Registered on every relay connection's transport: it tells the protocol when the
+    transport's write buffer is full or drained.  It never pauses reading (on IOCP,
+    pausing reads can reorder data: Twisted #11365)."""
+
+    def __init__(self, protocol: RelayProtocol) -> None:
+        self._protocol = protocol
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._protocol.transport_paused()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._protocol.transport_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class RelayProtocol(WebSocketServerProtocol):
     """Behaviour shared by every relay endpoint: liveness pings, bounded closes, error
     containment and teardown."""
@@ -67,6 +89,8 @@ class RelayProtocol(WebSocketServerProtocol):
         self._gone = False
         self._fragments = 0
         self._last_ping_sent = 0.0
+        self._producer: _TransportProducer | None = None
+        self._pending_pong: bytes | None = None
 
     # -- plumbing set up by the web gate -------------------------------------------
 
@@ -98,9 +122,31 @@ class RelayProtocol(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
-        """Start liveness pings, then the role's own opening."""
+        """Watch the transport's write buffer, start liveness pings, then the role's own
+        opening."""
+        self._producer = _TransportProducer(self)
+        self.transport.registerProducer(self._producer, True)
         self._schedule_ping()
         self._guarded("open", self.opened)
+
+    def transport_paused(self) -> None:
+        """The transport's write buffer is full (role hook)."""
+
+    def transport_resumed(self) -> None:
+        """The transport drained: that is write progress, so the peer is alive; a pong
+        held back meanwhile goes out now."""
+        self.heard_from_peer()
+        pong, self._pending_pong = self._pending_pong, None
+        if pong is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendPong(pong)
+
+    def onPing(self, payload: bytes) -> None:
+        """Answer pings, but while the peer is not reading what we send, keep only the
+        latest one (RFC 6455 5.5.3): a ping flood cannot grow our write buffer."""
+        if self._producer is not None and self._producer.paused:
+            self._pending_pong = payload
+            return
+        super().onPing(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """Hand the message to the role, containing any error; nothing is relayed once
@@ -144,6 +190,11 @@ class RelayProtocol(WebSocketServerProtocol):
     ) -> None:
         """Send a close frame (Autobahn's path, used for every close) and bound the wait."""
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        if self.failedByMe:
+            # Autobahn stops buffering a failed message but keeps what it had (up to the
+            # size limit) until the protocol object is collected: let it go now.
+            self.message_data = []
+            self.frame_data = []
         self._arm_close_deadline()
 
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
@@ -236,6 +287,12 @@ class RelayProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
+            # Autobahn keeps the protocol in a reference cycle (its is_closed Deferred),
+            # so buffers would live until the cyclic collector runs: release them now.
+            self.message_data = []
+            self.frame_data = []
+            self.data = b""
+            self._producer = None
             try:
                 self.closed()
             except Exception:
@@ -342,29 +399,6 @@ class PublisherProtocol(RelayProtocol):
             self.session = None
 
 
-@implementer(IPushProducer)
-class _ViewerProducer:
-    """The viewer's transport pauses and resumes its queue through this producer."""
-
-    def __init__(self, protocol: ViewerProtocol) -> None:
-        self._protocol = protocol
-
-    def pauseProducing(self) -> None:
-        session = self._protocol.session
-        if session is not None:
-            session.queue.pause_producing()
-
-    def resumeProducing(self) -> None:
-        # Write progress proves the peer is reading: it counts as liveness.
-        self._protocol.heard_from_peer()
-        session = self._protocol.session
-        if session is not None:
-            session.queue.resume_producing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class ViewerProtocol(RelayProtocol):
     """``/watch/{stream}``: status, meta and media out; keyframe requests in."""
 
@@ -373,18 +407,26 @@ class ViewerProtocol(RelayProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.session: ViewerSession | None = None
-        self._producer: _ViewerProducer | None = None
 
     def opened(self) -> None:
-        """Register as the transport's producer, then join the stream."""
+        """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         assert self.context is not None
-        self._producer = _ViewerProducer(self)
-        self.transport.registerProducer(self._producer, True)
         result = self.context.registry.watch(self.stream_name, self)
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return
         self.session = result
+
+    def transport_paused(self) -> None:
+        """The viewer's transport is full: its queue holds messages from now on."""
+        if self.session is not None:
+            self.session.queue.pause_producing()
+
+    def transport_resumed(self) -> None:
+        """The viewer's transport drained: its queue writes what waits."""
+        super().transport_resumed()
+        if self.session is not None:
+            self.session.queue.resume_producing()
 
     def write_frame(self, frame: Any) -> None:
         """Write one prepared message; never after the WebSocket left the open state."""

@@ -193,10 +193,14 @@ def is_loopback(address: object) -> bool:
     return False
 
 
+# Headers a reverse proxy adds: their presence means the loopback peer is a proxy.
+_FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
 def is_direct_loopback(request: server.Request) -> bool:
     """A loopback peer whose request was not forwarded by a proxy on the same host."""
     headers = request.requestHeaders
-    if headers.hasHeader(b"x-forwarded-for") or headers.hasHeader(b"forwarded"):
+    if any(headers.hasHeader(name) for name in _FORWARDING_HEADERS):
         return False
     return is_loopback(request.getClientAddress())
 

@@ -1,0 +1,1 @@
+"""Hardening tests: bounded stress against the real ``twistd streamrelay`` launch."""
