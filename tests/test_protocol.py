@@ -75,15 +75,18 @@ def test_subprotocol_selected_when_offered(role: str, offered: str | None, selec
 
 
 def test_http_channel_producer_is_replaced_after_the_upgrade() -> None:
-    """After the upgrade twisted.web's channel no longer pauses the transport: the
-    viewer's own push producer is registered, the publisher has none."""
+    """After the upgrade twisted.web's channel no longer pauses the transport: each
+    WebSocket registers its own push producer, and a full write buffer towards a
+    publisher never pauses reading from it (IOCP can reorder data around such pauses)."""
     relay = Relay()
     viewer = relay.viewer()
     publisher = relay.publisher()
-    assert viewer.transport.producer is not None
-    assert viewer.transport.producer is not viewer.channel
-    assert viewer.transport.streaming is True
-    assert publisher.transport.producer is None
+    for connection in (viewer, publisher):
+        assert connection.transport.producer is not None
+        assert connection.transport.producer is not connection.channel
+        assert connection.transport.streaming is True
+    publisher.transport.producer.pauseProducing()
+    assert publisher.transport.producerState == "producing"
 
 
 def test_frames_sent_with_the_handshake_are_not_lost() -> None:
