@@ -41,13 +41,11 @@ class WireError(ValueError):
     """A message that breaks wire protocol v1; ``str()`` is the close reason."""
 
 
-@dataclass(frozen=True, slots=True)
-class MediaMessage:
-    """One media unit as the publisher sent it; ``data`` is the whole message, header included."""
+class MediaFlags:
+    """What the flags byte says; shared by the relay's and the publisher's messages."""
 
+    __slots__ = ()
     flags: int
-    capture_time_us: int
-    data: bytes
 
     @property
     def is_key(self) -> bool:
@@ -58,6 +56,15 @@ class MediaMessage:
     def is_config(self) -> bool:
         """True when this message carries codec configuration rather than a frame."""
         return bool(self.flags & FLAG_CONFIG)
+
+
+@dataclass(frozen=True, slots=True)
+class MediaMessage(MediaFlags):
+    """One media unit as the publisher sent it; ``data`` is the whole message, header included."""
+
+    flags: int
+    capture_time_us: int
+    data: bytes
 
     @property
     def size(self) -> int:

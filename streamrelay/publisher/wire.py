@@ -22,7 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, HEADER_SIZE, MAX_META_BYTES, SUBPROTOCOL
+from streamrelay.wire import (
+    FLAG_CONFIG,
+    FLAG_KEY,
+    HEADER_SIZE,
+    MAX_META_BYTES,
+    SUBPROTOCOL,
+    MediaFlags,
+)
 
 __all__ = ["FLAG_CONFIG", "FLAG_KEY", "HEADER_SIZE", "MAX_META_BYTES", "SUBPROTOCOL"]
 
@@ -58,22 +65,12 @@ def pack_media_message(flags: int, timestamp_us: int, payload: bytes) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class MediaMessage:
+class MediaMessage(MediaFlags):
     """One binary media message: flags, capture time and payload."""
 
     flags: int
     timestamp_us: int
     payload: bytes
-
-    @property
-    def is_key(self) -> bool:
-        """True for a KEY message (a point where decoding can start)."""
-        return bool(self.flags & FLAG_KEY)
-
-    @property
-    def is_config(self) -> bool:
-        """True for a CONFIG message (codec configuration, not a frame)."""
-        return bool(self.flags & FLAG_CONFIG)
 
     def pack(self) -> bytes:
         """Return the message as it goes on the wire."""
