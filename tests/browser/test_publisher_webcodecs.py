@@ -2,7 +2,8 @@
 
 This checks the H.264 profile of wire protocol v1 against a real browser: Annex-B chunks,
 no ``description``, the ``meta`` codec string, and a KEY that carries its own SPS/PPS.
-Skipped when Chromium or Playwright is not installed.
+It uses the browser suite's session Chromium (tests/browser/conftest.py): like the rest
+of that suite it fails under CI when Chromium is missing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import shutil
 import struct
 import threading
 from collections.abc import Iterator
@@ -23,12 +23,7 @@ import pytest
 from streamrelay.publisher.encoder import EncoderSettings, H264Encoder
 from streamrelay.publisher.testpattern import TestPattern
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed"),
-]
+pytestmark = pytest.mark.browser
 
 # Parses the 9-byte v1 header itself, feeds WebCodecs from the second KEY on, and reports
 # how many pictures came out and how many of them differ.
@@ -124,28 +119,23 @@ def write_stream(directory: Path, profile: str, frames: int = 50, gop: int = 20)
 
 
 def test_chromium_webcodecs_decodes_from_a_mid_stream_key(
-    served_directory: tuple[Path, str],
+    served_directory: tuple[Path, str], browser: Any
 ) -> None:
     """For baseline (the default) and high profile streams, Chromium accepts the meta codec string
     and decodes every chunk fed from the second KEY on (no description, no CONFIG), into
     pictures of the right size that change from frame to frame."""
-    from playwright.sync_api import sync_playwright
-
     directory, base_url = served_directory
-    assert CHROMIUM is not None
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            for profile in ("baseline", "high"):
-                meta = write_stream(directory, profile)
-                page.goto(f"{base_url}/index.html")
-                result = page.evaluate("decodeStream(1)")
-                assert result["supported"], result
-                assert result["errors"] == [], result
-                assert result["codec"] == meta["codec"]
-                assert result["fed"] == 30 and result["decoded"] == 30, result
-                assert result["distinct"] >= 27, result
-                assert {tuple(size) for size in result["sizes"]} == {(640, 360)}
-        finally:
-            browser.close()
+    page = browser.new_page()
+    try:
+        for profile in ("baseline", "high"):
+            meta = write_stream(directory, profile)
+            page.goto(f"{base_url}/index.html")
+            result = page.evaluate("decodeStream(1)")
+            assert result["supported"], result
+            assert result["errors"] == [], result
+            assert result["codec"] == meta["codec"]
+            assert result["fed"] == 30 and result["decoded"] == 30, result
+            assert result["distinct"] >= 27, result
+            assert {tuple(size) for size in result["sizes"]} == {(640, 360)}
+    finally:
+        page.close()
