@@ -13,7 +13,12 @@ class Sheddable(Protocol):
 
     @property
     def backlog_bytes(self) -> int:
-        """Bytes this member currently holds."""
+        """Bytes this member holds."""
+        ...
+
+    @property
+    def sheddable_bytes(self) -> int:
+        """Bytes :meth:`shed` would free now."""
         ...
 
     def shed(self) -> None:
@@ -25,6 +30,9 @@ class BufferBudget:
     """Tracks the total of buffered bytes and enforces ``limit`` on it."""
 
     LOW_WATER_FRACTION = 0.75
+    # After a pass that could not get under the low-water mark (the rest sits in
+    # transport buffers), the next pass waits until the total grew by this fraction.
+    RETRY_GROWTH_FRACTION = 1 / 16
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -33,6 +41,7 @@ class BufferBudget:
         self._viewers: set[Sheddable] = set()
         self._caches: set[Sheddable] = set()
         self._enforcing = False
+        self._retry_above = 0
 
     def add_viewer(self, member: Sheddable) -> None:
         """Count a viewer's backlog towards the bound."""
@@ -50,7 +59,11 @@ class BufferBudget:
     def adjust(self, delta: int) -> None:
         """Record that buffered bytes changed by ``delta``; shed load when over the bound."""
         self.total += delta
-        if self.limit > 0 and self.total >= self.limit and not self._enforcing:
+        if self.limit <= 0 or self._enforcing:
+            return
+        if self.total < self.limit:
+            self._retry_above = 0
+        elif self.total >= max(self.limit, self._retry_above):
             self._enforce()
 
     def _enforce(self) -> None:
@@ -58,10 +71,15 @@ class BufferBudget:
         try:
             low_water = self.limit * self.LOW_WATER_FRACTION
             for group in (self._viewers, self._caches):
-                for member in sorted(group, key=lambda m: m.backlog_bytes, reverse=True):
-                    if self.total < low_water or member.backlog_bytes == 0:
+                # Largest backlogs first, among those shedding can actually relieve.
+                candidates = [member for member in group if member.sheddable_bytes > 0]
+                candidates.sort(key=lambda member: member.backlog_bytes, reverse=True)
+                for member in candidates:
+                    if self.total < low_water:
                         break
                     self.sheds += 1
                     member.shed()
+            if self.total >= self.limit:
+                self._retry_above = self.total + int(self.limit * self.RETRY_GROWTH_FRACTION)
         finally:
             self._enforcing = False

@@ -9,7 +9,6 @@ its environment, never through its argument list.
 from __future__ import annotations
 
 import random
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -151,6 +150,6 @@ class DemoPublisherService(service.Service):
     @staticmethod
     def _kill(child: Any) -> None:
         try:
-            child.signalProcess(signal.SIGKILL)
+            child.signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass

@@ -29,12 +29,14 @@ class GopCache(Generic[Frame]):
         self._config_at_key: tuple[MediaMessage, Frame] | None = None
         self._items: list[tuple[MediaMessage, Frame]] = []
         self._items_bytes = 0
+        self._config_in_items = False
         self.emptied = 0
 
     @property
     def backlog_bytes(self) -> int:
         """Bytes held: the cached GOP plus the latest CONFIG."""
-        config_bytes = self.config[0].size if self.config else 0
+        # A CONFIG that arrived mid-GOP is held once, though listed in both places.
+        config_bytes = self.config[0].size if self.config and not self._config_in_items else 0
         return self._items_bytes + config_bytes
 
     def add(self, message: MediaMessage, frame: Frame) -> None:
@@ -42,11 +44,13 @@ class GopCache(Generic[Frame]):
         before = self.backlog_bytes
         if message.is_config:
             self.config = (message, frame)
+            self._config_in_items = bool(self._items)
             if self._items:
                 self._append(message, frame)
         elif message.is_key:
             self._items = []
             self._items_bytes = 0
+            self._config_in_items = False
             self._config_at_key = self.config
             self._append(message, frame)
         elif self._items:
@@ -64,12 +68,18 @@ class GopCache(Generic[Frame]):
             self.emptied += 1
         self._items = []
         self._items_bytes = 0
+        self._config_in_items = False
         self._config_at_key = None
 
     def _resized(self, before: int) -> None:
         after = self.backlog_bytes
         if after != before:
             self._on_resize(after - before)
+
+    @property
+    def sheddable_bytes(self) -> int:
+        """Bytes :meth:`shed` would free: the cached GOP."""
+        return self._items_bytes
 
     @property
     def has_keyframe(self) -> bool:

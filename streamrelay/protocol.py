@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from streamrelay import wire
 from streamrelay.streams import PublisherSession, ViewerSession
+from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
 
 if TYPE_CHECKING:
@@ -407,6 +408,13 @@ class ViewerProtocol(RelayProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.session: ViewerSession | None = None
+        self._queue: ViewerQueue | None = None
+
+    def attached(self, queue: ViewerQueue) -> None:
+        """Route the transport's pause and resume to the new queue, before it sends."""
+        self._queue = queue
+        if self._producer is not None and self._producer.paused:
+            queue.pause_producing()
 
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
@@ -419,14 +427,14 @@ class ViewerProtocol(RelayProtocol):
 
     def transport_paused(self) -> None:
         """The viewer's transport is full: its queue holds messages from now on."""
-        if self.session is not None:
-            self.session.queue.pause_producing()
+        if self._queue is not None:
+            self._queue.pause_producing()
 
     def transport_resumed(self) -> None:
         """The viewer's transport drained: its queue writes what waits."""
         super().transport_resumed()
-        if self.session is not None:
-            self.session.queue.resume_producing()
+        if self._queue is not None:
+            self._queue.resume_producing()
 
     def write_frame(self, frame: Any) -> None:
         """Write one prepared message; never after the WebSocket left the open state."""
@@ -456,6 +464,7 @@ class ViewerProtocol(RelayProtocol):
 
     def closed(self) -> None:
         """Leave the stream and give back every queued byte."""
+        self._queue = None
         if self.session is not None:
             self.session.close()
             self.session = None

@@ -93,6 +93,7 @@ class RateWindow:
         self._clock = clock
         self._span = span
         self._bucket_width = span / buckets
+        self._slots = buckets
         self._buckets: dict[int, list[int]] = {}
         self._started = clock.seconds()
 
@@ -107,8 +108,8 @@ class RateWindow:
         bucket[1] += frames
 
     def _prune(self, current: int) -> None:
-        oldest = current - int(self._span / self._bucket_width)
-        for index in [i for i in self._buckets if i <= oldest]:
+        first_kept = current - self._slots + 1
+        for index in [i for i in self._buckets if i < first_kept]:
             del self._buckets[index]
 
     def rates(self) -> tuple[int, float]:
@@ -116,11 +117,10 @@ class RateWindow:
         now = self._clock.seconds()
         current = int(now / self._bucket_width)
         self._prune(current)
-        # Divide by the time the kept buckets really cover, not the nominal span.
-        covered_from = self._started
-        if self._buckets:
-            covered_from = max(self._started, min(self._buckets) * self._bucket_width)
-        elapsed = min(self._span, max(now - covered_from, self._bucket_width))
+        # The window is the last N bucket slots, the current partial one included, so it
+        # covers a little less than the span: divide by what it really covers.
+        window_start = (current - self._slots + 1) * self._bucket_width
+        elapsed = max(now - max(self._started, window_start), self._bucket_width)
         total_bytes = sum(bucket[0] for bucket in self._buckets.values())
         total_frames = sum(bucket[1] for bucket in self._buckets.values())
         return int(total_bytes * 8 / elapsed), round(total_frames / elapsed, 2)
@@ -173,6 +173,7 @@ class Stream:
         self._last_viewer_count_sent = None
         if previous is not None:
             _log.info("Stream {stream}: publisher replaced", stream=self.name)
+            self.meta = None
             for queue in self.viewers.values():
                 queue.expect_new_source()
             previous.replaced()
@@ -202,6 +203,7 @@ class Stream:
             self.keyframes += 1
         self.rate.add(message.size, 0 if message.is_config else 1)
         frame = self._registry.frame_factory(message.data, True)
+        message = message.without_payload()
         self.gop.add(message, frame)
         for queue in list(self.viewers.values()):
             queue.send_media(message, frame)
@@ -243,6 +245,7 @@ class Stream:
         )
         self.viewers[sink] = queue
         self._registry.budget.add_viewer(queue)
+        sink.attached(queue)
         status = encode_text({"type": "status", "state": "live" if self.live else "offline"})
         queue.send_text(self._registry.frame_factory(status, False), len(status), "status")
         if self.meta is not None:

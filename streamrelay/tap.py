@@ -9,9 +9,9 @@ supervised test-pattern publisher.
 from __future__ import annotations
 
 import os
-import resource as rlimit
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from twisted.application import service
@@ -28,6 +28,12 @@ from streamrelay.tokens import read_secret_file, secret_from_environment
 from streamrelay.web import RelayContext, RelaySite, Root
 
 _log = Logger()
+
+rlimit: ModuleType | None
+try:
+    import resource as rlimit
+except ImportError:  # Windows (IOCP): no descriptor limit to raise
+    rlimit = None
 
 # The select reactor cannot watch descriptors past FD_SETSIZE; keep a margin for
 # listening sockets, logs and the demo child's pipes.
@@ -101,8 +107,10 @@ def _check_port(description: str) -> None:
     kind, _, rest = description.partition(":")
     if kind.lower() not in ("tcp", "ssl", "tcp6", "ssl6"):
         return
-    positional = [part for part in rest.split(":") if "=" not in part]
-    port = positional[0] if positional else ""
+    parts = rest.split(":")
+    positional = [part for part in parts if "=" not in part]
+    named = [part.split("=", 1)[1] for part in parts if part.startswith("port=")]
+    port = positional[0] if positional else (named[0] if named else "")
     if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
         raise usage.UsageError(f"--listen: {description!r}: port must be 0-65535")
 
@@ -283,6 +291,8 @@ def _fit_descriptor_limit(reactor: Any, wanted: int) -> int:
     to what the reactor and the process can hold."""
     allowed = wanted
     try:
+        if rlimit is None:
+            raise ImportError("no resource module")
         soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
         target = wanted + FD_RESERVE
         if soft != rlimit.RLIM_INFINITY and soft < target:
@@ -296,7 +306,7 @@ def _fit_descriptor_limit(reactor: Any, wanted: int) -> int:
                 allowed=allowed,
                 soft=soft,
             )
-    except (ValueError, OSError, AttributeError):
+    except (ImportError, ValueError, OSError, AttributeError):
         pass
     if type(reactor).__name__ == "SelectReactor" and allowed > SELECT_FD_LIMIT - FD_RESERVE:
         allowed = SELECT_FD_LIMIT - FD_RESERVE

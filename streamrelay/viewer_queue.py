@@ -35,6 +35,10 @@ class ViewerSink(Protocol):
     def stalled(self) -> None:
         """The transport made no write progress for the stall timeout."""
 
+    def attached(self, queue: ViewerQueue) -> None:
+        """The queue exists and nothing was sent yet: route the transport's pause and
+        resume to it from now on (the join burst is subject to backpressure too)."""
+
 
 @dataclass(slots=True)
 class _Outbound:
@@ -90,6 +94,13 @@ class ViewerQueue:
     # -- accounting ---------------------------------------------------------------
 
     @property
+    def sheddable_bytes(self) -> int:
+        """Queued media bytes that skipping would discard (0 while already skipping)."""
+        if self.skipping or self.waiting_for_key:
+            return 0
+        return sum(item.size for item in self._queue if item.message is not None)
+
+    @property
     def backlog_bytes(self) -> int:
         """Bytes pending towards this viewer: queued here plus estimated in the transport."""
         return self._queued_bytes + self._transport_bytes
@@ -123,12 +134,12 @@ class ViewerQueue:
         """Queue a text message; an unsent older one of the same kind is superseded."""
         if self.closed:
             return
-        if kind in ("status", "meta"):
-            for item in list(self._queue):
-                if item.text_kind == kind:
-                    self._queue.remove(item)
-                    self._queued_bytes -= item.size
-                    self._on_backlog_change(-item.size)
+        if kind in ("status", "meta") and self._queue and self._queue[-1].text_kind == kind:
+            # Superseded before it left, with nothing after it: replacing it keeps every
+            # message's order relative to media.
+            item = self._queue.pop()
+            self._queued_bytes -= item.size
+            self._on_backlog_change(-item.size)
         self._deliver(_Outbound(frame, size, None, kind))
 
     def send_media(self, message: MediaMessage, frame: Any) -> None:

@@ -26,7 +26,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.util import wildcards2patterns
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,7 +89,9 @@ class RelayContext:
 
         def prepare(payload: bytes, is_binary: bool) -> Any:
             assert context.viewer_factory is not None
-            return context.viewer_factory.prepareMessage(payload, isBinary=is_binary)
+            return context.viewer_factory.prepareMessage(
+                payload, isBinary=is_binary, doNotCompress=True
+            )
 
         context = cls(
             config=config,
@@ -362,10 +364,14 @@ class RelayChannel(http.HTTPChannel):
     def _linger(self) -> None:
         # Closing with unread input makes the kernel send RST, which can destroy the
         # response in flight: half-close, keep reading (and discarding) for a while.
-        try:
-            self.transport.loseWriteConnection()
-        except (AttributeError, NotImplementedError):
+        if ISSLTransport.providedBy(self.transport):
+            # Under TLS a half-close would skip close_notify: close the TLS session.
             self.transport.loseConnection()
+        else:
+            try:
+                self.transport.loseWriteConnection()
+            except (AttributeError, NotImplementedError):
+                self.transport.loseConnection()
         self._lingering = self.callLater(self.context.config.close_timeout, self.abort)
 
     # -- upgrade and teardown --------------------------------------------------------
@@ -431,10 +437,21 @@ def access_log_line(timestamp: str, request: server.Request) -> str:
     )
 
 
+class RelayRequest(server.Request):
+    """A request whose description in log lines never shows the query (tokens)."""
+
+    def __repr__(self) -> str:
+        """Method and path only."""
+        method = self.method.decode("ascii", "replace") if self.method else "?"
+        path = _redacted_path(self.uri) if self.uri else "?"
+        return f"<RelayRequest method={method} path={path}>"
+
+
 class RelaySite(server.Site):
     """The relay's ``Site``: its channels share the :class:`RelayContext`."""
 
     protocol = RelayChannel  # type: ignore[assignment]
+    requestFactory = RelayRequest
 
     def __init__(self, context: RelayContext, root: resource.Resource) -> None:
         # The reactor given here times every channel (HTTPFactory sets channel.callLater).
@@ -496,7 +513,11 @@ class _HttpResource(resource.Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return _plain(request, 405, "method not allowed")
-        return self.serve(request)
+        body = self.serve(request)
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
 
     def serve(self, request: server.Request) -> bytes:
         """Answer the request (subclass hook)."""

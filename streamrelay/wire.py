@@ -65,11 +65,17 @@ class MediaMessage(MediaFlags):
     flags: int
     capture_time_us: int
     data: bytes
+    length: int = -1
+
+    def without_payload(self) -> MediaMessage:
+        """The same message's description, without its bytes (they live in the
+        prepared WebSocket frame): caches and queues hold one copy, not two."""
+        return MediaMessage(self.flags, self.capture_time_us, b"", self.size)
 
     @property
     def size(self) -> int:
         """The size of the whole message in bytes."""
-        return len(self.data)
+        return self.length if self.length >= 0 else len(self.data)
 
 
 def parse_media(data: bytes) -> MediaMessage:

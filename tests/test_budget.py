@@ -20,6 +20,10 @@ class Member:
     def backlog_bytes(self) -> int:
         return self.size
 
+    @property
+    def sheddable_bytes(self) -> int:
+        return self.size - min(self.size, self.keeps)
+
     def grow(self, amount: int) -> None:
         self.size += amount
         self.budget.adjust(amount)
@@ -147,3 +151,21 @@ def test_zero_limit_means_no_bound() -> None:
     member = _viewer(budget, "a", 10**9)
     assert member.shed_count == 0
     assert budget.total == 10**9
+
+
+def test_bytes_that_cannot_be_shed_do_not_trigger_a_pass_per_message() -> None:
+    """When what stays over the bound cannot be shed (bytes already in transports), the
+    budget does not re-run a pass, shedding healthy viewers, on every later message: the
+    next pass waits until the total grew by a sixteenth of the bound."""
+    budget = BufferBudget(1600)
+    stuck = [_viewer(budget, f"stuck{index}", 400, keeps=400) for index in range(4)]
+    assert budget.total == 1600
+    passes_after_first = budget.sheds
+    healthy = _viewer(budget, "healthy", 0)
+    for _ in range(50):
+        healthy.grow(1)
+    assert healthy.shed_count == 0, "a small increase over a stuck total must not shed"
+    healthy.grow(100)
+    assert healthy.shed_count == 1, "past the retry margin the largest sheddable is shed"
+    assert all(member.size == 400 for member in stuck)
+    assert budget.sheds >= passes_after_first

@@ -53,6 +53,9 @@ class FakeViewer:
     def stalled(self) -> None:
         self.stalls += 1
 
+    def attached(self, queue: Any) -> None:
+        pass
+
     def received(self) -> list[Any]:
         """Text as decoded JSON, media as its capture-time tag."""
         result: list[Any] = []
@@ -591,3 +594,38 @@ def test_slow_viewer_after_takeover_gets_a_keyframe_request_when_it_drains() -> 
     session.queue.resume_producing()
     core.clock.advance(core.config.keyframe_request_interval)
     assert link.keyframe_requests
+
+
+@dataclass(eq=False)
+class SmallPipeViewer(FakeViewer):
+    """A viewer whose transport pauses its producer once ``capacity`` bytes are written
+    (as Twisted's does past its high-water mark) and never drains."""
+
+    capacity: int = 1000
+    written_bytes: int = 0
+    queue: Any = None
+
+    def attached(self, queue: Any) -> None:
+        self.queue = queue
+
+    def write_frame(self, frame: tuple[bool, bytes]) -> None:
+        super().write_frame(frame)
+        self.written_bytes += len(frame[1])
+        if self.written_bytes >= self.capacity and not self.queue.paused:
+            self.queue.pause_producing()
+
+
+def test_the_join_burst_is_subject_to_backpressure() -> None:
+    """A viewer joining a stream with a large cached GOP gets it through its queue: once
+    its transport pauses, the rest waits in the bounded queue (counted in the global
+    budget) or is dropped to the next KEY, never all pushed into the transport."""
+    world = Core(viewer_queue_bytes=100_000, gop_cache_bytes=1_000_000)
+    publisher, _ = world.publish()
+    deltas = [delta_msg(tag, 1_000) for tag in range(3, 300)]
+    send(publisher, config_msg(1), key_msg(2, 1_000), *deltas)
+    sink = SmallPipeViewer(capacity=2_000)
+    world.registry.watch("cam", sink)
+    assert sink.written_bytes < 4_000, "the transport got more than its high-water mark"
+    assert sink.queue.backlog_bytes <= 100_000 + 1_100
+    assert world.registry.budget.total >= sink.queue.backlog_bytes
+    assert sink.queue.skipping, "a GOP larger than the viewer's bound starts a drop episode"

@@ -350,13 +350,13 @@ def test_second_episode_before_the_notice_left_reports_one_total() -> None:
 
 
 def test_status_and_meta_supersede_unsent_older_ones() -> None:
-    """An unsent status or meta is replaced by a newer one of the same kind (the
-    viewer needs the current state, not the history); other text is kept."""
+    """An unsent status or meta that is the last queued message is replaced by a newer
+    one of the same kind (the viewer needs the current state, not the history)."""
     harness = started()
     harness.queue.pause_producing()
     harness.text({"type": "status", "state": "offline"}, "status")
-    harness.text({"type": "meta", "v": 1}, "meta")
     harness.text({"type": "status", "state": "live"}, "status")
+    harness.text({"type": "meta", "v": 1}, "meta")
     harness.text({"type": "meta", "v": 2}, "meta")
     harness.sink.resume()
     assert harness.written()[2:] == [
@@ -364,6 +364,22 @@ def test_status_and_meta_supersede_unsent_older_ones() -> None:
         {"type": "meta", "v": 2},
     ]
     assert harness.backlog_total == 0
+
+
+def test_superseding_never_moves_text_across_media() -> None:
+    """A status or meta with media queued after it is kept where it is: the viewer never
+    gets media while it believes the stream is in another state."""
+    harness = started()
+    harness.queue.pause_producing()
+    harness.text({"type": "status", "state": "offline"}, "status")
+    harness.media(media(FLAG_KEY, 3))
+    harness.text({"type": "status", "state": "live"}, "status")
+    harness.sink.resume()
+    assert harness.written()[2:] == [
+        {"type": "status", "state": "offline"},
+        3,
+        {"type": "status", "state": "live"},
+    ]
 
 
 # -- stall timer and close ---------------------------------------------------------------
