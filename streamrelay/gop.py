@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from streamrelay.wire import MediaMessage
+from streamrelay.wire import MediaInfo
 
 Frame = TypeVar("Frame")
 
@@ -25,9 +25,9 @@ class GopCache(Generic[Frame]):
     def __init__(self, limit: int, on_resize: Callable[[int], None]) -> None:
         self.limit = limit
         self._on_resize = on_resize
-        self.config: tuple[MediaMessage, Frame] | None = None
-        self._config_at_key: tuple[MediaMessage, Frame] | None = None
-        self._items: list[tuple[MediaMessage, Frame]] = []
+        self.config: tuple[MediaInfo, Frame] | None = None
+        self._config_at_key: tuple[MediaInfo, Frame] | None = None
+        self._items: list[tuple[MediaInfo, Frame]] = []
         self._items_bytes = 0
         self._config_in_items = False
         self.emptied = 0
@@ -39,7 +39,7 @@ class GopCache(Generic[Frame]):
         config_bytes = self.config[0].size if self.config and not self._config_in_items else 0
         return self._items_bytes + config_bytes
 
-    def add(self, message: MediaMessage, frame: Frame) -> None:
+    def add(self, message: MediaInfo, frame: Frame) -> None:
         """Record a message the publisher sent, in order."""
         before = self.backlog_bytes
         if message.is_config:
@@ -59,7 +59,7 @@ class GopCache(Generic[Frame]):
             self._drop_items()
         self._resized(before)
 
-    def _append(self, message: MediaMessage, frame: Frame) -> None:
+    def _append(self, message: MediaInfo, frame: Frame) -> None:
         self._items.append((message, frame))
         self._items_bytes += message.size
 
@@ -86,7 +86,7 @@ class GopCache(Generic[Frame]):
         """True when a joining viewer can start from the cache."""
         return bool(self._items)
 
-    def start_sequence(self) -> list[tuple[MediaMessage, Frame]]:
+    def start_sequence(self) -> list[tuple[MediaInfo, Frame]]:
         """What a joining viewer gets first: the CONFIG in effect at the KEY, then the GOP."""
         if not self._items:
             return []

@@ -203,10 +203,10 @@ class Stream:
             self.keyframes += 1
         self.rate.add(message.size, 0 if message.is_config else 1)
         frame = self._registry.frame_factory(message.data, True)
-        message = message.without_payload()
-        self.gop.add(message, frame)
+        info = message.info()
+        self.gop.add(info, frame)
         for queue in list(self.viewers.values()):
-            queue.send_media(message, frame)
+            queue.send_media(info, frame)
 
     def publish_meta(self, raw: bytes) -> None:
         frame = self._registry.frame_factory(raw, False)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from streamrelay.wire import MediaMessage, encode_text
+from streamrelay.wire import MediaInfo, encode_text
 
 # What a transport may hold before it pauses its producer (Twisted's FileDescriptor
 # bufferSize).  Public APIs do not expose the transport's buffer, so bytes handed over
@@ -44,7 +44,7 @@ class ViewerSink(Protocol):
 class _Outbound:
     frame: Any
     size: int
-    message: MediaMessage | None  # None for text
+    message: MediaInfo | None  # None for text
     text_kind: str | None = None
     dropped: int = 0  # for a "dropped" notice: the count it reports
 
@@ -88,8 +88,8 @@ class ViewerQueue:
         self.dropped_in_episode = 0
         self.dropped_total = 0
         self.skip_episodes = 0
-        self._latest_config: tuple[MediaMessage, Any] | None = None
-        self._config_sent: MediaMessage | None = None
+        self._latest_config: tuple[MediaInfo, Any] | None = None
+        self._config_sent: MediaInfo | None = None
 
     # -- accounting ---------------------------------------------------------------
 
@@ -115,8 +115,8 @@ class ViewerQueue:
 
     def start(
         self,
-        sequence: list[tuple[MediaMessage, Any]],
-        config: tuple[MediaMessage, Any] | None,
+        sequence: list[tuple[MediaInfo, Any]],
+        config: tuple[MediaInfo, Any] | None,
     ) -> None:
         """Begin with a cached GOP (CONFIG, KEY, ...) or, when empty, wait for a KEY."""
         # With a cached GOP the CONFIG in effect at its KEY comes first, from the sequence.
@@ -142,7 +142,7 @@ class ViewerQueue:
             self._on_backlog_change(-item.size)
         self._deliver(_Outbound(frame, size, None, kind))
 
-    def send_media(self, message: MediaMessage, frame: Any) -> None:
+    def send_media(self, message: MediaInfo, frame: Any) -> None:
         """Offer a media message; it is delivered, held, or dropped by the policy."""
         if self.closed:
             return
@@ -177,7 +177,7 @@ class ViewerQueue:
             self.dropped_total += count
             self._on_dropped(count)
 
-    def _resume_with(self, key: MediaMessage, frame: Any) -> None:
+    def _resume_with(self, key: MediaInfo, frame: Any) -> None:
         if self.skipping and self.dropped_in_episode:
             notice = encode_text({"type": "dropped", "messages": self.dropped_in_episode})
             notice_frame = self._frame_factory(notice, False)

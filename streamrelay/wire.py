@@ -1,40 +1,49 @@
-"""The streamrelay wire format, version 1 (see docs/protocol.md for the contract).
+"""The streamrelay wire format, version 1: the one codec (docs/protocol.md is the contract).
 
-A binary message is one media unit: a 9-byte header (flags, capture time) then an
-opaque payload.  A text message is a JSON object.  This module only parses and builds;
-it does no I/O.
+A binary WebSocket message is one media unit::
+
+    byte 0      flags: 0x01 KEY, 0x02 CONFIG (exclusive; every other bit 0)
+    bytes 1-8   capture time, microseconds since the Unix epoch, unsigned big-endian
+    bytes 9-    payload (for H.264: one Annex-B access unit, or SPS+PPS for CONFIG)
+
+A text message is a JSON object with a ``type`` member.  The relay, the publisher, the
+tests and relay-to-relay clients all parse and build messages here; this module does no
+I/O.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-SUBPROTOCOL = "streamrelay.v1"
+SUBPROTOCOL: Final = "streamrelay.v1"
 
-FLAG_KEY = 0x01
-FLAG_CONFIG = 0x02
-_KNOWN_FLAGS = FLAG_KEY | FLAG_CONFIG
+FLAG_KEY: Final = 0x01
+FLAG_CONFIG: Final = 0x02
+_KNOWN_FLAGS: Final = FLAG_KEY | FLAG_CONFIG
 
-HEADER_SIZE = 9
+HEADER_SIZE: Final = 9
+MAX_CAPTURE_TIME_US: Final = 2**64 - 1
 _HEADER = struct.Struct("!BQ")
 
-MAX_META_BYTES = 64 * 1024
-MAX_VIEWER_MESSAGE_BYTES = 4 * 1024
+MAX_META_BYTES: Final = 64 * 1024
+MAX_VIEWER_MESSAGE_BYTES: Final = 4 * 1024
 
 # WebSocket close codes used by the relay.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_INVALID_PAYLOAD = 1007
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_PUBLISHER_REPLACED = 4409
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_UNSUPPORTED_DATA: Final = 1003
+CLOSE_INVALID_PAYLOAD: Final = 1007
+CLOSE_POLICY_VIOLATION: Final = 1008
+CLOSE_MESSAGE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+CLOSE_PUBLISHER_REPLACED: Final = 4409
 
 
 class WireError(ValueError):
@@ -42,7 +51,7 @@ class WireError(ValueError):
 
 
 class MediaFlags:
-    """What the flags byte says; shared by the relay's and the publisher's messages."""
+    """What the flags byte says; shared by :class:`MediaMessage` and :class:`MediaInfo`."""
 
     __slots__ = ()
     flags: int
@@ -59,46 +68,81 @@ class MediaFlags:
 
 
 @dataclass(frozen=True, slots=True)
+class MediaInfo(MediaFlags):
+    """A media message's description without its bytes.
+
+    Caches and queues keep this beside the prepared WebSocket frame, which holds the
+    bytes: one copy of each message, not two.
+    """
+
+    flags: int
+    capture_time_us: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class MediaMessage(MediaFlags):
-    """One media unit as the publisher sent it; ``data`` is the whole message, header included."""
+    """One media unit; ``data`` is the whole message as it travels, header included."""
 
     flags: int
     capture_time_us: int
     data: bytes
-    length: int = -1
 
-    def without_payload(self) -> MediaMessage:
-        """The same message's description, without its bytes (they live in the
-        prepared WebSocket frame): caches and queues hold one copy, not two."""
-        return MediaMessage(self.flags, self.capture_time_us, b"", self.size)
+    @classmethod
+    def build(cls, flags: int, capture_time_us: int, payload: bytes) -> MediaMessage:
+        """A checked message from its parts (raises :class:`WireError`)."""
+        return cls(flags, capture_time_us, encode_media(flags, capture_time_us, payload))
+
+    @property
+    def payload(self) -> bytes:
+        """The bytes after the header (a copy: the relay itself never needs it)."""
+        return self.data[HEADER_SIZE:]
 
     @property
     def size(self) -> int:
         """The size of the whole message in bytes."""
-        return self.length if self.length >= 0 else len(self.data)
+        return len(self.data)
+
+    def info(self) -> MediaInfo:
+        """This message's description, for holders that keep the bytes elsewhere."""
+        return MediaInfo(self.flags, self.capture_time_us, len(self.data))
 
 
-def parse_media(data: bytes) -> MediaMessage:
-    """Parse a publisher's binary message, raising :class:`WireError` when it breaks v1."""
-    if len(data) < HEADER_SIZE:
-        raise WireError(f"media message shorter than {HEADER_SIZE} bytes")
-    flags, capture_time_us = _HEADER.unpack_from(data)
-    if flags & ~_KNOWN_FLAGS:
+def check_flags(flags: int) -> None:
+    """Raise :class:`WireError` unless ``flags`` is 0, KEY or CONFIG."""
+    if not 0 <= flags <= 0xFF or flags & ~_KNOWN_FLAGS:
         raise WireError("reserved flag bits set")
     if flags & FLAG_KEY and flags & FLAG_CONFIG:
         raise WireError("KEY and CONFIG flags are exclusive")
-    return MediaMessage(flags, capture_time_us, bytes(data))
+
+
+def encode_header(flags: int, capture_time_us: int) -> bytes:
+    """The checked 9-byte header of a media message."""
+    check_flags(flags)
+    if not 0 <= capture_time_us <= MAX_CAPTURE_TIME_US:
+        raise WireError(f"capture time out of range: {capture_time_us}")
+    return _HEADER.pack(flags, capture_time_us)
 
 
 def encode_media(flags: int, capture_time_us: int, payload: bytes) -> bytes:
-    """Build a v1 binary message from its parts."""
-    return _HEADER.pack(flags, capture_time_us) + payload
+    """A complete binary message: the checked header, then ``payload``."""
+    return encode_header(flags, capture_time_us) + payload
 
 
-def parse_text(payload: bytes) -> dict[str, Any]:
+def parse_media(data: bytes) -> MediaMessage:
+    """Parse a binary message, raising :class:`WireError` when it breaks v1."""
+    if len(data) < HEADER_SIZE:
+        raise WireError(f"media message shorter than {HEADER_SIZE} bytes")
+    flags, capture_time_us = _HEADER.unpack_from(data)
+    check_flags(flags)
+    return MediaMessage(flags, capture_time_us, bytes(data))
+
+
+def parse_text(payload: bytes | str) -> dict[str, Any]:
     """Parse a text message, raising :class:`WireError` unless it is a JSON object."""
     try:
-        value = json.loads(payload.decode("utf-8"))
+        text = payload if isinstance(payload, str) else payload.decode("utf-8")
+        value = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         # RecursionError: deeply nested arrays fit in a few KiB.
         raise WireError("text message is not JSON") from error
@@ -107,6 +151,24 @@ def parse_text(payload: bytes) -> dict[str, Any]:
     return value
 
 
-def encode_text(message: dict[str, Any]) -> bytes:
+def encode_text(message: Mapping[str, Any]) -> bytes:
     """Encode a JSON object as a compact UTF-8 text message."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(dict(message), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def meta_message(codec: str, width: int, height: int, fps: float, **extra: Any) -> dict[str, Any]:
+    """A publisher's ``meta`` text message (``extra`` members are passed through)."""
+    fps_value: float | int = int(fps) if float(fps).is_integer() else round(float(fps), 3)
+    return {
+        "type": "meta",
+        "codec": codec,
+        "width": width,
+        "height": height,
+        "fps": fps_value,
+        **extra,
+    }
+
+
+def now_us(clock_ns: Callable[[], int] = time.time_ns) -> int:
+    """The wall-clock time in microseconds since the Unix epoch: a capture time."""
+    return clock_ns() // 1000

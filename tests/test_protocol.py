@@ -208,9 +208,9 @@ def test_media_split_across_tcp_reads_is_reassembled() -> None:
     [
         b"",
         b"\x01" * 8,
-        encode_media(FLAG_KEY | FLAG_CONFIG, 1, b"x"),
-        encode_media(0x80, 1, b"x"),
-        encode_media(0x04, 1, b"x"),
+        bytes([FLAG_KEY | FLAG_CONFIG]) + bytes(8) + b"x",
+        bytes([0x80]) + bytes(8) + b"x",
+        bytes([0x04]) + bytes(8) + b"x",
     ],
 )
 def test_bad_media_closes_with_1007_and_a_reason(bad: bytes) -> None:

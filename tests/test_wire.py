@@ -29,14 +29,14 @@ def test_media_shorter_than_header_is_refused(size: int) -> None:
 def test_media_with_key_and_config_is_refused() -> None:
     """KEY and CONFIG are exclusive."""
     with pytest.raises(WireError, match="exclusive"):
-        parse_media(encode_media(FLAG_KEY | FLAG_CONFIG, 1, b"x"))
+        parse_media(bytes([FLAG_KEY | FLAG_CONFIG]) + bytes(8) + b"x")
 
 
 @pytest.mark.parametrize("flags", [0x04, 0x08, 0x10, 0x80, 0x81, 0x42, 0xFC])
 def test_media_with_reserved_bits_is_refused(flags: int) -> None:
     """Flag bits other than KEY and CONFIG must be 0."""
     with pytest.raises(WireError, match="reserved"):
-        parse_media(encode_media(flags, 1, b"payload"))
+        parse_media(bytes([flags]) + bytes(8) + b"payload")
 
 
 @pytest.mark.parametrize(
