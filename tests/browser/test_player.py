@@ -365,11 +365,12 @@ def test_late_viewer_without_gop_cache_gets_a_forced_keyframe_within_1s(
     for attempt in range(3):
         keyframes_before = stream_info(relay, "cam")["keyframes"]  # type: ignore[index]
         page, _ = open_page(f"{relay.http_url}/view/cam")
-        timing, _ = wait_for(
-            lambda page=page: (t := probe(page))["firstDecoded"] is not None and t,
-            5.0,
-            "the late viewer's first decoded frame",
-        )
+
+        def first_decoded(page: Any = page) -> dict[str, Any] | None:
+            timing = probe(page)
+            return timing if timing["firstDecoded"] is not None else None
+
+        timing, _ = wait_for(first_decoded, 5.0, "the late viewer's first decoded frame")
         from_open = timing["firstDecoded"] - timing["wsOpen"]
         # The first decoded frame is fresh, not a cached picture from seconds ago.
         first_latency = page.evaluate("() => window.streamrelayPlayer.latencySamplesMs[0]")
