@@ -201,12 +201,36 @@ def test_demo_plays_60_frames_within_10s_and_canvas_not_blank(
     assert not log.page_errors, log.page_errors
 
 
+F5_ROUNDS = 5
+F5_RELOADS = 20
+F5_ONE_VIEWER_WITHIN_S = 1.0
+
+
+def seconds_to_one_viewer(relay: RelayProcess, since: float, timeout: float) -> float | None:
+    """Poll ``/api/streams`` until ``demo`` has exactly one viewer; return the seconds from
+    ``since`` (a monotonic time) to the answer that showed it, or None after ``timeout``."""
+    while True:
+        info = stream_info(relay, "demo")
+        now = time.monotonic()
+        if info and info["viewers"] == 1:
+            return now - since
+        if now - since > timeout:
+            return None
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(240)
 def test_f5_storm_leaves_exactly_one_viewer_and_a_live_player(
-    start_relay: Callable[..., RelayProcess], open_page: Callable[..., Any], figures: dict
+    start_relay: Callable[..., RelayProcess],
+    open_page: Callable[..., Any],
+    artifacts_dir: Path,
+    figures: dict,
 ) -> None:
-    """20 reloads in quick succession (50-100 ms apart, never waiting for the page to
-    load): afterwards /api/streams shows exactly one viewer on ``demo`` within a few
-    seconds, and the player is live again (framesDecoded grows)."""
+    """F5 storms, several rounds: each round is 20 reloads in quick succession (50-100 ms
+    apart, never waiting for the page to load).  After every round /api/streams shows
+    exactly one viewer on ``demo`` within 1 s of the last reload, the player is live again
+    (framesDecoded grows), and the count stays at one.  Every round's figures and the worst
+    case go to f5-storm.json in the artifacts dir (written before each round's asserts)."""
     relay = start_relay("--demo")
     wait_live(relay, "demo")
     page, _ = open_page(f"{relay.http_url}/view/demo")
@@ -214,37 +238,51 @@ def test_f5_storm_leaves_exactly_one_viewer_and_a_live_player(
     sockets: list[Any] = []
     page.on("websocket", lambda socket: sockets.append(socket))
     rng = random.Random(4)
-    storm_start = time.monotonic()
-    for _ in range(20):
-        # F5 again 50-100 ms after the new document committed: usually just after its
-        # player opened its WebSocket, sometimes mid-handshake, sometimes before.
-        reload_now(page)
-        time.sleep(rng.uniform(0.05, 0.1))
-    storm_over = time.monotonic()
-    figures["f5_storm"] = {
-        "reloads": 20,
-        "seconds": round(storm_over - storm_start, 2),
-        "websockets_opened_during_storm": len(sockets),
-    }
-    # The storm must really churn viewer connections, not just page loads.
-    assert len(sockets) >= 5, f"only {len(sockets)} WebSockets opened during the storm"
+    rounds: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"rounds": rounds}
+    for number in range(1, F5_ROUNDS + 1):
+        opened_before = len(sockets)
+        storm_start = time.monotonic()
+        last_reload = storm_start
+        for reload in range(F5_RELOADS):
+            if reload:
+                # F5 again 50-100 ms after the new document committed: usually just after
+                # its player opened its WebSocket, sometimes mid-handshake, sometimes before.
+                time.sleep(rng.uniform(0.05, 0.1))
+            last_reload = time.monotonic()
+            reload_now(page)
+        took = seconds_to_one_viewer(relay, last_reload, timeout=5.0)
+        figure: dict[str, Any] = {
+            "round": number,
+            "reloads": F5_RELOADS,
+            "storm_seconds": round(last_reload - storm_start, 2),
+            "websockets_opened": len(sockets) - opened_before,
+            "seconds_from_last_reload_to_one_viewer": None if took is None else round(took, 3),
+        }
+        rounds.append(figure)
+        if took is not None:
+            wait_decoding(page, 0, timeout=10.0)
+            figure["seconds_from_last_reload_to_first_frame"] = round(
+                time.monotonic() - last_reload, 3
+            )
+        reached = [r["seconds_from_last_reload_to_one_viewer"] for r in rounds]
+        result["worst_seconds_to_one_viewer"] = None if None in reached else max(reached)
+        figures["f5_storm"] = result
+        (artifacts_dir / "f5-storm.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    def one_viewer() -> bool:
-        info = stream_info(relay, "demo")
-        return bool(info and info["viewers"] == 1)
-
-    _, took = wait_for(one_viewer, 5.0, "exactly one viewer on demo", 0.1)
-    figures["f5_storm_seconds_to_one_viewer"] = round(took, 2)
-    wait_decoding(page, 0, timeout=10.0)
-    figures["f5_storm_seconds_to_first_frame"] = round(time.monotonic() - storm_over, 2)
-    assert_decoding_grows(page)
-    # It stays at one: no leaked or late-arriving viewer.
+        # The storm must really churn viewer connections, not just page loads.
+        assert figure["websockets_opened"] >= 5, rounds
+        assert took is not None and took <= F5_ONE_VIEWER_WITHIN_S, rounds
+        assert_decoding_grows(page)
+        # It stays at one: no leaked or late-arriving viewer.
+        snapshot = api_streams(relay)
+        demo = next(s for s in snapshot["streams"] if s["name"] == "demo")
+        assert demo["viewers"] == 1, (number, snapshot)
+        assert snapshot["connections"]["viewers"] == 1, (number, snapshot)
+        assert snapshot["connections"]["publishers"] == 1, (number, snapshot)
     time.sleep(1.0)
     snapshot = api_streams(relay)
-    demo = next(s for s in snapshot["streams"] if s["name"] == "demo")
-    assert demo["viewers"] == 1, snapshot
     assert snapshot["connections"]["viewers"] == 1, snapshot
-    assert snapshot["connections"]["publishers"] == 1, snapshot
 
 
 def test_player_recovers_after_relay_restart(
@@ -327,11 +365,12 @@ def test_late_viewer_without_gop_cache_gets_a_forced_keyframe_within_1s(
     for attempt in range(3):
         keyframes_before = stream_info(relay, "cam")["keyframes"]  # type: ignore[index]
         page, _ = open_page(f"{relay.http_url}/view/cam")
-        timing, _ = wait_for(
-            lambda page=page: (t := probe(page))["firstDecoded"] is not None and t,
-            5.0,
-            "the late viewer's first decoded frame",
-        )
+
+        def first_decoded(page: Any = page) -> dict[str, Any] | None:
+            timing = probe(page)
+            return timing if timing["firstDecoded"] is not None else None
+
+        timing, _ = wait_for(first_decoded, 5.0, "the late viewer's first decoded frame")
         from_open = timing["firstDecoded"] - timing["wsOpen"]
         # The first decoded frame is fresh, not a cached picture from seconds ago.
         first_latency = page.evaluate("() => window.streamrelayPlayer.latencySamplesMs[0]")
