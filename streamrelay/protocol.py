@@ -26,7 +26,12 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -105,7 +110,7 @@ class RelayProtocol(WebSocketServerProtocol):
         return self.factory.context
 
     @property
-    def _clock(self) -> Any:
+    def _clock(self) -> IReactorTime:
         return self.factory.context.clock
 
     def connectionMade(self) -> None:
