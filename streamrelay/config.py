@@ -38,6 +38,8 @@ class RelayConfig:
 
     takeover: bool = True
     echo: bool = False
+    # /api/internals (loopback only): leak accounting; runs gc.collect() per request.
+    api_internals: bool = False
 
     # Bounds of the HTTP request head, answered with 431 (twisted.web alone answers 400).
     max_header_bytes: int = 16 * 1024

@@ -7,9 +7,13 @@ import sys
 import time
 
 from streamrelay.names import is_valid_stream_name
+from streamrelay.roles import Role
 from streamrelay.tokens import ROLES, make_token, read_secret_file, secret_from_environment
 
-_ENVIRONMENT = {"publish": "STREAMRELAY_PUBLISH_SECRET", "view": "STREAMRELAY_VIEW_SECRET"}
+_ENVIRONMENT = {
+    Role.PUBLISHER: "STREAMRELAY_PUBLISH_SECRET",
+    Role.VIEWER: "STREAMRELAY_VIEW_SECRET",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="streamrelay-token", description="Print a streamrelay token."
     )
-    parser.add_argument("role", choices=ROLES, help="what the token allows")
+    parser.add_argument(
+        "role", choices=[role.value for role in ROLES], help="what the token allows"
+    )
     parser.add_argument("stream", help="stream name")
     parser.add_argument("--ttl", type=int, default=3600, help="seconds of validity (3600)")
     parser.add_argument(
@@ -26,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "STREAMRELAY_VIEW_SECRET, by role)",
     )
     arguments = parser.parse_args(argv)
+    role = Role(arguments.role)
     if not is_valid_stream_name(arguments.stream):
         parser.error("invalid stream name")
     if arguments.ttl <= 0:
@@ -36,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as error:
             parser.error(f"--secret-file: {error}")
     else:
-        found = secret_from_environment(_ENVIRONMENT[arguments.role])
+        found = secret_from_environment(_ENVIRONMENT[role])
         if found is None:
-            parser.error(f"give --secret-file or set {_ENVIRONMENT[arguments.role]}")
+            parser.error(f"give --secret-file or set {_ENVIRONMENT[role]}")
         secret = found
     expires = int(time.time()) + arguments.ttl
-    sys.stdout.write(make_token(secret, arguments.role, arguments.stream, expires) + "\n")
+    sys.stdout.write(make_token(secret, role, arguments.stream, expires) + "\n")
     return 0
 
 

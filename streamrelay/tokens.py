@@ -1,6 +1,7 @@
 """Publisher and viewer tokens: ``<expires-unix-seconds>.<hex HMAC-SHA256>``.
 
-The HMAC covers ``"<role>:<stream>:<expires>"`` with the configured secret.  A token is
+The HMAC covers ``"<role>:<stream>:<expires>"`` with the configured secret, where role
+is the :class:`~streamrelay.roles.Role` value (``publish`` or ``view``).  A token is
 checked once, when the connection is made: a connection outlives its token.
 """
 
@@ -11,7 +12,10 @@ import hmac
 import os
 from pathlib import Path
 
-ROLES = ("publish", "view")
+from streamrelay.roles import Role
+
+# The roles a token can grant.
+ROLES = (Role.PUBLISHER, Role.VIEWER)
 _DIGEST_HEX_LENGTH = 64
 
 
@@ -19,20 +23,31 @@ class TokenError(Exception):
     """A token that does not grant the request; the message never contains the token."""
 
 
-def _signature(secret: bytes, role: str, stream: str, expires: int) -> str:
-    message = f"{role}:{stream}:{expires}".encode()
+def token_role(role: Role | str) -> Role:
+    """The :class:`Role` a token for ``role`` (a member or its value) grants; a
+    ValueError for any role no token grants."""
+    try:
+        granted = Role(role)
+    except ValueError:
+        granted = None
+    if granted is None or granted not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(r.value for r in ROLES)}")
+    return granted
+
+
+def _signature(secret: bytes, role: Role, stream: str, expires: int) -> str:
+    message = f"{role.value}:{stream}:{expires}".encode()
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def make_token(secret: bytes, role: str, stream: str, expires: int) -> str:
+def make_token(secret: bytes, role: Role | str, stream: str, expires: int) -> str:
     """Return a token granting ``role`` on ``stream`` until the Unix time ``expires``."""
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    return f"{expires}.{_signature(secret, role, stream, expires)}"
+    return f"{expires}.{_signature(secret, token_role(role), stream, expires)}"
 
 
-def verify_token(secret: bytes, token: str, role: str, stream: str, now: float) -> None:
+def verify_token(secret: bytes, token: str, role: Role | str, stream: str, now: float) -> None:
     """Raise :class:`TokenError` unless ``token`` grants ``role`` on ``stream`` at ``now``."""
+    granted = token_role(role)
     expires_text, dot, signature = token.partition(".")
     if not dot or not (expires_text.isascii() and expires_text.isdigit()):
         raise TokenError("malformed token")
@@ -41,7 +56,7 @@ def verify_token(secret: bytes, token: str, role: str, stream: str, now: float) 
     if len(signature) != _DIGEST_HEX_LENGTH:
         raise TokenError("malformed token")
     expires = int(expires_text)
-    expected = _signature(secret, role, stream, expires)
+    expected = _signature(secret, granted, stream, expires)
     # Compare before looking at the expiry so that timing says nothing about validity.
     if not hmac.compare_digest(expected.encode(), signature.lower().encode("ascii", "replace")):
         raise TokenError("invalid token")

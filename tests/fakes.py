@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay.config import RelayConfig
-from streamrelay.web import RelayContext, RelaySite, Root
+from streamrelay.context import RelayContext
+from streamrelay.web import RelaySite, Root
 
 # -- hypothesis profiles -------------------------------------------------------------------
 

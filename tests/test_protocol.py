@@ -725,18 +725,18 @@ def test_echo_caps_fragments_too() -> None:
 
 
 def test_fan_out_frames_each_message_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A message for many viewers is framed once (prepareMessage), not once per viewer."""
+    """A message for many viewers is framed once (the registry's frame factory), not once
+    per viewer."""
     relay = Relay()
-    factory = relay.context.viewer_factory
-    assert factory is not None
+    registry = relay.context.registry
     calls: list[bool] = []
-    original = factory.prepareMessage
+    original = registry.frame_factory
 
-    def counting(payload: bytes, isBinary: bool = False, doNotCompress: bool = False) -> object:
-        calls.append(isBinary)
-        return original(payload, isBinary=isBinary, doNotCompress=doNotCompress)
+    def counting(payload: bytes, is_binary: bool) -> object:
+        calls.append(is_binary)
+        return original(payload, is_binary)
 
-    monkeypatch.setattr(factory, "prepareMessage", counting)
+    monkeypatch.setattr(registry, "frame_factory", counting)
     publisher = relay.publisher()
     viewers = [relay.viewer() for _ in range(5)]
     calls.clear()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from streamrelay.roles import Role
 from streamrelay.token_cli import main as token_main
 from streamrelay.tokens import (
     TokenError,
@@ -140,6 +141,19 @@ def test_make_token_rejects_unknown_role() -> None:
     """Only ``publish`` and ``view`` exist."""
     with pytest.raises(ValueError):
         make_token(SECRET, "admin", "cam", int(NOW))
+
+
+def test_roles_are_the_enum_or_its_value() -> None:
+    """``Role.PUBLISHER`` and ``"publish"`` sign the same token (the value is the role
+    word of the documented format), and either verifies it; no token grants ``echo``."""
+    by_member = make_token(SECRET, Role.PUBLISHER, "cam", int(NOW) + 60)
+    assert by_member == make_token(SECRET, "publish", "cam", int(NOW) + 60)
+    verify_token(SECRET, by_member, "publish", "cam", NOW)
+    viewer = make_token(SECRET, "view", "cam", int(NOW) + 60)
+    verify_token(SECRET, viewer, Role.VIEWER, "cam", NOW)
+    for role in (Role.ECHO, "echo", "publisher", "viewer"):
+        with pytest.raises(ValueError):
+            make_token(SECRET, role, "cam", int(NOW) + 60)
 
 
 # -- secrets -------------------------------------------------------------------------------

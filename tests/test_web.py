@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fakes import (
@@ -19,6 +21,7 @@ from fakes import (
     upgrade_headers,
 )
 
+from streamrelay.admission import CHECKS
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_KEY, encode_media
 
@@ -67,11 +70,11 @@ def refused(
 @pytest.mark.parametrize(
     "target",
     ["/nope", "/publish", "/publish/", "/watch", "/watch/cam/extra", "/publish/a/b",
-     "/echo", "/api/", "/api/streams/x", "/api/nothing", "/watch//cam"],
+     "/echo", "/api/", "/api/streams/x", "/api/nothing", "/watch//cam", "/api/internals"],
 )
 def test_unknown_paths_get_404(target: str) -> None:
     """Paths that name no endpoint are 404, also with WebSocket upgrade headers (and
-    /echo is unknown unless --echo)."""
+    /echo is unknown unless --echo, /api/internals unless --api-internals)."""
     relay = Relay()
     refused(relay, target, 404, closes=False)
     peer = relay.connect()
@@ -255,6 +258,115 @@ def test_request_bodies_are_413(target: str, extra: dict[str, str]) -> None:
     response = peer.response()
     assert response.status == 413
     assert peer.closing
+
+
+# Content-Length forms and Transfer-Encoding values, each a list of header values (a
+# header given twice is two values).
+CONTENT_LENGTHS = [
+    [], ["0"], ["00"], ["000"], ["5"], ["05"], ["+5"], ["+0"], ["-1"], ["-0"],
+    ["  5  "], ["\t0\t"], ["0 0"], ["5e0"], ["0x5"], [""], ["9" * 40],
+    ["0, 0"], ["0", "0"], ["5", "5"], ["0", "5"], ["00", "0"],
+]
+TRANSFER_ENCODINGS = [
+    [], ["identity"], ["chunked"], ["Chunked"], ["gzip"], ["chunked, identity"],
+    ["identity, chunked"], ["gzip, chunked"], ["x-unknown"], [""],
+    ["chunked", "chunked"], ["identity", "identity"], ["identity", "chunked"],
+]
+# (method, target, WebSocket upgrade headers or not)
+BODY_TARGETS = [
+    ("GET", "/healthz", False),
+    ("POST", "/healthz", False),
+    ("GET", "/nope", False),
+    ("GET", "/watch/cam", True),
+    ("GET", "/publish/cam", True),
+]
+
+
+def _head(method: str, target: str, upgrade: bool, extra: list[tuple[str, str]]) -> bytes:
+    headers = list(upgrade_headers().items()) if upgrade else [("Host", "relay.test")]
+    lines = [f"{method} {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in headers]
+    lines += [f"{name}: {value}" for name, value in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _one_response(peer: Peer) -> tuple[int, bytes]:
+    assert peer.written.count(b"HTTP/1.1 ") == 1, peer.written[:300]
+    response = peer.response()
+    return response.status, response.body
+
+
+@pytest.mark.parametrize("encodings", TRANSFER_ENCODINGS, ids=repr)
+@pytest.mark.parametrize("lengths", CONTENT_LENGTHS, ids=repr)
+def test_every_body_framing_gets_one_answer_and_no_traceback(
+    lengths: list[str], encodings: list[str], log: LogCapture
+) -> None:
+    """Every combination of Content-Length forms (leading zeros, duplicates, signs,
+    whitespace, huge) and Transfer-Encoding values, in both orders, on plain and
+    WebSocket paths, gets exactly one answer and logs no error: the normal answer when
+    the request has no body (a Content-Length of zeros), 413 when it announces one by
+    well-formed framing (any single Transfer-Encoding, a Content-Length over 0), 400 or
+    413 when the framing is malformed; refused connections close and discard the body,
+    and nothing is left behind."""
+    digits = [value.strip(" \t") for value in lengths]
+    zero_length = not encodings and (
+        not lengths or (len(lengths) == 1 and digits[0].isdigit() and int(digits[0]) == 0)
+    )
+    well_formed_body = (not encodings and len(lengths) == 1 and digits[0].isdigit()
+                        and int(digits[0]) > 0) or (
+        not lengths and len(encodings) == 1
+        and encodings[0].lower() in ("chunked", "identity"))
+    length_headers = [("Content-Length", value) for value in lengths]
+    encoding_headers = [("Transfer-Encoding", value) for value in encodings]
+    for method, target, upgrade in BODY_TARGETS:
+        baseline = Relay().connect()
+        baseline.send(_head(method, target, upgrade, []))
+        expected = _one_response(baseline)
+        for extra in (length_headers + encoding_headers, encoding_headers + length_headers):
+            relay = Relay()
+            peer = relay.connect()
+            peer.send(_head(method, target, upgrade, extra))
+            if not zero_length:
+                peer.send(b"5\r\nhello\r\n0\r\n\r\n")  # a body, chunked or not
+            where = (method, target, extra)
+            assert not log.failures, (where, log.describe_failures())
+            status, body = _one_response(peer)
+            if zero_length:
+                assert status == expected[0], where
+                if status != 101:
+                    assert body == expected[1], where
+            else:
+                assert status == 413 if well_formed_body else status in (400, 413), where
+                assert peer.closing and peer.protocol is None, where
+            relay.clock.advance(relay.config.close_timeout)
+            relay.settle()
+            relay.disconnect_all()
+            relay.assert_idle()
+            assert not log.failures, (where, log.describe_failures())
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nContent-Length: +5\r\nX-After: 1\r\n\r\nhello",
+        b"GET\r\n\r\n",
+    ],
+)
+def test_malformed_heads_get_one_plain_400_and_a_lingering_close(head: bytes) -> None:
+    """twisted.web's bad-request path answers as the relay's refusals do: one plain 400
+    with a reason, nothing parsed after it, a half-close, then an abort after
+    --close-timeout."""
+    relay = Relay()
+    peer = relay.connect()
+    peer.send(head + b"GET /healthz HTTP/1.1\r\n\r\n")
+    status, body = _one_response(peer)
+    assert (status, body) == (400, b"malformed request\n")
+    assert peer.response().header("connection") == "close"
+    assert peer.transport.write_closed and not peer.aborted
+    relay.clock.advance(relay.config.close_timeout)
+    assert peer.aborted
+    peer.lose(aborted=True)
+    relay.assert_idle()
 
 
 # -- 503 ------------------------------------------------------------------------------------
@@ -550,6 +662,26 @@ def test_shutting_down_503_comes_before_origin_and_token() -> None:
     refused(relay, "/publish/cam", 503, {"Origin": "https://evil.example"})
 
 
+def _documented_refusal_order() -> list[int]:
+    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = text.split("## Refusals", 1)[1].split("\n## ", 1)[0]
+    return [int(status) for status in re.findall(r"^\| (\d{3})\b", section, re.MULTILINE)]
+
+
+def test_admission_checks_follow_the_documented_refusal_table() -> None:
+    """The gate's checks run in the order of docs/protocol.md's refusal table (431 and
+    413 are the channel's, decided while the head is read); each check's docstring
+    starts with its status."""
+    in_code: list[int] = []
+    for check in CHECKS:
+        status = int((check.__doc__ or "").split(":", 1)[0])
+        if status not in in_code:
+            in_code.append(status)
+    documented = [status for status in _documented_refusal_order() if status not in (431, 413)]
+    assert documented == [404, 400, 426, 503, 403, 401, 409]
+    assert in_code == documented
+
+
 def test_refused_handshakes_leave_nothing_behind() -> None:
     """A storm of refused handshakes leaves the registry, limits and timers idle."""
     relay = Relay.with_options(max_streams=1, publish_secret=PUBLISH_SECRET)
@@ -622,6 +754,24 @@ def test_api_streams_is_loopback_only_with_a_view_secret() -> None:
         == 403
     )
     assert relay.connect().request("GET", "/api/streams").status == 200
+
+
+def test_api_internals_counts_live_objects_for_direct_loopback_only() -> None:
+    """With --api-internals, /api/internals reports live channels and protocols, open
+    connections and the limits' counters to direct loopback requesters; 403 for others
+    and for requests forwarded by a proxy."""
+    relay = Relay.with_options(api_internals=True)
+    relay.viewer()
+    response = relay.connect().request("GET", "/api/internals")
+    assert response.status == 200
+    assert response.header("content-type") == "application/json"
+    body = json.loads(response.body)
+    assert body["objects"] == {"RelayChannel": 2, "ViewerProtocol": 1}
+    assert body["connections"] == 2 and body["streams"] == 1
+    assert body["limiter"] == {"total": 2, "addresses": 1, "refused": 0}
+    assert relay.connect("203.0.113.1").request("GET", "/api/internals").status == 403
+    forwarded = relay.connect().request("GET", "/api/internals", {"X-Forwarded-For": "1.2.3.4"})
+    assert forwarded.status == 403
 
 
 def test_plain_endpoints_refuse_other_methods() -> None:
@@ -745,6 +895,21 @@ def test_drain_with_no_connection_fires_at_once() -> None:
     relay = Relay()
     fired: list[object] = []
     relay.context.drain().addCallback(fired.append)
+    assert fired == [None]
+    relay.assert_idle()
+
+
+def test_drain_fires_when_the_last_connection_is_lost() -> None:
+    """The graceful stop completes the moment the last connection is lost, with no
+    clock tick (no polling), and leaves no timer behind."""
+    relay = Relay()
+    viewer = relay.viewer()
+    idle_http = relay.connect()
+    fired: list[object] = []
+    relay.context.drain().addCallback(fired.append)
+    idle_http.lose()
+    assert fired == []
+    viewer.lose()
     assert fired == [None]
     relay.assert_idle()
 

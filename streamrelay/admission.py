@@ -1,0 +1,322 @@
+"""Admission to the WebSocket endpoints, decided in the HTTP handshake before any
+WebSocket exists.
+
+Each endpoint is one :class:`Endpoint` record (path, role, protocol factory, token
+secret, allowed origins, stream check).  A handshake passes :data:`CHECKS` in order,
+the refusal table of ``docs/protocol.md``; the first refusal is the answer.  (431 and
+413 are the channel's: they are decided while the request head is read.)  A handshake
+that passes every check is handed to Autobahn by :class:`StreamGate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from autobahn.util import wildcards2patterns
+from twisted.web import resource, server
+from twisted.web.server import NOT_DONE_YET
+
+from streamrelay import wire
+from streamrelay.addresses import is_direct_loopback, peer_host
+from streamrelay.channel import RelayChannel, channel_of
+from streamrelay.context import RelayContext
+from streamrelay.limits import Refusal
+from streamrelay.names import is_valid_stream_name
+from streamrelay.protocol import (
+    EchoProtocol,
+    PublisherProtocol,
+    RelayFactory,
+    ViewerProtocol,
+)
+from streamrelay.resources import plain, postpath
+from streamrelay.roles import Role
+from streamrelay.tokens import TokenError, verify_token
+
+
+class OriginPolicy:
+    """Which ``Origin`` headers an endpoint accepts: Autobahn's wildcard patterns, and
+    ``null`` (sandboxed pages, ``file://``) only when listed as such."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        allowed = list(allowed)
+        self._patterns = wildcards2patterns([origin for origin in allowed if origin != "null"])
+        self._null_allowed = "null" in allowed
+
+    def allows(self, origin: str) -> bool:
+        """Whether a handshake carrying ``Origin: origin`` may proceed."""
+        if origin == "null":
+            return self._null_allowed
+        return any(pattern.match(origin) for pattern in self._patterns)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One WebSocket endpoint and everything its admission depends on."""
+
+    path: bytes  # the first path segment
+    role: Role
+    factory: RelayFactory
+    # /{path}/{stream} when true, /{path} alone when false.
+    named: bool = True
+    # Tokens for this role are signed with it; None: no token needed.
+    secret: bytes | None = None
+    # None: the Origin header is not checked.
+    origins: OriginPolicy | None = None
+    # With no secret, only direct loopback peers are admitted.
+    loopback_without_secret: bool = False
+    # Why the stream would refuse this role now (503 limits, 409 taken), or None.
+    stream_check: Callable[[str], Refusal | None] | None = None
+
+
+def endpoints(context: RelayContext) -> list[Endpoint]:
+    """The relay's WebSocket endpoints for its configuration."""
+    config = context.config
+    registry = context.registry
+    found = [
+        Endpoint(
+            path=b"publish",
+            role=Role.PUBLISHER,
+            factory=RelayFactory(context, PublisherProtocol, config.max_message_bytes),
+            secret=config.publish_secret,
+            origins=OriginPolicy(config.publish_origins),
+            loopback_without_secret=True,
+            stream_check=registry.check_publisher,
+        ),
+        Endpoint(
+            path=b"watch",
+            role=Role.VIEWER,
+            factory=RelayFactory(context, ViewerProtocol, wire.MAX_VIEWER_MESSAGE_BYTES),
+            secret=config.view_secret,
+            origins=OriginPolicy(config.view_origins),
+            stream_check=registry.check_viewer,
+        ),
+    ]
+    if config.echo:
+        found.append(
+            Endpoint(
+                path=b"echo",
+                role=Role.ECHO,
+                factory=RelayFactory(
+                    context, EchoProtocol, config.max_message_bytes, compression=True
+                ),
+                named=False,
+            )
+        )
+    return found
+
+
+@dataclass
+class Handshake:
+    """One opening handshake on an endpoint, as the checks see it."""
+
+    endpoint: Endpoint
+    context: RelayContext
+    request: server.Request
+    channel: RelayChannel | None
+
+    @property
+    def segments(self) -> list[bytes]:
+        """The path segments after the endpoint's own."""
+        return postpath(self.request)
+
+    @property
+    def stream(self) -> str:
+        """The stream name the path asks for ("" for endpoints without one)."""
+        segments = self.segments
+        if not self.endpoint.named or not segments:
+            return ""
+        return segments[0].decode("utf-8", "replace")
+
+    @cached_property
+    def stream_refusal(self) -> Refusal | None:
+        """Why the stream refuses this role now; asked once per handshake."""
+        check = self.endpoint.stream_check
+        return check(self.stream) if check is not None else None
+
+    def token(self) -> str | None:
+        """The token from ``Authorization: Bearer`` or else from ``?token=``."""
+        authorization = self.request.getHeader("authorization")
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                return value.strip()
+        values = self.request.args.get(b"token")
+        if values:
+            return values[0].decode("utf-8", "replace")
+        return None
+
+
+Check = Callable[[Handshake], Refusal | None]
+
+
+# -- the checks, in the order of the refusal table ------------------------------------
+
+
+def path_names_the_endpoint(handshake: Handshake) -> Refusal | None:
+    """404: ``/{path}/{stream}`` exactly (``/{path}`` for endpoints without a stream)."""
+    segments = handshake.segments
+    if handshake.endpoint.named:
+        known = len(segments) == 1 and bool(segments[0])
+    else:
+        known = segments in ([], [b""])
+    return None if known else Refusal(404, "not found")
+
+
+def stream_name_is_valid(handshake: Handshake) -> Refusal | None:
+    """400: a stream name must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``."""
+    if handshake.endpoint.named and not is_valid_stream_name(handshake.stream):
+        return Refusal(400, "invalid stream name")
+    return None
+
+
+def is_websocket_upgrade(handshake: Handshake) -> Refusal | None:
+    """426: only a GET asking to upgrade to a WebSocket opens one."""
+    upgrade = (handshake.request.getHeader("upgrade") or "").lower()
+    if handshake.request.method != b"GET" or upgrade != "websocket":
+        return Refusal(426, "this is a WebSocket endpoint")
+    return None
+
+
+def relay_is_running(handshake: Handshake) -> Refusal | None:
+    """503: no new WebSocket while the relay shuts down."""
+    if handshake.context.shutting_down:
+        return Refusal(503, "server shutting down", retry_after=5)
+    return None
+
+
+def transport_is_supported(handshake: Handshake) -> Refusal | None:
+    """503: an upgrade needs the relay's own channel."""
+    if handshake.channel is None:
+        return Refusal(503, "unsupported transport", retry_after=5)
+    return None
+
+
+def connection_is_within_limits(handshake: Handshake) -> Refusal | None:
+    """503: the connection, in total or per address, was over the limits at accept."""
+    return handshake.channel.refusal if handshake.channel is not None else None
+
+
+def handshake_rate_is_within_limits(handshake: Handshake) -> Refusal | None:
+    """503: the per-address handshake rate (this takes one of the address's tokens)."""
+    address = peer_host(handshake.request.getClientAddress())
+    return handshake.context.handshake_rate.allow(address)
+
+
+def stream_has_room(handshake: Handshake) -> Refusal | None:
+    """503: the stream limit, or the stream's viewer limit."""
+    refusal = handshake.stream_refusal
+    return refusal if refusal is not None and refusal.status == 503 else None
+
+
+def origin_is_allowed(handshake: Handshake) -> Refusal | None:
+    """403: an ``Origin`` header the endpoint does not list."""
+    origins = handshake.endpoint.origins
+    origin = handshake.request.getHeader("origin")
+    if origins is not None and origin is not None and not origins.allows(origin):
+        return Refusal(403, "origin not allowed")
+    return None
+
+
+def peer_may_go_without_token(handshake: Handshake) -> Refusal | None:
+    """403: publishing with no secret configured is for direct loopback peers only."""
+    endpoint = handshake.endpoint
+    if (
+        endpoint.loopback_without_secret
+        and endpoint.secret is None
+        and not is_direct_loopback(handshake.request)
+    ):
+        return Refusal(403, "publishing is only allowed from loopback without a secret")
+    return None
+
+
+def token_is_valid(handshake: Handshake) -> Refusal | None:
+    """401: with a secret, a token for this role and stream that has not expired."""
+    secret = handshake.endpoint.secret
+    if secret is None:
+        return None
+    token = handshake.token()
+    if token is None:
+        return Refusal(401, "token required")
+    try:
+        verify_token(secret, token, handshake.endpoint.role, handshake.stream, time.time())
+    except TokenError as error:
+        return Refusal(401, str(error))
+    return None
+
+
+def stream_is_free(handshake: Handshake) -> Refusal | None:
+    """409: the stream already has a publisher (``--no-takeover``)."""
+    return handshake.stream_refusal
+
+
+CHECKS: tuple[Check, ...] = (
+    path_names_the_endpoint,  # 404
+    stream_name_is_valid,  # 400
+    is_websocket_upgrade,  # 426 (431 and 413 come from the channel, while the head is read)
+    relay_is_running,  # 503
+    transport_is_supported,  # 503
+    connection_is_within_limits,  # 503
+    handshake_rate_is_within_limits,  # 503
+    stream_has_room,  # 503
+    origin_is_allowed,  # 403
+    peer_may_go_without_token,  # 403
+    token_is_valid,  # 401
+    stream_is_free,  # 409
+)
+
+
+def admit(handshake: Handshake) -> Refusal | None:
+    """The first refusal :data:`CHECKS` finds, or None: the handshake may proceed."""
+    for check in CHECKS:
+        refusal = check(handshake)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+# -- the resource ------------------------------------------------------------------------
+
+
+class StreamGate(resource.Resource):
+    """One WebSocket endpoint: every refusal in the HTTP handshake, then Autobahn."""
+
+    isLeaf = True
+
+    def __init__(self, context: RelayContext, endpoint: Endpoint) -> None:
+        super().__init__()
+        self.context = context
+        self.endpoint = endpoint
+
+    def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
+        """Refuse with a status and reason, or upgrade to a WebSocket."""
+        handshake = Handshake(self.endpoint, self.context, request, channel_of(request))
+        refusal = admit(handshake)
+        if refusal is not None:
+            return self._refuse(handshake, refusal)
+        self._hand_over(handshake)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _refuse(handshake: Handshake, refusal: Refusal) -> bytes:
+        if handshake.channel is not None:
+            handshake.channel.close_after_response()
+        if refusal.status == 426:
+            handshake.request.setHeader(b"upgrade", b"websocket")
+        return plain(handshake.request, refusal.status, refusal.reason, refusal.retry_after)
+
+    def _hand_over(self, handshake: Handshake) -> None:
+        request, channel = handshake.request, handshake.channel
+        assert channel is not None  # transport_is_supported
+        protocol: Any = self.endpoint.factory.build(request.getClientAddress(), handshake.stream)
+        channel.upgrade(protocol)
+        # Autobahn parses the handshake itself: replay the head twisted.web consumed,
+        # without the query string, which may carry a token.
+        head = [request.method + b" " + request.path + b" HTTP/1.1"]
+        for header_name, values in request.requestHeaders.getAllRawHeaders():
+            for value in values:
+                head.append(header_name + b": " + value)
+        protocol.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")

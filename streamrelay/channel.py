@@ -1,0 +1,263 @@
+"""The HTTP channel: :class:`RelayChannel` is the relay ``Site``'s protocol, one per TCP
+connection.
+
+It owns the connection's slot in the limits, bounds the request head (431), refuses
+request bodies (413) and malformed heads (400) with the relay's own plain answers,
+bounds the opening handshake from the TCP accept however slowly bytes trickle in, and
+after the WebSocket upgrade forwards bytes to the protocol (public transport APIs only,
+so every reactor works, IOCP included).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+
+from streamrelay import wire
+from streamrelay.addresses import peer_host
+from streamrelay.context import RelayContext
+from streamrelay.limits import ConnectionSlot, Refusal
+from streamrelay.protocol import RelayProtocol
+
+_log = Logger()
+
+REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+def raw_answer(status: int, reason: str, retry_after: int | None = None) -> bytes:
+    """A complete plain-text response that closes the connection, for refusals made
+    before twisted.web has a request to answer."""
+    body = reason.encode("utf-8") + b"\n"
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error")),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
+    if retry_after is not None:
+        lines.append(b"Retry-After: %d" % retry_after)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def channel_of(request: server.Request) -> RelayChannel | None:
+    """The relay channel a request arrived on (None on any other transport)."""
+    channel = request.channel
+    return channel if isinstance(channel, RelayChannel) else None
+
+
+class RelayChannel(http.HTTPChannel):
+    """``Site.protocol``: limits, request-head bounds, the handshake deadline and the
+    WebSocket upgrade."""
+
+    context: RelayContext
+    transport: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slot: ConnectionSlot | None = None
+        self.refusal: Refusal | None = None
+        self.upgraded: RelayProtocol | None = None
+        self._deadline: IDelayedCall | None = None
+        self._lingering: IDelayedCall | None = None
+        self._refused = False
+        self._in_request = False
+        self._close_after_response = False
+        self._head_bytes = 0
+        self._head_lines = 0
+
+    def connectionMade(self) -> None:
+        """Take a slot in the limits (or remember why not) and start the deadline."""
+        config = self.context.config
+        self.MAX_LENGTH = config.max_header_line_bytes
+        admitted = self.context.limiter.acquire(peer_host(self.transport.getPeer()))
+        if isinstance(admitted, Refusal):
+            self.refusal = admitted
+        else:
+            self.slot = admitted
+        self.context.connection_opened(self)
+        super().connectionMade()
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(
+                self.context.config.handshake_timeout, self._deadline_passed
+            )
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        _log.info("Request head not received in time from {peer}: aborting",
+                  peer=self.transport.getPeer())
+        self.abort()
+
+    # -- the request head ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Forward to the WebSocket after the upgrade; otherwise parse HTTP."""
+        if self.upgraded is not None:
+            self.upgraded.dataReceived(data)
+            return
+        if self._refused:
+            return
+        if not self._in_request:
+            self._arm_deadline()
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Bytes after the request head: the WebSocket's once upgraded."""
+        if self.upgraded is not None:
+            self.upgraded.dataReceived(data)
+            return
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        """Bound the request head: 431 rather than twisted.web's bare 400."""
+        if self._refused:
+            return
+        config = self.context.config
+        self._head_bytes += len(line) + 2
+        if line:  # the blank line that ends the head is not a header line
+            self._head_lines += 1
+        if self._head_bytes > config.max_header_bytes:
+            self.refuse(431, "request headers too large")
+            return
+        # The request line is not a header line.
+        if self._head_lines > config.max_header_lines + 1:
+            self.refuse(431, "too many request header lines")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request or header line over the bound, possibly with no end."""
+        self.refuse(431, "request header line too long")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's one answer to a head it cannot parse (request line, header,
+        Content-Length or Transfer-Encoding): give it as our own refusals are given, so
+        that the answer survives the unread input and nothing after it is parsed."""
+        self.refuse(400, "malformed request")
+
+    def allHeadersReceived(self) -> None:
+        """Refuse request bodies: no endpoint takes one, and they would be buffered.
+
+        twisted.web has parsed the framing by now: ``length`` is the Content-Length
+        (leading zeros and all), None for chunked, 0 when there is neither.  Any
+        Transfer-Encoding announces a body coding, even ``identity``."""
+        request = self.requests[-1]
+        if request.requestHeaders.hasHeader(b"transfer-encoding") or self.length != 0:
+            self.refuse(413, "request bodies are not accepted")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        """The request head is complete: the deadline is met.  Nothing is served after
+        a refusal (twisted.web calls this at once for a head that announced no length)."""
+        if self._refused:
+            return
+        self._cancel_deadline()
+        self._head_bytes = 0
+        self._head_lines = 0
+        self._in_request = True
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        """Close after refusals; otherwise allow the next keep-alive request."""
+        self._in_request = False
+        if self._close_after_response:
+            self.persistent = False
+        super().requestDone(request)
+
+    # -- refusals ------------------------------------------------------------------------
+
+    def close_after_response(self) -> None:
+        """Do not keep this connection alive after the current response."""
+        self._close_after_response = True
+
+    def refuse(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        """Answer straight on the transport and close without resetting the peer."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        self.setTimeout(None)
+        self.transport.write(raw_answer(status, reason, retry_after))
+        self._linger()
+
+    def _linger(self) -> None:
+        # Closing with unread input makes the kernel send RST, which can destroy the
+        # response in flight: half-close, keep reading (and discarding) for a while.
+        if ISSLTransport.providedBy(self.transport):
+            # Under TLS a half-close would skip close_notify: close the TLS session.
+            self.transport.loseConnection()
+        else:
+            try:
+                self.transport.loseWriteConnection()
+            except (AttributeError, NotImplementedError):
+                self.transport.loseConnection()
+        self._lingering = self.callLater(self.context.config.close_timeout, self.abort)
+
+    # -- upgrade and teardown ------------------------------------------------------------
+
+    def upgrade(self, protocol: RelayProtocol) -> None:
+        """Give the connection to a WebSocket protocol; this channel only forwards now."""
+        self._cancel_deadline()
+        self.setTimeout(None)
+        self.upgraded = protocol
+        # HTTPChannel registered itself as the transport's producer: make room for ours.
+        self.transport.unregisterProducer()
+        protocol.makeConnection(self.transport)
+
+    def shut_down(self) -> None:
+        """Server stopping: 1001 for WebSockets, close idle HTTP connections."""
+        if self.upgraded is not None:
+            self.upgraded.close_with(wire.CLOSE_GOING_AWAY, "server shutting down")
+        elif not self._in_request:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now."""
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Release the slot and every timer; tell the WebSocket, if any; then the
+        context, last, since the graceful stop may complete with this connection."""
+        self._cancel_deadline()
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
+        self._lingering = None
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
+        try:
+            super().connectionLost(reason)
+        finally:
+            upgraded, self.upgraded = self.upgraded, None
+            try:
+                if upgraded is not None:
+                    upgraded.connectionLost(reason)
+            finally:
+                self.context.connection_closed(self)

@@ -1,0 +1,221 @@
+"""The plain HTTP resources: ``/healthz``, ``/api/streams``, ``/api/internals`` (with
+``--api-internals``), the index page, the player and its static files, and the 404 for
+everything else."""
+
+from __future__ import annotations
+
+import gc
+import json
+from importlib import resources
+
+from twisted.web import resource, server
+
+from streamrelay.addresses import is_direct_loopback
+from streamrelay.channel import REASONS, channel_of
+from streamrelay.context import RelayContext
+from streamrelay.names import is_valid_stream_name
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def plain(
+    request: server.Request, status: int, text: str, retry_after: int | None = None
+) -> bytes:
+    """Set a plain-text answer's status and headers; return its body."""
+    request.setResponseCode(status, REASONS.get(status))
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    if retry_after is not None:
+        request.setHeader(b"retry-after", b"%d" % retry_after)
+    return text.encode("utf-8") + b"\n"
+
+
+def postpath(request: server.Request) -> list[bytes]:
+    """The path segments after the resource's own."""
+    return request.postpath or []
+
+
+class HttpResource(resource.Resource):
+    """A plain HTTP resource: refused (503) on a connection over the limits."""
+
+    isLeaf = True
+
+    def __init__(self, context: RelayContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
+        """Apply the connection refusal, then serve GET and HEAD."""
+        channel = channel_of(request)
+        if channel is not None and channel.refusal is not None:
+            channel.close_after_response()
+            refusal = channel.refusal
+            return plain(request, refusal.status, refusal.reason, refusal.retry_after)
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return plain(request, 405, "method not allowed")
+        body = self.serve(request)
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
+
+    def serve(self, request: server.Request) -> bytes:
+        """Answer the request (subclass hook)."""
+        raise NotImplementedError
+
+
+class NotFound(HttpResource):
+    """404 for every unknown path, before any other refusal (the documented order)."""
+
+    def render(self, request: server.Request) -> bytes:  # type: ignore[override]
+        """Say it plainly; close afterwards when the connection is over the limits."""
+        channel = channel_of(request)
+        if channel is not None and channel.refusal is not None:
+            channel.close_after_response()
+        return self.serve(request)
+
+    def serve(self, request: server.Request) -> bytes:
+        """Say it plainly."""
+        return plain(request, 404, "not found")
+
+
+class Health(HttpResource):
+    """``/healthz``: 200 ``ok``, 503 while shutting down."""
+
+    def serve(self, request: server.Request) -> bytes:
+        """Report liveness."""
+        if self.context.shutting_down:
+            return plain(request, 503, "shutting down", retry_after=5)
+        return plain(request, 200, "ok")
+
+
+def _json(request: server.Request, body: object) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+class StreamsApi(HttpResource):
+    """``/api/streams``: streams with a publisher or viewers, and connection counts."""
+
+    def serve(self, request: server.Request) -> bytes:
+        """Describe the relay's streams as JSON."""
+        loopback = is_direct_loopback(request)
+        if self.context.config.view_secret is not None and not loopback:
+            return plain(request, 403, "stream list is only available from loopback")
+        registry = self.context.registry
+        return _json(request, {
+            "streams": registry.describe(show_peers=loopback),
+            "connections": {
+                "publishers": registry.publisher_count,
+                "viewers": registry.viewer_count,
+                "total": self.context.limiter.total,
+            },
+        })
+
+
+class Internals(HttpResource):
+    """``/api/internals`` (``--api-internals``, loopback only): live object counts for
+    leak accounting.  Each request runs a full garbage collection, hence the option."""
+
+    def serve(self, request: server.Request) -> bytes:
+        """Count live channels and protocols after a full collection."""
+        if not is_direct_loopback(request):
+            return plain(request, 403, "loopback only")
+        gc.collect()
+        context = self.context
+        counts: dict[str, int] = {}
+        for item in list(context.live_objects):
+            name = type(item).__name__
+            counts[name] = counts.get(name, 0) + 1
+        return _json(request, {
+            "objects": counts,
+            "streams": len(context.registry.streams),
+            "connections": len(context.connections),
+            "limiter": {
+                "total": context.limiter.total,
+                "addresses": context.limiter.tracked_addresses,
+                "refused": context.limiter.refused,
+            },
+            "handshake_rate": {
+                "addresses": context.handshake_rate.tracked_addresses,
+                "refused": context.handshake_rate.refused,
+            },
+            "buffered_bytes": context.registry.budget.total,
+        })
+
+
+# -- pages -------------------------------------------------------------------------------
+
+CONTENT_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+    ".png": b"image/png",
+    ".ico": b"image/x-icon",
+    ".json": b"application/json",
+    ".txt": b"text/plain; charset=utf-8",
+}
+
+
+def load_static_files() -> dict[str, bytes]:
+    """Read the packaged pages into memory once, before the reactor runs (no file I/O
+    on the reactor thread)."""
+    files: dict[str, bytes] = {}
+    folder = resources.files("streamrelay").joinpath("static")
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.is_file() and "." + entry.name.rsplit(".", 1)[-1] in CONTENT_TYPES:
+                files[entry.name] = entry.read_bytes()
+    return files
+
+
+class StaticPage(HttpResource):
+    """A packaged file served from memory with its content type and a strict CSP."""
+
+    def __init__(self, context: RelayContext, files: dict[str, bytes], name: str | None) -> None:
+        super().__init__(context)
+        self._files = files
+        self._name = name
+
+    def serve(self, request: server.Request) -> bytes:
+        """Serve ``name`` (fixed) or the file named by the single path segment."""
+        name = self._name
+        if name is None:
+            if len(postpath(request)) != 1:
+                return plain(request, 404, "not found")
+            name = postpath(request)[0].decode("utf-8", "replace")
+        elif postpath(request) not in ([], [b""]) and name == "index.html":
+            return plain(request, 404, "not found")
+        content = self._files.get(name)
+        if content is None:
+            return plain(request, 404, "not found")
+        extension = "." + name.rsplit(".", 1)[-1]
+        request.setHeader(b"content-type", CONTENT_TYPES[extension])
+        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        # The player's URL may carry ?token=: never let it leave in a Referer.
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-cache")
+        return content
+
+
+class PlayerPage(StaticPage):
+    """``/view/{stream}``: the player page, for a valid stream name."""
+
+    def __init__(self, context: RelayContext, files: dict[str, bytes]) -> None:
+        super().__init__(context, files, "player.html")
+
+    def serve(self, request: server.Request) -> bytes:
+        """Check the stream name, then serve the player."""
+        if len(postpath(request)) != 1:
+            return plain(request, 404, "not found")
+        if not is_valid_stream_name(postpath(request)[0].decode("utf-8", "replace")):
+            return plain(request, 400, "invalid stream name")
+        request.postpath = []
+        return super().serve(request)
