@@ -1,47 +1,289 @@
-"""The relay's settings, as one immutable value built by :mod:`streamrelay.tap`."""
+"""The relay's settings: one immutable :class:`RelayConfig`, each field declared once.
+
+A field that ``twistd streamrelay`` can set carries a :class:`Setting` in its metadata: the
+help text, how the command-line text becomes the value (and what it refuses), the option's
+name when it differs from the field's, and for secrets the environment variable read when
+the option is absent.  :mod:`streamrelay.tap` derives its ``usage.Options`` from these
+declarations alone; a field that is not an option says so (:func:`derived`, :func:`fixed`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from streamrelay.tokens import read_secret_file
 
 MIB = 1024 * 1024
+
+_SETTING = "streamrelay.setting"
+_DERIVED = "streamrelay.derived"
+_FIXED = "streamrelay.fixed"
+
+
+# -- what the command line accepts ------------------------------------------------------------
+# Each raises ValueError with a message that quotes the text but never a secret.
+
+
+def positive_int(text: str) -> int:
+    """A whole number above zero."""
+    number = _integer(text)
+    if number <= 0:
+        raise ValueError(f"{text!r} must be a positive integer")
+    return number
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number, zero included (zero meaning "no limit" or "off")."""
+    number = _integer(text)
+    if number < 0:
+        raise ValueError(f"{text!r} must be zero or a positive integer")
+    return number
+
+
+def positive_seconds(text: str) -> float:
+    """A finite duration above zero, in seconds."""
+    return _positive_float(text, "a positive number of seconds")
+
+
+def positive_rate(text: str) -> float:
+    """A finite rate above zero, per second."""
+    return _positive_float(text, "a positive number per second")
+
+
+def origin_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of Origin patterns; blanks around items are dropped."""
+    origins = tuple(item.strip() for item in text.split(",") if item.strip())
+    for origin in origins:
+        if any(character.isspace() for character in origin):
+            raise ValueError(f"invalid origin pattern {origin!r}")
+    return origins
+
+
+def _integer(text: str) -> int:
+    """``int(text)`` with a message that quotes the text."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _positive_float(text: str, what: str) -> float:
+    """A finite float above zero, else ValueError saying it must be ``what``."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"{text!r} must be {what}")
+    return number
+
+
+# -- declarations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one :class:`RelayConfig` field is set from the command line.
+
+    ``parse`` is None for a flag, which sets the field to ``when_given``.  ``environment``
+    names the variable consulted when the option is absent (secrets only).  ``secret``
+    keeps the parsed value out of the options mapping: only the path is kept there.
+    """
+
+    help: str
+    parse: Callable[[str], Any] | None = None
+    option: str = ""
+    when_given: Any = True
+    environment: str = ""
+    secret: bool = False
+
+    @property
+    def is_flag(self) -> bool:
+        """True for an option without a value (``--echo``)."""
+        return self.parse is None
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A field computed from another field's value instead of having its own option."""
+
+    source: str
+    compute: Callable[[Any], Any]
+
+
+def option(default: Any, help: str, parse: Callable[[str], Any]) -> Any:
+    """A field set by ``--field-name VALUE``."""
+    return field(default=default, metadata={_SETTING: Setting(help, parse)})
+
+
+def flag(default: bool, help: str, *, name: str = "", when_given: bool = True) -> Any:
+    """A boolean field set by a flag (``--no-takeover`` sets ``takeover`` to False)."""
+    setting = Setting(help, None, option=name, when_given=when_given)
+    return field(default=default, metadata={_SETTING: setting})
+
+
+def secret_file(name: str, environment: str, help: str) -> Any:
+    """A secret read from the file the option names, else from ``environment``; never in
+    the config's repr."""
+    setting = Setting(help, read_secret_file, option=name, environment=environment, secret=True)
+    return field(default=None, repr=False, metadata={_SETTING: setting})
+
+
+def derived(default: Any, source: str, compute: Callable[[Any], Any]) -> Any:
+    """A field the options compute from the field ``source``."""
+    return field(default=default, metadata={_DERIVED: Derived(source, compute)})
+
+
+def fixed(default: Any) -> Any:
+    """A field that is deliberately not a command-line option."""
+    return field(default=default, metadata={_FIXED: True})
+
+
+def _burst_for(rate: float) -> int:
+    """The handshake burst allowed at ``rate`` handshakes per second: twice the rate."""
+    return max(1, int(rate * 2))
 
 
 @dataclass(frozen=True)
 class RelayConfig:
     """Every limit and timer of the relay; defaults are the production values."""
 
-    publish_secret: bytes | None = field(default=None, repr=False)
-    view_secret: bytes | None = field(default=None, repr=False)
-    view_origins: tuple[str, ...] = ("*",)
-    publish_origins: tuple[str, ...] = ()
+    publish_secret: bytes | None = secret_file(
+        "publish-secret-file",
+        "STREAMRELAY_PUBLISH_SECRET",
+        "File holding the HMAC secret for publisher tokens (or env "
+        "STREAMRELAY_PUBLISH_SECRET). Without one, only loopback may publish.",
+    )
+    view_secret: bytes | None = secret_file(
+        "view-secret-file",
+        "STREAMRELAY_VIEW_SECRET",
+        "File holding the HMAC secret for viewer tokens (or env STREAMRELAY_VIEW_SECRET). "
+        "Without one, viewing is open.",
+    )
+    view_origins: tuple[str, ...] = option(
+        ("*",), "Comma list of Origin patterns allowed to watch.", origin_list
+    )
+    publish_origins: tuple[str, ...] = option(
+        (),
+        "Comma list of Origin patterns allowed to publish; when empty, requests with an "
+        "Origin header are refused.",
+        origin_list,
+    )
 
-    max_connections: int = 10000
-    max_connections_per_ip: int = 100
-    max_handshakes_per_ip: float = 50.0
-    handshake_burst: int = 100
-    max_streams: int = 1000
-    max_viewers_per_stream: int = 0
-    max_message_bytes: int = 8 * MIB
-    max_fragments_per_message: int = 4096
-    viewer_queue_bytes: int = 4 * MIB
-    gop_cache_bytes: int = 8 * MIB
-    max_buffered_bytes: int = 512 * MIB
+    max_connections: int = option(10000, "Most open connections in all.", positive_int)
+    max_connections_per_ip: int = option(100, "Most open connections per address.", positive_int)
+    max_handshakes_per_ip: float = option(
+        50.0,
+        "WebSocket handshakes per second per address, burst of twice this.",
+        positive_rate,
+    )
+    handshake_burst: int = derived(100, "max_handshakes_per_ip", _burst_for)
+    max_streams: int = option(1000, "Most streams at once.", positive_int)
+    max_viewers_per_stream: int = option(
+        0, "Most viewers per stream; 0 = no limit.", non_negative_int
+    )
+    max_message_bytes: int = option(
+        8 * MIB,
+        "Largest publisher message in bytes; viewers may send 4 KiB.",
+        positive_int,
+    )
+    max_fragments_per_message: int = option(
+        4096, "Most WebSocket fragments in one incoming message.", positive_int
+    )
+    viewer_queue_bytes: int = option(
+        4 * MIB,
+        "Bytes pending towards one viewer before it skips to the next keyframe.",
+        positive_int,
+    )
+    gop_cache_bytes: int = option(
+        8 * MIB, "GOP cache per stream in bytes; 0 turns it off.", non_negative_int
+    )
+    max_buffered_bytes: int = option(
+        512 * MIB,
+        "All GOP caches plus everything pending towards viewers.",
+        positive_int,
+    )
 
-    ping_interval: float = 10.0
-    ping_timeout: float = 10.0
-    handshake_timeout: float = 5.0
-    close_timeout: float = 2.0
-    publisher_idle_timeout: float = 20.0
-    viewer_stall_timeout: float = 15.0
-    keyframe_request_interval: float = 1.0
+    ping_interval: float = option(10.0, "Seconds between WebSocket pings.", positive_seconds)
+    ping_timeout: float = option(10.0, "Seconds to wait for a sign of life.", positive_seconds)
+    handshake_timeout: float = option(
+        5.0, "Seconds from TCP accept to a complete opening handshake.", positive_seconds
+    )
+    close_timeout: float = option(
+        2.0,
+        "Seconds a closing handshake may take before the TCP connection is aborted.",
+        positive_seconds,
+    )
+    publisher_idle_timeout: float = option(
+        20.0, "Seconds without a media message before a publisher is closed.", positive_seconds
+    )
+    viewer_stall_timeout: float = option(
+        15.0, "Seconds without write progress before a viewer is closed.", positive_seconds
+    )
+    keyframe_request_interval: float = option(
+        1.0, "Least seconds between keyframe requests to a publisher.", positive_seconds
+    )
 
-    takeover: bool = True
-    echo: bool = False
-    # /api/internals (loopback only): leak accounting; runs gc.collect() per request.
-    api_internals: bool = False
+    takeover: bool = flag(
+        True,
+        "Refuse (409) a second publisher instead of replacing the first.",
+        name="no-takeover",
+        when_given=False,
+    )
+    echo: bool = flag(False, "Enable the /echo WebSocket endpoint (for conformance runs).")
+    api_internals: bool = flag(
+        False,
+        "Serve /api/internals (loopback only): live object counts for leak accounting. "
+        "Each request runs gc.collect(), so leave it off in production.",
+    )
 
     # Bounds of the HTTP request head, answered with 431 (twisted.web alone answers 400).
-    max_header_bytes: int = 16 * 1024
-    max_header_line_bytes: int = 8 * 1024
-    max_header_lines: int = 100
+    max_header_bytes: int = fixed(16 * 1024)
+    max_header_line_bytes: int = fixed(8 * 1024)
+    max_header_lines: int = fixed(100)
+
+
+# -- reading the declarations -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One command-line setting: the field it sets, its option name and its default."""
+
+    field: str
+    option: str
+    setting: Setting
+    default: Any
+
+    def shown(self) -> str | None:
+        """The default as it would be typed on the command line (None: no default)."""
+        if self.default is None or self.setting.is_flag:
+            return None
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return str(self.default)
+
+
+def settings() -> Iterator[Declared]:
+    """Every command-line setting of :class:`RelayConfig`, in declaration order."""
+    for item in fields(RelayConfig):
+        setting = item.metadata.get(_SETTING)
+        if isinstance(setting, Setting):
+            name = setting.option or item.name.replace("_", "-")
+            yield Declared(item.name, name, setting, item.default)
+
+
+def derivations() -> Iterator[tuple[str, Derived]]:
+    """Every field computed from another one, as ``(field, Derived)``."""
+    for item in fields(RelayConfig):
+        rule = item.metadata.get(_DERIVED)
+        if isinstance(rule, Derived):
+            yield item.name, rule
+
+
+def is_fixed(name: str) -> bool:
+    """True when field ``name`` is deliberately not settable from the command line."""
+    return any(item.name == name and item.metadata.get(_FIXED) for item in fields(RelayConfig))

@@ -1,65 +1,62 @@
 """``--demo``: the test-pattern publisher as a supervised child process on stream ``demo``.
 
 The child is ``python -m streamrelay.publisher`` (encoding never runs in the relay's
-process, let alone on its reactor thread).  It is restarted with backoff when it dies
-and stopped with the server.  With a publish secret configured, it gets a token through
-its environment, never through its argument list.
+process, let alone on its reactor thread), supervised by Twisted's stock
+:class:`~twisted.runner.procmon.ProcessMonitor`: restarted with a doubling delay while it
+keeps dying young, SIGTERM then SIGKILL on stop, its output logged line by line.  With a
+publish secret configured, it gets a token through its environment, never through its
+argument list.  Nothing here imports PyAV: only the child needs it.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application import service
-from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from twisted.runner.procmon import ProcessMonitor
 
 from streamrelay.tokens import make_token
 
-_log = Logger()
-
 DEMO_STREAM = "demo"
-RESTART_DELAY_MIN = 1.0
-RESTART_DELAY_MAX = 30.0
-STOP_GRACE_SECONDS = 5.0
+CHILD_NAME = "demo publisher"
+TOKEN_VARIABLE = "STREAMRELAY_TOKEN"
+TOKEN_LIFETIME_SECONDS = 10 * 365 * 24 * 3600
 MAX_LOG_LINE = 400
 
-
-class _ChildProtocol(protocol.ProcessProtocol):
-    def __init__(self, supervisor: DemoPublisherService) -> None:
-        self._supervisor = supervisor
-        self._partial = b""
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._log_lines(data)
-
-    def errReceived(self, data: bytes) -> None:
-        self._log_lines(data)
-
-    def _log_lines(self, data: bytes) -> None:
-        # Status lines end in \r on a terminal; treat both as line ends, keep a bound.
-        text = (self._partial + data).replace(b"\r", b"\n")
-        *lines, self._partial = text.split(b"\n")
-        self._partial = self._partial[-MAX_LOG_LINE:]
-        for line in lines:
-            if line.strip():
-                shown = line[:MAX_LOG_LINE].decode("utf-8", "replace")
-                _log.info("demo publisher: {line}", line=shown)
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-        self._supervisor._child_ended(reason)
+_log = Logger()
 
 
-class DemoPublisherService(service.Service):
-    """Runs and supervises the demo publisher once the relay listens."""
+class _ChildOutputLogger(Logger):
+    """ProcessMonitor's logger for child output, cutting each line to MAX_LOG_LINE."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        """Emit the event with its ``line`` field bounded."""
+        line = kwargs.get("line")
+        if isinstance(line, str) and len(line) > MAX_LOG_LINE:
+            kwargs["line"] = line[:MAX_LOG_LINE] + "..."
+        super().emit(level, format, **kwargs)
+
+
+class DemoPublisherService(ProcessMonitor):
+    """Runs and supervises the demo publisher once the relay listens.
+
+    The stock monitor is used as is, with three additions: the child is added on the
+    first reactor turn (its URL names the port the listeners bound), ``stopService``
+    returns a Deferred that fires once the child has exited (so twistd's shutdown waits
+    for SIGTERM, or SIGKILL after ``killTime``), and an overlong output line is logged cut
+    instead of dropping the pipe.
+    """
+
+    threshold = 60  # a child that ran this long restarts at once, with the delay reset
+    minRestartDelay = 1
+    maxRestartDelay = 30
+    killTime = 5
+    log = _ChildOutputLogger()
 
     def __init__(
         self,
@@ -69,87 +66,88 @@ class DemoPublisherService(service.Service):
         environment: dict[str, str],
         publish_secret: bytes | None,
     ) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self._relay_url = relay_url
         self._python = python
         self._environment = environment
         self._publish_secret = publish_secret
-        self._child: Any = None
-        self._child_protocol: _ChildProtocol | None = None
-        self._restart: IDelayedCall | None = None
-        self._delay = RESTART_DELAY_MIN
-        self._started_at = 0.0
-        self._stopping = False
+        self._adding: IDelayedCall | None = None
+        self._added = False
+        self._exited: list[Deferred[None]] = []
 
     def startService(self) -> None:
-        """Start the child on the next reactor turn, once listeners are bound."""
+        """Add the child on the next reactor turn, once the listeners are bound."""
         super().startService()
-        self._stopping = False
-        self._restart = self._reactor.callLater(0, self._spawn)
+        self._adding = self._clock.callLater(0, self._add_child)
 
-    def _spawn(self) -> None:
-        self._restart = None
+    def _add_child(self) -> None:
+        """Hand the child to the monitor, which starts it at once."""
+        self._adding = None
+        if self._added:
+            return  # started again after a stop: the monitor already restarted the child
         url = self._relay_url()
         if url is None:
             _log.warn("--demo needs a tcp: or ssl: listener; the demo publisher is not started")
             return
-        environment = dict(self._environment)
         arguments = [self._python, "-m", "streamrelay.publisher", "--url", url, "--quiet"]
         if url.startswith("wss:"):
             arguments.append("--insecure")
+        environment = dict(self._environment)
         if self._publish_secret is not None:
-            expires = int(time.time()) + 10 * 365 * 24 * 3600
-            environment["STREAMRELAY_TOKEN"] = make_token(
+            expires = int(self._clock.seconds()) + TOKEN_LIFETIME_SECONDS
+            environment[TOKEN_VARIABLE] = make_token(
                 self._publish_secret, "publish", DEMO_STREAM, expires
             )
-        self._child_protocol = _ChildProtocol(self)
-        self._started_at = self._reactor.seconds()
         _log.info("Starting the demo publisher on {url}", url=url)
-        self._child = self._reactor.spawnProcess(
-            self._child_protocol, self._python, arguments, env=environment
-        )
+        self._added = True
+        self.addProcess(CHILD_NAME, arguments, env=environment)
 
-    def _child_ended(self, reason: Failure) -> None:
-        self._child = None
-        if self._stopping:
-            return
-        if self._reactor.seconds() - self._started_at > 60:
-            self._delay = RESTART_DELAY_MIN
-        delay = random.uniform(self._delay / 2, self._delay)
-        self._delay = min(RESTART_DELAY_MAX, self._delay * 2)
-        _log.warn(
-            "Demo publisher ended ({reason}); restarting in {delay:.1f} s",
-            reason=reason.getErrorMessage(),
-            delay=delay,
-        )
-        self._restart = self._reactor.callLater(delay, self._spawn)
+    def startProcess(self, name: str) -> None:
+        """Spawn the child (stock), then make its line loggers survive overlong lines."""
+        super().startProcess(name)
+        protocol = self.protocols.get(name)
+        for receiver in (getattr(protocol, "_output", None), getattr(protocol, "_error", None)):
+            if isinstance(receiver, LineReceiver):
+                # The stock LineLogger answers an overlong line with loseConnection() on a
+                # transport that has none: the pipe breaks and the child dies.  Log the
+                # line's head instead and go on.
+                receiver.lineLengthExceeded = _cut_line(receiver)  # type: ignore[method-assign]
 
-    def stopService(self) -> Deferred[None] | None:
-        """Stop the child: SIGTERM, then SIGKILL after a grace period."""
+    def _monitoredProcessExited(self, name: str, reason: Failure | None = None) -> None:
+        """Stock handling of a child's exit (the hook is Twisted >= 25.5's), then say when
+        it comes back, and complete stopService once no child is left."""
+        super()._monitoredProcessExited(name, reason)
+        pending = self.restart.get(name)
+        if self.running and pending is not None and pending.active():
+            _log.warn(
+                "Demo publisher ended ({reason}); restarting in {delay:.1f} s",
+                reason=reason.getErrorMessage() if reason is not None else "exited",
+                delay=pending.getTime() - self._clock.seconds(),
+            )
+        if not self.protocols:
+            exited, self._exited = self._exited, []
+            for waiting in exited:
+                waiting.callback(None)
+
+    # IService.stopService may return a Deferred; the stock monitor's returns None.
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        """SIGTERM the child (SIGKILL after ``killTime``); fire once it has exited."""
+        if self._adding is not None and self._adding.active():
+            self._adding.cancel()
+        self._adding = None
         super().stopService()
-        self._stopping = True
-        if self._restart is not None and self._restart.active():
-            self._restart.cancel()
-        self._restart = None
-        child, child_protocol = self._child, self._child_protocol
-        if child is None or child_protocol is None or child_protocol.ended.called:
-            return None
-        try:
-            child.signalProcess("TERM")
-        except error.ProcessExitedAlready:
-            return None
-        killer = self._reactor.callLater(STOP_GRACE_SECONDS, self._kill, child)
+        exited: Deferred[None] = Deferred()
+        if self.protocols:
+            self._exited.append(exited)
+        else:
+            exited.callback(None)
+        return exited
 
-        def ended(result: None) -> None:
-            if killer.active():
-                killer.cancel()
 
-        child_protocol.ended.addCallback(ended)
-        return child_protocol.ended
+def _cut_line(receiver: LineReceiver) -> Callable[[bytes], None]:
+    """A ``lineLengthExceeded`` for ``receiver`` that hands on the head of the line."""
 
-    @staticmethod
-    def _kill(child: Any) -> None:
-        try:
-            child.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
+    def exceeded(line: bytes) -> None:
+        receiver.lineReceived(line[:MAX_LOG_LINE] + b"...")
+
+    return exceeded

@@ -1,30 +1,38 @@
 """twistd wiring: ``twistd -n streamrelay [options]``.
 
-:class:`Options` parses and checks every option (a bad value is a usage error naming
-it); :func:`makeService` returns a :class:`RelayService` (a ``MultiService``) holding one
-listener per ``--listen`` endpoint, the rate-limit sweeper and, with ``--demo``, the
-supervised test-pattern publisher.
+:class:`Options` is derived from the declarations in :mod:`streamrelay.config` (one option
+per :class:`~streamrelay.config.RelayConfig` setting, a bad value is a usage error naming
+it) plus the two options that wire the process: ``--listen`` and ``--demo``.
+:func:`makeService` returns a :class:`RelayService` (a ``MultiService``) holding one
+``StreamServerEndpointService`` per ``--listen`` endpoint, the rate-limit sweeper and,
+with ``--demo``, the supervised test-pattern publisher.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from dataclasses import replace
+from importlib.util import find_spec
 from types import ModuleType
 from typing import Any
 
-from twisted.application import service
-from twisted.application.internet import TimerService
+from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from streamrelay.config import RelayConfig
-from streamrelay.tokens import read_secret_file, secret_from_environment
+from streamrelay.config import RelayConfig, derivations, settings
+from streamrelay.demo import DEMO_STREAM, DemoPublisherService
+from streamrelay.tokens import secret_from_environment
 from streamrelay.web import RelayContext, RelaySite, Root
 
 _log = Logger()
@@ -40,66 +48,8 @@ except ImportError:  # Windows (IOCP): no descriptor limit to raise
 SELECT_FD_LIMIT = 1024
 FD_RESERVE = 64
 
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive integer")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be zero or a positive integer")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0 or number != number or number == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return number
-
-
-def _origin_list(value: str) -> tuple[str, ...]:
-    origins = tuple(item.strip() for item in value.split(",") if item.strip())
-    for origin in origins:
-        if any(character.isspace() for character in origin):
-            raise ValueError(f"invalid origin pattern {origin!r}")
-    return origins
-
-
-_PARAMETERS: list[tuple[str, Any, Callable[[str], Any], str]] = [
-    ("max-connections", 10000, _positive_int, "Most open connections in all (10000)."),
-    ("max-connections-per-ip", 100, _positive_int, "Most open connections per address (100)."),
-    ("max-handshakes-per-ip", 50.0, _positive_float,
-     "WebSocket handshakes per second per address, burst of twice this (50)."),
-    ("max-streams", 1000, _positive_int, "Most streams at once (1000)."),
-    ("max-viewers-per-stream", 0, _non_negative_int, "Most viewers per stream; 0 = no limit."),
-    ("max-message-bytes", 8 * 1024 * 1024, _positive_int,
-     "Largest publisher message in bytes (8 MiB); viewers may send 4 KiB."),
-    ("max-fragments-per-message", 4096, _positive_int,
-     "Most WebSocket fragments in one incoming message (4096)."),
-    ("viewer-queue-bytes", 4 * 1024 * 1024, _positive_int,
-     "Bytes pending towards one viewer before it skips to the next keyframe (4 MiB)."),
-    ("gop-cache-bytes", 8 * 1024 * 1024, _non_negative_int,
-     "GOP cache per stream in bytes (8 MiB); 0 turns it off."),
-    ("max-buffered-bytes", 512 * 1024 * 1024, _positive_int,
-     "All GOP caches plus everything pending towards viewers (512 MiB)."),
-    ("ping-interval", 10.0, _positive_float, "Seconds between WebSocket pings (10)."),
-    ("ping-timeout", 10.0, _positive_float, "Seconds to wait for a sign of life (10)."),
-    ("handshake-timeout", 5.0, _positive_float,
-     "Seconds from TCP accept to a complete opening handshake (5)."),
-    ("close-timeout", 2.0, _positive_float,
-     "Seconds a closing handshake may take before the TCP connection is aborted (2)."),
-    ("publisher-idle-timeout", 20.0, _positive_float,
-     "Seconds without a media message before a publisher is closed (20)."),
-    ("viewer-stall-timeout", 15.0, _positive_float,
-     "Seconds without write progress before a viewer is closed (15)."),
-    ("keyframe-request-interval", 1.0, _positive_float,
-     "Least seconds between keyframe requests to a publisher (1)."),
-]
+DEFAULT_LISTEN = "tcp:8080"
+PUBLISHER_EXTRA_HINT = "pip install 'streamrelay[publisher]'"
 
 
 def _check_port(description: str) -> None:
@@ -115,6 +65,11 @@ def _check_port(description: str) -> None:
         raise usage.UsageError(f"--listen: {description!r}: port must be 0-65535")
 
 
+def _publisher_installed() -> bool:
+    """True when PyAV, which the test-pattern publisher encodes with, can be imported."""
+    return find_spec("av") is not None
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd streamrelay``."""
 
@@ -123,27 +78,30 @@ class Options(usage.Options):
         "Relay live video from desktop publishers (WebSocket /publish/NAME) to browser "
         "viewers (WebSocket /watch/NAME; player at /view/NAME)."
     )
+    # Parameters carry their default as command-line text, which Twisted shows once as
+    # "[default: ...]"; postOptions parses given and default text alike.
     optFlags = [
-        ["no-takeover", None, "Refuse (409) a second publisher instead of replacing the first."],
-        ["echo", None, "Enable the /echo WebSocket endpoint (for conformance runs)."],
-        ["demo", None, "Also run the test-pattern publisher on stream 'demo'."],
+        [declared.option, None, declared.setting.help]
+        for declared in settings()
+        if declared.setting.is_flag
+    ] + [
+        [
+            "demo",
+            None,
+            "Also run the test-pattern publisher on stream 'demo' "
+            f"(needs the publisher extra: {PUBLISHER_EXTRA_HINT}).",
+        ]
     ]
     optParameters = [
-        ["publish-secret-file", None, None,
-         "File holding the HMAC secret for publisher tokens "
-         "(or env STREAMRELAY_PUBLISH_SECRET). Without one, only loopback may publish."],
-        ["view-secret-file", None, None,
-         "File holding the HMAC secret for viewer tokens (or env STREAMRELAY_VIEW_SECRET). "
-         "Without one, viewing is open."],
-        ["view-origins", None, "*", "Comma list of Origin patterns allowed to watch (*)."],
-        ["publish-origins", None, "",
-         "Comma list of Origin patterns allowed to publish (none: requests with an "
-         "Origin header are refused)."],
-    ] + [[name, None, default, help_text] for name, default, _, help_text in _PARAMETERS]
+        [declared.option, None, declared.shown(), declared.setting.help]
+        for declared in settings()
+        if not declared.setting.is_flag
+    ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self._config = RelayConfig()
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to listen on, repeatable (default tcp:8080), e.g.
@@ -152,20 +110,41 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Check and convert every value; the error names the option."""
-        for name, _default, convert, _help in _PARAMETERS:
-            value = self[name]
-            if isinstance(value, str):
-                try:
-                    self[name] = convert(value)
-                except ValueError as error:
-                    raise usage.UsageError(f"--{name}: {value!r} {error}") from None
-        for name in ("view-origins", "publish-origins"):
+        self._config = self._parse_settings()
+        self._check_listen()
+        if self["demo"] and not _publisher_installed():
+            raise usage.UsageError(
+                f"--demo runs the test-pattern publisher, which needs PyAV: {PUBLISHER_EXTRA_HINT}"
+            )
+
+    def _parse_settings(self) -> RelayConfig:
+        """Parse each declared setting's text (given or default) into the config."""
+        values: dict[str, Any] = {}
+        for declared in settings():
+            setting, given = declared.setting, self[declared.option]
+            if setting.parse is None:
+                values[declared.field] = setting.when_given if given else declared.default
+                continue
+            if given is None:
+                if setting.environment:
+                    values[declared.field] = secret_from_environment(setting.environment)
+                continue
             try:
-                self[name] = _origin_list(self[name])
-            except ValueError as error:
-                raise usage.UsageError(f"--{name}: {error}") from None
+                value = setting.parse(given)
+            except (OSError, ValueError) as error:  # OSError: an unreadable secret file
+                raise usage.UsageError(f"--{declared.option}: {error}") from None
+            values[declared.field] = value
+            if not setting.secret:
+                self[declared.option] = value
+        for name, rule in derivations():
+            if rule.source in values:
+                values[name] = rule.compute(values[rule.source])
+        return RelayConfig(**values)
+
+    def _check_listen(self) -> None:
+        """Default to tcp:8080; refuse an endpoint Twisted cannot build."""
         if not self["listen"]:
-            self["listen"] = ["tcp:8080"]
+            self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet import reactor
 
         for description in self["listen"]:
@@ -174,98 +153,73 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, description)
             except Exception as error:  # a bad key file raises OSError or an SSL error
                 raise usage.UsageError(f"--listen: {description!r}: {error}") from None
-        for option, variable in (
-            ("publish-secret-file", "STREAMRELAY_PUBLISH_SECRET"),
-            ("view-secret-file", "STREAMRELAY_VIEW_SECRET"),
-        ):
-            key = option.replace("-file", "")
-            if self[option]:
-                try:
-                    self[key] = read_secret_file(self[option])
-                except (OSError, ValueError) as error:
-                    raise usage.UsageError(f"--{option}: {error}") from None
-            else:
-                self[key] = secret_from_environment(variable)
 
     def config(self) -> RelayConfig:
         """The :class:`RelayConfig` these options describe."""
-        return RelayConfig(
-            publish_secret=self["publish-secret"],
-            view_secret=self["view-secret"],
-            view_origins=self["view-origins"],
-            publish_origins=self["publish-origins"],
-            max_connections=self["max-connections"],
-            max_connections_per_ip=self["max-connections-per-ip"],
-            max_handshakes_per_ip=self["max-handshakes-per-ip"],
-            handshake_burst=max(1, int(self["max-handshakes-per-ip"] * 2)),
-            max_streams=self["max-streams"],
-            max_viewers_per_stream=self["max-viewers-per-stream"],
-            max_message_bytes=self["max-message-bytes"],
-            max_fragments_per_message=self["max-fragments-per-message"],
-            viewer_queue_bytes=self["viewer-queue-bytes"],
-            gop_cache_bytes=self["gop-cache-bytes"],
-            max_buffered_bytes=self["max-buffered-bytes"],
-            ping_interval=self["ping-interval"],
-            ping_timeout=self["ping-timeout"],
-            handshake_timeout=self["handshake-timeout"],
-            close_timeout=self["close-timeout"],
-            publisher_idle_timeout=self["publisher-idle-timeout"],
-            viewer_stall_timeout=self["viewer-stall-timeout"],
-            keyframe_request_interval=self["keyframe-request-interval"],
-            takeover=not self["no-takeover"],
-            echo=bool(self["echo"]),
-        )
+        return self._config
 
 
-class ListenerService(service.Service):
-    """Listens on one endpoint and logs the address it really bound (``tcp:0`` works)."""
+@implementer(IStreamServerEndpoint)
+class AnnouncedEndpoint:
+    """An endpoint that logs the address it really bound (``tcp:0`` names its port) and
+    keeps the listening port for the demo publisher's URL."""
 
-    def __init__(self, reactor: Any, description: str, site: RelaySite) -> None:
-        self._reactor = reactor
+    def __init__(self, endpoint: IStreamServerEndpoint, description: str) -> None:
+        self._endpoint = endpoint
         self.description = description
-        self._site = site
         self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
-        """Bind now, before privileges are dropped; fail start-up when it cannot."""
-        endpoint = endpoints.serverFromString(self._reactor, self.description)
-        outcome: list[Any] = []
-        listening = endpoint.listen(self._site)
-        listening.addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        if outcome:
-            self._listening(outcome[0])
-        else:
-            listening.addCallback(self._listening)
-        super().privilegedStartService()
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """Listen on the wrapped endpoint and announce the bound address."""
+        listening: Deferred[IListeningPort] = self._endpoint.listen(protocolFactory)
+        return listening.addCallback(self._announce)
 
-    def _listening(self, port: IListeningPort) -> IListeningPort:
+    def _announce(self, port: IListeningPort) -> IListeningPort:
+        """Keep the port and log where it listens, as the test launcher parses it."""
         self.port = port
         address = port.getHost()
-        scheme = "https" if self.description.startswith("ssl:") else "http"
         host = getattr(address, "host", None)
         port_number = getattr(address, "port", None)
-        if host is not None:
-            shown = f"[{host}]" if ":" in host else host
-            _log.info(
-                "streamrelay listening on {description}: {url}",
-                description=self.description.split(":", 2)[0] + ":" + str(port_number),
-                url=f"{scheme}://{shown}:{port_number}/",
-            )
-        else:
+        if host is None:
             _log.info("streamrelay listening on {address}", address=address)
+            return port
+        scheme = "https" if self.is_tls else "http"
+        shown = f"[{host}]" if ":" in host else host
+        _log.info(
+            "streamrelay listening on {description}: {url}",
+            description=f"{self.description.split(':', 1)[0]}:{port_number}",
+            url=f"{scheme}://{shown}:{port_number}/",
+        )
         return port
 
-    def stopService(self) -> Deferred[None] | None:
-        """Stop listening."""
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            stopping: Any = port.stopListening
-            stopped: Deferred[None] = maybeDeferred(stopping)
-            return stopped
-        return None
+    @property
+    def is_tls(self) -> bool:
+        """True for ``ssl:`` endpoints."""
+        return self.description.startswith("ssl:")
+
+    def publish_url(self, stream: str) -> str | None:
+        """The loopback WebSocket URL to publish ``stream`` here, once bound to an IP
+        address."""
+        address = self.port.getHost() if self.port is not None else None
+        host = getattr(address, "host", None)
+        if host is None:
+            return None
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        scheme = "wss" if self.is_tls else "ws"
+        return f"{scheme}://{shown}:{getattr(address, 'port', 0)}/publish/{stream}"
+
+
+def listener(
+    reactor: Any, description: str, factory: IProtocolFactory
+) -> StreamServerEndpointService:
+    """The service listening on ``description``.  It binds in privilegedStartService and,
+    as ``strports.service`` arranges, a failure to bind raises there: twistd reports it
+    and exits instead of running without the listener."""
+    listening = strports.service(description, factory, reactor)
+    listening.endpoint = AnnouncedEndpoint(listening.endpoint, description)
+    return listening
 
 
 class RelayService(service.MultiService):
@@ -278,9 +232,7 @@ class RelayService(service.MultiService):
 
     def stopService(self) -> Deferred[None]:
         """Close connections (1001), abort stragglers, then stop the listeners."""
-        _log.info(
-            "Shutting down: closing {count} connections", count=len(self.context.connections)
-        )
+        _log.info("Shutting down: closing {count} connections", count=len(self.context.connections))
         drained = self.context.drain()
         drained.addCallback(lambda _: service.MultiService.stopService(self))
         return drained
@@ -326,8 +278,6 @@ def makeService(options: Options) -> RelayService:
     config = options.config()
     capped = _fit_descriptor_limit(reactor, config.max_connections)
     if capped != config.max_connections:
-        from dataclasses import replace
-
         config = replace(config, max_connections=capped)
     if config.publish_secret is None:
         _log.warn(
@@ -337,24 +287,17 @@ def makeService(options: Options) -> RelayService:
     context = RelayContext.create(config, reactor)
     site = RelaySite(context, Root(context))
     relay = RelayService(context)
-    listeners = [ListenerService(reactor, description, site) for description in options["listen"]]
-    for listener in listeners:
-        listener.setServiceParent(relay)
+    announced: list[AnnouncedEndpoint] = []
+    for description in options["listen"]:
+        listening = listener(reactor, description, site)
+        announced.append(listening.endpoint)
+        listening.setServiceParent(relay)
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
     if options["demo"]:
-        from streamrelay.demo import DEMO_STREAM, DemoPublisherService
 
         def demo_url() -> str | None:
-            for listener in listeners:
-                address = listener.port.getHost() if listener.port is not None else None
-                if address is not None and hasattr(address, "port"):
-                    scheme = "wss" if listener.description.startswith("ssl:") else "ws"
-                    host = getattr(address, "host", "127.0.0.1")
-                    if host in ("0.0.0.0", "::", ""):
-                        host = "127.0.0.1"
-                    shown = f"[{host}]" if ":" in host else host
-                    return f"{scheme}://{shown}:{address.port}/publish/{DEMO_STREAM}"
-            return None
+            urls = (endpoint.publish_url(DEMO_STREAM) for endpoint in announced)
+            return next((url for url in urls if url is not None), None)
 
         DemoPublisherService(
             reactor, demo_url, sys.executable, dict(os.environ), config.publish_secret
