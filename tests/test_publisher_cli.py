@@ -26,18 +26,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import Server, ServerConnection, serve
 from websockets.typing import Subprotocol
 
-from streamrelay.publisher.cli import (
+from streamrelay.publisher.arguments import (
     KeyframeInterval,
     parse_arguments,
     parse_bitrate,
     parse_fps,
     parse_keyframe_interval,
     parse_size,
-    queue_bounds,
 )
+from streamrelay.publisher.cli import queue_bounds
 from streamrelay.publisher.h264 import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, split_annexb
 from streamrelay.publisher.sources import SourceSpec
-from streamrelay.publisher.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media_message
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TOKEN = "1999999999.feedfacecafebeef-not-for-printing"
@@ -157,7 +157,7 @@ class StandInRelay:
         if isinstance(message, str):
             decoded: dict[str, Any] = json.loads(message)
             return decoded
-        return parse_media_message(message)
+        return parse_media(message)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -230,14 +230,14 @@ def test_publishes_meta_config_key_answers_keyframe_requests_and_reconnects() ->
         assert [nal_type(u) for u in split_annexb(config.payload)] == [NAL_SPS, NAL_PPS]
         assert isinstance(key, MediaMessage) and key.flags == FLAG_KEY
         assert_self_contained_key(key)
-        assert abs(key.timestamp_us / 1e6 - time.time()) < 5
+        assert abs(key.capture_time_us / 1e6 - time.time()) < 5
         connection.send(json.dumps({"type": "viewers", "count": 2}))
         if number == 1:
-            stamps = [key.timestamp_us]
+            stamps = [key.capture_time_us]
             for _ in range(10):
                 delta = relay.receive(connection)
                 assert isinstance(delta, MediaMessage) and delta.flags == 0
-                stamps.append(delta.timestamp_us)
+                stamps.append(delta.capture_time_us)
             assert stamps == sorted(stamps)
             connection.send(json.dumps({"type": "keyframe-request"}))
             requested_at = time.monotonic()

@@ -27,22 +27,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay.publisher.backoff import Backoff
-from streamrelay.publisher.client import (
-    ConnectionState,
-    Publisher,
-    Readiness,
-    RelayTarget,
-    parse_relay_url,
-)
+from streamrelay.publisher.client import ConnectionState, Publisher, Readiness
+from streamrelay.publisher.connection import HandshakeRefusal, refusal_from_response
 from streamrelay.publisher.encoder import EncoderSettings, H264Encoder
 from streamrelay.publisher.pipeline import CapturePipeline
+from streamrelay.publisher.settings import PublisherSettings, RelayTarget, parse_relay_url
 from streamrelay.publisher.sources import TestPatternSource
-from streamrelay.publisher.wire import (
-    FLAG_CONFIG,
-    FLAG_KEY,
-    MediaMessage,
-    parse_media_message,
-)
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, WireError, parse_media
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TOKEN = "1999999999.0123456789abcdef-very-secret"
@@ -112,11 +103,12 @@ class RelayEnd:
             response += f"Sec-WebSocket-Protocol: {subprotocol}\r\n"
         self.protocol.dataReceived((response + "\r\n").encode())
 
-    def refuse(self, status: int, reason: str) -> None:
+    def refuse(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         """Answer the opening handshake with an HTTP error, then close."""
         self._read_request()
+        fields = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.protocol.dataReceived(
-            f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\n\r\n".encode()
+            f"HTTP/1.1 {status} {reason}\r\n{fields}Content-Length: 0\r\n\r\n".encode()
         )
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
@@ -156,7 +148,7 @@ class RelayEnd:
             if opcode == 1:
                 result.append(json.loads(payload))
             elif opcode == 2:
-                result.append(parse_media_message(payload))
+                result.append(parse_media(payload))
         return result
 
     def send_text(self, message: dict[str, Any]) -> None:
@@ -233,22 +225,26 @@ def make_publisher(
     reactor: MemoryReactorClock,
     relay: FakeRelay,
     recorder: Recorder | None = None,
-    **options: Any,
+    backoff: Backoff | None = None,
+    **settings: Any,
 ) -> Publisher:
     recorder = recorder or Recorder()
-    options.setdefault("backoff", Backoff(uniform=lambda: 1.0))
-    return Publisher(
-        "ws://relay.test:8080/publish/demo?note=x",
+    publisher = Publisher(
+        PublisherSettings(
+            "ws://relay.test:8080/publish/demo?note=x",
+            ping_interval=0,
+            ping_timeout=0,
+            open_timeout=0,
+            **settings,
+        ),
         reactor=reactor,
+        backoff=backoff or Backoff(uniform=lambda: 1.0),
         endpoint_factory=relay.endpoint,
-        on_keyframe_request=recorder.keyframe,
-        on_viewers=recorder.viewers.append,
-        on_state_change=recorder.states.append,
-        ping_interval=0,
-        ping_timeout=0,
-        open_timeout=0,
-        **options,
     )
+    publisher.on_keyframe_request = recorder.keyframe
+    publisher.on_viewers = recorder.viewers.append
+    publisher.on_state_change = recorder.states.append
+    return publisher
 
 
 def connected_publisher(
@@ -300,7 +296,29 @@ def test_bad_urls_and_tokens_are_refused() -> None:
         with pytest.raises(ValueError):
             parse_relay_url(bad)
     with pytest.raises(ValueError):
-        Publisher("ws://relay/publish/a", token="abc\r\nX-Evil: 1", reactor=MemoryReactorClock())
+        PublisherSettings("ws://relay/publish/a", token="abc\r\nX-Evil: 1")
+
+
+def test_settings_are_checked_once_and_keep_secrets_out_of_their_repr() -> None:
+    """The settings record parses the URL when made, refuses bounds that cannot work, and
+    its repr (safe to log) shows neither the token nor the URL's credentials or query."""
+    settings = PublisherSettings(
+        "http://user:hunter2@relay.test/publish/a?key=query-secret", token=TOKEN
+    )
+    assert settings.target.url == "ws://user:hunter2@relay.test/publish/a?key=query-secret"
+    assert settings.target.display_url == "ws://relay.test/publish/a"
+    assert settings.queue_low_water_bytes == settings.queue_high_water_bytes // 4
+    for text in (repr(settings), repr(settings.target)):
+        assert TOKEN not in text and "hunter2" not in text and "query-secret" not in text
+    for bad in (
+        {"token": ""},
+        {"queue_high_water_bytes": 0},
+        {"queue_high_water_bytes": 2048, "queue_limit_bytes": 1024},
+        {"max_pending_threadsafe_calls": 0},
+        {"url": "ws:///no-host"},
+    ):
+        with pytest.raises(ValueError):
+            PublisherSettings(**bad)  # type: ignore[arg-type]
 
 
 def test_sends_meta_config_then_frames_from_a_key_on() -> None:
@@ -310,15 +328,15 @@ def test_sends_meta_config_then_frames_from_a_key_on() -> None:
     assert recorder.keyframe_requests == 1  # a new connection asks for a KEY at once
     publisher.send_meta(META)
     publisher.send_config(CONFIG, 10)
-    assert publisher.send_frame(b"delta-before-key", key=False, timestamp_us=11) is False
-    assert publisher.send_frame(b"key", key=True, timestamp_us=12) is True
-    assert publisher.send_frame(b"delta", key=False, timestamp_us=13) is True
+    assert publisher.send_frame(b"delta-before-key", key=False, capture_time_us=11) is False
+    assert publisher.send_frame(b"key", key=True, capture_time_us=12) is True
+    assert publisher.send_frame(b"delta", key=False, capture_time_us=13) is True
     messages = relay.last.messages()
     assert messages == [
         {"type": "meta", **META},
-        MediaMessage(FLAG_CONFIG, 10, CONFIG),
-        MediaMessage(FLAG_KEY, 12, b"key"),
-        MediaMessage(0, 13, b"delta"),
+        MediaMessage.build(FLAG_CONFIG, 10, CONFIG),
+        MediaMessage.build(FLAG_KEY, 12, b"key"),
+        MediaMessage.build(0, 13, b"delta"),
     ]
     stats = publisher.stats
     assert (stats.frames_sent, stats.keyframes_sent, stats.configs_sent) == (2, 1, 1)
@@ -378,7 +396,7 @@ def test_reconnect_resends_meta_and_config_and_waits_for_a_key() -> None:
     publisher, relay, recorder, reactor = connected_publisher()
     publisher.send_meta(META)
     publisher.send_config(CONFIG, 1)
-    publisher.send_frame(b"key", key=True, timestamp_us=2)
+    publisher.send_frame(b"key", key=True, capture_time_us=2)
     relay.last.messages()
     relay.last.drop()
     assert publisher.state is ConnectionState.RECONNECTING
@@ -389,13 +407,13 @@ def test_reconnect_resends_meta_and_config_and_waits_for_a_key() -> None:
     relay.last.accept()
     assert publisher.connected
     assert recorder.keyframe_requests == 2
-    publisher.send_frame(b"delta", key=False, timestamp_us=5)
-    publisher.send_frame(b"key2", key=True, timestamp_us=6)
+    publisher.send_frame(b"delta", key=False, capture_time_us=5)
+    publisher.send_frame(b"key2", key=True, capture_time_us=6)
     messages = relay.last.messages()
     assert messages[0] == {"type": "meta", **META}
     assert isinstance(messages[1], MediaMessage) and messages[1].flags == FLAG_CONFIG
     assert messages[1].payload == CONFIG
-    assert messages[2:] == [MediaMessage(FLAG_KEY, 6, b"key2")]
+    assert messages[2:] == [MediaMessage.build(FLAG_KEY, 6, b"key2")]
     assert recorder.states == [
         ConnectionState.CONNECTING,
         ConnectionState.LIVE,
@@ -434,6 +452,107 @@ def test_refused_handshake_is_retried_and_explained() -> None:
     assert "401" in (publisher.last_error or "") and "token" in (publisher.last_error or "")
     reactor.advance(0.5)
     assert len(relay.connections) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "headers", "explanation"),
+    [
+        (
+            503,
+            "Service Unavailable",
+            {"Retry-After": "7"},
+            "relay refused the connection: 503 Service Unavailable "
+            "(the relay is at a limit or shutting down; it asks to retry after 7 s)",
+        ),
+        (
+            409,
+            "Conflict",
+            {},
+            "relay refused the connection: 409 Conflict (the stream has a publisher "
+            "and the relay does not let another take it over)",
+        ),
+        (
+            403,
+            "Forbidden",
+            {},
+            "relay refused the connection: 403 Forbidden (check --token / STREAMRELAY_TOKEN)",
+        ),
+        # The status comes from the status line, whatever the reason phrase says.
+        (
+            400,
+            "upgrade failed [401]: Unauthorized",
+            {},
+            "relay refused the connection: 400 upgrade failed [401]: Unauthorized",
+        ),
+    ],
+)
+def test_refusals_are_read_from_the_http_response_and_explained(
+    status: int, reason: str, headers: dict[str, str], explanation: str
+) -> None:
+    """The status and Retry-After of the relay's non-101 answer are read from the
+    response Autobahn parsed, and explained once; the publisher retries after its own
+    backoff."""
+    reactor = ThreadedMemoryReactor()
+    relay = FakeRelay()
+    publisher = make_publisher(reactor, relay)
+    publisher.start()
+    relay.last.refuse(status, reason, headers)
+    assert publisher.last_error == explanation
+    assert relay.last.protocol.refusal.status == status
+    assert publisher.state is ConnectionState.RECONNECTING
+    reactor.advance(0.5)
+    assert len(relay.connections) == 2
+
+
+def test_refusal_from_response_reads_the_status_line_and_retry_after() -> None:
+    """101 is no refusal; Retry-After counts only in delta-seconds; an over-long reason
+    phrase is cut; a response Autobahn could not parse yields nothing."""
+    assert refusal_from_response("HTTP/1.1 503 Service Unavailable", {"retry-after": "30"}) == (
+        HandshakeRefusal(503, "Service Unavailable", 30)
+    )
+    assert refusal_from_response("HTTP/1.1 101 Switching Protocols", {}) is None
+    assert refusal_from_response(None, {}) is None
+    assert refusal_from_response("garbage", {}) is None
+    assert refusal_from_response("HTTP/1.1 2xx Odd", {}) is None
+    dated = refusal_from_response("HTTP/1.1 503", {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert dated == HandshakeRefusal(503, "", None)
+    assert dated.explain() == (
+        "relay refused the connection: 503 (the relay is at a limit or shutting down)"
+    )
+    long = refusal_from_response("HTTP/1.1 418 " + "x" * 500, {})
+    assert long is not None and long.reason == "x" * 100
+    assert long.explain() == "relay refused the connection: 418 " + "x" * 100
+
+
+def test_failures_are_explained_without_autobahn_wrappers() -> None:
+    """A relay that drops the handshake, and one that closes an open session, are
+    explained in Autobahn's own words, without its "closed uncleanly (...)" wrapper."""
+    reactor = ThreadedMemoryReactor()
+    relay = FakeRelay()
+    publisher = make_publisher(reactor, relay)
+    publisher.start()
+    relay.last.drop()
+    error = publisher.last_error or ""
+    assert error.startswith("handshake failed (") and "uncleanly" not in error
+    assert "peer dropped the TCP connection" in error
+    reactor.advance(0.5)
+    relay.last.accept()
+    assert publisher.last_error is None
+    relay.last.close(1001, "relay restarting")
+    assert publisher.last_error == "connection closed (1001: relay restarting)"
+
+
+def test_a_capture_time_out_of_range_is_refused_and_nothing_goes_out() -> None:
+    """send_frame builds a checked header: a capture time outside 64 unsigned bits raises
+    WireError, sends nothing and leaves the publisher waiting for its KEY."""
+    publisher, relay, _, _ = connected_publisher()
+    for bad in (-1, 2**64):
+        with pytest.raises(WireError):
+            publisher.send_frame(b"key", key=True, capture_time_us=bad)
+    assert relay.last.messages() == [] and publisher.stats.frames_sent == 0
+    assert publisher.send_frame(b"d", key=False, capture_time_us=1) is False
+    assert publisher.send_frame(b"key", key=True, capture_time_us=2**64 - 1) is True
+    assert relay.last.messages() == [MediaMessage.build(FLAG_KEY, 2**64 - 1, b"key")]
 
 
 def test_replaced_publisher_stops_instead_of_fighting_back() -> None:
@@ -492,29 +611,29 @@ def test_backpressure_queues_then_signals_congestion_then_drops_until_key() -> N
     publisher, relay, recorder, _ = connected_publisher(
         queue_high_water_bytes=1000, queue_limit_bytes=3000
     )
-    publisher.send_frame(b"K" * 100, key=True, timestamp_us=1)
+    publisher.send_frame(b"K" * 100, key=True, capture_time_us=1)
     assert len(relay.last.messages()) == 1
     producer = relay.last.transport.producer
     assert producer is not None and relay.last.transport.streaming
     producer.pauseProducing()
     assert publisher.readiness is Readiness.READY
-    sent = [publisher.send_frame(b"d" * 500, key=False, timestamp_us=2 + i) for i in range(5)]
+    sent = [publisher.send_frame(b"d" * 500, key=False, capture_time_us=2 + i) for i in range(5)]
     assert sent == [True] * 5
     assert relay.last.messages() == []  # nothing written while paused
     assert publisher.readiness is Readiness.CONGESTED
-    assert publisher.send_frame(b"d" * 500, key=False, timestamp_us=7) is False  # over limit
-    assert publisher.send_frame(b"d" * 10, key=False, timestamp_us=8) is False  # until a KEY
+    assert publisher.send_frame(b"d" * 500, key=False, capture_time_us=7) is False  # over limit
+    assert publisher.send_frame(b"d" * 10, key=False, capture_time_us=8) is False  # until a KEY
     assert publisher.dropped == 2
     requests_before = recorder.keyframe_requests
     producer.resumeProducing()
     backlog = relay.last.messages()
-    assert [m.timestamp_us for m in backlog if isinstance(m, MediaMessage)] == [2, 3, 4, 5, 6]
+    assert [m.capture_time_us for m in backlog if isinstance(m, MediaMessage)] == [2, 3, 4, 5, 6]
     assert publisher.readiness is Readiness.READY
     assert recorder.keyframe_requests == requests_before + 1
-    assert publisher.send_frame(b"d", key=False, timestamp_us=9) is False
-    assert publisher.send_frame(b"K", key=True, timestamp_us=10) is True
-    assert publisher.send_frame(b"d", key=False, timestamp_us=11) is True
-    assert [m.timestamp_us for m in relay.last.messages() if isinstance(m, MediaMessage)] == [
+    assert publisher.send_frame(b"d", key=False, capture_time_us=9) is False
+    assert publisher.send_frame(b"K", key=True, capture_time_us=10) is True
+    assert publisher.send_frame(b"d", key=False, capture_time_us=11) is True
+    assert [m.capture_time_us for m in relay.last.messages() if isinstance(m, MediaMessage)] == [
         10,
         11,
     ]
@@ -525,7 +644,9 @@ def test_threadsafe_handoff_is_bounded_and_drops_until_a_key() -> None:
     max_pending_threadsafe_calls deep: past that they are dropped (and so are deltas until a
     KEY), readiness says CONGESTED, and a keyframe is requested."""
     publisher, relay, recorder, reactor = connected_publisher(max_pending_threadsafe_calls=3)
-    results = [publisher.send_frame_threadsafe(b"f", key=i == 0, timestamp_us=i) for i in range(5)]
+    results = [
+        publisher.send_frame_threadsafe(b"f", key=i == 0, capture_time_us=i) for i in range(5)
+    ]
     assert results == [True, True, True, False, False]
     assert publisher.readiness is Readiness.CONGESTED
     assert publisher.dropped == 2
@@ -533,10 +654,10 @@ def test_threadsafe_handoff_is_bounded_and_drops_until_a_key() -> None:
     reactor.run_thread_calls()
     assert recorder.keyframe_requests == requests_before + 1
     assert publisher.readiness is Readiness.READY
-    assert publisher.send_frame_threadsafe(b"d", key=False, timestamp_us=10) is False
-    assert publisher.send_frame_threadsafe(b"k", key=True, timestamp_us=11) is True
+    assert publisher.send_frame_threadsafe(b"d", key=False, capture_time_us=10) is False
+    assert publisher.send_frame_threadsafe(b"k", key=True, capture_time_us=11) is True
     reactor.run_thread_calls()
-    stamps = [m.timestamp_us for m in relay.last.messages() if isinstance(m, MediaMessage)]
+    stamps = [m.capture_time_us for m in relay.last.messages() if isinstance(m, MediaMessage)]
     assert stamps == [0, 1, 2, 11]
 
 
@@ -610,11 +731,11 @@ class FakeSink:
     def send_meta_threadsafe(self, meta: Any) -> None:
         self.received.append(("meta", meta))
 
-    def send_config_threadsafe(self, payload: bytes, timestamp_us: int | None = None) -> None:
+    def send_config_threadsafe(self, payload: bytes, capture_time_us: int | None = None) -> None:
         self.received.append(("config", payload))
 
     def send_frame_threadsafe(
-        self, payload: bytes, *, key: bool, timestamp_us: int | None = None
+        self, payload: bytes, *, key: bool, capture_time_us: int | None = None
     ) -> bool:
         self.received.append(("key" if key else "delta", payload))
         return self.accept

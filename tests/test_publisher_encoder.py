@@ -20,7 +20,7 @@ from streamrelay.publisher.h264 import (
     split_annexb,
 )
 from streamrelay.publisher.testpattern import TestPattern
-from streamrelay.publisher.wire import MediaMessage
+from streamrelay.wire import MediaMessage
 
 WIDTH, HEIGHT = 320, 240
 
@@ -69,7 +69,7 @@ def test_first_output_is_config_then_a_self_contained_key() -> None:
     assert join_annexb(key_units[:2]) == config.payload
     rest = [nal_type(u) for u in key_units[2:]]
     assert NAL_IDR in rest and set(rest) <= {NAL_SEI, NAL_IDR}
-    assert config.timestamp_us == key.timestamp_us == 1_700_000_000_000_000
+    assert config.capture_time_us == key.capture_time_us == 1_700_000_000_000_000
 
 
 def test_gop_every_key_carries_sps_pps_and_deltas_do_not() -> None:
@@ -164,6 +164,14 @@ def test_codec_string_and_meta_follow_profile_and_size(
     }
     assert encoder.config_payload is not None
     assert parse_sps(split_annexb(encoder.config_payload)[0]) == info
+
+
+def test_meta_gives_a_fractional_frame_rate_to_three_decimals() -> None:
+    """NTSC rates go into meta rounded (30000/1001 -> 29.97), whole rates as integers."""
+    encoder = make_encoder(fps=Fraction(30000, 1001))
+    encode_frames(encoder, 1)
+    meta = encoder.meta(source="testsrc")
+    assert meta is not None and meta["fps"] == 29.97 and meta["source"] == "testsrc"
 
 
 def test_frames_of_another_size_are_scaled() -> None:

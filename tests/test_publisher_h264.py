@@ -24,7 +24,7 @@ from streamrelay.publisher.h264 import (
     split_annexb,
     unescape_rbsp,
 )
-from streamrelay.publisher.wire import FLAG_CONFIG, FLAG_KEY
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, WireError, parse_media
 
 # libx264 output: constrained baseline, level 3.1, 1280x720 (with an emulation-prevention
 # byte), and its PPS.
@@ -34,6 +34,7 @@ SEI = bytes.fromhex("0605ff")
 IDR_SLICE = bytes.fromhex("65888400ff")
 P_SLICE = bytes.fromhex("419a2016bd")
 AUD = bytes.fromhex("09f0")
+P_SLICE_AU = join_annexb([P_SLICE])
 
 
 def test_split_handles_three_and_four_byte_start_codes() -> None:
@@ -131,17 +132,34 @@ def test_packager_sends_config_before_first_key_and_on_change_only() -> None:
     assert [m.flags for m in first] == [FLAG_CONFIG, FLAG_KEY]
     assert first[0].payload == join_annexb([SPS_BASELINE_720P, PPS_BASELINE])
     assert first[1].payload == key_au
-    assert all(m.timestamp_us == 100 for m in first)
+    assert all(m.capture_time_us == 100 for m in first)
     assert packager.codec_string == "avc1.42C01F"
 
     delta = packager.package(join_annexb([P_SLICE]), 133)
-    assert [(m.flags, m.timestamp_us) for m in delta] == [(0, 133)]
+    assert [(m.flags, m.capture_time_us) for m in delta] == [(0, 133)]
     assert [m.flags for m in packager.package(key_au, 166)] == [FLAG_KEY]
 
     new_pps = bytes.fromhex("68ce3c81")
     changed = packager.package(join_annexb([SPS_BASELINE_720P, new_pps, IDR_SLICE]), 200)
     assert [m.flags for m in changed] == [FLAG_CONFIG, FLAG_KEY]
     assert split_annexb(changed[0].payload) == [SPS_BASELINE_720P, new_pps]
+
+
+def test_packaged_messages_are_checked_wire_messages() -> None:
+    """What the packager yields is what goes on the wire: each message's bytes parse back
+    to the same message with the capture time in the header; a capture time outside 64
+    unsigned bits is refused before any message exists."""
+    key_au = join_annexb([SPS_BASELINE_720P, PPS_BASELINE, IDR_SLICE])
+    packager = H264Packager()
+    latest = 2**64 - 1
+    for message in [*packager.package(key_au, latest), *packager.package(P_SLICE_AU, 0)]:
+        assert parse_media(message.data) == message
+        assert message.data[1:9] == message.capture_time_us.to_bytes(8, "big")
+    for bad in (-1, 2**64):
+        with pytest.raises(WireError):
+            H264Packager().package(key_au, bad)
+        with pytest.raises(WireError):
+            packager.package(P_SLICE_AU, bad)
 
 
 def test_packager_puts_parameter_sets_into_keys_that_lack_them() -> None:

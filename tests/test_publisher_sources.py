@@ -104,7 +104,7 @@ def test_test_pattern_source_timestamp_matches_drawn_clock() -> None:
     """The capture timestamp is the instant drawn on the clock (for latency by eye)."""
     source = TestPatternSource(320, 240, wall_clock=lambda: 1_700_000_010.25)
     captured = source.read(7, 0.0)
-    assert captured.timestamp_us == 1_700_000_010_250_000
+    assert captured.capture_time_us == 1_700_000_010_250_000
     assert (captured.frame.width, captured.frame.height) == (320, 240)
     assert read_text(TestPattern(320, 240), captured.frame, 0, 12) == clock_text(1_700_000_010.25)
 

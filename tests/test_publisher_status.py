@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, LogPublisher
 
-from streamrelay.publisher.client import (
-    ConnectionState,
-    Publisher,
-    handshake_refusal,
-    short_close_reason,
-)
+from streamrelay.publisher.client import ConnectionState, PublisherStats, Readiness
 from streamrelay.publisher.status import StatusLine, console_observer
 
 
@@ -25,9 +21,24 @@ class FakePipeline:
     stats = FakePipelineStats()
 
 
-def make_status(interactive: bool) -> tuple[StatusLine, Publisher, Clock, io.StringIO]:
+@dataclass
+class FakePublisher:
+    """What the status line reads of a publisher, set by the test."""
+
+    stats: PublisherStats = field(default_factory=PublisherStats)
+    state: ConnectionState = ConnectionState.IDLE
+    readiness: Readiness = Readiness.OFFLINE
+    last_error: str | None = None
+    viewers: int | None = None
+
+    @property
+    def dropped(self) -> int:
+        return self.stats.frames_dropped
+
+
+def make_status(interactive: bool) -> tuple[StatusLine, FakePublisher, Clock, io.StringIO]:
     clock = Clock()
-    publisher = Publisher("ws://127.0.0.1:1/publish/s", reactor=clock)
+    publisher = FakePublisher()
     stream = io.StringIO()
     pipeline: Any = FakePipeline()
     status = StatusLine(clock, publisher, pipeline, stream, interactive=interactive)
@@ -43,7 +54,7 @@ def test_status_line_shows_rates_viewers_drops_and_state() -> None:
     publisher.stats.bytes_sent += 62_500
     publisher.stats.frames_dropped += 1
     publisher.viewers = 2
-    publisher._set_state(ConnectionState.LIVE)
+    publisher.state = ConnectionState.LIVE
     clock.advance(0.5)
     text = stream.getvalue()
     assert text.startswith("\r\x1b[K")
@@ -61,7 +72,7 @@ def test_status_lines_are_spaced_out_when_not_a_terminal() -> None:
     status, publisher, clock, stream = make_status(interactive=False)
     assert status.interval == 5.0
     publisher.last_error = "cannot connect: refused"
-    publisher._set_state(ConnectionState.RECONNECTING)
+    publisher.state = ConnectionState.RECONNECTING
     status.start()
     clock.advance(4.9)
     assert stream.getvalue() == ""
@@ -70,6 +81,18 @@ def test_status_lines_are_spaced_out_when_not_a_terminal() -> None:
     assert line.endswith("\n") and "\r" not in line
     assert "viewers -" in line and "[reconnecting: cannot connect: refused]" in line
     status.stop()
+
+
+def test_a_live_publisher_behind_on_the_network_says_so() -> None:
+    """LIVE but CONGESTED shows as "live, network behind"; the last error is not shown
+    while live."""
+    status, publisher, _, _ = make_status(interactive=False)
+    publisher.state = ConnectionState.LIVE
+    publisher.readiness = Readiness.CONGESTED
+    publisher.last_error = "old trouble"
+    assert status.render().endswith("[live, network behind]")
+    publisher.readiness = Readiness.READY
+    assert status.render().endswith("[live]")
 
 
 def test_console_observer_filters_by_level_and_marks_warnings() -> None:
@@ -84,14 +107,3 @@ def test_console_observer_filters_by_level_and_marks_warnings() -> None:
     assert len(lines) == 2
     assert lines[0].endswith(" shown 2")
     assert " warn: careful" in lines[1]
-
-
-def test_close_reasons_are_made_readable() -> None:
-    """Refusal statuses are picked out of Autobahn's reason text, and its 'closed uncleanly'
-    wrapper is removed."""
-    reason = 'connection was closed uncleanly ("WebSocket connection upgrade failed [503]: Busy")'
-    assert handshake_refusal(reason) == (503, "Busy")
-    assert handshake_refusal("peer went away") is None
-    assert short_close_reason(reason) == "WebSocket connection upgrade failed [503]: Busy"
-    assert short_close_reason("going away") == "going away"
-    assert short_close_reason(None) == ""

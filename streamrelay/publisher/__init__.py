@@ -6,13 +6,17 @@ Command line: ``streamrelay-publish`` or ``python -m streamrelay.publisher`` (se
 Library use, for a desktop application that has its own frames
 =================================================================
 
-The network side is :class:`Publisher`. It runs on the Twisted reactor (the reactor must
-run, usually in the main thread), connects, reconnects with backoff and jitter, re-sends meta
-and CONFIG after every reconnect, and tells you when to produce a keyframe::
+Install with ``pip install 'streamrelay[publisher]'`` (the relay alone needs no PyAV;
+neither do :class:`Publisher` and the H.264 packaging, only encoding and capture do).
 
-    from streamrelay.publisher import H264Packager, Publisher, Readiness
+The network side is :class:`Publisher`, configured by one :class:`PublisherSettings`
+record. It runs on the Twisted reactor (the reactor must run, usually in the main thread),
+connects, reconnects with backoff and jitter, re-sends meta and CONFIG after every
+reconnect, and tells you when to produce a keyframe::
 
-    publisher = Publisher("ws://127.0.0.1:8080/publish/desk", token=token)
+    from streamrelay.publisher import H264Packager, Publisher, PublisherSettings, Readiness
+
+    publisher = Publisher(PublisherSettings("ws://127.0.0.1:8080/publish/desk", token=token))
     packager = H264Packager()      # Annex-B access units -> CONFIG / KEY / delta messages
     publisher.on_keyframe_request = my_encoder.force_idr        # relay asked, or reconnect
     publisher.on_viewers = lambda count: print("viewers:", count)
@@ -26,9 +30,10 @@ and CONFIG after every reconnect, and tells you when to produce a keyframe::
             if message.is_config:
                 publisher.send_meta_threadsafe(
                     {"codec": packager.codec_string, "width": w, "height": h, "fps": fps})
-                publisher.send_config_threadsafe(message.payload, message.timestamp_us)
+                publisher.send_config_threadsafe(message.payload, message.capture_time_us)
             elif not publisher.send_frame_threadsafe(
-                    message.payload, key=message.is_key, timestamp_us=message.timestamp_us):
+                    message.payload, key=message.is_key,
+                    capture_time_us=message.capture_time_us):
                 force_idr_on_the_next()                          # dropped at the handoff
 
     # On the way out (reactor thread): publisher.stop() returns a Deferred.
@@ -38,31 +43,51 @@ the ``*_threadsafe`` methods (``send_meta_threadsafe``, ``send_config_threadsafe
 ``send_frame_threadsafe``, ``stop_threadsafe``), which hand over with
 ``reactor.callFromThread``. At most ``max_pending_threadsafe_calls`` frames may wait for
 the reactor: past that ``send_frame_threadsafe`` drops (and returns False) until the next
-KEY, so nothing queues without bound. Callbacks (``on_viewers(count)``,
-``on_keyframe_request()``, ``on_state_change(state)``) run in the reactor thread; keep
+KEY, so nothing queues without bound. Callbacks, set as attributes (``on_viewers(count)``,
+``on_keyframe_request()``, ``on_state_change(state)``), run in the reactor thread; keep
 them short (set a flag the encoder thread reads).
 
 Reactor-thread API: ``start()``, ``stop() -> Deferred``, ``when_stopped() -> Deferred``,
-``send_meta(dict)``, ``send_config(bytes, timestamp_us=None)``,
-``send_frame(bytes, key=..., timestamp_us=None) -> bool``; state in ``state``
+``send_meta(dict)``, ``send_config(bytes, capture_time_us=None)``,
+``send_frame(bytes, key=..., capture_time_us=None) -> bool``; state in ``state``
 (:class:`ConnectionState`), ``connected``, ``viewers``, ``stats``, ``dropped``,
 ``last_error``.
 
 Building blocks:
 
-- :mod:`.wire`: the 9-byte header (``pack_header``, ``pack_media_message``,
-  ``parse_media_message``, :class:`MediaMessage`), JSON control messages, ``now_us()``;
+- :mod:`streamrelay.wire`, the one codec of the wire protocol (re-exported here:
+  :class:`MediaMessage`, ``encode_media``, ``parse_media``, :class:`WireError`,
+  ``meta_message``, ``now_us``, the flags);
 - :mod:`.h264`: ``split_annexb``, ``join_annexb``, ``extract_parameter_sets``,
   ``parse_sps``/``codec_string_from_sps``, ``avcc_to_annexb``, :class:`H264Packager`;
 - :mod:`.encoder` (needs PyAV): :class:`H264Encoder` and :class:`EncoderSettings`: libx264
   with zerolatency, no B-frames, in-band SPS/PPS, forced IDRs on request;
 - :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
-- :mod:`.pipeline`: :class:`CapturePipeline`, the capture/encode thread with drop-at-source.
+- :mod:`.pipeline` (needs PyAV): :class:`CapturePipeline`, the capture/encode thread with
+  drop-at-source.
+
+Inside the network side: :mod:`.settings` (the record), :mod:`.connector` (the
+connection lifecycle, a state machine in :mod:`.state`), :mod:`.connection` (the
+Autobahn protocol, and refusals read from the HTTP response), :mod:`.outbox` and
+:mod:`.handoff` (the two bounded queues), :mod:`.endpoint` (TCP and TLS).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from streamrelay.wire import (
+    FLAG_CONFIG,
+    FLAG_KEY,
+    HEADER_SIZE,
+    SUBPROTOCOL,
+    MediaMessage,
+    WireError,
+    encode_media,
+    meta_message,
+    now_us,
+    parse_media,
+)
 
 from .backoff import Backoff
 from .client import ConnectionState, Publisher, PublisherStats, Readiness
@@ -77,18 +102,7 @@ from .h264 import (
     parse_sps,
     split_annexb,
 )
-from .wire import (
-    FLAG_CONFIG,
-    FLAG_KEY,
-    HEADER_SIZE,
-    SUBPROTOCOL,
-    MediaMessage,
-    WireFormatError,
-    now_us,
-    pack_header,
-    pack_media_message,
-    parse_media_message,
-)
+from .settings import DEFAULT_URL, PublisherSettings, RelayTarget
 
 if TYPE_CHECKING:
     from .encoder import EncoderSettings, H264Encoder
@@ -104,6 +118,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    """Import the PyAV-backed names on first use."""
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -113,6 +128,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_URL",
     "FLAG_CONFIG",
     "FLAG_KEY",
     "HEADER_SIZE",
@@ -126,18 +142,20 @@ __all__ = [
     "H264Packager",
     "MediaMessage",
     "Publisher",
+    "PublisherSettings",
     "PublisherStats",
     "Readiness",
+    "RelayTarget",
     "SpsInfo",
-    "WireFormatError",
+    "WireError",
     "avcc_to_annexb",
     "codec_string_from_sps",
+    "encode_media",
     "extract_parameter_sets",
     "join_annexb",
+    "meta_message",
     "now_us",
-    "pack_header",
-    "pack_media_message",
-    "parse_media_message",
+    "parse_media",
     "parse_sps",
     "split_annexb",
 ]

@@ -10,8 +10,9 @@ from typing import Any
 import av
 import av.video.frame
 
+from streamrelay.wire import MediaMessage, meta_message
+
 from .h264 import H264Packager, SpsInfo
-from .wire import MediaMessage, meta_message
 
 PROFILES = ("baseline", "main", "high")
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
@@ -121,14 +122,14 @@ class H264Encoder:
     def encode(
         self,
         frame: av.VideoFrame,
-        timestamp_us: int,
+        capture_time_us: int,
         *,
         force_keyframe: bool = False,
     ) -> list[MediaMessage]:
         """Encode one picture; return its messages (CONFIG first when SPS/PPS changed).
 
         ``frame`` is converted to the configured size and yuv420p when it differs.
-        ``timestamp_us`` is the capture time that goes into the message headers.
+        ``capture_time_us`` is the capture time that goes into the message headers.
         """
         settings = self.settings
         if (frame.width, frame.height, frame.format.name) != (
@@ -152,14 +153,7 @@ class H264Encoder:
         # zerolatency means one packet per frame, at once; keep the frame's own capture
         # time with it even so.
         for packet in self._context.encode(frame):
-            messages.extend(self._packager.package(bytes(packet), timestamp_us))
-        return messages
-
-    def flush(self, timestamp_us: int) -> list[MediaMessage]:
-        """Drain the encoder at end of stream; return any remaining messages."""
-        messages: list[MediaMessage] = []
-        for packet in self._context.encode(None):
-            messages.extend(self._packager.package(bytes(packet), timestamp_us))
+            messages.extend(self._packager.package(bytes(packet), capture_time_us))
         return messages
 
     def close(self) -> None:

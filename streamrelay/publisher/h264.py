@@ -12,7 +12,8 @@ The H.264 profile of wire protocol v1:
 
 :class:`H264Packager` turns access units from any encoder into wire messages following
 those rules; :func:`avcc_to_annexb` and :func:`avcc_config_to_parameter_sets` help when an
-encoder produces MP4-style (length-prefixed) output instead.
+encoder produces MP4-style (length-prefixed) output instead (hand the parameter sets to
+the packager as an access unit of their own, joined with :func:`join_annexb`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .wire import FLAG_CONFIG, FLAG_KEY, MediaMessage
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage
 
 NAL_SLICE: Final = 1
 NAL_IDR: Final = 5
@@ -311,11 +312,7 @@ class H264Packager:
             return None
         return join_annexb(self._sps + self._pps)
 
-    def set_parameter_sets(self, sps: Sequence[bytes], pps: Sequence[bytes]) -> None:
-        """Provide SPS/PPS obtained out of band (for example from an ``avcC`` record)."""
-        self._sps, self._pps = tuple(sps), tuple(pps)
-
-    def package(self, access_unit: bytes, timestamp_us: int) -> list[MediaMessage]:
+    def package(self, access_unit: bytes, capture_time_us: int) -> list[MediaMessage]:
         """Return the v1 messages for one Annex-B access unit (see the class docstring)."""
         units = split_annexb(access_unit)
         if not units:
@@ -328,25 +325,26 @@ class H264Packager:
         messages: list[MediaMessage] = []
         if not _has_picture(units):
             if self._sps and self._pps and (sps or pps):
-                messages.extend(self._config_if_changed(timestamp_us))
+                messages.extend(self._config_if_changed(capture_time_us))
             return messages
         if not is_idr(units):
-            messages.append(MediaMessage(0, timestamp_us, access_unit))
+            messages.append(MediaMessage.build(0, capture_time_us, access_unit))
             return messages
         if not (self._sps and self._pps):
             raise H264Error("IDR access unit without SPS/PPS, and none known")
-        messages.extend(self._config_if_changed(timestamp_us))
+        messages.extend(self._config_if_changed(capture_time_us))
         if not (sps and pps):
             access_unit = self._with_parameter_sets(units)
-        messages.append(MediaMessage(FLAG_KEY, timestamp_us, access_unit))
+        messages.append(MediaMessage.build(FLAG_KEY, capture_time_us, access_unit))
         return messages
 
-    def _config_if_changed(self, timestamp_us: int) -> list[MediaMessage]:
+    def _config_if_changed(self, capture_time_us: int) -> list[MediaMessage]:
         current = (self._sps, self._pps)
         if current == self._config_sent:
             return []
         self._config_sent = current
-        return [MediaMessage(FLAG_CONFIG, timestamp_us, join_annexb(self._sps + self._pps))]
+        config = join_annexb(self._sps + self._pps)
+        return [MediaMessage.build(FLAG_CONFIG, capture_time_us, config)]
 
     def _with_parameter_sets(self, units: Sequence[bytes]) -> bytes:
         # Parameter sets go after any access unit delimiter, which must stay first.

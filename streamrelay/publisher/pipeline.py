@@ -21,10 +21,11 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from streamrelay.wire import HEADER_SIZE, MediaMessage
+
 from .client import Readiness
 from .encoder import H264Encoder
 from .sources import FrameSource
-from .wire import MediaMessage
 
 
 class MediaSink(Protocol):
@@ -39,12 +40,12 @@ class MediaSink(Protocol):
         """Queue a meta message for the reactor thread."""
         ...
 
-    def send_config_threadsafe(self, payload: bytes, timestamp_us: int | None = None) -> None:
+    def send_config_threadsafe(self, payload: bytes, capture_time_us: int | None = None) -> None:
         """Queue a CONFIG for the reactor thread."""
         ...
 
     def send_frame_threadsafe(
-        self, payload: bytes, *, key: bool, timestamp_us: int | None = None
+        self, payload: bytes, *, key: bool, capture_time_us: int | None = None
     ) -> bool:
         """Queue a frame for the reactor thread; False if it was dropped at the handoff."""
         ...
@@ -85,7 +86,6 @@ class CapturePipeline:
         self._meta_extra = dict(meta_extra or {})
         self._monotonic = monotonic
         self._stop_requested = threading.Event()
-        self._keyframe_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
         self.stats = PipelineStats()
@@ -110,8 +110,12 @@ class CapturePipeline:
         return not self._thread.is_alive()
 
     def request_keyframe(self) -> None:
-        """Make the next encoded frame a keyframe. Any thread."""
-        self._keyframe_requested.set()
+        """Make the next encoded frame a keyframe. Any thread.
+
+        The encoder keeps the request (see :meth:`.H264Encoder.request_keyframe`): a frame
+        skipped at the source leaves it pending for the next one encoded.
+        """
+        self._encoder.request_keyframe()
 
     def when_finished(self) -> defer.Deferred[None]:
         """Fires in the reactor thread when the capture thread ends (errback on failure)."""
@@ -132,12 +136,9 @@ class CapturePipeline:
         if readiness is Readiness.CONGESTED:
             stats.frames_dropped += 1
             return True
-        if self._keyframe_requested.is_set():
-            self._keyframe_requested.clear()
-            force_keyframe = True
         started = time.perf_counter()
         messages = self._encoder.encode(
-            captured.frame, captured.timestamp_us, force_keyframe=force_keyframe
+            captured.frame, captured.capture_time_us, force_keyframe=force_keyframe
         )
         stats.encode_seconds += time.perf_counter() - started
         stats.frames_encoded += 1
@@ -147,18 +148,18 @@ class CapturePipeline:
         """Pass encoded messages to the sink; True if a frame was refused (KEY needed)."""
         needs_keyframe = False
         for message in messages:
-            self.stats.bytes_encoded += len(message.payload)
+            self.stats.bytes_encoded += message.size - HEADER_SIZE
             if message.is_config:
                 # meta goes first: its codec string comes from this very SPS.
                 meta = self._encoder.meta(**self._meta_extra)
                 if meta is not None:
                     self._sink.send_meta_threadsafe(meta)
-                self._sink.send_config_threadsafe(message.payload, message.timestamp_us)
+                self._sink.send_config_threadsafe(message.payload, message.capture_time_us)
                 continue
             if message.is_key:
                 self.stats.keyframes_encoded += 1
             accepted = self._sink.send_frame_threadsafe(
-                message.payload, key=message.is_key, timestamp_us=message.timestamp_us
+                message.payload, key=message.is_key, capture_time_us=message.capture_time_us
             )
             needs_keyframe = needs_keyframe or not accepted
         return needs_keyframe

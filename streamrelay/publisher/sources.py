@@ -31,8 +31,9 @@ from typing import Any, Final
 
 import av
 
+from streamrelay.wire import now_us
+
 from .testpattern import TestPattern
-from .wire import now_us
 
 SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera")
 
@@ -46,7 +47,7 @@ class CapturedFrame:
     """A picture and the wall-clock time (microseconds) it was captured."""
 
     frame: av.VideoFrame
-    timestamp_us: int
+    capture_time_us: int
 
 
 @dataclass(frozen=True, slots=True)

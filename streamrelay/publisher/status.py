@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
@@ -17,10 +17,40 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
-from .client import ConnectionState, Publisher, Readiness
-from .pipeline import CapturePipeline
+from .client import ConnectionState, PublisherStats, Readiness
+
+if TYPE_CHECKING:
+    from .pipeline import CapturePipeline  # imports PyAV
 
 _CLEAR_LINE = "\r\x1b[K"
+
+
+class PublisherView(Protocol):
+    """What the status line reads of a :class:`~.client.Publisher`."""
+
+    @property
+    def stats(self) -> PublisherStats:
+        """The publisher's counters."""
+
+    @property
+    def state(self) -> ConnectionState:
+        """The connection state."""
+
+    @property
+    def readiness(self) -> Readiness:
+        """Whether a frame would go out now."""
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt failed."""
+
+    @property
+    def viewers(self) -> int | None:
+        """The viewer count the relay last reported."""
+
+    @property
+    def dropped(self) -> int:
+        """Frames the network side dropped."""
 
 
 class StatusLine:
@@ -33,7 +63,7 @@ class StatusLine:
     def __init__(
         self,
         reactor: Any,
-        publisher: Publisher,
+        publisher: PublisherView,
         pipeline: CapturePipeline | None,
         stream: TextIO,
         *,

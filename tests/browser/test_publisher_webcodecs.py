@@ -29,8 +29,11 @@ pytestmark = pytest.mark.browser
 # how many pictures came out and how many of them differ.
 PAGE = """<!doctype html><meta charset="utf-8"><script>
 async function decodeStream(skipKeys) {
-  const meta = await (await fetch('meta.json')).json();
-  const bytes = new Uint8Array(await (await fetch('messages.bin')).arrayBuffer());
+  // no-store: both profiles' files are written within a second, and a 304 would keep
+  // the first profile's meta.
+  const fresh = {cache: 'no-store'};
+  const meta = await (await fetch('meta.json', fresh)).json();
+  const bytes = new Uint8Array(await (await fetch('messages.bin', fresh)).arrayBuffer());
   const view = new DataView(bytes.buffer);
   const canvas = new OffscreenCanvas(meta.width, meta.height);
   const context = canvas.getContext('2d', {willReadFrequently: true});
@@ -108,7 +111,7 @@ def write_stream(directory: Path, profile: str, frames: int = 50, gop: int = 20)
     for index in range(frames):
         wall_time = 1_700_000_000 + index / 30
         for message in encoder.encode(pattern.render(index, wall_time), int(wall_time * 1e6)):
-            packed = message.pack()
+            packed = message.data
             messages += struct.pack(">I", len(packed)) + packed
     (directory / "messages.bin").write_bytes(bytes(messages))
     meta = encoder.meta()

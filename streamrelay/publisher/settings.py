@@ -1,0 +1,102 @@
+"""What a publisher is configured with: one frozen record, checked when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_URL: Final = "ws://127.0.0.1:8080/publish/demo"
+USER_AGENT: Final = "streamrelay-publish/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTarget:
+    """A parsed relay URL."""
+
+    url: str = field(repr=False)  # the query may hold secrets: see display_url
+    secure: bool
+    host: str
+    port: int
+
+    @property
+    def display_url(self) -> str:
+        """The URL without query or credentials, safe to print."""
+        parts = urlsplit(self.url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def parse_relay_url(url: str) -> RelayTarget:
+    """Validate a ``ws://`` or ``wss://`` URL (``http(s)://`` is accepted and converted)."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"relay URL must start with ws:// or wss://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"relay URL has no host: {url!r}")
+    if parts.fragment:
+        raise ValueError("relay URL must not have a #fragment")
+    try:
+        port = parts.port or (443 if scheme == "wss" else 80)
+    except ValueError:
+        raise ValueError(f"relay URL has a bad port: {url!r}") from None
+    path = parts.path or "/"
+    normalized = urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    return RelayTarget(normalized, scheme == "wss", parts.hostname, port)
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSettings:
+    """Where to publish and how: the relay URL, the token, the bounds and the timeouts.
+
+    ``token`` goes out as ``Authorization: Bearer ...``; neither it nor the URL is part
+    of the ``repr``, so a settings record can be logged.
+
+    The outbox (messages waiting for a slow network) reports CONGESTED from
+    ``queue_high_water_bytes`` until it drains to a quarter of that, and drops frames
+    until the next KEY rather than grow past ``queue_limit_bytes``. At most
+    ``max_pending_threadsafe_calls`` frames may wait for the reactor thread. Times are in
+    seconds: Autobahn's ping interval and timeout (0 turns pings off), the opening and
+    closing handshake timeouts, and how long a connection must hold before the reconnect
+    backoff starts again from its shortest delay. A publisher replaced by a newer one
+    (close code 4409) stops, unless ``reconnect_when_replaced``.
+    """
+
+    url: str = field(default=DEFAULT_URL, repr=False)
+    token: str | None = field(default=None, repr=False)
+    insecure: bool = False
+    queue_high_water_bytes: int = 256 * 1024
+    queue_limit_bytes: int = 1024 * 1024
+    max_pending_threadsafe_calls: int = 8
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    open_timeout: float = 10.0
+    close_timeout: float = 2.0
+    stable_after: float = 5.0
+    reconnect_when_replaced: bool = False
+    target: RelayTarget = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.token is not None and (not self.token or any(c in self.token for c in "\r\n\0")):
+            raise ValueError("token must be non-empty and single-line")
+        if not 0 < self.queue_high_water_bytes <= self.queue_limit_bytes:
+            raise ValueError("need 0 < queue_high_water_bytes <= queue_limit_bytes")
+        if self.max_pending_threadsafe_calls < 1:
+            raise ValueError("max_pending_threadsafe_calls must be at least 1")
+        # Frozen: the parsed URL is set once, here.
+        object.__setattr__(self, "target", parse_relay_url(self.url))
+
+    @property
+    def queue_low_water_bytes(self) -> int:
+        """Where a congested outbox counts as drained again."""
+        return self.queue_high_water_bytes // 4
+
+
+__all__ = [
+    "DEFAULT_URL",
+    "USER_AGENT",
+    "PublisherSettings",
+    "RelayTarget",
+    "parse_relay_url",
+]
