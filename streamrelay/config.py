@@ -21,11 +21,20 @@ class RelayConfig:
     max_handshakes_per_ip: float = 50.0
     handshake_burst: int = 100
     max_streams: int = 1000
+    # Most stream names that only viewers hold, waiting for a first publisher (1000);
+    # over it a viewer of another such name gets 503. A positive integer.
+    max_waiting_streams: int = 1000
+    # Most such waiting names the viewers from one address hold at once (20). A positive
+    # integer.
+    max_waiting_streams_per_ip: int = 20
     max_viewers_per_stream: int = 0
     max_message_bytes: int = 8 * MIB
     max_fragments_per_message: int = 4096
     viewer_queue_bytes: int = 4 * MIB
     gop_cache_bytes: int = 8 * MIB
+    # Most messages in each stream's GOP cache (4096); over it the cache empties until the
+    # next KEY, as over --gop-cache-bytes. A positive integer.
+    gop_cache_messages: int = 4096
     max_buffered_bytes: int = 512 * MIB
 
     ping_interval: float = 10.0

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import wire
+from streamrelay.limits import address_key
 from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
@@ -419,7 +420,9 @@ class ViewerProtocol(RelayProtocol):
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         assert self.context is not None
-        result = self.context.registry.watch(self.stream_name, self)
+        result = self.context.registry.watch(
+            self.stream_name, self, address_key(self.transport.getPeer())
+        )
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return

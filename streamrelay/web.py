@@ -737,7 +737,7 @@ class StreamGate(resource.Resource):
         if self.role == "publish":
             later = context.registry.check_publisher(name)
         elif self.role == "watch":
-            later = context.registry.check_viewer(name)
+            later = context.registry.check_viewer(name, peer_host(address))
         if later is not None and later.status == 503:
             return later
         origin = request.getHeader("origin")
