@@ -69,7 +69,7 @@ class Endpoint:
     # With no secret, only direct loopback peers are admitted.
     loopback_without_secret: bool = False
     # Why the stream would refuse this role now (503 limits, 409 taken), or None.
-    stream_check: Callable[[str], Refusal | None] | None = None
+    stream_check: Callable[[str, str], Refusal | None] | None = None
 
 
 def endpoints(context: RelayContext) -> list[Endpoint]:
@@ -135,7 +135,9 @@ class Handshake:
     def stream_refusal(self) -> Refusal | None:
         """Why the stream refuses this role now; asked once per handshake."""
         check = self.endpoint.stream_check
-        return check(self.stream) if check is not None else None
+        if check is None:
+            return None
+        return check(self.stream, peer_host(self.request.getClientAddress()))
 
     def token(self) -> str | None:
         """The token from ``Authorization: Bearer`` or else from ``?token=``."""

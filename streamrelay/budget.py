@@ -1,11 +1,32 @@
 """The global bound on buffered bytes: every GOP cache plus everything pending towards
 viewers.  When the total reaches the bound, the largest backlogs are shed (viewers are
 put into skipping, then GOP caches are emptied) until the total is under 75% of it.
+
+Every holder charges a message its memory cost: its bytes plus
+:data:`MESSAGE_OVERHEAD_BYTES` for the Python objects kept with it, so that a flood of
+tiny messages is bounded in real memory, not only in payload bytes.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
+
+# What holding one relayed message costs beyond its bytes, in one holder (a GOP cache or
+# a viewer queue): the prepared WebSocket frame (Autobahn's PreparedMessage and its
+# payloadHybi bytes object, which carries the message), its MediaInfo (and the int of
+# its capture time), and the holder's own slot (a 2-tuple and a list slot in the GOP
+# cache; an _Outbound and a deque slot in a viewer queue).  Measured once through the
+# real holders with the relay's frames (CPython 3.11.7, Autobahn 26.11.1, 64-bit Linux),
+# per message beyond its size:
+#   tracemalloc (2,000 messages), GOP cache:     245 B (9-byte messages), 273 B (300 B
+#     and 5 kB), 281 B (70 kB); viewer queue alone holding the frame: 291 B, 321 B, 327 B
+#   RSS growth (100,000 messages; pymalloc rounds each object up to 16 B, malloc adds
+#     its own header): GOP cache 308 B (9 B), 356 B (300 B), 348 B (5 kB); viewer
+#     queue 346 B (9 B), 396 B (300 B and 5 kB), 339 B (70 kB)
+# The largest, 396 B, rounded up with some margin.  tests/test_budget.py re-measures it
+# with tracemalloc.  Each holder is charged as if it alone kept the frame (the frame is
+# shared when several hold it), so the sum of the charges is an upper bound.
+MESSAGE_OVERHEAD_BYTES: Final = 448
 
 
 class Sheddable(Protocol):

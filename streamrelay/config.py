@@ -181,7 +181,18 @@ class RelayConfig:
         positive_rate,
     )
     handshake_burst: int = derived(100, "max_handshakes_per_ip", _burst_for)
-    max_streams: int = option(1000, "Most streams at once.", positive_int)
+    max_streams: int = option(
+        1000, "Most streams with a publisher at once; viewers never count.", positive_int
+    )
+    max_waiting_streams: int = option(
+        1000,
+        "Most stream names held only by viewers waiting for a first publisher; over it "
+        "a viewer of another name gets 503.",
+        positive_int,
+    )
+    max_waiting_streams_per_ip: int = option(
+        20, "Most such waiting names the viewers from one address hold.", positive_int
+    )
     max_viewers_per_stream: int = option(
         0, "Most viewers per stream; 0 = no limit.", non_negative_int
     )
@@ -195,11 +206,21 @@ class RelayConfig:
     )
     viewer_queue_bytes: int = option(
         4 * MIB,
-        "Bytes pending towards one viewer before it skips to the next keyframe.",
+        "Memory pending towards one viewer before it skips to the next keyframe (each "
+        "message counts its size plus a fixed overhead).",
         positive_int,
     )
     gop_cache_bytes: int = option(
-        8 * MIB, "GOP cache per stream in bytes; 0 turns it off.", non_negative_int
+        8 * MIB,
+        "GOP cache per stream in bytes (each message counts its size plus a fixed "
+        "overhead); 0 turns it off.",
+        non_negative_int,
+    )
+    gop_cache_messages: int = option(
+        4096,
+        "Most messages in each stream's GOP cache; over it the cache empties until the "
+        "next KEY.",
+        positive_int,
     )
     max_buffered_bytes: int = option(
         512 * MIB,

@@ -1,7 +1,9 @@
 """The per-stream GOP cache: the latest CONFIG and every message since the latest KEY.
 
 A viewer that joins gets the cache at once, so its first frame needs no wait for the next
-keyframe.  Over its byte bound the cache empties until the next KEY.
+keyframe.  Over its memory bound, or over its message count, the cache empties until the
+next KEY.  Each message is charged its memory cost, its bytes plus
+:data:`streamrelay.budget.MESSAGE_OVERHEAD_BYTES`, not only its bytes.
 """
 
 from __future__ import annotations
@@ -9,21 +11,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.wire import MediaInfo
 
 Frame = TypeVar("Frame")
 
+# The default of --gop-cache-messages: a 60 fps stream with a keyframe a minute fits.
+DEFAULT_GOP_CACHE_MESSAGES = 4096
+
 
 class GopCache(Generic[Frame]):
-    """Holds ``(message, prepared frame)`` pairs from the latest KEY on, within ``limit`` bytes.
+    """Holds ``(message, prepared frame)`` pairs from the latest KEY on, within ``limit``
+    bytes of memory and ``max_messages`` messages.
 
     ``limit`` 0 turns the cache off (the latest CONFIG is still kept, it is tiny and a
     joining viewer needs it before the next KEY).  ``on_resize`` hears every change of
-    :attr:`backlog_bytes` so the global budget stays exact.
+    :attr:`backlog_bytes` so the global budget stays exact.  Each message costs its size
+    plus ``message_overhead`` (the objects kept with it).
     """
 
-    def __init__(self, limit: int, on_resize: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_resize: Callable[[int], None],
+        max_messages: int = DEFAULT_GOP_CACHE_MESSAGES,
+        message_overhead: int = MESSAGE_OVERHEAD_BYTES,
+    ) -> None:
         self.limit = limit
+        self.max_messages = max_messages
+        self._overhead = message_overhead
         self._on_resize = on_resize
         self.config: tuple[MediaInfo, Frame] | None = None
         self._config_at_key: tuple[MediaInfo, Frame] | None = None
@@ -32,12 +48,27 @@ class GopCache(Generic[Frame]):
         self._config_in_items = False
         self.emptied = 0
 
+    def cost(self, message: MediaInfo) -> int:
+        """The memory this cache is charged for holding ``message``."""
+        return message.size + self._overhead
+
     @property
     def backlog_bytes(self) -> int:
-        """Bytes held: the cached GOP plus the latest CONFIG."""
-        # A CONFIG that arrived mid-GOP is held once, though listed in both places.
-        config_bytes = self.config[0].size if self.config and not self._config_in_items else 0
-        return self._items_bytes + config_bytes
+        """Memory held: the cached GOP plus the CONFIGs kept apart from it."""
+        held = self._items_bytes
+        if self._config_in_items:
+            # The latest CONFIG arrived mid-GOP: it is in the GOP (held once, though
+            # listed in both places), and the one in effect at the KEY is kept too.
+            if self._config_at_key is not None:
+                held += self.cost(self._config_at_key[0])
+        elif self.config is not None:
+            held += self.cost(self.config[0])
+        return held
+
+    @property
+    def message_count(self) -> int:
+        """Messages in the cached GOP (the CONFIG kept apart not included)."""
+        return len(self._items)
 
     def add(self, message: MediaInfo, frame: Frame) -> None:
         """Record a message the publisher sent, in order."""
@@ -55,13 +86,13 @@ class GopCache(Generic[Frame]):
             self._append(message, frame)
         elif self._items:
             self._append(message, frame)
-        if self._items_bytes > self.limit:
+        if self._items_bytes > self.limit or len(self._items) > self.max_messages:
             self._drop_items()
         self._resized(before)
 
     def _append(self, message: MediaInfo, frame: Frame) -> None:
         self._items.append((message, frame))
-        self._items_bytes += message.size
+        self._items_bytes += self.cost(message)
 
     def _drop_items(self) -> None:
         if self._items:
@@ -78,7 +109,7 @@ class GopCache(Generic[Frame]):
 
     @property
     def sheddable_bytes(self) -> int:
-        """Bytes :meth:`shed` would free: the cached GOP."""
+        """Memory :meth:`shed` would free: the cached GOP."""
         return self._items_bytes
 
     @property

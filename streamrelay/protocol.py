@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import wire
+from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
@@ -425,7 +426,9 @@ class ViewerProtocol(RelayProtocol):
 
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
-        result = self.context.registry.watch(self.stream_name, self)
+        result = self.context.registry.watch(
+            self.stream_name, self, peer_host(self.transport.getPeer())
+        )
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return

@@ -5,6 +5,10 @@ Protocol adapters talk to this module through two small handles:
 :class:`~streamrelay.viewer_queue.ViewerQueue` out).  Connections appear here only through
 the :class:`PublisherLink` and :class:`~streamrelay.viewer_queue.ViewerSink` interfaces,
 so every rule can be tested with a ``Clock`` and no sockets.
+
+(Over 400 lines: the stream, its two session handles and the registry share one
+lifecycle -- create, attach, detach, forget -- and its admission rules, which read best
+together; the rate window and the throttle could move to a module of their own.)
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from twisted.logger import Logger
 from streamrelay.budget import BufferBudget
 from streamrelay.config import RelayConfig
 from streamrelay.gop import GopCache
-from streamrelay.limits import Refusal
+from streamrelay.limits import Refusal, WaitingStreams
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
 from streamrelay.wire import MediaMessage, encode_text
 
@@ -137,7 +141,9 @@ class Stream:
         self.publisher: PublisherLink | None = None
         self.publisher_since: float | None = None
         self.viewers: dict[ViewerSink, ViewerQueue] = {}
-        self.gop: GopCache[Any] = GopCache(config.gop_cache_bytes, registry.budget.adjust)
+        self.gop: GopCache[Any] = GopCache(
+            config.gop_cache_bytes, registry.budget.adjust, config.gop_cache_messages
+        )
         registry.budget.add_cache(self.gop)
         self.meta: tuple[Any, int] | None = None
         self.messages_in = 0
@@ -165,6 +171,8 @@ class Stream:
 
     def attach_publisher(self, link: PublisherLink) -> None:
         previous = self.publisher
+        if previous is None:
+            self._registry.live_streams += 1
         self.publisher = link
         self.publisher_since = self._registry.clock.seconds()
         self.gop.clear()
@@ -186,6 +194,7 @@ class Stream:
     def detach_publisher(self, link: PublisherLink) -> None:
         if self.publisher is not link:
             return
+        self._registry.live_streams -= 1
         self.publisher = None
         self.publisher_since = None
         self.gop.clear()
@@ -340,10 +349,15 @@ class PublisherSession:
 class ViewerSession:
     """A viewer's handle on its stream; ``queue`` is its outbound queue."""
 
-    def __init__(self, registry: StreamRegistry, stream: Stream, sink: ViewerSink) -> None:
+    def __init__(
+        self, registry: StreamRegistry, stream: Stream, sink: ViewerSink, address: str | None
+    ) -> None:
         self._registry = registry
         self.stream = stream
         self._sink = sink
+        self._address = address
+        if registry.waiting.is_waiting(stream.name):
+            registry.waiting.hold(stream.name, address)
         self.queue = stream.attach_viewer(sink)
         self.closed = False
 
@@ -357,12 +371,18 @@ class ViewerSession:
         if self.closed:
             return
         self.closed = True
+        self._registry.waiting.release(self.stream.name, self._address)
         self.stream.detach_viewer(self._sink)
         self._registry._forget_if_idle(self.stream)
 
 
 class StreamRegistry:
-    """All streams by name; creates them on demand and forgets them when idle."""
+    """All streams by name; creates them on demand and forgets them when idle.
+
+    ``--max-streams`` bounds the streams that have a publisher: only a publisher is
+    refused by it, and viewers never count towards it.  Names that only viewers hold,
+    waiting for a first publisher, have their own bounds (:class:`WaitingStreams`).
+    """
 
     def __init__(
         self, config: RelayConfig, clock: IReactorTime, frame_factory: FrameFactory
@@ -372,31 +392,40 @@ class StreamRegistry:
         self.frame_factory = frame_factory
         self.budget = BufferBudget(config.max_buffered_bytes)
         self.streams: dict[str, Stream] = {}
+        self.waiting = WaitingStreams(
+            config.max_waiting_streams, config.max_waiting_streams_per_ip
+        )
+        self.live_streams = 0
 
     # -- admission (answered in the HTTP handshake) -----------------------------------
 
-    def check_publisher(self, name: str) -> Refusal | None:
-        """Why a publisher for ``name`` would be refused now, or None."""
+    def check_publisher(self, name: str, address: str | None = None) -> Refusal | None:
+        """Why a publisher for ``name`` would be refused now, or None.  Viewers never
+        make a publisher wait: only streams with a publisher count.  (``address`` is
+        accepted for symmetry with :meth:`check_viewer`; publishers have no per-address
+        stream bound.)"""
         stream = self.streams.get(name)
-        if stream is None:
-            return self._check_new_stream()
-        if stream.live and not self.config.takeover:
-            return Refusal(409, "stream already has a publisher")
+        if stream is not None and stream.live:
+            if not self.config.takeover:
+                return Refusal(409, "stream already has a publisher")
+            return None
+        if self.live_streams >= self.config.max_streams:
+            return Refusal(503, "stream limit reached", retry_after=10)
         return None
 
-    def check_viewer(self, name: str) -> Refusal | None:
-        """Why a viewer of ``name`` would be refused now, or None."""
+    def check_viewer(self, name: str, address: str | None = None) -> Refusal | None:
+        """Why a viewer of ``name`` from ``address`` (the key of the per-address limits;
+        None skips the per-address bound) would be refused now, or None."""
         stream = self.streams.get(name)
+        if stream is None or self.waiting.is_waiting(name):
+            refusal = self.waiting.check(name, address)
+            if refusal is not None:
+                return refusal
         if stream is None:
-            return self._check_new_stream()
+            return None
         limit = self.config.max_viewers_per_stream
         if limit and len(stream.viewers) >= limit:
             return Refusal(503, "stream viewer limit reached", retry_after=10)
-        return None
-
-    def _check_new_stream(self) -> Refusal | None:
-        if len(self.streams) >= self.config.max_streams:
-            return Refusal(503, "stream limit reached", retry_after=10)
         return None
 
     # -- sessions ---------------------------------------------------------------------
@@ -413,19 +442,28 @@ class StreamRegistry:
         if refusal is not None:
             return refusal
         stream = self._stream(name)
+        # Its viewers no longer wait for a name that may never come: it is a stream.
+        self.waiting.forget(name)
         stream.attach_publisher(link)
         return PublisherSession(self, stream, link)
 
-    def watch(self, name: str, sink: ViewerSink) -> ViewerSession | Refusal:
-        """Attach a viewer to ``name``; it gets status, meta, CONFIG and the cached GOP."""
-        refusal = self.check_viewer(name)
+    def watch(
+        self, name: str, sink: ViewerSink, address: str | None = None
+    ) -> ViewerSession | Refusal:
+        """Attach a viewer from ``address`` (see :meth:`check_viewer`) to ``name``; it
+        gets status, meta, CONFIG and the cached GOP.  A name nobody publishes yet
+        waits for its publisher, within the waiting-stream bounds."""
+        refusal = self.check_viewer(name, address)
         if refusal is not None:
             return refusal
-        return ViewerSession(self, self._stream(name), sink)
+        if name not in self.streams:
+            self.waiting.add(name)
+        return ViewerSession(self, self._stream(name), sink, address)
 
     def _forget_if_idle(self, stream: Stream) -> None:
         if stream.idle and self.streams.get(stream.name) is stream:
             del self.streams[stream.name]
+            self.waiting.forget(stream.name)
             stream.close()
 
     # -- reporting --------------------------------------------------------------------
@@ -440,8 +478,8 @@ class StreamRegistry:
 
     @property
     def publisher_count(self) -> int:
-        """Connected publishers."""
-        return sum(1 for stream in self.streams.values() if stream.live)
+        """Connected publishers (one per live stream)."""
+        return self.live_streams
 
     @property
     def viewer_count(self) -> int:

@@ -7,10 +7,15 @@ exceed ``limit`` plus one message: a media message that would go over puts the v
 into *skipping* -- queued media that has not started is discarded and every media message
 until the next KEY is dropped.  Text messages are never dropped and keep their order.
 A message already handed to the transport is always finished, so framing stays valid.
+
+"Bytes" here are memory: each message is charged its size plus the objects kept with it
+(:data:`streamrelay.budget.MESSAGE_OVERHEAD_BYTES`), so a flood of tiny messages is
+bounded too.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +23,28 @@ from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.wire import MediaInfo, encode_text
 
 # What a transport may hold before it pauses its producer (Twisted's FileDescriptor
 # bufferSize).  Public APIs do not expose the transport's buffer, so bytes handed over
 # just before a pause are estimated with this figure.
 TRANSPORT_HIGH_WATER_BYTES = 64 * 1024
+
+# What one write waiting in Twisted's transport costs beyond its bytes: a slot in the
+# transport's list of pending writes (8 B) and the header of the bytes object written
+# (33 B), whose WebSocket frame header adds 2 to 10 B to the message, each object
+# rounded up to pymalloc's 16 B (or malloc's header, when large).  Measured with
+# tracemalloc (CPython 3.11.7, 64-bit): 43 B beyond the message for 9 B and 100 B
+# messages, 45 B for 300 B, 62 B for 70 kB; worst case with rounding 33 + 10 + 8 + 15 =
+# 66 B.  Until Twisted joins them (when the socket is writable) 64 KiB of 9-byte
+# messages is ~7,000 writes: ~500 KB, not 64 KiB.  tests/test_viewer_queue.py
+# re-measures it.
+TRANSPORT_WRITE_OVERHEAD_BYTES = 72
+
+# How fast the running mean of write sizes (used to estimate how many writes sit in the
+# transport) follows the traffic: a new write weighs 1/32.
+_WRITE_SIZE_SMOOTHING = 32
 
 
 class ViewerSink(Protocol):
@@ -43,7 +64,7 @@ class ViewerSink(Protocol):
 @dataclass(slots=True)
 class _Outbound:
     frame: Any
-    size: int
+    size: int  # the memory charged: the message's bytes plus the per-message overhead
     message: MediaInfo | None  # None for text
     text_kind: str | None = None
     dropped: int = 0  # for a "dropped" notice: the count it reports
@@ -65,6 +86,7 @@ class ViewerQueue:
         on_backlog_change: Callable[[int], None],
         on_dropped: Callable[[int], None],
         on_need_keyframe: Callable[[], None],
+        message_overhead: int = MESSAGE_OVERHEAD_BYTES,
     ) -> None:
         self._sink = sink
         self._clock = clock
@@ -74,10 +96,15 @@ class ViewerQueue:
         self._on_backlog_change = on_backlog_change
         self._on_dropped = on_dropped
         self._on_need_keyframe = on_need_keyframe
+        self._overhead = message_overhead
 
         self._queue: deque[_Outbound] = deque()
         self._queued_bytes = 0
         self._transport_bytes = 0
+        # Writes since the transport last drained, and the running mean of their sizes:
+        # how many writes a paused transport holds is estimated from them.
+        self._writes_since_resume = 0
+        self._mean_write_bytes = 0.0
         self.paused = False
         self._stall_call: IDelayedCall | None = None
         self.closed = False
@@ -93,16 +120,20 @@ class ViewerQueue:
 
     # -- accounting ---------------------------------------------------------------
 
+    def cost(self, size: int) -> int:
+        """The memory charged for a message of ``size`` bytes."""
+        return size + self._overhead
+
     @property
     def sheddable_bytes(self) -> int:
-        """Queued media bytes that skipping would discard (0 while already skipping)."""
+        """Queued media memory that skipping would discard (0 while already skipping)."""
         if self.skipping or self.waiting_for_key:
             return 0
         return sum(item.size for item in self._queue if item.message is not None)
 
     @property
     def backlog_bytes(self) -> int:
-        """Bytes pending towards this viewer: queued here plus estimated in the transport."""
+        """Memory pending towards this viewer: queued here plus estimated in the transport."""
         return self._queued_bytes + self._transport_bytes
 
     def _set_transport_bytes(self, value: int) -> None:
@@ -131,7 +162,8 @@ class ViewerQueue:
         self._config_sent = None
 
     def send_text(self, frame: Any, size: int, kind: str) -> None:
-        """Queue a text message; an unsent older one of the same kind is superseded."""
+        """Queue a text message of ``size`` bytes; an unsent older one of the same kind
+        is superseded."""
         if self.closed:
             return
         if kind in ("status", "meta") and self._queue and self._queue[-1].text_kind == kind:
@@ -140,7 +172,7 @@ class ViewerQueue:
             item = self._queue.pop()
             self._queued_bytes -= item.size
             self._on_backlog_change(-item.size)
-        self._deliver(_Outbound(frame, size, None, kind))
+        self._deliver(_Outbound(frame, self.cost(size), None, kind))
 
     def send_media(self, message: MediaInfo, frame: Any) -> None:
         """Offer a media message; it is delivered, held, or dropped by the policy."""
@@ -154,22 +186,22 @@ class ViewerQueue:
             if not message.is_key:
                 self._count_drop(1)
                 return
-            if not self._fits(message.size):
+            if not self._fits(message):
                 # A KEY this viewer cannot take: a drop episode, resumed by a requested KEY.
                 self._enter_skipping()
                 self._count_drop(1)
                 return
             self._resume_with(message, frame)
             return
-        if not self._fits(message.size):
+        if not self._fits(message):
             self._enter_skipping()
             self._count_drop(1)
             return
-        self._deliver(_Outbound(frame, message.size, message))
+        self._deliver(_Outbound(frame, self.cost(message.size), message))
 
-    def _fits(self, size: int) -> bool:
+    def _fits(self, message: MediaInfo) -> bool:
         pending = self.backlog_bytes
-        return pending == 0 or pending + size <= self.limit
+        return pending == 0 or pending + self.cost(message.size) <= self.limit
 
     def _count_drop(self, count: int) -> None:
         if self.skipping:
@@ -182,15 +214,17 @@ class ViewerQueue:
             notice = encode_text({"type": "dropped", "messages": self.dropped_in_episode})
             notice_frame = self._frame_factory(notice, False)
             self._deliver(
-                _Outbound(notice_frame, len(notice), None, "dropped", self.dropped_in_episode)
+                _Outbound(
+                    notice_frame, self.cost(len(notice)), None, "dropped", self.dropped_in_episode
+                )
             )
         self.skipping = False
         self.waiting_for_key = False
         self.dropped_in_episode = 0
         if self._latest_config is not None and self._latest_config[0] is not self._config_sent:
             config, config_frame = self._latest_config
-            self._deliver(_Outbound(config_frame, config.size, config))
-        self._deliver(_Outbound(frame, key.size, key))
+            self._deliver(_Outbound(config_frame, self.cost(config.size), config))
+        self._deliver(_Outbound(frame, self.cost(key.size), key))
 
     def _enter_skipping(self) -> None:
         if self.skipping:
@@ -245,10 +279,28 @@ class ViewerQueue:
             # Only a CONFIG that really left counts as sent: a discarded one is resent.
             self._config_sent = item.message
         self._sink.write_frame(item.frame)
+        wire_bytes = max(1, item.size - self._overhead)
+        self._writes_since_resume += 1
+        if self._mean_write_bytes == 0.0:
+            self._mean_write_bytes = float(wire_bytes)
+        else:
+            change = (wire_bytes - self._mean_write_bytes) / _WRITE_SIZE_SMOOTHING
+            self._mean_write_bytes += change
         # A write that made the transport pause us sits, with up to its high-water mark
         # of earlier data, in the transport's buffer; one that did not is on its way.
         if self.paused:
-            self._set_transport_bytes(TRANSPORT_HIGH_WATER_BYTES + item.size)
+            self._set_transport_bytes(self._transport_estimate(item))
+
+    def _transport_estimate(self, last: _Outbound) -> int:
+        """Memory in a transport that just paused: its high-water mark of bytes, the last
+        message whole, and the per-write overhead of as many writes as the recent sizes
+        fit in that many bytes (no more than were written since it last drained)."""
+        wire_bytes = TRANSPORT_HIGH_WATER_BYTES + last.size - self._overhead
+        writes = min(
+            self._writes_since_resume,
+            math.ceil(wire_bytes / max(1.0, self._mean_write_bytes)),
+        )
+        return TRANSPORT_HIGH_WATER_BYTES + last.size + writes * TRANSPORT_WRITE_OVERHEAD_BYTES
 
     def pause_producing(self) -> None:
         """The transport's buffer is full: hold messages here and start the stall clock."""
@@ -263,6 +315,8 @@ class ViewerQueue:
         if self.closed:
             return
         self.paused = False
+        # Twisted resumes its producer once its buffer is empty.
+        self._writes_since_resume = 0
         self._set_transport_bytes(0)
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()

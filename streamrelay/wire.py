@@ -138,11 +138,20 @@ def parse_media(data: bytes) -> MediaMessage:
     return MediaMessage(flags, capture_time_us, bytes(data))
 
 
+def _refuse_constant(name: str) -> Any:
+    # json.loads calls this for NaN, Infinity and -Infinity: Python extensions that
+    # browsers' JSON.parse refuses, so a player would drop the message silently.
+    raise WireError(f"text message is not standard JSON ({name})")
+
+
 def parse_text(payload: bytes | str) -> dict[str, Any]:
-    """Parse a text message, raising :class:`WireError` unless it is a JSON object."""
+    """Parse a text message, raising :class:`WireError` unless it is a JSON object in
+    standard JSON (RFC 8259: no ``NaN``, ``Infinity`` or ``-Infinity``, at any depth)."""
     try:
         text = payload if isinstance(payload, str) else payload.decode("utf-8")
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except WireError:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         # RecursionError: deeply nested arrays fit in a few KiB.
         raise WireError("text message is not JSON") from error
@@ -152,8 +161,15 @@ def parse_text(payload: bytes | str) -> dict[str, Any]:
 
 
 def encode_text(message: Mapping[str, Any]) -> bytes:
-    """Encode a JSON object as a compact UTF-8 text message."""
-    return json.dumps(dict(message), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Encode a JSON object as a compact UTF-8 text message; a value standard JSON
+    cannot carry (NaN, an infinity) raises :class:`WireError` instead of being sent."""
+    try:
+        text = json.dumps(
+            dict(message), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except ValueError as error:
+        raise WireError(f"not encodable as standard JSON: {error}") from error
+    return text.encode("utf-8")
 
 
 def meta_message(codec: str, width: int, height: int, fps: float, **extra: Any) -> dict[str, Any]:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from streamrelay.budget import BufferBudget
+import gc
+import time
+import tracemalloc
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.task import Clock
+
+from streamrelay.budget import MESSAGE_OVERHEAD_BYTES, BufferBudget
+from streamrelay.gop import GopCache
+from streamrelay.viewer_queue import ViewerQueue
+from streamrelay.wire import FLAG_KEY, MediaMessage, encode_media, parse_media
 
 
 class Member:
@@ -169,3 +182,109 @@ def test_bytes_that_cannot_be_shed_do_not_trigger_a_pass_per_message() -> None:
     assert healthy.shed_count == 1, "past the retry margin the largest sheddable is shed"
     assert all(member.size == 400 for member in stuck)
     assert budget.sheds >= passes_after_first
+
+
+# -- the per-message overhead, re-measured ----------------------------------------------
+
+
+def _relay_frame_factory() -> Any:
+    """The frames the relay keeps: Autobahn PreparedMessages from a server factory,
+    uncompressed, as ``RelayContext`` prepares them for its viewers."""
+    factory = WebSocketServerFactory()
+
+    def prepare(payload: bytes, is_binary: bool) -> Any:
+        return factory.prepareMessage(payload, isBinary=is_binary, doNotCompress=True)
+
+    return prepare
+
+
+def _messages(size: int, count: int) -> list[MediaMessage]:
+    """``count`` distinct media messages of ``size`` bytes with realistic capture times."""
+    now = time.time_ns() // 1000
+    filler = b"\x5a" * (size - 9)
+    return [parse_media(encode_media(0, now + index, filler)) for index in range(count)]
+
+
+def _traced_overhead(size: int, hold: Any) -> float:
+    """Bytes traced per message beyond its size while ``hold(message)`` keeps what the
+    relay keeps for each of a batch of messages (the raw bytes it parsed are made
+    beforehand and are not counted: the relay drops them once the frame is prepared)."""
+    count = 2000 if size < 10_000 else 200
+    messages = _messages(size, count)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for message in messages:
+            hold(message)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return (after - before) / count - size
+
+
+@pytest.mark.parametrize("size", [9, 100, 300, 5000, 70_000])
+def test_message_overhead_covers_what_a_gop_cache_keeps(size: int) -> None:
+    """Re-measured with tracemalloc: a message held by a GOP cache (its MediaInfo, the
+    prepared frame carrying its bytes, the cache's tuple and list slot) costs no more
+    than its size plus MESSAGE_OVERHEAD_BYTES."""
+    frame_factory = _relay_frame_factory()
+    cache: GopCache[Any] = GopCache(10**12, lambda change: None, max_messages=10**9)
+    cache.add(_messages(9, 1)[0].info(), None)
+    key = parse_media(encode_media(FLAG_KEY, 1, b""))
+    cache.add(key.info(), frame_factory(key.data, True))
+
+    def hold(message: MediaMessage) -> None:
+        cache.add(message.info(), frame_factory(message.data, True))
+
+    overhead = _traced_overhead(size, hold)
+    assert overhead <= MESSAGE_OVERHEAD_BYTES, f"{overhead:.0f} B per {size}-byte message"
+    # A sanity check of the measurement itself: without the frame it would be far less.
+    assert overhead > MESSAGE_OVERHEAD_BYTES / 3, "the measurement missed the frame"
+
+
+@dataclass
+class _PausedSink:
+    """A viewer whose transport never takes anything: every message stays queued."""
+
+    queue: ViewerQueue | None = None
+
+    def write_frame(self, frame: Any) -> None:
+        raise AssertionError("a paused queue wrote")
+
+    def stalled(self) -> None:
+        pass
+
+    def attached(self, queue: ViewerQueue) -> None:
+        self.queue = queue
+
+
+@pytest.mark.parametrize("size", [9, 100, 300, 5000, 70_000])
+def test_message_overhead_covers_what_a_viewer_queue_keeps(size: int) -> None:
+    """Re-measured with tracemalloc: a message queued for a viewer, the queue alone
+    holding its frame (no GOP cache), costs no more than its size plus
+    MESSAGE_OVERHEAD_BYTES."""
+    frame_factory = _relay_frame_factory()
+    queue = ViewerQueue(
+        _PausedSink(),
+        Clock(),
+        frame_factory,
+        limit=10**12,
+        stall_timeout=0,
+        on_backlog_change=lambda change: None,
+        on_dropped=lambda count: None,
+        on_need_keyframe=lambda: None,
+    )
+    queue.pause_producing()
+    key = parse_media(encode_media(FLAG_KEY, 1, b""))
+    queue.send_media(key.info(), frame_factory(key.data, True))
+
+    def hold(message: MediaMessage) -> None:
+        queue.send_media(message.info(), frame_factory(message.data, True))
+
+    overhead = _traced_overhead(size, hold)
+    assert not queue.skipping
+    assert overhead <= MESSAGE_OVERHEAD_BYTES, f"{overhead:.0f} B per {size}-byte message"
+    # A sanity check of the measurement itself: without the frame it would be far less.
+    assert overhead > MESSAGE_OVERHEAD_BYTES / 3, "the measurement missed the frame"

@@ -102,6 +102,51 @@ def test_parse_text_raises_only_wire_errors(payload: bytes) -> None:
     assert isinstance(value, dict)
 
 
+_non_standard = st.sampled_from(["NaN", "Infinity", "-Infinity"])
+_standard_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_standard_json_values, _non_standard, st.randoms(use_true_random=False))
+def test_parse_text_refuses_nan_and_infinity_anywhere(
+    value: Any, constant: str, random: Any
+) -> None:
+    """A JSON object with NaN or an infinity put at any place a value can go is refused
+    (browsers' JSON.parse refuses it); the same object with null there parses."""
+    marker = "__non_standard__"
+    document = {"type": "meta", "v": value}
+    # Pick one value slot of the document (a dict member or list item) to replace.
+    slots: list[tuple[Any, Any]] = []
+
+    def walk(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in list(items):
+            slots.append((node, key))
+            if isinstance(child, (dict, list)):
+                walk(child)
+
+    walk(document)
+    slots.remove((document, "type"))
+    container, key = random.choice(slots)
+    container[key] = marker
+    encoded = json.dumps(document)
+    assert parse_text(encoded.replace(json.dumps(marker), "null").encode())["type"] == "meta"
+    try:
+        parse_text(encoded.replace(json.dumps(marker), constant).encode())
+    except WireError as error:
+        assert constant in str(error)
+    else:
+        raise AssertionError(f"{constant} accepted in {encoded}")
+
+
 @given(st.integers(0, 4000), st.sampled_from(["[", '{"a":', '[{"b":']))
 def test_parse_text_survives_deep_nesting(depth: int, opener: str) -> None:
     """Nesting depth is not a way to crash the parser."""

@@ -9,6 +9,7 @@ from streamrelay.limits import (
     ConnectionSlot,
     HandshakeRateLimiter,
     Refusal,
+    WaitingStreams,
 )
 
 # -- ConnectionLimiter -----------------------------------------------------------------
@@ -185,3 +186,68 @@ def test_zero_rate_disables_the_limit() -> None:
         assert limiter.allow("a") is None
     limiter.sweep()
     assert limiter.tracked_addresses == 0
+
+
+# -- WaitingStreams ----------------------------------------------------------------------
+
+
+def test_waiting_names_are_bounded_in_total() -> None:
+    """New waiting names are refused (503 + Retry-After) at the total; names that already
+    wait are not, whoever joins them."""
+    waiting = WaitingStreams(max_total=2, max_per_address=10)
+    for name in ("a", "b"):
+        assert waiting.check(name, "10.0.0.1") is None
+        waiting.add(name)
+        waiting.hold(name, "10.0.0.1")
+    refusal = waiting.check("c", "10.0.0.2")
+    assert isinstance(refusal, Refusal)
+    assert refusal.status == 503 and refusal.retry_after
+    assert refusal.reason == "too many streams waiting for a publisher"
+    assert waiting.check("a", "10.0.0.2") is None
+    assert waiting.check("c", None) is not None
+    assert waiting.refused == 2
+
+
+def test_waiting_names_are_bounded_per_address() -> None:
+    """An address holds at most ``max_per_address`` waiting names; more viewers on the
+    names it holds are free, and other addresses are unaffected."""
+    waiting = WaitingStreams(max_total=100, max_per_address=2)
+    for name in ("a", "b"):
+        waiting.add(name)
+        waiting.hold(name, "10.0.0.1")
+    assert waiting.held_by("10.0.0.1") == 2
+    refusal = waiting.check("c", "10.0.0.1")
+    assert isinstance(refusal, Refusal) and refusal.status == 503
+    assert refusal.reason == "too many waiting streams from this address"
+    waiting.add("c")
+    waiting.hold("c", "10.0.0.2")
+    assert waiting.check("c", "10.0.0.1") is not None  # would be a third name
+    assert waiting.check("a", "10.0.0.1") is None
+    waiting.hold("a", "10.0.0.1")
+    assert waiting.held_by("10.0.0.1") == 2
+    assert waiting.check("d", "10.0.0.3") is None
+    assert waiting.check("d", None) is None  # no address: only the total applies
+
+
+def test_waiting_releases_and_forgets_return_to_idle() -> None:
+    """Every hold is released once; a name that stops waiting (published or gone) frees
+    every address that held it; afterwards nothing is tracked."""
+    waiting = WaitingStreams(max_total=10, max_per_address=1)
+    waiting.add("a")
+    waiting.hold("a", "10.0.0.1")
+    waiting.hold("a", "10.0.0.1")
+    waiting.hold("a", "10.0.0.2")
+    waiting.hold("a", None)
+    waiting.release("a", "10.0.0.1")
+    assert waiting.check("b", "10.0.0.1") is not None  # still holds "a"
+    waiting.release("a", "10.0.0.1")
+    assert waiting.check("b", "10.0.0.1") is None
+    waiting.forget("a")  # a publisher came: 10.0.0.2 holds nothing any more
+    assert not waiting.is_waiting("a")
+    assert waiting.check("b", "10.0.0.2") is None
+    waiting.release("a", "10.0.0.2")  # the viewer leaves later: nothing to do
+    waiting.release("a", None)
+    waiting.forget("a")
+    assert waiting.total == 0 and waiting.tracked_addresses == 0
+
+

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
+from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.config import RelayConfig
 from streamrelay.limits import Refusal
 from streamrelay.streams import PublisherSession, StreamRegistry, ViewerSession
@@ -381,21 +382,141 @@ def test_takeover_is_allowed_by_default() -> None:
 # -- limits ----------------------------------------------------------------------------
 
 
-def test_max_streams_refuses_new_streams_with_503() -> None:
-    """Over --max-streams a new stream is refused (503 + Retry-After); existing streams
-    still accept publishers and viewers."""
+def test_max_streams_refuses_new_publishers_with_503() -> None:
+    """Over --max-streams a publisher of another stream is refused (503 + Retry-After);
+    only streams with a publisher count: taking over a live stream, publishing to a name
+    viewers wait for once a slot is free, and viewers of any name are still fine."""
     core = Core(max_streams=2)
     core.publish("a")
     core.watch("b")
-    for check in (core.registry.check_publisher, core.registry.check_viewer):
-        refusal = check("c")
+    assert core.registry.check_publisher("b") is None  # viewers hold no slot
+    core.publish("b")
+    for name in ("c", "d"):
+        refusal = core.registry.check_publisher(name)
         assert isinstance(refusal, Refusal)
         assert refusal.status == 503 and refusal.retry_after
-    assert isinstance(core.registry.watch("c", FakeViewer()), Refusal)
-    assert core.registry.check_viewer("a") is None
-    assert core.registry.check_publisher("b") is None
-    core.watch("a")
-    assert sorted(core.registry.streams) == ["a", "b"]
+        assert refusal.reason == "stream limit reached"
+    assert isinstance(core.registry.publish("c", FakePublisher()), Refusal)
+    assert core.registry.check_publisher("a") is None  # a takeover is not a new stream
+    core.publish("a")
+    assert core.registry.check_viewer("c") is None
+    core.watch("c")
+    assert sorted(core.registry.streams) == ["a", "b", "c"]
+    assert core.registry.publisher_count == 2
+
+
+def test_viewers_of_many_invented_names_never_lock_publishers_out() -> None:
+    """The issue-8 scenario in the core: 1,000 viewers, 100 from each of 10 addresses,
+    each on its own invented name, with the limits at their defaults.  The waiting names
+    are bounded on their own (per address and in total) and a publisher of a new name is
+    accepted whatever they hold."""
+    core = Core()
+    accepted: list[ViewerSession] = []
+    refusals: dict[str, int] = {}
+    for host in range(2, 12):
+        address = f"127.0.0.{host}"
+        for index in range(100):
+            result = core.registry.watch(f"invented-{host}-{index}", FakeViewer(), address)
+            if isinstance(result, Refusal):
+                assert result.status == 503 and result.retry_after
+                refusals[result.reason] = refusals.get(result.reason, 0) + 1
+            else:
+                accepted.append(result)
+    per_address = core.config.max_waiting_streams_per_ip
+    assert len(accepted) == 10 * per_address
+    assert refusals == {"too many waiting streams from this address": 1000 - 10 * per_address}
+    for name in ("new-stream", "another"):
+        assert core.registry.check_publisher(name) is None
+        core.publish(name)
+    # A waiting name turns into a stream when its publisher comes.
+    core.publish(accepted[0].stream.name)
+    assert core.registry.waiting.total == len(accepted) - 1
+
+
+def test_waiting_streams_have_their_own_total_bound() -> None:
+    """Over --max-waiting-streams a viewer of another unpublished name gets 503; viewers
+    of names that already wait, and of live streams, are still welcome, and the bound
+    frees up as waiting names get a publisher or lose their viewers."""
+    core = Core(max_waiting_streams=3, max_waiting_streams_per_ip=100)
+    sessions = [core.watch(name)[0] for name in ("w1", "w2", "w3")]
+    core.publish("live")
+    refusal = core.registry.check_viewer("w4", "10.0.0.1")
+    assert isinstance(refusal, Refusal) and refusal.status == 503 and refusal.retry_after
+    assert refusal.reason == "too many streams waiting for a publisher"
+    assert isinstance(core.registry.watch("w4", FakeViewer()), Refusal)
+    core.watch("w1")  # already waiting: no new name
+    core.watch("live")
+    assert core.registry.check_publisher("w4") is None
+    core.publish("w2")  # w2 stops waiting
+    core.watch("w4")
+    assert core.registry.check_viewer("w5") is not None
+    sessions[2].close()  # the last viewer of w3 leaves: w3 is forgotten
+    assert "w3" not in core.registry.streams
+    core.watch("w5")
+    assert core.registry.waiting.total == 3
+
+
+def test_waiting_streams_are_bounded_per_address() -> None:
+    """One address's viewers hold at most --max-waiting-streams-per-ip waiting names;
+    more viewers of a name it already holds, other addresses, and published names are
+    not affected."""
+    core = Core(max_waiting_streams_per_ip=2)
+    first = core.registry.watch("a", FakeViewer(), "10.0.0.1")
+    assert isinstance(first, ViewerSession)
+    assert isinstance(core.registry.watch("b", FakeViewer(), "10.0.0.1"), ViewerSession)
+    refusal = core.registry.watch("c", FakeViewer(), "10.0.0.1")
+    assert isinstance(refusal, Refusal) and refusal.status == 503
+    assert refusal.reason == "too many waiting streams from this address"
+    assert isinstance(core.registry.watch("a", FakeViewer(), "10.0.0.1"), ViewerSession)
+    assert isinstance(core.registry.watch("c", FakeViewer(), "10.0.0.2"), ViewerSession)
+    # Another address's name: joining it would make this address hold a third one.
+    assert isinstance(core.registry.watch("c", FakeViewer(), "10.0.0.1"), Refusal)
+    core.publish("c")
+    assert isinstance(core.registry.watch("c", FakeViewer(), "10.0.0.1"), ViewerSession)
+    first.close()  # another viewer from 10.0.0.1 still waits on "a"
+    assert isinstance(core.registry.watch("d", FakeViewer(), "10.0.0.1"), Refusal)
+    core.publish("a")  # "a" is a stream now: 10.0.0.1 holds one waiting name
+    assert isinstance(core.registry.watch("d", FakeViewer(), "10.0.0.1"), ViewerSession)
+    assert core.registry.waiting.held_by("10.0.0.1") == 2
+
+
+def test_viewers_may_still_connect_before_the_publisher() -> None:
+    """A waiting viewer gets ``offline``, then ``live`` and the media when the
+    publisher comes, and stays across a publisher restart."""
+    core = Core()
+    session = core.registry.watch("cam", FakeViewer(), "10.0.0.1")
+    assert isinstance(session, ViewerSession)
+    sink = session._sink
+    assert isinstance(sink, FakeViewer)
+    publisher, _ = core.publish("cam")
+    send(publisher, config_msg(1), key_msg(2))
+    publisher.close()
+    assert "cam" in core.registry.streams
+    assert not core.registry.waiting.is_waiting("cam")
+    again, _ = core.publish("cam")
+    send(again, config_msg(3), key_msg(4))
+    assert sink.received() == [OFFLINE, LIVE, 1, 2, OFFLINE, LIVE, 3, 4]
+
+
+def test_waiting_bookkeeping_returns_to_idle() -> None:
+    """After waiting viewers come, get a publisher, leave, in any order, no waiting name
+    or address is left behind and the live count matches."""
+    core = Core(max_waiting_streams_per_ip=5)
+    sessions = [
+        core.registry.watch(f"n{index % 7}", FakeViewer(), f"10.0.0.{index % 3}")
+        for index in range(30)
+    ]
+    viewers = [s for s in sessions if isinstance(s, ViewerSession)]
+    publisher, _ = core.publish("n3")
+    for viewer in viewers[::2]:
+        viewer.close()
+    publisher.close()
+    for viewer in viewers[1::2]:
+        viewer.close()
+    assert core.registry.streams == {}
+    assert core.registry.waiting.total == 0
+    assert core.registry.waiting.tracked_addresses == 0
+    assert core.registry.live_streams == core.registry.publisher_count == 0
 
 
 def test_max_viewers_per_stream_refuses_with_503() -> None:
@@ -583,14 +704,17 @@ def test_new_publisher_with_waiting_viewers_is_asked_for_a_keyframe() -> None:
 def test_slow_viewer_after_takeover_gets_a_keyframe_request_when_it_drains() -> None:
     """A slow viewer whose queue cannot take the new publisher's first KEY asks for one
     as soon as its transport drains."""
-    core = Core(viewer_queue_bytes=1000)
+    # Room for eight 100-byte messages (each is charged its bytes plus the overhead).
+    core = Core(viewer_queue_bytes=1000 + 8 * MESSAGE_OVERHEAD_BYTES)
     first, _ = core.publish()
     send(first, config_msg(1), key_msg(2))
     session, _viewer = core.watch()
     session.queue.pause_producing()
     send(first, *[delta_msg(tag) for tag in range(3, 11)])  # 800 bytes waiting
+    assert not session.queue.skipping
     second, link = core.publish()
     send(second, config_msg(20), key_msg(21, 400))  # no room for this KEY
+    assert session.queue.skipping
     session.queue.resume_producing()
     core.clock.advance(core.config.keyframe_request_interval)
     assert link.keyframe_requests
@@ -629,3 +753,20 @@ def test_the_join_burst_is_subject_to_backpressure() -> None:
     assert sink.queue.backlog_bytes <= 100_000 + 1_100
     assert world.registry.budget.total >= sink.queue.backlog_bytes
     assert sink.queue.skipping, "a GOP larger than the viewer's bound starts a drop episode"
+
+
+def test_gop_cache_message_cap_applies_to_streams() -> None:
+    """--gop-cache-messages: a stream's cache of tiny messages empties at the cap, so a
+    late joiner gets no stale deltas and the budget holds no more than the cap's worth."""
+    core = Core(gop_cache_messages=50)
+    publisher, _ = core.publish()
+    send(publisher, config_msg(1), key_msg(2, 9))
+    send(publisher, *[delta_msg(tag, 9) for tag in range(3, 52)])
+    assert core.registry.streams["cam"].gop.message_count == 50
+    assert core.registry.budget.total == 40 + 50 * 9 + 51 * MESSAGE_OVERHEAD_BYTES
+    send(publisher, delta_msg(52, 9))
+    assert core.registry.streams["cam"].gop.message_count == 0
+    _, viewer = core.watch()
+    assert viewer.media() == []
+    send(publisher, key_msg(53, 9))
+    assert viewer.media() == [1, 53]

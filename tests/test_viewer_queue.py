@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import tracemalloc
 from dataclasses import dataclass, field
 from typing import Any
 
 import fakes  # noqa: F401  (hypothesis profiles)
+from autobahn.twisted.websocket import WebSocketServerFactory
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from streamrelay.viewer_queue import TRANSPORT_HIGH_WATER_BYTES, ViewerQueue
+from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
+from streamrelay.viewer_queue import (
+    TRANSPORT_HIGH_WATER_BYTES,
+    TRANSPORT_WRITE_OVERHEAD_BYTES,
+    ViewerQueue,
+)
 from streamrelay.wire import (
     FLAG_CONFIG,
     FLAG_KEY,
@@ -21,8 +29,18 @@ from streamrelay.wire import (
     parse_media,
 )
 
-LIMIT = 1000
+OVERHEAD = MESSAGE_OVERHEAD_BYTES
+# The queue charges each message its bytes plus OVERHEAD: room for 1000 bytes in four
+# messages.
+LIMIT = 1000 + 4 * OVERHEAD
+# Two messages of this size do not fit in the queue, one does.
+BIG = 600 + OVERHEAD
 STALL = 15.0
+
+
+def cost(*sizes: int) -> int:
+    """The memory the queue is charged for messages of these sizes."""
+    return sum(size + OVERHEAD for size in sizes)
 
 
 def media(flags: int, tag: int, size: int = 100) -> MediaMessage:
@@ -181,11 +199,74 @@ def test_a_write_that_pauses_the_transport_counts_as_pending() -> None:
     harness.start()
     harness.send(media(FLAG_KEY, 1, 500))
     assert harness.queue.paused
-    assert harness.queue.backlog_bytes == TRANSPORT_HIGH_WATER_BYTES + 500
+    assert harness.queue.backlog_bytes == (
+        TRANSPORT_HIGH_WATER_BYTES + cost(500) + TRANSPORT_WRITE_OVERHEAD_BYTES
+    )
     assert harness.backlog_total == harness.queue.backlog_bytes
     harness.sink.pause_after = None
     harness.sink.resume()
     assert harness.queue.backlog_bytes == harness.backlog_total == 0
+
+
+def test_a_transport_full_of_tiny_writes_is_charged_their_overhead() -> None:
+    """64 KiB of 9-byte messages is thousands of writes waiting in the transport, each
+    an object of its own: a transport that paused is charged its high-water mark plus
+    the overhead of as many writes as the recent sizes fit in it, not 64 KiB alone."""
+    harness = Harness(
+        limit=100 * TRANSPORT_HIGH_WATER_BYTES, pause_after=TRANSPORT_HIGH_WATER_BYTES
+    )
+    harness.start()
+    harness.send(media(FLAG_KEY, 1, 9))
+    tag = 2
+    while not harness.queue.paused:
+        harness.send(media(0, tag, 9))
+        tag += 1
+    writes = len(harness.sink.writes)
+    assert writes > TRANSPORT_HIGH_WATER_BYTES // 9
+    charged = harness.queue.backlog_bytes
+    assert charged == harness.backlog_total
+    assert charged >= TRANSPORT_HIGH_WATER_BYTES + writes * TRANSPORT_WRITE_OVERHEAD_BYTES
+    assert charged <= TRANSPORT_HIGH_WATER_BYTES + cost(9) + (writes + 1) * (
+        TRANSPORT_WRITE_OVERHEAD_BYTES
+    )
+    # Once it drained and large messages follow, a pause costs little beyond 64 KiB.
+    harness.sink.resume()
+    for index in range(200):
+        harness.send(media(0, tag + index, 20_000))
+        if harness.queue.paused:
+            harness.sink.resume()
+    harness.send(media(0, tag + 200, 70_000))
+    assert harness.queue.paused
+    assert harness.queue.backlog_bytes <= (
+        TRANSPORT_HIGH_WATER_BYTES + cost(70_000) + 8 * TRANSPORT_WRITE_OVERHEAD_BYTES
+    )
+
+
+def test_transport_write_overhead_is_not_an_underestimate() -> None:
+    """Re-measured with tracemalloc: what a transport keeps per pending write (the bytes
+    object of the prepared frame and a slot in its list of writes, as Twisted's
+    FileDescriptor does until it joins them) is at most the message's size plus
+    TRANSPORT_WRITE_OVERHEAD_BYTES, for tiny and large messages."""
+    factory = WebSocketServerFactory()
+    for size, count in ((9, 5000), (100, 5000), (300, 2000), (70_000, 100)):
+        messages = [media(0, tag, size) for tag in range(count)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            frames = [
+                factory.prepareMessage(m.data, isBinary=True, doNotCompress=True)
+                for m in messages
+            ]
+            pending = [frame.payloadHybi for frame in frames]
+            del frames
+            gc.collect()
+            per_write = (tracemalloc.get_traced_memory()[0] - before) / count - size
+        finally:
+            tracemalloc.stop()
+        assert len(pending) == count
+        assert per_write <= TRANSPORT_WRITE_OVERHEAD_BYTES, f"{per_write:.0f} B at {size} B"
+        assert per_write > 33, "the measurement missed the bytes object"
 
 
 def test_joins_waiting_for_a_key_without_counting_drops() -> None:
@@ -234,9 +315,10 @@ def test_overflow_enters_skipping_and_discards_queued_media_but_keeps_text() -> 
     harness.text({"type": "x", "n": 1})
     harness.send(media(0, 4, 300), media(0, 5, 300))
     assert not harness.queue.skipping
-    harness.send(media(0, 6, 300))  # 900 + text + 300 > 1000
+    harness.send(media(0, 6, 300))  # 900 + text + 300 bytes in five messages > LIMIT
     assert harness.queue.skipping
-    assert harness.queue.backlog_bytes == harness.backlog_total < 100
+    text_cost = cost(len(encode_text({"type": "x", "n": 1})))
+    assert harness.queue.backlog_bytes == harness.backlog_total == text_cost
     harness.send(media(0, 7), media(FLAG_CONFIG, 8, 40), media(0, 9))
     harness.sink.resume()
     assert harness.written() == [1, 2, {"type": "x", "n": 1}]
@@ -263,7 +345,7 @@ def test_config_unchanged_while_skipping_is_not_resent() -> None:
     """After drops the CONFIG comes again only when it changed while skipping."""
     harness = started()
     harness.queue.pause_producing()
-    harness.send(media(0, 3, 600), media(0, 4, 600))
+    harness.send(media(0, 3, BIG), media(0, 4, BIG))
     harness.sink.resume()
     harness.send(media(FLAG_KEY, 5))
     assert harness.written() == [1, 2, ("dropped", 2), 5]
@@ -274,7 +356,7 @@ def test_config_discarded_from_the_queue_is_resent() -> None:
     it comes before the next KEY (and, being resent, is not counted as dropped)."""
     harness = started()
     harness.queue.pause_producing()
-    harness.send(media(FLAG_CONFIG, 3, 40), media(0, 4, 600), media(0, 5, 600))
+    harness.send(media(FLAG_CONFIG, 3, 40), media(0, 4, BIG), media(0, 5, BIG))
     harness.sink.resume()
     harness.send(media(FLAG_KEY, 6))
     assert harness.written() == [1, 2, ("dropped", 2), 3, 6]
@@ -285,7 +367,7 @@ def test_deltas_before_the_key_are_dropped_while_skipping() -> None:
     """Skipping lasts until a KEY: deltas are dropped even after the transport drained."""
     harness = started()
     harness.queue.pause_producing()
-    harness.send(media(0, 3, 600), media(0, 4, 600))
+    harness.send(media(0, 3, BIG), media(0, 4, BIG))
     harness.sink.resume()
     harness.send(media(0, 5), media(0, 6))
     assert harness.written() == [1, 2]
@@ -297,7 +379,7 @@ def test_a_key_that_does_not_fit_while_skipping_is_dropped_too() -> None:
     """Resuming needs room for the KEY; otherwise it is dropped and counted."""
     harness = started()
     harness.queue.pause_producing()
-    harness.text({"type": "x", "pad": "p" * 900})
+    harness.text({"type": "x", "pad": "p" * (900 + 3 * OVERHEAD)})
     harness.send(media(0, 3, 200))  # overflow: skipping
     harness.send(media(FLAG_KEY, 4, 200))  # still no room
     assert harness.queue.skipping
@@ -322,7 +404,7 @@ def test_paused_viewer_asks_for_a_keyframe_when_it_can_take_one() -> None:
     it is still full (the KEY would be dropped)."""
     harness = started()
     harness.queue.pause_producing()
-    harness.send(media(0, 3, 600), media(0, 4, 600))
+    harness.send(media(0, 3, BIG), media(0, 4, BIG))
     assert harness.queue.skipping and harness.keyframe_needs == 0
     harness.sink.resume()
     assert harness.keyframe_needs == 1
@@ -340,9 +422,9 @@ def test_second_episode_before_the_notice_left_reports_one_total() -> None:
     the viewer gets one notice counting both episodes, then CONFIG? KEY."""
     harness = started()
     harness.queue.pause_producing()
-    harness.send(media(0, 3, 600), media(0, 4, 600))  # episode 1: 2 dropped (3 and 4)
+    harness.send(media(0, 3, BIG), media(0, 4, BIG))  # episode 1: 2 dropped (3 and 4)
     harness.send(media(FLAG_KEY, 5, 300))  # resumes into the queue (still paused)
-    harness.send(media(0, 6, 900))  # episode 2: discards KEY 5 and drops 6
+    harness.send(media(0, 6, 900 + OVERHEAD))  # episode 2: discards KEY 5 and drops 6
     harness.sink.resume()
     harness.send(media(FLAG_KEY, 7))
     assert harness.written() == [1, 2, ("dropped", 4), 7]
@@ -476,9 +558,9 @@ def test_viewer_output_is_an_ordered_decodable_subsequence(
     a subsequence of the publisher's messages in order with no duplicate; every text;
     each GOP whole from its KEY up to where it is cut; the CONFIG in effect at each KEY
     it starts from; after every gap a ``dropped`` notice then CONFIG? then KEY; and the
-    pending media bytes stay within the limit plus one message (plus the transport's
+    pending media memory stays within the limit plus one message (plus the transport's
     estimated buffer)."""
-    limit = 2000
+    limit = 2000 + 4 * OVERHEAD
     harness = Harness(limit=limit, pause_after=pause_after)
     harness.start()
     sent: list[Any] = []  # the publisher's order: MediaMessage or text value
@@ -505,9 +587,12 @@ def test_viewer_output_is_an_ordered_decodable_subsequence(
             item.size for item in harness.queue._queue if item.message is None
         )
         # When a write fills the transport its share is estimated as its high-water
-        # mark plus that message; otherwise everything pending is in the queue.
-        estimate = TRANSPORT_HIGH_WATER_BYTES if pause_after is not None else 0
-        assert harness.queue.backlog_bytes - text_bytes <= limit + estimate + largest
+        # mark plus that message plus the overhead of the writes it may hold; otherwise
+        # everything pending is in the queue.
+        estimate = 0
+        if pause_after is not None:
+            estimate = TRANSPORT_HIGH_WATER_BYTES + len(events) * TRANSPORT_WRITE_OVERHEAD_BYTES
+        assert harness.queue.backlog_bytes - text_bytes <= limit + estimate + cost(largest)
     harness.sink.pause_after = None
     harness.sink.resume()
     _check_output(sent, harness.sink.writes)

@@ -422,13 +422,28 @@ def test_handshake_rate_limit_does_not_apply_to_plain_http() -> None:
 
 
 def test_stream_limit_is_503() -> None:
-    """Over --max-streams a new stream is refused; existing ones are not."""
+    """Over --max-streams a publisher of a new stream is refused; viewers never count
+    towards it, and a takeover is not a new stream."""
     relay = Relay.with_options(max_streams=1)
     relay.viewer("one")
-    _assert_503(refused(relay, "/watch/two", 503))
-    _assert_503(refused(relay, "/publish/two", 503))
-    relay.publisher("one")
-    relay.viewer("one")
+    relay.viewer("two")
+    relay.publisher("two")
+    _assert_503(refused(relay, "/publish/one", 503))
+    _assert_503(refused(relay, "/publish/three", 503))
+    relay.viewer("three")
+    relay.publisher("two")
+
+
+def test_waiting_stream_limits_are_503() -> None:
+    """Names held only by waiting viewers have their own bounds, in total and per
+    address; a publisher is never refused because of them."""
+    relay = Relay.with_options(max_waiting_streams=2, max_waiting_streams_per_ip=1)
+    relay.viewer("one", host="10.0.0.1")
+    _assert_503(refused(relay, "/watch/two", 503, host="10.0.0.1"))
+    relay.viewer("one", host="10.0.0.1")
+    relay.viewer("two", host="10.0.0.2")
+    _assert_503(refused(relay, "/watch/three", 503, host="10.0.0.3"))
+    relay.publisher("three")
 
 
 def test_viewer_limit_is_503() -> None:
@@ -684,7 +699,7 @@ def test_admission_checks_follow_the_documented_refusal_table() -> None:
 
 def test_refused_handshakes_leave_nothing_behind() -> None:
     """A storm of refused handshakes leaves the registry, limits and timers idle."""
-    relay = Relay.with_options(max_streams=1, publish_secret=PUBLISH_SECRET)
+    relay = Relay.with_options(max_waiting_streams=1, publish_secret=PUBLISH_SECRET)
     relay.viewer("one")
     for target, status, extra in [
         ("/watch/two", 503, None),

@@ -119,6 +119,43 @@ def test_deeply_nested_json_is_a_wire_error(depth: int) -> None:
         parse_text(b'{"a":' + b"[" * depth + b"]" * depth + b"}")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"type":"meta","a":%s}',
+        '{"type":"meta","a":[1,%s]}',
+        '{"type":"meta","a":{"b":{"c":[%s]}}}',
+        '{"type":"keyframe-request","n":%s}',
+        '{"type":"meta","a":%s ,"b":1}',
+    ],
+)
+def test_text_with_nan_or_infinity_is_refused(template: str, constant: str) -> None:
+    """NaN, Infinity and -Infinity are Python's extensions, not JSON (browsers'
+    JSON.parse refuses them): at any depth they break v1 (the publisher gets 1007)."""
+    with pytest.raises(WireError, match="not standard JSON") as caught:
+        parse_text((template % constant).encode())
+    assert constant in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"a":"NaN"}', b'{"NaN":1}', b'{"a":1e308}', b'{"a":-0.0}', b'{"a":"Infinity"}'],
+)
+def test_nan_lookalikes_that_are_json_still_parse(payload: bytes) -> None:
+    """Strings spelling NaN and ordinary numbers are standard JSON and still parse."""
+    assert isinstance(parse_text(payload), dict)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_encode_text_refuses_nan_and_infinity(value: float) -> None:
+    """The relay never sends text a browser cannot parse: NaN and infinities raise."""
+    with pytest.raises(WireError, match="standard JSON"):
+        encode_text({"type": "meta", "fps": value})
+    with pytest.raises(WireError):
+        encode_text({"type": "meta", "nested": [{"x": value}]})
+
+
 def test_encode_text_is_compact_utf8() -> None:
     """Server text messages are compact JSON in UTF-8 and parse back."""
     raw = encode_text({"type": "status", "state": "live", "name": "café"})

@@ -1,0 +1,166 @@
+"""Hardening 2 (issue 8): the memory bounds count memory, not payload bytes.
+
+A publisher sends one KEY, then 200,000 media messages of 9 bytes (the smallest v1
+allows) as fast as loopback takes them.  Each message used to cost the relay ~300 bytes
+of Python objects while it counted 9, so a cache "bounded" at a few MiB grew by tens of
+MB.  Now every holder charges each message its bytes plus a measured overhead.  The
+relay's RSS is sampled throughout; its peak growth over the RSS before the flood must
+stay within 1.5 x the configured bound:
+
+======================================  =================================================
+case                                    bound
+======================================  =================================================
+GOP cache, ``--gop-cache-bytes 1.5 MiB``  1.5 MiB (the byte bound is reached first)
+GOP cache, default options              --gop-cache-messages (4096) x the cost of one
+                                        9-byte message (the count cap is reached first)
+a viewer that never reads,              1.5 MiB (``--gop-cache-bytes 0``: the queue
+``--viewer-queue-bytes 1.5 MiB``          alone holds the messages)
+======================================  =================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
+from streamrelay.gop import DEFAULT_GOP_CACHE_MESSAGES
+
+from .helpers import (
+    FLAG_KEY,
+    MB,
+    OP_BINARY,
+    RssSampler,
+    encode_frame,
+    log_problems,
+    media_message,
+    record_figure,
+    rounded,
+    streams,
+    wait_until,
+    ws_open,
+)
+
+pytestmark = [pytest.mark.hardening, pytest.mark.timeout(180)]
+
+TINY_MESSAGES = 200_000
+BATCH = 2_000
+BOUND = 3 * MB // 2  # 1.5 MiB
+RATIO = 1.5
+STREAM = "flood"
+# A v1 message of 9 bytes: the header alone (a delta, capture time 1).
+TINY_FRAME = encode_frame(OP_BINARY, b"\x00" + (1).to_bytes(8, "big"))
+
+
+def _drain(sock: socket.socket, stop: threading.Event) -> None:
+    """Read what the relay sends the publisher (viewer counts, keyframe requests)."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            if not sock.recv(65536):
+                return
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+def _entry(relay: Any) -> dict[str, Any]:
+    """The flooded stream's entry in ``/api/streams``."""
+    entries = [entry for entry in streams(relay)["streams"] if entry["name"] == STREAM]
+    assert len(entries) == 1
+    return entries[0]
+
+
+def _flood(relay: Any, with_viewer: bool) -> dict[str, Any]:
+    """Publish one KEY and 100 tiny messages, measure the RSS, then flood 200,000 tiny
+    messages while sampling it; returns the figures."""
+    publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
+    assert response.status == 101, response
+    viewer = None
+    if with_viewer:
+        # A small receive window, and the viewer never reads.
+        viewer, response = ws_open(relay.port, f"/watch/{STREAM}", rcvbuf=4096)
+        assert response.status == 101, response
+    stop = threading.Event()
+    reader = threading.Thread(target=_drain, args=(publisher, stop), daemon=True)
+    reader.start()
+    try:
+        publisher.sendall(encode_frame(OP_BINARY, media_message(0, FLAG_KEY, 9)))
+        publisher.sendall(TINY_FRAME * 100)
+        expected = 101
+        assert wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
+        time.sleep(0.3)
+        with RssSampler(relay) as sampler:
+            started = time.monotonic()
+            for _ in range(TINY_MESSAGES // BATCH):
+                publisher.sendall(TINY_FRAME * BATCH)
+            sent_after = time.monotonic() - started
+            expected += TINY_MESSAGES
+            assert wait_until(lambda: _entry(relay)["messages_in"] >= expected, 60, 0.1)
+            relayed_after = time.monotonic() - started
+            time.sleep(0.3)
+        entry = _entry(relay)
+        return {
+            "messages": entry["messages_in"],
+            "dropped": entry["dropped"],
+            "sent_s": rounded(sent_after),
+            "relayed_s": rounded(relayed_after),
+            "rss_before_mb": rounded(sampler.start_rss / MB, 2),
+            "rss_peak_growth_mb": rounded(sampler.peak_growth / MB, 3),
+            "rss_final_growth_mb": rounded((relay.rss() - sampler.start_rss) / MB, 3),
+        }
+    finally:
+        stop.set()
+        for sock in (publisher, viewer):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        reader.join(2)
+
+
+def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: Any) -> None:
+    """``--gop-cache-bytes 1.5 MiB`` (about 3,400 tiny messages at their real cost, under
+    the message cap): RSS grows by at most 1.5 x 1.5 MiB."""
+    relay = start_relay("--gop-cache-bytes", str(BOUND))
+    figures = _flood(relay, with_viewer=False)
+    record_figure(
+        "memory bound: GOP cache, 9-byte flood", bound_mb=rounded(BOUND / MB), **figures
+    )
+    assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
+    assert log_problems(relay) == []
+
+
+def test_tiny_flood_with_default_options_hits_the_message_cap(start_relay: Any) -> None:
+    """Default options (8 MiB GOP cache): 4,096 tiny messages reach the message cap
+    first, so RSS grows by at most 1.5 x what 4,096 such messages are charged."""
+    relay = start_relay()
+    bound = DEFAULT_GOP_CACHE_MESSAGES * (9 + MESSAGE_OVERHEAD_BYTES)
+    figures = _flood(relay, with_viewer=False)
+    record_figure(
+        "memory bound: GOP cache message cap, 9-byte flood", bound_mb=rounded(bound / MB), **figures
+    )
+    assert figures["rss_peak_growth_mb"] * MB <= RATIO * bound, figures
+    assert log_problems(relay) == []
+
+
+def test_tiny_flood_towards_a_viewer_that_does_not_read(start_relay: Any) -> None:
+    """``--viewer-queue-bytes 1.5 MiB`` and no GOP cache: the viewer's queue and its
+    transport hold at most 1.5 x 1.5 MiB of real memory; the rest is dropped."""
+    relay = start_relay(
+        "--gop-cache-bytes", "0",
+        "--viewer-queue-bytes", str(BOUND),
+        "--viewer-stall-timeout", "120",
+    )
+    figures = _flood(relay, with_viewer=True)
+    record_figure(
+        "memory bound: viewer queue, 9-byte flood", bound_mb=rounded(BOUND / MB), **figures
+    )
+    assert figures["dropped"] > 0, "the viewer's queue never reached its bound"
+    assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
+    assert log_problems(relay) == []
