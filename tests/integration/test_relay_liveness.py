@@ -7,7 +7,11 @@ import asyncio
 import time
 
 import pytest
-from helpers import api_async, relay_host_port, run, stream_entry, text, ws_connect
+
+from tests.support.relay_api import api_streams_async, stream_entry
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import run
+from tests.support.ws_client import text, ws_connect
 
 pytestmark = pytest.mark.integration
 
@@ -28,31 +32,38 @@ class FreezingProxy:
         self.freeze_after_upstream_chunks: int | None = None
         self.upstream_chunks = 0
         self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
         self._hold = asyncio.Event()  # never set: frozen pumps wait here
         self.port = 0
 
     async def start(self) -> None:
+        """Listen on a free loopback port (:attr:`port`)."""
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def freeze(self) -> None:
+        """Stop moving bytes in both directions, from now on."""
         if not self.frozen:
             self.frozen = True
             self.frozen_at = time.monotonic()
 
-    async def _handle(self, client_reader, client_writer) -> None:
+    async def _handle(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         relay_reader, relay_writer = await asyncio.open_connection(*self.target)
         self._writers += [client_writer, relay_writer]
-        self._tasks += [
-            asyncio.current_task(),  # type: ignore[list-item]
-        ]
+        current = asyncio.current_task()
+        assert current is not None
+        self._tasks.append(current)
         await asyncio.gather(
             self._pump(client_reader, relay_writer, upstream=True),
             self._pump(relay_reader, client_writer, upstream=False),
         )
 
-    async def _pump(self, reader, writer, upstream: bool) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
         while True:
             if self.frozen:
                 await self._hold.wait()
@@ -71,20 +82,22 @@ class FreezingProxy:
                     self.freeze()
 
     async def close(self) -> None:
-        self._server.close()
+        """Stop listening and abort every connection."""
+        if self._server is not None:
+            self._server.close()
         for writer in self._writers:
             writer.transport.abort()
         for task in self._tasks:
             task.cancel()
 
 
-async def _viewers(relay, name: str) -> int:
-    entry = stream_entry(await api_async(relay), name)
+async def _viewers(relay: RelayProcess, name: str) -> int:
+    entry = stream_entry(await api_streams_async(relay), name)
     return 0 if entry is None else int(entry["viewers"])
 
 
 async def _seconds_until_dropped(
-    relay, proxy: FreezingProxy, name: str, remaining: int = 0
+    relay: RelayProcess, proxy: FreezingProxy, name: str, remaining: int = 0
 ) -> float:
     while await _viewers(relay, name) > remaining:
         assert proxy.frozen_at is not None
@@ -95,7 +108,7 @@ async def _seconds_until_dropped(
     return time.monotonic() - proxy.frozen_at
 
 
-def _start(start_relay):
+def _start(start_relay: StartRelay) -> RelayProcess:
     return start_relay(
         "--ping-interval", str(PING_INTERVAL), "--ping-timeout", str(PING_TIMEOUT),
         "--viewer-stall-timeout", "60",
@@ -103,12 +116,14 @@ def _start(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(start_relay):
+def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(
+    start_relay: StartRelay,
+) -> None:
     """A viewer behind a path that silently stops carrying packets (both ways, nothing
     closed) disappears from ``/api/streams`` within ping interval + ping timeout + 1 s,
     while a healthy viewer of the same stream stays connected through the pings."""
     relay = _start(start_relay)
-    host, port = relay_host_port(relay)
+    host, port = relay.host, relay.port
 
     async def scenario() -> float:
         proxy = FreezingProxy(host, port)
@@ -139,13 +154,15 @@ def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(start_rel
 
 
 @pytest.mark.timeout(40)
-def test_half_open_right_after_a_pong_is_dropped_within_interval_plus_timeout(start_relay):
+def test_half_open_right_after_a_pong_is_dropped_within_interval_plus_timeout(
+    start_relay: StartRelay,
+) -> None:
     """The worst phase: the path dies just after the viewer answered a ping.  The issue
     promises pings every ``--ping-interval`` and an abort after ``--ping-timeout`` more
     silence, so the viewer must be gone within interval + timeout (0.5 s slack for
     scheduling and polling)."""
     relay = _start(start_relay)
-    host, port = relay_host_port(relay)
+    host, port = relay.host, relay.port
 
     async def scenario() -> float:
         proxy = FreezingProxy(host, port)
