@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.figures import record_figure, rounded
 from tests.support.net import source_addresses
+from tests.support.proxy import BlackHoleProxy
 from tests.support.relay_api import api_streams, stream_entry
 from tests.support.relay_process import RelayProcess, problems_report
 from tests.support.ws_client import PacedPublisher, Viewer
@@ -35,88 +36,6 @@ PING_TIMEOUT = 2.0
 PROXIED = 100
 DIRECT = 5
 BOUND = PING_INTERVAL + PING_TIMEOUT + 1.0
-
-
-class _Pipe(asyncio.Protocol):
-    def __init__(self, proxy: BlackHoleProxy) -> None:
-        self.proxy = proxy
-        self.transport: asyncio.Transport | None = None
-        self.other: _Pipe | None = None
-        self.pending = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.proxy.transports.append(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.proxy.dark:
-            return
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.write(data)
-        else:
-            self.pending += data
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.proxy.dark and self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
-
-
-class _ClientSide(_Pipe):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        asyncio.get_running_loop().create_task(self._connect_upstream())
-
-    async def _connect_upstream(self) -> None:
-        source = self.proxy.next_source()
-        loop = asyncio.get_running_loop()
-        _, upstream = await loop.create_connection(
-            lambda: _Pipe(self.proxy),
-            "127.0.0.1",
-            self.proxy.upstream_port,
-            local_addr=(source, 0),
-        )
-        upstream.other = self
-        self.other = upstream
-        if self.pending and upstream.transport is not None:
-            upstream.transport.write(self.pending)
-            self.pending = b""
-
-
-class BlackHoleProxy:
-    """Forwards TCP both ways until :meth:`go_dark`, then forwards nothing, reads
-    nothing and closes nothing."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.transports: list[asyncio.Transport] = []
-        self.dark = False
-        self._sources = source_addresses(19)
-        self._count = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    def next_source(self) -> str:
-        self._count += 1
-        return self._sources[self._count % len(self._sources)]
-
-    async def start(self) -> BlackHoleProxy:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _ClientSide(self), "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    def go_dark(self) -> None:
-        self.dark = True
-        for transport in self.transports:
-            if not transport.is_closing():
-                transport.pause_reading()
-
-    async def close(self) -> None:
-        for transport in self.transports:
-            transport.abort()
-        if self.server is not None:
-            self.server.close()
 
 
 def _viewer_count(relay: RelayProcess) -> int:
@@ -132,7 +51,7 @@ async def _scenario(relay: RelayProcess) -> dict[str, Any]:
         await Viewer(f"{relay.ws_url}/watch/halfopen", name=f"direct-{index}").start()
         for index in range(DIRECT)
     ]
-    proxy = await BlackHoleProxy(relay.port).start()
+    proxy = await BlackHoleProxy(relay.port, sources=source_addresses(19)).start()
     proxied: list[Viewer] = []
     cycle = PING_INTERVAL + PING_TIMEOUT
     for index in range(PROXIED):
