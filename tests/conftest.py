@@ -1,36 +1,57 @@
-"""Shared fixtures: a launcher for the real ``twistd streamrelay`` process."""
+"""Shared fixtures: a launcher for the real ``twistd streamrelay`` process, and the
+hypothesis settings profiles (``HYPOTHESIS_PROFILE=dev|ci|thorough``, ``ci`` by default).
+
+A relay whose log shows a traceback (or Twisted's ``Unhandled Error`` / ``Unhandled
+error in Deferred``) fails the test that started it: an exception that escaped in the
+relay is a bug even when every client got the answer it expected."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.support.relay_process import RelayProcess, StartRelay, problems_report
 
-from relay_process import RelayProcess  # noqa: E402
+_SLOW_OR_BIG = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci", max_examples=400, deadline=None, suppress_health_check=_SLOW_OR_BIG, print_blob=True
+)
+settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=_SLOW_OR_BIG)
+settings.register_profile(
+    "thorough",
+    max_examples=10000,
+    deadline=None,
+    suppress_health_check=_SLOW_OR_BIG,
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
-def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    """Start relays with ``start_relay(arguments=[...])``; all are stopped at teardown
-    and their logs are kept in ``tmp_path``."""
+def start_relay(tmp_path: Path) -> Iterator[StartRelay]:
+    """Start relays with ``start_relay(*arguments, internals=False, ...)``; all are
+    stopped at teardown, their logs kept in ``tmp_path`` and checked for tracebacks."""
     started: list[RelayProcess] = []
 
-    def start(*arguments: str, **keywords: object) -> RelayProcess:
-        index = len(started)
-        relay = RelayProcess(tmp_path / f"relay-{index}.log", list(arguments), **keywords)  # type: ignore[arg-type]
+    def start(*arguments: str, **launch: Any) -> RelayProcess:
+        relay = RelayProcess(tmp_path / f"relay-{len(started)}.log", arguments, **launch)
         started.append(relay)
         return relay
 
     yield start
     for relay in started:
         relay.stop()
+    report = problems_report(started)
+    if report:
+        pytest.fail(report, pytrace=False)
 
 
 @pytest.fixture
-def relay(start_relay: Callable[..., RelayProcess]) -> RelayProcess:
+def relay(start_relay: StartRelay) -> RelayProcess:
     """One relay with the production defaults (loopback, tcp:0)."""
     return start_relay()

@@ -23,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.ci import ci_is_set
+from tests.support.figures import artifacts_folder
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -69,11 +72,6 @@ PROBE_SCRIPT = """
   poll();
 })();
 """
-
-
-def ci_is_set() -> bool:
-    """True when running under CI (env ``CI`` set to anything but empty/0/false)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
@@ -185,12 +183,7 @@ def start_publisher(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[b
 @pytest.fixture
 def artifacts_dir(tmp_path: Path) -> Path:
     """``$STREAMRELAY_ARTIFACTS`` when set (created if needed), else the test's tmp dir."""
-    chosen = os.environ.get("STREAMRELAY_ARTIFACTS")
-    if not chosen:
-        return tmp_path
-    path = Path(chosen)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return artifacts_folder() or tmp_path
 
 
 @pytest.fixture
@@ -206,8 +199,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("streamrelay browser figures")
     for name, value in FIGURES.items():
         terminalreporter.write_line(f"{name}: {value}")
-    chosen = os.environ.get("STREAMRELAY_ARTIFACTS")
-    if chosen:
-        path = Path(chosen)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "browser-figures.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
+    folder = artifacts_folder()
+    if folder is not None:
+        (folder / "browser-figures.json").write_text(json.dumps(FIGURES, indent=2) + "\n")

@@ -79,6 +79,8 @@ async function decodeStream(skipKeys) {
 
 @pytest.fixture
 def served_directory(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """``tmp_path`` served over HTTP on loopback: (the folder, its base URL)."""
+
     class QuietHandler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass
@@ -96,6 +98,8 @@ def served_directory(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 
 def write_stream(directory: Path, profile: str, frames: int = 50, gop: int = 20) -> dict[str, Any]:
+    """Encode ``frames`` test-pattern pictures into ``messages.bin`` (length-prefixed v1
+    messages) beside ``meta.json`` and the page; returns the stream's meta."""
     encoder = H264Encoder(
         EncoderSettings(
             width=640,

@@ -25,28 +25,25 @@ It prints the tally per behaviour and writes it to ``tally.json`` beside wstest'
 report in ``$STREAMRELAY_ARTIFACTS/conformance/`` (default ``artifacts/conformance/``).
 
 wstest is found from env ``WSTEST``, ``PATH``, ``$WSTEST_PREFIX/bin/wstest`` or
-``/opt/wstest/bin/wstest`` (install it with ``../shared/tools/install-wstest PREFIX``).
+``/opt/wstest/bin/wstest`` (install it with ``scripts/install-wstest PREFIX``).
 When it is missing the test fails if env ``CI`` is set, and is skipped otherwise.
 
 A quick local subset: ``STREAMRELAY_CONFORMANCE_CASES='1.*,2.*' pytest tests/conformance``
 (the 517-case check then does not apply).  The same run from the command line, without
-pytest: ``scripts/run-conformance``; this module imports that script.
+pytest: ``scripts/run-conformance``; both use :mod:`tests.conformance.autobahn`.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import shutil
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "run-conformance"
+from tests.conformance import autobahn as suite
+from tests.support.ci import ci_is_set
+from tests.support.relay_process import StartRelay
+
 # Generous: the full run took 20 minutes on a 2-core machine and 32 on a busy one (see
 # docs/robustness.md); categories 12 and 13 take nearly all of it.
 _TIMEOUT = float(os.environ.get("STREAMRELAY_CONFORMANCE_TIMEOUT", "3600"))
@@ -54,57 +51,41 @@ _TIMEOUT = float(os.environ.get("STREAMRELAY_CONFORMANCE_TIMEOUT", "3600"))
 pytestmark = pytest.mark.conformance
 
 
-def _load_suite() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("streamrelay_run_conformance", str(_SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered first: dataclasses look their module up while the script executes.
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
-
-
-suite = _load_suite()
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _cases() -> list[str]:
+    """The case patterns to run: ``STREAMRELAY_CONFORMANCE_CASES`` or all."""
     chosen = os.environ.get("STREAMRELAY_CONFORMANCE_CASES", "*")
     return [case.strip() for case in chosen.split(",") if case.strip()] or ["*"]
 
 
 @pytest.mark.timeout(_TIMEOUT + 120)
-def test_autobahn_fuzzingclient_against_echo(start_relay: Callable[..., object]) -> None:
+def test_autobahn_fuzzingclient_against_echo(start_relay: StartRelay) -> None:
+    """Every case of the suite passes against ``/echo`` (see the module docstring)."""
     wstest = suite.find_wstest()
     if wstest is None:
         message = (
             "wstest (Autobahn testsuite) not found: install it with "
-            "../shared/tools/install-wstest PREFIX and set WSTEST or WSTEST_PREFIX"
+            "scripts/install-wstest PREFIX and set WSTEST or WSTEST_PREFIX"
         )
-        if _ci():
+        if ci_is_set():
             pytest.fail(message + " (CI is set: conformance is required)", pytrace=False)
         pytest.skip(message)
 
     cases = _cases()
     outdir = suite.prepare_outdir()
     relay = start_relay(*suite.RELAY_ARGUMENTS)
-    url = relay.ws_url + "/echo"  # type: ignore[attr-defined]
+    url = relay.ws_url + "/echo"
     spec = suite.write_spec(outdir, url, cases)
     try:
         run = suite.run_wstest(wstest, spec, outdir, _TIMEOUT)
     finally:
-        status = relay.stop()  # type: ignore[attr-defined]
-        shutil.copyfile(relay.log_path, outdir / "relay.log")  # type: ignore[attr-defined]
+        status = relay.stop()
+        shutil.copyfile(relay.log_path, outdir / "relay.log")
 
     summary = suite.tally(suite.load_results(outdir), outdir)
     summary.update({
         "wall_seconds": round(run.seconds, 1),
         "wstest": suite.wstest_version(wstest),
-        "relay_command": relay.command,  # type: ignore[attr-defined]
+        "relay_command": relay.command,
         "reactor": os.environ.get("STREAMRELAY_TEST_REACTOR") or "default",
         "relay_exit_status": status,
     })
@@ -113,6 +94,6 @@ def test_autobahn_fuzzingclient_against_echo(start_relay: Callable[..., object])
     print(suite.format_tally(summary))
     print(f"report: {outdir / 'index.html'}")
 
-    errors = suite.relay_log_errors(relay.log_text())  # type: ignore[attr-defined]
+    errors = relay.log_problems()
     problems = suite.verdict(summary, cases, errors, run.returncode)
     assert not problems, "Autobahn testsuite:\n" + "\n".join(problems)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .helpers import FIGURES
+from tests.support.figures import FIGURES
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

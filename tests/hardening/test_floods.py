@@ -20,18 +20,13 @@ from typing import Any
 
 import pytest
 
-from .helpers import (
-    HttpResponse,
-    abort_writer,
-    http_status,
-    internals,
-    log_problems,
-    record_figure,
-    rounded,
-    source_addresses,
-    wait_until,
-    ws_open_async,
-)
+from tests.support.figures import record_figure, rounded
+from tests.support.http import Response, http_get
+from tests.support.net import abort_writer, source_addresses
+from tests.support.raw_ws import ws_open_async
+from tests.support.relay_api import api_internals
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(120)]
 
@@ -44,7 +39,7 @@ class Held:
 
     def __init__(self) -> None:
         self.writers: list[Any] = []
-        self.responses: list[tuple[str, HttpResponse]] = []
+        self.responses: list[tuple[str, Response]] = []
         self.errors: list[str] = []
 
     async def attempt(self, port: int, source: str, semaphore: asyncio.Semaphore) -> None:
@@ -88,7 +83,7 @@ class Held:
         await asyncio.sleep(0)
 
 
-async def _flood(relay: Any, held: Held) -> dict[str, Any]:
+async def _flood(relay: RelayProcess, held: Held) -> dict[str, Any]:
     semaphore = asyncio.Semaphore(40)
     first, *others = source_addresses(19)
     started = time.monotonic()
@@ -99,14 +94,14 @@ async def _flood(relay: Any, held: Held) -> dict[str, Any]:
     )
     flood_seconds = time.monotonic() - started
     global_cap = held.tally(set(others))
-    healthz_when_full = await asyncio.to_thread(http_status, relay.http_url + "/healthz")
+    healthz_when_full = (await asyncio.to_thread(http_get, relay.http_url, "/healthz")).status
     fds_while_full = relay.open_files()
     # Make room for the leak accounting request, then ask how many were refused.
     for writer in held.writers[:10]:
         abort_writer(writer)
     del held.writers[:10]
     await asyncio.sleep(0.3)
-    counts = await asyncio.to_thread(internals, relay)
+    counts = await asyncio.to_thread(api_internals, relay)
     await held.close_all()
     return {
         "per_ip": per_ip,
@@ -118,18 +113,25 @@ async def _flood(relay: Any, held: Held) -> dict[str, Any]:
     }
 
 
-def test_floods_refused_with_503_counted_and_descriptors_return(start_relay: Any) -> None:
+def test_floods_refused_with_503_counted_and_descriptors_return(start_relay: StartRelay) -> None:
+    """Connections over the per-address and global caps get 503 with Retry-After (``/healthz``
+    too while full), the relay counts every refusal, and descriptors and counters return
+    to their baseline once the clients are gone."""
     relay = start_relay(
-        "--max-connections", str(MAX_CONNECTIONS), "--max-connections-per-ip", str(PER_IP)
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--max-connections-per-ip",
+        str(PER_IP),
+        internals=True,
     )
-    baseline = internals(relay)
+    baseline = api_internals(relay)
     time.sleep(0.2)
     fds_before = relay.open_files()
     held = Held()
     outcome = asyncio.run(_flood(relay, held))
-    returned = wait_until(lambda: relay.open_files() <= fds_before, timeout=5)
+    returned = wait_until(lambda: relay.open_files() <= fds_before, timeout=5, fail=False)
     fds_after = relay.open_files()
-    after = internals(relay)
+    after = api_internals(relay)
     counts = outcome["counts_while_held"]
     refused_seen = sum(
         count
@@ -171,4 +173,3 @@ def test_floods_refused_with_503_counted_and_descriptors_return(start_relay: Any
     assert after["limiter"]["total"] == baseline["limiter"]["total"]
     assert after["limiter"]["addresses"] == baseline["limiter"]["addresses"]
     assert after["objects"] == baseline["objects"]
-    assert not log_problems(relay)

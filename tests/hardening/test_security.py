@@ -28,15 +28,10 @@ from typing import Any
 import pytest
 
 from streamrelay.tokens import make_token
-
-from .helpers import (
-    handshake_request,
-    http_exchange,
-    log_problems,
-    plain_request,
-    record_figure,
-    ws_open,
-)
+from tests.support.figures import record_figure
+from tests.support.http import handshake_request, http_exchange, plain_request
+from tests.support.raw_ws import ws_open
+from tests.support.relay_process import StartRelay
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(120)]
 
@@ -86,7 +81,11 @@ def keys(tmp_path: Path) -> tuple[Path, Path, Tokens]:
     return publish_file, view_file, Tokens(publish_secret, view_secret)
 
 
-def test_security_of_handshakes_and_logs(start_relay: Any, keys: tuple[Path, Path, Tokens]) -> None:
+def test_security_of_handshakes_and_logs(
+    start_relay: StartRelay, keys: tuple[Path, Path, Tokens],
+) -> None:
+    """Origins, proxies and tokens are refused as documented, plain GETs on WebSocket paths
+    get 426 without Location, and no token or secret reaches either relay's log."""
     publish_file, view_file, tokens = keys
     open_relay = start_relay("--echo")
     locked = start_relay(
@@ -336,4 +335,3 @@ def test_security_of_handshakes_and_logs(start_relay: Any, keys: tuple[Path, Pat
         if "autobahn" not in name:
             assert outcome["status"] == 426 and outcome["upgrade"] == "websocket", name
     assert not any(leaks.values()), leaks
-    assert not log_problems(open_relay) and not log_problems(locked)

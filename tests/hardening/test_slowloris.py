@@ -24,18 +24,12 @@ from typing import Any
 
 import pytest
 
-from .helpers import (
-    PacedPublisher,
-    Viewer,
-    connect,
-    handshake_request,
-    internals,
-    log_problems,
-    percentile,
-    record_figure,
-    rounded,
-    source_addresses,
-)
+from tests.support.figures import percentile, record_figure, rounded
+from tests.support.http import handshake_request
+from tests.support.net import connect, source_addresses
+from tests.support.relay_api import api_internals
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.ws_client import PacedPublisher, Viewer
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(120)]
 
@@ -152,7 +146,7 @@ class Drip:
                 loris.sock.close()
 
 
-async def _probe(relay: Any, index: int, drip: Drip) -> dict[str, Any]:
+async def _probe(relay: RelayProcess, index: int, drip: Drip) -> dict[str, Any]:
     viewer = Viewer(f"{relay.ws_url}/watch/live", name=f"probe-{index}")
     open_lorises = drip.open_count()
     started = time.monotonic()
@@ -171,7 +165,7 @@ async def _probe(relay: Any, index: int, drip: Drip) -> dict[str, Any]:
     }
 
 
-async def _scenario(relay: Any) -> dict[str, Any]:
+async def _scenario(relay: RelayProcess) -> dict[str, Any]:
     publisher = await PacedPublisher(f"{relay.ws_url}/publish/live", rate=25, gop=25).start()
     await asyncio.sleep(0.5)  # CONFIG and a KEY are in the GOP cache
     drip = Drip(relay.port, limit=HANDSHAKE_TIMEOUT + 6).start()
@@ -179,7 +173,7 @@ async def _scenario(relay: Any) -> dict[str, Any]:
     deadline = time.monotonic() + 10
     while len(drip.lorises) < 100 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    probes = []
+    probes: list[dict[str, Any]] = []
     index = 0
     while drip.open_count() and len(probes) < MAX_PROBES:
         probes.append(await _probe(relay, index, drip))
@@ -190,9 +184,11 @@ async def _scenario(relay: Any) -> dict[str, Any]:
     return {"lorises": drip.lorises, "probes": probes, "opening_seconds": drip.opening_seconds}
 
 
-def test_slowloris_sockets_closed_on_time_while_viewers_get_media(start_relay: Any) -> None:
-    relay = start_relay("--handshake-timeout", str(HANDSHAKE_TIMEOUT))
-    baseline = internals(relay)
+def test_slowloris_sockets_closed_on_time_while_viewers_get_media(start_relay: StartRelay) -> None:
+    """500 handshakes dripping a byte a second are each closed within ``--handshake-timeout``
+    + 1 s of their accept while real viewers still connect and get media in under 1 s."""
+    relay = start_relay("--handshake-timeout", str(HANDSHAKE_TIMEOUT), internals=True)
+    baseline = api_internals(relay)
     outcome = asyncio.run(_scenario(relay))
     lorises: list[Loris] = outcome["lorises"]
     probes: list[dict[str, Any]] = outcome["probes"]
@@ -203,7 +199,7 @@ def test_slowloris_sockets_closed_on_time_while_viewers_get_media(start_relay: A
     for loris in lorises:
         how[loris.how] = how.get(loris.how, 0) + 1
     bound = HANDSHAKE_TIMEOUT + 1.0
-    after = internals(relay)
+    after = api_internals(relay)
     record_figure(
         "slowloris",
         sockets=SOCKETS,
@@ -236,4 +232,3 @@ def test_slowloris_sockets_closed_on_time_while_viewers_get_media(start_relay: A
     assert slowest_probe < 1.0, f"viewer waited {slowest_probe:.3f} s for media"
     assert after["connections"] == baseline["connections"]
     assert after["limiter"]["addresses"] == baseline["limiter"]["addresses"]
-    assert not log_problems(relay)

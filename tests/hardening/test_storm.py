@@ -34,32 +34,16 @@ from typing import Any
 
 import pytest
 
-from .helpers import (
-    MB,
-    OP_BINARY,
-    OP_TEXT,
-    FrameParser,
-    PacedPublisher,
-    Viewer,
-    abort_writer,
-    close_frame,
-    cpu_seconds,
-    encode_frame,
-    handshake_request,
-    http_get_async,
-    internals,
-    log_problems,
-    media_message,
-    open_async,
-    percentile,
-    read_frames_async,
-    record_figure,
-    rounded,
-    source_addresses,
-    streams,
-    wait_until,
-    ws_open_async,
-)
+from tests.support.figures import percentile, record_figure, rounded
+from tests.support.frames import OP_BINARY, OP_TEXT, FrameParser, client_frame, close_frame
+from tests.support.http import handshake_request, http_get_async
+from tests.support.media import CONFIG, media_message
+from tests.support.net import abort_writer, open_async, source_addresses
+from tests.support.raw_ws import read_frames_async, ws_open_async
+from tests.support.relay_api import MB, api_internals, api_streams
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import wait_until
+from tests.support.ws_client import PacedPublisher, Viewer
 
 pytestmark = [pytest.mark.hardening]
 
@@ -116,9 +100,9 @@ async def _cycle(port: int, index: int) -> str:
             reset = True
         elif kind == "mid_frame":
             if role == "publisher":
-                frame = encode_frame(OP_BINARY, media_message(index, 0x02, 2048))
+                frame = client_frame(OP_BINARY, media_message(index, CONFIG, 2048))
             else:
-                frame = encode_frame(OP_TEXT, b'{"type": "keyframe-request"}' + b" " * 100)
+                frame = client_frame(OP_TEXT, b'{"type": "keyframe-request"}' + b" " * 100)
             writer.write(frame[: len(frame) // 2])
             await writer.drain()
         return "101"
@@ -154,7 +138,7 @@ async def _finish_clean_close(reader: asyncio.StreamReader, parser: FrameParser,
     return f"101-closed-{code}"
 
 
-async def _storm(relay: Any) -> dict[str, Any]:
+async def _storm(relay: RelayProcess) -> dict[str, Any]:
     viewers = [
         await Viewer(f"{relay.ws_url}/watch/steady", name=f"steady-{index}").start()
         for index in range(STEADY_VIEWERS)
@@ -167,10 +151,10 @@ async def _storm(relay: Any) -> dict[str, Any]:
     for index in range(100):
         await _cycle(relay.port, index)
     await asyncio.sleep(1.0)
-    baseline = await asyncio.to_thread(internals, relay)
+    baseline = await asyncio.to_thread(api_internals, relay)
     fds_before = relay.open_files()
     rss: dict[int | str, float] = {0: relay.rss() / MB}
-    cpu_before = cpu_seconds(relay)
+    cpu_before = relay.cpu_seconds()
     outcomes: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
     next_index = 0
     done = 0
@@ -197,7 +181,7 @@ async def _storm(relay: Any) -> dict[str, Any]:
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
     storm_seconds = time.monotonic() - started
-    cpu_storm = cpu_seconds(relay) - cpu_before
+    cpu_storm = relay.cpu_seconds() - cpu_before
     healthz_started = time.monotonic()
     health = await http_get_async(relay.port, "/healthz")
     healthz_seconds = time.monotonic() - healthz_started
@@ -205,23 +189,25 @@ async def _storm(relay: Any) -> dict[str, Any]:
     settle_started = time.monotonic()
     settled = await asyncio.to_thread(
         wait_until,
-        lambda: internals(relay)["connections"] == STEADY_VIEWERS + 2,
+        lambda: api_internals(relay)["connections"] == STEADY_VIEWERS + 2,
         10.0,
         0.2,
+        fail=False,
     )
     settle_seconds = time.monotonic() - settle_started
     await asyncio.sleep(0.5)
-    after = await asyncio.to_thread(internals, relay)
-    streams_after = await asyncio.to_thread(streams, relay)
+    after = await asyncio.to_thread(api_internals, relay)
+    streams_after = await asyncio.to_thread(api_streams, relay)
     fds_after = relay.open_files()
     rss["after_settle"] = relay.rss() / MB
     # The handshake-rate buckets of the churn addresses are swept once refilled (the
     # relay sweeps every 10 s); the steady set keeps streaming meanwhile.
     swept = await asyncio.to_thread(
         wait_until,
-        lambda: internals(relay)["handshake_rate"]["addresses"] == 0,
+        lambda: api_internals(relay)["handshake_rate"]["addresses"] == 0,
         15.0,
         0.5,
+        fail=False,
     )
     sweep_seconds = time.monotonic() - settle_started
     sent = await publisher.stop_sending()
@@ -254,8 +240,12 @@ async def _storm(relay: Any) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(240)
-def test_reload_storm_leaves_nothing_behind(start_relay: Any) -> None:
-    relay = start_relay("--max-handshakes-per-ip", "100000", "--max-connections-per-ip", "100000")
+def test_reload_storm_leaves_nothing_behind(start_relay: StartRelay) -> None:
+    """5,000 connect/close cycles of every kind leave exactly the steady set behind (objects,
+    descriptors, streams), bounded RSS growth, and steady viewers that missed nothing."""
+    relay = start_relay(
+        "--max-handshakes-per-ip", "100000", "--max-connections-per-ip", "100000", internals=True
+    )
     outcome = asyncio.run(_storm(relay))
     viewers: list[Viewer] = outcome["viewers"]
     expected = list(range(outcome["sent"]))
@@ -323,7 +313,6 @@ def test_reload_storm_leaves_nothing_behind(start_relay: Any) -> None:
     }
     assert not any(failures.values()), failures
     assert outcome["healthz_status"] == 200 and outcome["healthz_seconds"] < 1.0
-    assert not log_problems(relay)
 
 
 # -- the handshake rate limit, with its defaults ----------------------------------------
@@ -333,7 +322,7 @@ BURST_SOURCE = "127.0.0.7"
 OTHER_SOURCE = "127.0.0.8"
 
 
-async def _burst(relay: Any) -> dict[str, Any]:
+async def _burst(relay: RelayProcess) -> dict[str, Any]:
     results: list[tuple[float, int, str | None, str]] = []
     semaphore = asyncio.Semaphore(20)
     healthz: list[float] = []
@@ -364,11 +353,11 @@ async def _burst(relay: Any) -> dict[str, Any]:
 
     health_task = asyncio.create_task(watch_health())
     await asyncio.sleep(0.2)
-    cpu_before = cpu_seconds(relay)
+    cpu_before = relay.cpu_seconds()
     started = time.monotonic()
     await asyncio.gather(*(attempt() for _ in range(BURST_ATTEMPTS)))
     burst_seconds = time.monotonic() - started
-    cpu_burst = cpu_seconds(relay) - cpu_before
+    cpu_burst = relay.cpu_seconds() - cpu_before
     other_reader, other_writer, other = await ws_open_async(
         relay.port, "/watch/burst", source=OTHER_SOURCE
     )
@@ -394,9 +383,11 @@ async def _burst(relay: Any) -> dict[str, Any]:
 
 @pytest.mark.timeout(60)
 def test_handshake_burst_gets_503_with_retry_after_and_relay_stays_cool(
-    start_relay: Any,
+    start_relay: StartRelay,
 ) -> None:
-    relay = start_relay()
+    """A burst of 400 handshakes from one address gets 503 with Retry-After past the burst
+    while another address and ``/healthz`` are served at once."""
+    relay = start_relay(internals=True)
     outcome = asyncio.run(_burst(relay))
     results = outcome["results"]
     accepted = [entry for entry in results if entry[1] == 101]
@@ -405,7 +396,7 @@ def test_handshake_burst_gets_503_with_retry_after_and_relay_stays_cool(
     reasons = sorted({entry[3] for entry in refused})
     first_refusal = min((entry[0] for entry in refused), default=None)
     allowed = 100 + 50 * outcome["burst_seconds"] + 1
-    counts = internals(relay)
+    counts = api_internals(relay)
     record_figure(
         "handshake_rate_limit",
         limit="50 handshakes/s per address, burst 100 (defaults)",
@@ -438,4 +429,3 @@ def test_handshake_burst_gets_503_with_retry_after_and_relay_stays_cool(
     assert outcome["other_status"] == 101
     assert outcome["healthz_after"] == 200 and outcome["healthz_after_seconds"] < 1.0
     assert max(outcome["healthz"]) < 1.0
-    assert not log_problems(relay)

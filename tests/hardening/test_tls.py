@@ -13,8 +13,6 @@ starting the TLS handshake (closed within ``--handshake-timeout`` + 1 s).
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import re
 import socket
 import ssl
@@ -24,20 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from .helpers import (
-    PacedPublisher,
-    Viewer,
-    connect,
-    log_problems,
-    media_is_intact,
-    record_figure,
-    rounded,
-)
+from tests.support.certs import make_certificate
+from tests.support.figures import record_figure, rounded
+from tests.support.media import media_is_intact
+from tests.support.net import connect
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.ws_client import PacedPublisher, Viewer
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(120)]
 
@@ -46,45 +37,7 @@ MESSAGE_BYTES = 64 * 1024
 HANDSHAKE_TIMEOUT = 2.0
 
 
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost; (key path, cert path)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "streamrelay test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.DNSName("localhost"),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path = folder / "key.pem"
-    cert_path = folder / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
-async def _exchange(relay: Any, context: ssl.SSLContext) -> dict[str, Any]:
+async def _exchange(relay: RelayProcess, context: ssl.SSLContext) -> dict[str, Any]:
     viewers = [
         await Viewer(f"{relay.ws_url}/watch/tls", name=f"tls-{index}", ssl=context).start()
         for index in range(3)
@@ -140,7 +93,9 @@ def _silent_tcp_closed_after(port: int) -> float | None:
         return time.monotonic() - started
 
 
-def test_tls_publisher_and_viewers_end_to_end(start_relay: Any, tmp_path: Path) -> None:
+def test_tls_publisher_and_viewers_end_to_end(start_relay: StartRelay, tmp_path: Path) -> None:
+    """Over TLS a publisher and three viewers exchange 200 messages of 64 KiB intact and in
+    order, and a plain-HTTP peer and a silent TCP peer do no harm."""
     key_path, cert_path = make_certificate(tmp_path)
     relay = start_relay(
         "--handshake-timeout",
@@ -194,7 +149,6 @@ def test_tls_publisher_and_viewers_end_to_end(start_relay: Any, tmp_path: Path) 
     assert outcome["sent"] == MESSAGES
     assert all(in_order) and all(intact)
     assert silent is not None and silent <= HANDSHAKE_TIMEOUT + 1
-    assert not log_problems(relay)
     # The relay still serves after the bad peers.
     with (
         socket.create_connection(("127.0.0.1", relay.port), timeout=5) as raw,

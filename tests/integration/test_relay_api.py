@@ -5,30 +5,23 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
+from typing import Any
 
 import pytest
-from helpers import (
-    CONFIG,
-    DELTA,
-    KEY,
-    api_async,
-    expect_close,
-    http_get,
-    idle_state,
-    media,
-    run,
-    stream_entry,
-    text,
-    wait_until,
-    ws_connect,
-)
+
+from tests.support.http import http_get
+from tests.support.media import CONFIG, DELTA, KEY, media
+from tests.support.relay_api import api_streams_async, idle_state, stream_entry
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import run, wait_until
+from tests.support.ws_client import expect_close, text, ws_connect
 
 pytestmark = pytest.mark.integration
 
 _ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$")
 
 
-def _check_entry_types(entry: dict) -> None:
+def _check_entry_types(entry: dict[str, Any]) -> None:
     assert set(entry) == {
         "name", "live", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
         "dropped", "bitrate_bps", "fps",
@@ -42,7 +35,7 @@ def _check_entry_types(entry: dict) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_healthz_answers_ok(relay):
+def test_healthz_answers_ok(relay: RelayProcess) -> None:
     """``GET /healthz`` answers 200 ``ok`` on a fresh relay."""
     response = http_get(relay.http_url, "/healthz")
     assert response.status == 200
@@ -50,14 +43,14 @@ def test_healthz_answers_ok(relay):
 
 
 @pytest.mark.timeout(40)
-def test_api_streams_fields_and_types(relay):
+def test_api_streams_fields_and_types(relay: RelayProcess) -> None:
     """With a publisher and a viewer, ``/api/streams`` lists the stream with every
     documented field and type: the publisher's real ``ip:port`` and an ISO 8601 UTC
     ``since`` (to a loopback requester), counters matching what was sent, rates over the
     last seconds, and connection counts."""
 
     async def scenario() -> None:
-        idle = await api_async(relay)
+        idle = await api_streams_async(relay)
         assert idle["streams"] == []
         assert set(idle["connections"]) == {"publishers", "viewers", "total"}
         async with ws_connect(f"{relay.ws_url}/publish/cam1") as publisher:
@@ -69,7 +62,7 @@ def test_api_streams_fields_and_types(relay):
                     await publisher.send(message)
                 for _ in range(1 + len(sent)):  # status, then every message
                     await viewer.recv()
-                snapshot = await api_async(relay)
+                snapshot = await api_streams_async(relay)
                 entry = stream_entry(snapshot, "cam1")
                 assert entry is not None, snapshot
                 _check_entry_types(entry)
@@ -102,14 +95,14 @@ def test_api_streams_fields_and_types(relay):
 
 
 @pytest.mark.timeout(40)
-def test_api_lists_only_streams_with_publisher_or_viewers(relay):
+def test_api_lists_only_streams_with_publisher_or_viewers(relay: RelayProcess) -> None:
     """A viewer-only stream is listed (live false, publisher null); once everyone left,
     the stream is no longer listed and the counts are back to zero."""
 
     async def scenario() -> None:
         async with ws_connect(f"{relay.ws_url}/watch/waiting") as viewer:
             await text(viewer)
-            entry = stream_entry(await api_async(relay), "waiting")
+            entry = stream_entry(await api_streams_async(relay), "waiting")
             assert entry is not None
             _check_entry_types(entry)
             assert entry["live"] is False
@@ -122,7 +115,7 @@ def test_api_lists_only_streams_with_publisher_or_viewers(relay):
 
 
 @pytest.mark.timeout(40)
-def test_api_counters_survive_a_takeover(relay):
+def test_api_counters_survive_a_takeover(relay: RelayProcess) -> None:
     """A takeover keeps the stream's counters: messages, bytes and keyframes keep
     growing from where the first publisher left them, and the publisher entry shows the
     new publisher."""
@@ -135,7 +128,7 @@ def test_api_counters_survive_a_takeover(relay):
             for message in first_sent:
                 await first.send(message)
             await asyncio.sleep(0.2)
-            before = stream_entry(await api_async(relay), "keep")
+            before = stream_entry(await api_streams_async(relay), "keep")
             assert before is not None
             assert before["messages_in"] == 3 and before["keyframes"] == 1
             async with ws_connect(f"{relay.ws_url}/publish/keep") as second:
@@ -144,7 +137,7 @@ def test_api_counters_survive_a_takeover(relay):
                 for message in second_sent:
                     await second.send(message)
                 await asyncio.sleep(0.2)
-                after = stream_entry(await api_async(relay), "keep")
+                after = stream_entry(await api_streams_async(relay), "keep")
                 assert after is not None
                 assert after["messages_in"] == 5
                 assert after["keyframes"] == 2

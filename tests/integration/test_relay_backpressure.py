@@ -8,27 +8,27 @@ import asyncio
 import json
 import statistics
 import time
+from typing import Any
 
 import pytest
-from helpers import (
+
+from tests.support.figures import write_artifact
+from tests.support.frames import OP_BINARY, OP_TEXT
+from tests.support.media import (
     CONFIG,
     DELTA,
     KEY,
-    RawWebSocket,
-    api_async,
     capture_of,
     flags_of,
-    log_excerpt,
     media,
     now_us,
     numbered_payload,
-    relay_host_port,
-    run,
-    stream_entry,
-    text,
-    write_artifact,
-    ws_connect,
 )
+from tests.support.raw_ws import RawWebSocket
+from tests.support.relay_api import api_streams_async, stream_entry
+from tests.support.relay_process import StartRelay
+from tests.support.waiting import run
+from tests.support.ws_client import text, ws_connect
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,9 @@ def _index(message: bytes) -> int:
 
 
 @pytest.mark.timeout(120)
-def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(start_relay):
+def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(
+    start_relay: StartRelay,
+) -> None:
     """One viewer's socket never reads (tiny receive buffer) while the publisher pushes
     60 MiB: the other viewer still gets every message in order with low delay, the
     relay's RSS grows by no more than a generous bound over the 1 MiB viewer queue,
@@ -59,12 +61,11 @@ def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(star
         "--viewer-stall-timeout", "120", "--ping-interval", "120", "--ping-timeout", "120",
         "--publisher-idle-timeout", "120",
     )
-    host, port = relay_host_port(relay)
     count = TOTAL_BYTES // MESSAGE_BYTES
-    figures: dict[str, object] = {"queue_bytes": QUEUE_BYTES, "message_bytes": MESSAGE_BYTES}
+    figures: dict[str, Any] = {"queue_bytes": QUEUE_BYTES, "message_bytes": MESSAGE_BYTES}
 
     async def scenario() -> None:
-        stuck = await asyncio.to_thread(RawWebSocket.open, host, port, "/watch/slow", 4096)
+        stuck = await asyncio.to_thread(RawWebSocket.open, relay.port, "/watch/slow", rcvbuf=4096)
         assert stuck.status == 101
         async with ws_connect(f"{relay.ws_url}/watch/slow", max_queue=None) as good, \
                 ws_connect(f"{relay.ws_url}/publish/slow", max_queue=None) as publisher:
@@ -135,7 +136,7 @@ def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(star
             assert received == list(range(count)), "the reading viewer missed or reordered"
             assert configs == [config_v1, config_v2], configs
             assert not [t for t in texts if json.loads(t)["type"] == "dropped"], texts
-            entry = stream_entry(await api_async(relay), "slow")
+            entry = stream_entry(await api_streams_async(relay), "slow")
             assert entry is not None
             figures["api_dropped"] = entry["dropped"]
             assert entry["dropped"] > 0, entry
@@ -147,8 +148,8 @@ def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(star
             def read_until_caught_up() -> None:
                 while True:
                     frame = stuck.read_message()
-                    assert frame.opcode in (0x1, 0x2), f"unexpected opcode {frame.opcode}"
-                    if frame.opcode == 0x1:
+                    assert frame.opcode in (OP_TEXT, OP_BINARY), f"unexpected opcode {frame.opcode}"
+                    if frame.opcode == OP_TEXT:
                         events.append(("text", json.loads(frame.payload)))
                         continue
                     flags = flags_of(frame.payload)
@@ -217,7 +218,7 @@ def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(star
             figures["dropped_notices"] = len(notices)
             figures["dropped_last_notice_messages"] = notices[-1]
             figures["stale_messages_read"] = sum(1 for e in events if e[0] in ("key", "delta"))
-            entry = stream_entry(await api_async(relay), "slow")
+            entry = stream_entry(await api_streams_async(relay), "slow")
             assert entry is not None
             assert entry["dropped"] == sum(notices), (entry["dropped"], notices)
             figures["messages_missing_at_stuck_viewer"] = count - figures["stale_messages_read"] + (
@@ -235,16 +236,16 @@ def test_never_reading_viewer_does_not_slow_others_and_memory_stays_bounded(star
     finally:
         print("never-reading viewer figures:", json.dumps(figures))
         write_artifact("never_reading_viewer.json", figures)
-    growth = int(figures["rss_peak"]) - int(figures["rss_before"])  # type: ignore[call-overload]
+    growth = int(figures["rss_peak"]) - int(figures["rss_before"])
     assert growth <= RSS_GROWTH_BOUND, (
         f"relay RSS grew by {growth / MIB:.1f} MiB while one viewer never read "
-        f"(bound {RSS_GROWTH_BOUND / MIB:.0f} MiB)\n" + log_excerpt(relay)
+        f"(bound {RSS_GROWTH_BOUND / MIB:.0f} MiB)\n" + relay.log_excerpt()
     )
-    assert float(figures["good_viewer_delay_max_s"]) < 5.0, figures  # type: ignore[arg-type]
+    assert float(figures["good_viewer_delay_max_s"]) < 5.0, figures
 
 
 @pytest.mark.timeout(60)
-def test_dropped_notice_counts_exactly_the_missing_messages(start_relay):
+def test_dropped_notice_counts_exactly_the_missing_messages(start_relay: StartRelay) -> None:
     """After a stuck viewer resumes, ``{"type": "dropped", "messages": N}`` says exactly
     how many media messages it missed, even when the publisher changed its CONFIG while
     the viewer was stuck (the CONFIG is resent, so it is not missing)."""
@@ -252,11 +253,10 @@ def test_dropped_notice_counts_exactly_the_missing_messages(start_relay):
         "--viewer-queue-bytes", str(QUEUE_BYTES), "--viewer-stall-timeout", "120",
         "--ping-interval", "120", "--ping-timeout", "120",
     )
-    host, port = relay_host_port(relay)
     total = 8 * MIB // MESSAGE_BYTES
 
     async def scenario() -> list[tuple]:
-        stuck = await asyncio.to_thread(RawWebSocket.open, host, port, "/watch/count", 4096)
+        stuck = await asyncio.to_thread(RawWebSocket.open, relay.port, "/watch/count", rcvbuf=4096)
         async with ws_connect(f"{relay.ws_url}/publish/count") as publisher:
             await publisher.send(media(CONFIG, b"config-v1"))
             for index in range(total + GOP):
@@ -272,7 +272,7 @@ def test_dropped_notice_counts_exactly_the_missing_messages(start_relay):
             def read() -> None:
                 while True:
                     frame = stuck.read_message()
-                    if frame.opcode == 0x1:
+                    if frame.opcode == OP_TEXT:
                         value = json.loads(frame.payload)
                         if value["type"] == "dropped":
                             seen.append(("dropped", value["messages"]))

@@ -8,43 +8,37 @@ import asyncio
 import signal
 import subprocess
 import time
+from typing import Any
 
 import pytest
-from helpers import (
-    DELTA,
-    KEY,
-    RawWebSocket,
-    expect_close,
-    http_get,
-    log_excerpt,
-    media,
-    refused,
-    relay_host_port,
-    run,
-    text,
-    ws_connect,
-)
 from websockets.exceptions import ConnectionClosed
+
+from tests.support.frames import OP_CLOSE
+from tests.support.http import http_get
+from tests.support.media import DELTA, KEY, media
+from tests.support.raw_ws import RawWebSocket
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import run
+from tests.support.ws_client import expect_close, refused, text, ws_connect
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_closes_everyone_with_1001_and_exits_cleanly(start_relay):
+def test_sigterm_closes_everyone_with_1001_and_exits_cleanly(start_relay: StartRelay) -> None:
     """SIGTERM: every viewer and the publisher get close code 1001; while a straggler
     (a peer that never answers the close) holds the drain open, ``/healthz`` answers 503
     and new handshakes get 503 + Retry-After; the process exits with SIGTERM's status
     within the close timeout plus a few seconds."""
     relay = start_relay("--close-timeout", "2")
-    host, port = relay_host_port(relay)
 
-    async def scenario() -> dict:
+    async def scenario() -> dict[str, Any]:
         viewers = [await ws_connect(f"{relay.ws_url}/watch/bye").__aenter__() for _ in range(2)]
         publisher = await ws_connect(f"{relay.ws_url}/publish/bye").__aenter__()
         await publisher.send(media(KEY, b"k"))
         for viewer in viewers:
             await text(viewer)
-        straggler = await asyncio.to_thread(RawWebSocket.open, host, port, "/watch/bye")
+        straggler = await asyncio.to_thread(RawWebSocket.open, relay.port, "/watch/bye")
         assert straggler.status == 101
         await asyncio.sleep(0.2)
         signalled = time.monotonic()
@@ -74,7 +68,7 @@ def test_sigterm_closes_everyone_with_1001_and_exits_cleanly(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_sigterm_on_idle_relay_exits_at_once(start_relay):
+def test_sigterm_on_idle_relay_exits_at_once(start_relay: StartRelay) -> None:
     """With no connections the relay stops promptly with SIGTERM's exit status."""
     relay = start_relay()
     started = time.monotonic()
@@ -82,13 +76,13 @@ def test_sigterm_on_idle_relay_exits_at_once(start_relay):
     try:
         status = relay.process.wait(10)
     except subprocess.TimeoutExpired:
-        pytest.fail("relay did not exit within 10 s of SIGTERM:\n" + log_excerpt(relay))
+        pytest.fail("relay did not exit within 10 s of SIGTERM:\n" + relay.log_excerpt())
     assert status in (-signal.SIGTERM, 128 + signal.SIGTERM)
     assert time.monotonic() - started < 5
 
 
 @pytest.mark.timeout(30)
-def test_viewer_sending_binary_gets_1003(relay):
+def test_viewer_sending_binary_gets_1003(relay: RelayProcess) -> None:
     """A viewer that sends a binary message is closed with 1003; a viewer's unknown or
     malformed text is ignored (it stays connected)."""
 
@@ -121,7 +115,7 @@ def test_viewer_sending_binary_gets_1003(relay):
         pytest.param("null", id="json-null"),
     ],
 )
-def test_publisher_invalid_payload_gets_1007(relay, message):
+def test_publisher_invalid_payload_gets_1007(relay: RelayProcess, message: bytes | str) -> None:
     """A publisher breaking v1 (media shorter than 9 bytes, both KEY and CONFIG, a
     reserved flag bit, text that is not a JSON object) is closed with 1007 and a reason;
     the viewers see the stream go offline."""
@@ -144,7 +138,7 @@ def test_publisher_invalid_payload_gets_1007(relay, message):
 
 
 @pytest.mark.timeout(30)
-def test_publisher_invalid_utf8_text_gets_1007(relay):
+def test_publisher_invalid_utf8_text_gets_1007(relay: RelayProcess) -> None:
     """A text frame that is not UTF-8 is closed with 1007."""
 
     async def scenario() -> None:
@@ -158,7 +152,7 @@ def test_publisher_invalid_utf8_text_gets_1007(relay):
 
 
 @pytest.mark.timeout(40)
-def test_idle_publisher_gets_1008(start_relay):
+def test_idle_publisher_gets_1008(start_relay: StartRelay) -> None:
     """With ``--publisher-idle-timeout 1``: a publisher that sends media every 0.3 s stays;
     one that sends nothing, or only metadata, is closed with 1008 soon after 1 s."""
     relay = start_relay("--publisher-idle-timeout", "1")
@@ -185,7 +179,7 @@ def test_idle_publisher_gets_1008(start_relay):
 
 
 @pytest.mark.timeout(60)
-def test_stalled_viewer_gets_1008(start_relay):
+def test_stalled_viewer_gets_1008(start_relay: StartRelay) -> None:
     """With ``--viewer-stall-timeout 1`` a viewer whose socket never reads (small receive
     buffer) is closed with 1008: when it finally reads, the close frame is there after
     the data that was in flight."""
@@ -193,11 +187,10 @@ def test_stalled_viewer_gets_1008(start_relay):
         "--viewer-stall-timeout", "1", "--close-timeout", "15", "--ping-interval", "60",
         "--viewer-queue-bytes", "1048576",
     )
-    host, port = relay_host_port(relay)
 
     async def scenario() -> int | None:
         stalled = await asyncio.to_thread(
-            RawWebSocket.open, host, port, "/watch/stall", 4096
+            RawWebSocket.open, relay.port, "/watch/stall", rcvbuf=4096
         )
         assert stalled.status == 101
         async with ws_connect(f"{relay.ws_url}/publish/stall") as publisher:
@@ -210,7 +203,7 @@ def test_stalled_viewer_gets_1008(start_relay):
                 stalled.sock.settimeout(10)
                 while True:
                     frame = stalled.read_frame()
-                    if frame.opcode == 0x8:
+                    if frame.opcode == OP_CLOSE:
                         return frame.close_code
             try:
                 return await asyncio.to_thread(read_until_close)
@@ -218,12 +211,12 @@ def test_stalled_viewer_gets_1008(start_relay):
                 stalled.close()
 
     code = run(scenario(), 45)
-    assert code == 1008, log_excerpt(relay)
+    assert code == 1008, relay.log_excerpt()
     assert "stalled" in relay.log_text()
 
 
 @pytest.mark.timeout(40)
-def test_oversized_messages_get_1009(start_relay):
+def test_oversized_messages_get_1009(start_relay: StartRelay) -> None:
     """A publisher message over ``--max-message-bytes`` and a viewer text message over
     4 KiB are closed with 1009; a message exactly at the bound is relayed."""
     relay = start_relay("--max-message-bytes", "100000")

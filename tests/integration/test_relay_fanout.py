@@ -8,18 +8,16 @@ import random
 import time
 
 import pytest
-from helpers import (
-    CONFIG,
-    DELTA,
-    KEY,
+from websockets.asyncio.client import ClientConnection
+
+from tests.support.media import CONFIG, DELTA, KEY, flags_of, media, numbered_payload
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import run
+from tests.support.ws_client import (
     SUBPROTOCOL,
     binary,
     collect_text,
     expect_close,
-    flags_of,
-    media,
-    numbered_payload,
-    run,
     text,
     text_of_type,
     ws_connect,
@@ -40,7 +38,9 @@ def _script(count: int, seed: int = 7) -> list[bytes]:
 
 
 @pytest.mark.timeout(60)
-def test_one_publisher_three_viewers_get_every_message_intact_and_in_order(relay):
+def test_one_publisher_three_viewers_get_every_message_intact_and_in_order(
+    relay: RelayProcess,
+) -> None:
     """A user publishing 300 frames to three viewers sees each viewer receive status, the
     stream's meta, then every binary message byte for byte, in order, none duplicated; the
     publisher hears the viewer count."""
@@ -65,7 +65,7 @@ def test_one_publisher_three_viewers_get_every_message_intact_and_in_order(relay
                     meta = await text(viewer)
                     assert meta == {"type": "meta", "codec": "avc1.42E01F", "width": 640}
 
-                async def receive_all(viewer) -> list[bytes]:
+                async def receive_all(viewer: ClientConnection) -> list[bytes]:
                     got = []
                     for _ in messages:
                         got.append(await binary(viewer, timeout=15))
@@ -94,7 +94,7 @@ def test_one_publisher_three_viewers_get_every_message_intact_and_in_order(relay
 
 
 @pytest.mark.timeout(30)
-def test_no_subprotocol_is_treated_as_v1(relay):
+def test_no_subprotocol_is_treated_as_v1(relay: RelayProcess) -> None:
     """A client that offers no subprotocol still gets v1 service (status first), and one
     that offers ``streamrelay.v1`` has it selected."""
 
@@ -111,7 +111,7 @@ def test_no_subprotocol_is_treated_as_v1(relay):
 
 
 @pytest.mark.timeout(30)
-def test_late_joiner_starts_with_config_then_cached_gop(relay):
+def test_late_joiner_starts_with_config_then_cached_gop(relay: RelayProcess) -> None:
     """A viewer joining mid-GOP gets status live, meta, then CONFIG, the KEY and every
     message since, at once (no wait for the next keyframe), then the live messages."""
 
@@ -143,7 +143,7 @@ def test_late_joiner_starts_with_config_then_cached_gop(relay):
 
 
 @pytest.mark.timeout(40)
-def test_keyframe_requests_without_cache_are_sent_and_rate_limited(start_relay):
+def test_keyframe_requests_without_cache_are_sent_and_rate_limited(start_relay: StartRelay) -> None:
     """With the GOP cache off a joining viewer waits for the next KEY and the publisher is
     asked for one; a viewer's own requests are rate-limited to one per interval, and a
     need inside the interval is sent at its end, never lost."""
@@ -191,7 +191,7 @@ def test_keyframe_requests_without_cache_are_sent_and_rate_limited(start_relay):
 
 
 @pytest.mark.timeout(30)
-def test_viewer_count_updates_are_coalesced_and_the_last_arrives(relay):
+def test_viewer_count_updates_are_coalesced_and_the_last_arrives(relay: RelayProcess) -> None:
     """Ten viewers joining in a burst, then leaving in a burst: the publisher gets at most
     a few ``viewers`` messages a second, and each burst's final count (10, then 0)
     always arrives."""
@@ -228,7 +228,7 @@ def test_viewer_count_updates_are_coalesced_and_the_last_arrives(relay):
 
 
 @pytest.mark.timeout(40)
-def test_viewers_survive_publisher_restart(relay):
+def test_viewers_survive_publisher_restart(relay: RelayProcess) -> None:
     """Viewers connected before any publisher see offline, then live with the publisher's
     CONFIG and KEY; they stay across the publisher leaving (offline) and a new publisher
     (live again, starting from its CONFIG and KEY, never from its earlier deltas)."""
@@ -263,7 +263,7 @@ def test_viewers_survive_publisher_restart(relay):
 
 
 @pytest.mark.timeout(40)
-def test_takeover_closes_old_publisher_with_4409_and_viewers_continue(relay):
+def test_takeover_closes_old_publisher_with_4409_and_viewers_continue(relay: RelayProcess) -> None:
     """A second publisher replaces the first: the first is closed with 4409, viewers stay
     connected (no offline flap) and continue from the new publisher's CONFIG and KEY."""
 

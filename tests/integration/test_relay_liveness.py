@@ -7,7 +7,12 @@ import asyncio
 import time
 
 import pytest
-from helpers import api_async, relay_host_port, run, stream_entry, text, ws_connect
+
+from tests.support.proxy import BlackHoleProxy
+from tests.support.relay_api import api_streams_async, stream_entry
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import run
+from tests.support.ws_client import text, ws_connect
 
 pytestmark = pytest.mark.integration
 
@@ -16,86 +21,24 @@ PING_TIMEOUT = 1.0
 POLL = 0.05
 
 
-class FreezingProxy:
-    """Forwards TCP between clients and the relay until :meth:`freeze`; from then on it
-    neither reads nor writes in either direction, and closes nothing (a half-open path,
-    as when a NAT or a laptop lid drops the route)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.frozen = False
-        self.frozen_at: float | None = None
-        self.freeze_after_upstream_chunks: int | None = None
-        self.upstream_chunks = 0
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: list[asyncio.Task] = []
-        self._hold = asyncio.Event()  # never set: frozen pumps wait here
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def freeze(self) -> None:
-        if not self.frozen:
-            self.frozen = True
-            self.frozen_at = time.monotonic()
-
-    async def _handle(self, client_reader, client_writer) -> None:
-        relay_reader, relay_writer = await asyncio.open_connection(*self.target)
-        self._writers += [client_writer, relay_writer]
-        self._tasks += [
-            asyncio.current_task(),  # type: ignore[list-item]
-        ]
-        await asyncio.gather(
-            self._pump(client_reader, relay_writer, upstream=True),
-            self._pump(relay_reader, client_writer, upstream=False),
-        )
-
-    async def _pump(self, reader, writer, upstream: bool) -> None:
-        while True:
-            if self.frozen:
-                await self._hold.wait()
-            data = await reader.read(65536)
-            if self.frozen:
-                await self._hold.wait()
-            if not data:
-                writer.close()
-                return
-            writer.write(data)
-            await writer.drain()
-            if upstream:
-                self.upstream_chunks += 1
-                limit = self.freeze_after_upstream_chunks
-                if limit is not None and self.upstream_chunks >= limit:
-                    self.freeze()
-
-    async def close(self) -> None:
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        for task in self._tasks:
-            task.cancel()
-
-
-async def _viewers(relay, name: str) -> int:
-    entry = stream_entry(await api_async(relay), name)
+async def _viewers(relay: RelayProcess, name: str) -> int:
+    entry = stream_entry(await api_streams_async(relay), name)
     return 0 if entry is None else int(entry["viewers"])
 
 
 async def _seconds_until_dropped(
-    relay, proxy: FreezingProxy, name: str, remaining: int = 0
+    relay: RelayProcess, proxy: BlackHoleProxy, name: str, remaining: int = 0
 ) -> float:
     while await _viewers(relay, name) > remaining:
-        assert proxy.frozen_at is not None
-        if time.monotonic() - proxy.frozen_at > 20:
+        assert proxy.dark_at is not None
+        if time.monotonic() - proxy.dark_at > 20:
             raise AssertionError("half-open viewer still listed after 20 s")
         await asyncio.sleep(POLL)
-    assert proxy.frozen_at is not None
-    return time.monotonic() - proxy.frozen_at
+    assert proxy.dark_at is not None
+    return time.monotonic() - proxy.dark_at
 
 
-def _start(start_relay):
+def _start(start_relay: StartRelay) -> RelayProcess:
     return start_relay(
         "--ping-interval", str(PING_INTERVAL), "--ping-timeout", str(PING_TIMEOUT),
         "--viewer-stall-timeout", "60",
@@ -103,16 +46,16 @@ def _start(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(start_relay):
+def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(
+    start_relay: StartRelay,
+) -> None:
     """A viewer behind a path that silently stops carrying packets (both ways, nothing
     closed) disappears from ``/api/streams`` within ping interval + ping timeout + 1 s,
     while a healthy viewer of the same stream stays connected through the pings."""
     relay = _start(start_relay)
-    host, port = relay_host_port(relay)
 
     async def scenario() -> float:
-        proxy = FreezingProxy(host, port)
-        await proxy.start()
+        proxy = await BlackHoleProxy(relay.port).start()
         try:
             proxied = f"ws://127.0.0.1:{proxy.port}/watch/half"
             async with ws_connect(f"{relay.ws_url}/watch/half") as healthy, \
@@ -121,7 +64,7 @@ def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(start_rel
                 await text(viewer)
                 assert await _viewers(relay, "half") == 2
                 await asyncio.sleep(0.5)
-                proxy.freeze()
+                proxy.go_dark()
                 elapsed = await _seconds_until_dropped(relay, proxy, "half", remaining=1)
                 # The healthy viewer answered every ping: still connected.
                 await asyncio.sleep(PING_INTERVAL + PING_TIMEOUT + 0.5)
@@ -139,26 +82,25 @@ def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(start_rel
 
 
 @pytest.mark.timeout(40)
-def test_half_open_right_after_a_pong_is_dropped_within_interval_plus_timeout(start_relay):
+def test_half_open_right_after_a_pong_is_dropped_within_interval_plus_timeout(
+    start_relay: StartRelay,
+) -> None:
     """The worst phase: the path dies just after the viewer answered a ping.  The issue
     promises pings every ``--ping-interval`` and an abort after ``--ping-timeout`` more
     silence, so the viewer must be gone within interval + timeout (0.5 s slack for
     scheduling and polling)."""
     relay = _start(start_relay)
-    host, port = relay_host_port(relay)
 
     async def scenario() -> float:
-        proxy = FreezingProxy(host, port)
         # Upstream chunk 1 is the handshake request; the next one is the first pong
         # (the client sends nothing else).
-        proxy.freeze_after_upstream_chunks = 2
-        await proxy.start()
+        proxy = await BlackHoleProxy(relay.port, dark_after_upstream_chunks=2).start()
         try:
             async with ws_connect(
                 f"ws://127.0.0.1:{proxy.port}/watch/phase", close_timeout=0.2
             ) as viewer:
                 await text(viewer)
-                while not proxy.frozen:
+                while not proxy.dark:
                     await asyncio.sleep(0.01)
                 return await _seconds_until_dropped(relay, proxy, "phase")
         finally:

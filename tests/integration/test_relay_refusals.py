@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
-from helpers import (
-    KEY,
-    accepted,
-    api,
-    handshake_request,
-    http_get,
-    make_token,
-    media,
-    raw_exchange,
-    refused,
-    relay_host_port,
-    run,
-    text,
-    wait_until,
-    write_secret,
-    ws_connect,
-)
+from websockets.exceptions import InvalidStatus
+
+from tests.support.http import handshake_request, http_exchange, http_get, plain_request
+from tests.support.media import KEY, media
+from tests.support.relay_api import api_streams
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.tokens import make_token, write_secret
+from tests.support.waiting import run, wait_until
+from tests.support.ws_client import accepted, refused, text, ws_connect
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +29,7 @@ def _retry_after(headers: dict[str, str]) -> int:
 
 
 @pytest.mark.timeout(30)
-def test_unknown_paths_are_404(relay):
+def test_unknown_paths_are_404(relay: RelayProcess) -> None:
     """Unknown paths, a missing stream name and extra segments answer 404, for WebSocket
     handshakes and for plain GETs; ``/echo`` is off by default."""
 
@@ -51,7 +44,7 @@ def test_unknown_paths_are_404(relay):
 
 
 @pytest.mark.timeout(30)
-def test_bad_stream_names_are_400(relay):
+def test_bad_stream_names_are_400(relay: RelayProcess) -> None:
     """Names outside ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}`` are refused with 400, even on a
     plain GET (400 comes before 426); a 64-character name is fine."""
 
@@ -68,7 +61,7 @@ def test_bad_stream_names_are_400(relay):
 
 
 @pytest.mark.timeout(30)
-def test_plain_get_on_websocket_path_is_426_without_redirect(relay):
+def test_plain_get_on_websocket_path_is_426_without_redirect(relay: RelayProcess) -> None:
     """A browser opening ``/watch/s`` or ``/publish/s`` as a page gets 426 with
     ``Upgrade: websocket``; ``?redirect=`` is never followed or echoed (no open redirect,
     no Autobahn status page)."""
@@ -85,32 +78,30 @@ def test_plain_get_on_websocket_path_is_426_without_redirect(relay):
 
 
 @pytest.mark.timeout(30)
-def test_oversized_request_heads_are_431(relay):
+def test_oversized_request_heads_are_431(relay: RelayProcess) -> None:
     """A 64 KiB header line, 200 header lines, or 24 KiB of headers in lines under the
     per-line bound: each is answered 431 (not a bare 400, not a silent close), and the
     relay keeps serving."""
-    host, port = relay_host_port(relay)
+    host = relay.host
     cases = {
-        "64 KiB line": handshake_request("/watch/s", host, ["X-Big: " + "a" * 65536]),
-        "200 lines": handshake_request("/watch/s", host, [f"X-H{i}: v" for i in range(200)]),
+        "64 KiB line": handshake_request("/watch/s", host, [("X-Big", "a" * 65536)]),
+        "200 lines": handshake_request("/watch/s", host, [(f"X-H{i}", "v") for i in range(200)]),
         "24 KiB total": handshake_request(
-            "/watch/s", host, [f"X-Part{i}: " + "b" * 6000 for i in range(4)]
+            "/watch/s", host, [(f"X-Part{i}", "b" * 6000) for i in range(4)]
         ),
         "64 KiB request line": (b"GET /watch/" + b"a" * 65536 + b" HTTP/1.1\r\n\r\n"),
     }
     for label, request in cases.items():
-        status, headers, _ = raw_exchange(host, port, request)
-        assert status == 431, label
+        response = http_exchange(relay.port, request, until_close=True)
+        assert response.status == 431, label
     # 100 short header lines are still within the bound.
-    lines = ["GET /healthz HTTP/1.1", f"Host: {host}", "Connection: close"]
-    lines += [f"X-H{i}: v" for i in range(90)]
-    ok_request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    assert raw_exchange(host, port, ok_request)[0] == 200
+    ok_request = plain_request("/healthz", host, [(f"X-H{i}", "v") for i in range(90)])
+    assert http_exchange(relay.port, ok_request, until_close=True).status == 200
     assert http_get(relay.http_url, "/healthz").status == 200
 
 
 @pytest.mark.timeout(40)
-def test_per_address_connection_limit_is_503_with_retry_after(start_relay):
+def test_per_address_connection_limit_is_503_with_retry_after(start_relay: StartRelay) -> None:
     """With ``--max-connections-per-ip 3`` a fourth connection from the same address is
     refused 503 with Retry-After; after one closes, a new one is admitted again."""
     relay = start_relay("--max-connections-per-ip", "3")
@@ -133,7 +124,7 @@ def test_per_address_connection_limit_is_503_with_retry_after(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_handshake_rate_limit_is_503_with_retry_after(start_relay):
+def test_handshake_rate_limit_is_503_with_retry_after(start_relay: StartRelay) -> None:
     """With ``--max-handshakes-per-ip 1`` (burst 2) a quick series of handshakes from one
     address is cut off with 503 and Retry-After; after a pause handshakes work again."""
     relay = start_relay("--max-handshakes-per-ip", "1")
@@ -144,11 +135,9 @@ def test_handshake_rate_limit_is_503_with_retry_after(start_relay):
             try:
                 async with ws_connect(f"{relay.ws_url}/watch/rate"):
                     outcomes.append(101)
-            except Exception as error:  # noqa: BLE001 - the refusal is the point
-                response = getattr(error, "response", None)
-                assert response is not None, error
-                outcomes.append(response.status_code)
-                assert "Retry-After" in response.headers
+            except InvalidStatus as error:
+                outcomes.append(error.response.status_code)
+                assert "Retry-After" in error.response.headers
         assert outcomes[0] == 101
         assert 503 in outcomes, outcomes
         assert outcomes.count(101) <= 3, outcomes
@@ -159,7 +148,7 @@ def test_handshake_rate_limit_is_503_with_retry_after(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_stream_limit_is_503(start_relay):
+def test_stream_limit_is_503(start_relay: StartRelay) -> None:
     """With ``--max-streams 1`` a second stream (viewer or publisher) is refused 503 with
     Retry-After while the first one exists; joining the existing stream still works."""
     relay = start_relay("--max-streams", "1")
@@ -178,7 +167,7 @@ def test_stream_limit_is_503(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_viewer_limit_is_503(start_relay):
+def test_viewer_limit_is_503(start_relay: StartRelay) -> None:
     """With ``--max-viewers-per-stream 1`` a second viewer of the stream is refused 503
     with Retry-After; a viewer of another stream is not affected."""
     relay = start_relay("--max-viewers-per-stream", "1")
@@ -197,7 +186,7 @@ def test_viewer_limit_is_503(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_origin_refusals_are_403(start_relay):
+def test_origin_refusals_are_403(start_relay: StartRelay) -> None:
     """Publishing with any ``Origin`` header (a web page) is refused 403 by default, and
     ``Origin: null`` also when viewing with the default ``*``; desktop clients (no
     Origin) publish fine; viewers from any real origin are welcome."""
@@ -216,7 +205,7 @@ def test_origin_refusals_are_403(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_listed_origins_are_allowed(start_relay):
+def test_listed_origins_are_allowed(start_relay: StartRelay) -> None:
     """``--publish-origins null,https://*.example.com`` lets a listed origin publish
     (``null`` only because it is listed); ``--view-origins`` restricts viewers."""
     relay = start_relay(
@@ -239,7 +228,7 @@ def test_listed_origins_are_allowed(start_relay):
 
 
 @pytest.mark.timeout(40)
-def test_forwarded_publish_without_secret_is_403(start_relay):
+def test_forwarded_publish_without_secret_is_403(start_relay: StartRelay) -> None:
     """Without a publish secret a request relayed by a proxy on the same host
     (``X-Forwarded-For`` or ``Forwarded``) may not publish: 403.  Viewing is unaffected."""
     relay = start_relay()
@@ -257,7 +246,7 @@ def test_forwarded_publish_without_secret_is_403(start_relay):
 
 
 @pytest.mark.timeout(60)
-def test_publish_tokens(start_relay, tmp_path):
+def test_publish_tokens(start_relay: StartRelay, tmp_path: Path) -> None:
     """With ``--publish-secret-file``: a missing, tampered, expired, wrong-role,
     wrong-stream or garbage token is refused 401; a valid token works as
     ``Authorization: Bearer`` and as ``?token=`` (also from behind a proxy); neither a
@@ -314,7 +303,7 @@ def test_publish_tokens(start_relay, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_view_tokens(start_relay, tmp_path):
+def test_view_tokens(start_relay: StartRelay, tmp_path: Path) -> None:
     """With ``--view-secret-file`` viewers need a ``view`` token for the stream (401
     without, or with a publish token); ``?token=`` and Bearer both work; the log never
     shows it; ``/api/streams`` still answers the loopback operator."""
@@ -346,7 +335,7 @@ def test_view_tokens(start_relay, tmp_path):
 
 
 @pytest.mark.timeout(40)
-def test_no_takeover_is_409(start_relay, tmp_path):
+def test_no_takeover_is_409(start_relay: StartRelay, tmp_path: Path) -> None:
     """With ``--no-takeover`` a second publisher is refused 409 while the first is live,
     the first keeps publishing, and after it leaves a new publisher is admitted.  With a
     secret, a missing token is 401 before 409."""
@@ -374,4 +363,4 @@ def test_no_takeover_is_409(start_relay, tmp_path):
                 assert (await text(second))["type"] == "viewers"
 
     run(scenario(), 30)
-    wait_until(lambda: api(relay)["connections"]["publishers"] == 0, 5)
+    wait_until(lambda: api_streams(relay)["connections"]["publishers"] == 0, 5)

@@ -6,29 +6,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import socket
-import struct
 import time
+from typing import Any
 
 import pytest
-from helpers import (
-    DELTA,
-    KEY,
-    binary,
-    client_frame,
-    handshake_request,
-    http_get,
-    idle_state,
-    log_excerpt,
-    media,
-    relay_host_port,
-    run,
-    text,
-    wait_until,
-    write_artifact,
-    ws_connect,
-)
 from websockets.exceptions import ConnectionClosed
+
+from tests.support.figures import write_artifact
+from tests.support.frames import OP_BINARY, client_frame
+from tests.support.http import handshake_request, http_get, read_response_async
+from tests.support.media import DELTA, KEY, media
+from tests.support.net import abort_writer
+from tests.support.relay_api import idle_state
+from tests.support.relay_process import StartRelay
+from tests.support.waiting import run, wait_until
+from tests.support.ws_client import binary, text, ws_connect
 
 pytestmark = pytest.mark.integration
 
@@ -38,22 +30,18 @@ STREAMS = 4
 KINDS = ("clean", "abrupt", "rst", "mid-handshake", "mid-frame")
 
 
-async def _raw_upgrade(host: str, port: int, path: str):
+async def _raw_upgrade(
+    host: str, port: int, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(handshake_request(path, f"{host}:{port}"))
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    status = int(head.split(b" ", 2)[1])
-    return reader, writer, status
+    response = await read_response_async(reader, 10)
+    return reader, writer, response.status
 
 
-def _rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-async def _cycle(number: int, host: str, port: int, ws_url: str, tally: collections.Counter):
+async def _cycle(
+    number: int, host: str, port: int, ws_url: str, tally: collections.Counter[str]
+) -> None:
     kind = KINDS[number % len(KINDS)]
     role = "publish" if (number // len(KINDS)) % 2 else "watch"
     path = f"/{role}/storm{number % STREAMS}"
@@ -78,10 +66,7 @@ async def _cycle(number: int, host: str, port: int, ws_url: str, tally: collecti
         request = handshake_request(path, f"{host}:{port}")
         writer.write(request[: len(request) // 2])
         await writer.drain()
-        if number % 2:
-            _rst(writer)
-        else:
-            writer.close()
+        abort_writer(writer, reset=bool(number % 2))
         tally[f"{kind}/{role}"] += 1
         return
     reader, writer, status = await _raw_upgrade(host, port, path)
@@ -91,27 +76,24 @@ async def _cycle(number: int, host: str, port: int, ws_url: str, tally: collecti
         return
     if kind == "abrupt":
         if role == "publish":
-            writer.write(client_frame(0x2, frame))
+            writer.write(client_frame(OP_BINARY, frame))
             await writer.drain()
         writer.close()  # FIN without a close frame
     elif kind == "rst":
         if role == "publish":
-            writer.write(client_frame(0x2, frame))
+            writer.write(client_frame(OP_BINARY, frame))
             await writer.drain()
-        _rst(writer)
+        abort_writer(writer, reset=True)
     else:  # mid-frame
-        whole = client_frame(0x2, frame if role == "publish" else b'{"type":"x"}' * 20)
+        whole = client_frame(OP_BINARY, frame if role == "publish" else b'{"type":"x"}' * 20)
         writer.write(whole[: max(3, len(whole) // 2)])
         await writer.drain()
-        if number % 2:
-            _rst(writer)
-        else:
-            writer.close()
+        abort_writer(writer, reset=bool(number % 2))
     tally[f"{kind}/{role}"] += 1
 
 
 @pytest.mark.timeout(150)
-def test_storm_of_connects_and_closes_leaves_relay_idle(start_relay):
+def test_storm_of_connects_and_closes_leaves_relay_idle(start_relay: StartRelay) -> None:
     """2,000 connect/close cycles, 50 at a time, against publishers and viewers of a few
     streams: clean closes, abrupt closes (FIN, no close frame), RSTs, closes in the
     middle of the handshake and in the middle of a frame.  Afterwards ``/api/streams``
@@ -121,10 +103,10 @@ def test_storm_of_connects_and_closes_leaves_relay_idle(start_relay):
         "--max-handshakes-per-ip", "100000", "--max-connections-per-ip", "1000",
         "--handshake-timeout", "3", "--close-timeout", "2",
     )
-    host, port = relay_host_port(relay)
+    host, port = relay.host, relay.port
     wait_until(lambda: idle_state(relay), 5)
     rss_before, fds_before = relay.rss(), relay.open_files()
-    tally: collections.Counter = collections.Counter()
+    tally: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
 
     async def storm() -> float:
@@ -149,14 +131,14 @@ def test_storm_of_connects_and_closes_leaves_relay_idle(start_relay):
         pytest.fail(
             "relay not idle 15 s after the storm: "
             + json.dumps(http_get(relay.http_url, "/api/streams").json())
-            + "\n" + log_excerpt(relay)
+            + "\n" + relay.log_excerpt()
         )
     settle = time.monotonic() - settle_started
     asked = time.monotonic()
     health = http_get(relay.http_url, "/healthz", timeout=5)
     health_seconds = time.monotonic() - asked
     rss_after, fds_after = relay.rss(), relay.open_files()
-    figures = {
+    figures: dict[str, Any] = {
         "cycles": CYCLES,
         "concurrency": CONCURRENCY,
         "seconds": round(seconds, 2),

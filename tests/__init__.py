@@ -1,0 +1,1 @@
+"""The streamrelay test suites (a package, so that ``tests.support`` is importable)."""

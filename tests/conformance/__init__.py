@@ -1,0 +1,1 @@
+"""The Autobahn|Testsuite against ``/echo``, and the runner ``scripts/run-conformance`` uses."""

@@ -1,0 +1,1 @@
+"""Loopback integration tests against the real ``twistd streamrelay`` launch."""

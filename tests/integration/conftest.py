@@ -1,8 +1,0 @@
-"""Fixtures of the loopback integration suite (the launcher is in ``tests/conftest.py``)."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
