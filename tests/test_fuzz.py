@@ -1,9 +1,9 @@
 """Property-based fuzzing of the wire parser and of the publisher and viewer protocols.
 
-Example counts come from the hypothesis profile (registered in ``fakes``), chosen with
-``HYPOTHESIS_PROFILE``: ``ci`` (the default: 400 per test, a few thousand in all, well
-under a minute), ``dev`` (quick) or ``thorough`` (10,000 per test; lift pytest's
-timeout for it)::
+Example counts come from the hypothesis profile (registered in ``tests/conftest.py``),
+chosen with ``HYPOTHESIS_PROFILE``: ``ci`` (the default: 400 per test, a few thousand in
+all, well under a minute), ``dev`` (quick) or ``thorough`` (10,000 per test; lift
+pytest's timeout for it)::
 
     HYPOTHESIS_PROFILE=thorough pytest tests/test_fuzz.py tests/test_viewer_queue.py --timeout=0
 
@@ -15,7 +15,19 @@ import json
 import struct
 from typing import Any
 
-from fakes import (
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamrelay.wire import (
+    FLAG_CONFIG,
+    FLAG_KEY,
+    HEADER_SIZE,
+    WireError,
+    encode_media,
+    parse_media,
+    parse_text,
+)
+from tests.fakes import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -28,18 +40,6 @@ from fakes import (
     captured_log,
     client_frame,
     parse_frames,
-)
-from hypothesis import given
-from hypothesis import strategies as st
-
-from streamrelay.wire import (
-    FLAG_CONFIG,
-    FLAG_KEY,
-    HEADER_SIZE,
-    WireError,
-    encode_media,
-    parse_media,
-    parse_text,
 )
 
 # Close codes a peer may see from the relay after sending garbage: its own close

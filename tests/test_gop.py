@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fakes  # noqa: F401  (hypothesis profiles)
 from hypothesis import given
 from hypothesis import strategies as st
 
 from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.gop import DEFAULT_GOP_CACHE_MESSAGES, GopCache
-from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, encode_media, parse_media
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaInfo, encode_media, parse_media
 
 
 def cost(*sizes: int) -> int:
@@ -17,20 +16,21 @@ def cost(*sizes: int) -> int:
     return sum(size + MESSAGE_OVERHEAD_BYTES for size in sizes)
 
 
-def media(flags: int, tag: int, size: int = 100) -> MediaMessage:
-    """A message whose capture time ``tag`` identifies it; ``size`` bytes in all."""
-    return parse_media(encode_media(flags, tag, b"\x00" * (size - 9)))
+def media(flags: int, tag: int, size: int = 100) -> MediaInfo:
+    """The description (what the cache holds) of a message whose capture time ``tag``
+    identifies it; ``size`` bytes in all."""
+    return parse_media(encode_media(flags, tag, b"\x00" * (size - 9))).info()
 
 
-def config(tag: int, size: int = 40) -> MediaMessage:
+def config(tag: int, size: int = 40) -> MediaInfo:
     return media(FLAG_CONFIG, tag, size)
 
 
-def key(tag: int, size: int = 100) -> MediaMessage:
+def key(tag: int, size: int = 100) -> MediaInfo:
     return media(FLAG_KEY, tag, size)
 
 
-def delta(tag: int, size: int = 100) -> MediaMessage:
+def delta(tag: int, size: int = 100) -> MediaInfo:
     return media(0, tag, size)
 
 
@@ -45,7 +45,7 @@ class Cache:
         assert change != 0
         self.total += change
 
-    def add(self, *messages: MediaMessage) -> None:
+    def add(self, *messages: MediaInfo) -> None:
         for message in messages:
             self.gop.add(message, message.capture_time_us)
 
@@ -243,7 +243,7 @@ def test_resize_deltas_always_sum_to_backlog(
     global bound stays exact) and the start sequence is CONFIG? KEY ... in order,
     within the bound, every message of it sent after its KEY."""
     cache = Cache(limit)
-    sent: list[MediaMessage] = []
+    sent: list[MediaInfo] = []
     for index, (flags, size) in enumerate(messages):
         message = media(flags, index, size)
         cache.add(message)

@@ -6,7 +6,6 @@ independent ``websockets`` library, on 127.0.0.1 with a kernel-chosen port.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
@@ -38,6 +37,7 @@ from streamrelay.publisher.cli import queue_bounds
 from streamrelay.publisher.h264 import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, split_annexb
 from streamrelay.publisher.sources import SourceSpec
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
+from tests.support.certs import make_certificate
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TOKEN = "1999999999.feedfacecafebeef-not-for-printing"
@@ -282,42 +282,10 @@ def test_publishes_meta_config_key_answers_keyframe_requests_and_reconnects() ->
     assert "connected" in stderr
 
 
-def make_self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    certificate_path, key_path = directory / "cert.pem", directory / "key.pem"
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return certificate_path, key_path
-
-
 def test_wss_verifies_certificates_unless_insecure(tmp_path: Path) -> None:
     """Over wss:// a self-signed certificate is refused by default (the publisher keeps
     retrying and says why), and accepted with --insecure, which then publishes normally."""
-    certificate, key = make_self_signed_certificate(tmp_path)
+    key, certificate = make_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certificate, key)
 

@@ -34,6 +34,7 @@ from streamrelay.publisher.pipeline import CapturePipeline
 from streamrelay.publisher.settings import PublisherSettings, RelayTarget, parse_relay_url
 from streamrelay.publisher.sources import TestPatternSource
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, WireError, parse_media
+from tests.support.frames import FrameParser
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TOKEN = "1999999999.0123456789abcdef-very-secret"
@@ -78,6 +79,8 @@ class RelayEnd:
         self.request_line = ""
         self.headers: dict[str, str] = {}
         self._consumed = 0
+        # What the client writes after its handshake: masked frames, as a client must.
+        self._parser = FrameParser(expect_masked=True)
 
     def _read_request(self) -> None:
         raw = self.transport.value()
@@ -115,31 +118,8 @@ class RelayEnd:
     def frames(self) -> list[tuple[int, bytes]]:
         """New (opcode, unmasked payload) frames the client has written."""
         data = self.transport.value()
-        frames = []
-        position = self._consumed
-        while position + 2 <= len(data):
-            opcode = data[position] & 0x0F
-            length = data[position + 1] & 0x7F
-            header = 2
-            if length == 126:
-                length = int.from_bytes(data[position + 2 : position + 4], "big")
-                header = 4
-            elif length == 127:
-                length = int.from_bytes(data[position + 2 : position + 10], "big")
-                header = 10
-            mask = data[position + header : position + header + 4]
-            start = position + header + 4
-            if start + length > len(data):
-                break
-            masked = data[start : start + length]
-            repeated = (mask * (length // 4 + 1))[:length]
-            payload = (int.from_bytes(masked, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
-                length, "big"
-            )
-            frames.append((opcode, payload))
-            position = start + length
-        self._consumed = position
-        return frames
+        new, self._consumed = data[self._consumed :], len(data)
+        return [(frame.opcode, frame.payload) for frame in self._parser.feed(new)]
 
     def messages(self) -> list[dict[str, Any] | MediaMessage]:
         """New messages: JSON objects for text, parsed v1 media messages for binary."""

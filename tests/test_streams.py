@@ -13,7 +13,7 @@ from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.config import RelayConfig
 from streamrelay.limits import Refusal
 from streamrelay.streams import PublisherSession, StreamRegistry, ViewerSession
-from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media, parse_media
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, encode_media, parse_media
 
 
 def identity_frame(payload: bytes, is_binary: bool) -> tuple[bool, bytes]:
@@ -74,15 +74,15 @@ class FakeViewer:
         return [json.loads(p) for b, p in self.frames if not b]
 
 
-def config_msg(tag: int, size: int = 40) -> Any:
+def config_msg(tag: int, size: int = 40) -> MediaMessage:
     return parse_media(encode_media(FLAG_CONFIG, tag, b"c" * (size - 9)))
 
 
-def key_msg(tag: int, size: int = 100) -> Any:
+def key_msg(tag: int, size: int = 100) -> MediaMessage:
     return parse_media(encode_media(FLAG_KEY, tag, b"k" * (size - 9)))
 
 
-def delta_msg(tag: int, size: int = 100) -> Any:
+def delta_msg(tag: int, size: int = 100) -> MediaMessage:
     return parse_media(encode_media(0, tag, b"d" * (size - 9)))
 
 
@@ -114,7 +114,7 @@ class Core:
         return session, sink
 
 
-def send(session: PublisherSession, *messages: Any) -> None:
+def send(session: PublisherSession, *messages: MediaMessage) -> None:
     for message in messages:
         session.media(message)
 

@@ -8,7 +8,6 @@ import tracemalloc
 from dataclasses import dataclass, field
 from typing import Any
 
-import fakes  # noqa: F401  (hypothesis profiles)
 from autobahn.twisted.websocket import WebSocketServerFactory
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,7 +22,7 @@ from streamrelay.viewer_queue import (
 from streamrelay.wire import (
     FLAG_CONFIG,
     FLAG_KEY,
-    MediaMessage,
+    MediaInfo,
     encode_media,
     encode_text,
     parse_media,
@@ -43,9 +42,14 @@ def cost(*sizes: int) -> int:
     return sum(size + OVERHEAD for size in sizes)
 
 
-def media(flags: int, tag: int, size: int = 100) -> MediaMessage:
+def encoded(flags: int, tag: int, size: int = 100) -> bytes:
     """A message identified by its capture time ``tag``, ``size`` bytes in all."""
-    return parse_media(encode_media(flags, tag, b"\x00" * (size - 9)))
+    return encode_media(flags, tag, b"\x00" * (size - 9))
+
+
+def media(flags: int, tag: int, size: int = 100) -> MediaInfo:
+    """The description the queue holds of :func:`encoded` ``(flags, tag, size)``."""
+    return parse_media(encoded(flags, tag, size)).info()
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class Out:
     flags: int = 0
     size: int = 0
     value: Any = None
+
+    @property
+    def media_tag(self) -> int:
+        """The tag of a media write."""
+        assert self.kind == "media" and self.tag is not None, self
+        return self.tag
 
 
 @dataclass
@@ -79,6 +89,9 @@ class Sink:
 
     def stalled(self) -> None:
         self.stalls += 1
+
+    def attached(self, queue: ViewerQueue) -> None:
+        self.queue = queue
 
     def resume(self) -> None:
         """The transport drained its buffer."""
@@ -111,7 +124,7 @@ class Harness:
             on_dropped=self._dropped,
             on_need_keyframe=self._need,
         )
-        self.sink.queue = self.queue
+        self.sink.attached(self.queue)
 
     def _backlog(self, delta: int) -> None:
         self.backlog_total += delta
@@ -124,11 +137,11 @@ class Harness:
     def _need(self) -> None:
         self.keyframe_needs += 1
 
-    def media(self, message: MediaMessage) -> None:
+    def media(self, message: MediaInfo) -> None:
         frame = Out("media", message.capture_time_us, message.flags, message.size)
         self.queue.send_media(message, frame)
 
-    def send(self, *messages: MediaMessage) -> None:
+    def send(self, *messages: MediaInfo) -> None:
         for message in messages:
             self.media(message)
 
@@ -136,7 +149,7 @@ class Harness:
         raw = encode_text(value)
         self.queue.send_text(Out("text", value=value, size=len(raw)), len(raw), kind)
 
-    def start(self, *messages: MediaMessage, config: MediaMessage | None = None) -> None:
+    def start(self, *messages: MediaInfo, config: MediaInfo | None = None) -> None:
         sequence = [(m, Out("media", m.capture_time_us, m.flags, m.size)) for m in messages]
         config_pair = None
         if config is not None:
@@ -249,13 +262,13 @@ def test_transport_write_overhead_is_not_an_underestimate() -> None:
     TRANSPORT_WRITE_OVERHEAD_BYTES, for tiny and large messages."""
     factory = WebSocketServerFactory()
     for size, count in ((9, 5000), (100, 5000), (300, 2000), (70_000, 100)):
-        messages = [media(0, tag, size) for tag in range(count)]
+        messages = [encoded(0, tag, size) for tag in range(count)]
         gc.collect()
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
             frames = [
-                factory.prepareMessage(m.data, isBinary=True, doNotCompress=True)
+                factory.prepareMessage(m, isBinary=True, doNotCompress=True)
                 for m in messages
             ]
             pending = [frame.payloadHybi for frame in frames]
@@ -563,7 +576,7 @@ def test_viewer_output_is_an_ordered_decodable_subsequence(
     limit = 2000 + 4 * OVERHEAD
     harness = Harness(limit=limit, pause_after=pause_after)
     harness.start()
-    sent: list[Any] = []  # the publisher's order: MediaMessage or text value
+    sent: list[Any] = []  # the publisher's order: MediaInfo or text value
     largest = 0
     for index, (kind, size) in enumerate(events):
         if kind in _FLAGS:
@@ -602,16 +615,16 @@ def test_viewer_output_is_an_ordered_decodable_subsequence(
 
 
 def _check_output(sent: list[Any], writes: list[Out]) -> None:
-    media_sent = [m for m in sent if isinstance(m, MediaMessage)]
+    media_sent = [m for m in sent if isinstance(m, MediaInfo)]
     position = {m.capture_time_us: i for i, m in enumerate(media_sent)}
-    texts_sent = [t for t in sent if not isinstance(t, MediaMessage)]
+    texts_sent = [t for t in sent if not isinstance(t, MediaInfo)]
     # Every ordinary text arrives, once, in order.
     texts_written = [
         w.value for w in writes if w.kind == "text" and w.value.get("type") != "dropped"
     ]
     assert texts_written == texts_sent
     # Media: strictly increasing positions (no duplicate, no reordering) ...
-    delivered = [position[w.tag] for w in writes if w.kind == "media"]
+    delivered = [position[w.media_tag] for w in writes if w.kind == "media"]
     assert delivered == sorted(set(delivered)), delivered
     # ... text and frames (KEY, delta) keep their relative order.  A CONFIG is held back
     # until the KEY it applies to, so it may come after text sent later.
@@ -621,12 +634,12 @@ def _check_output(sent: list[Any], writes: list[Out]) -> None:
     for w in writes:
         if w.kind == "media":
             if not w.flags & FLAG_CONFIG:
-                sequence.append(order_sent[id(by_tag[w.tag])])
+                sequence.append(order_sent[id(by_tag[w.media_tag])])
         elif w.value.get("type") != "dropped":
             sequence.append(order_sent[id(w.value)])
     assert sequence == sorted(sequence)
     # Decodability: walk the viewer's output like a decoder.
-    have_config: MediaMessage | None = None
+    have_config: MediaInfo | None = None
     last_position: int | None = None  # position of the last media delivered
     decoding = False
     notice_pending = False
@@ -639,8 +652,8 @@ def _check_output(sent: list[Any], writes: list[Out]) -> None:
                 notice_pending = True
                 expect_key_next = True
             continue
-        message = media_sent[position[w.tag]]
-        here = position[w.tag]
+        message = media_sent[position[w.media_tag]]
+        here = position[w.media_tag]
         was_decoding = decoding
         skipped = media_sent[(last_position + 1 if last_position is not None else 0) : here]
         if message.is_config:

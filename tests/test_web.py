@@ -11,19 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import (
-    LogCapture,
-    Peer,
-    Relay,
-    binary,
-    captured_log,
-    request_bytes,
-    upgrade_headers,
-)
 
 from streamrelay.admission import CHECKS
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_KEY, encode_media
+from tests.fakes import LogCapture, Peer, Relay, binary, captured_log, upgrade_headers
+from tests.support.http import request_head
 
 PUBLISH_SECRET = b"publish-secret-for-tests"
 VIEW_SECRET = b"view-secret-for-tests"
@@ -173,7 +166,7 @@ def test_header_line_over_8_kib_is_431() -> None:
     peer = relay.connect()
     headers = upgrade_headers()
     headers["X-Long"] = "b" * (8 * 1024 + 1)
-    peer.send(request_bytes("GET", "/watch/cam", headers))
+    peer.send(request_head("GET", "/watch/cam", headers))
     _assert_431(peer)
 
 
@@ -184,7 +177,7 @@ def test_headers_over_16_kib_in_total_are_431() -> None:
     headers = upgrade_headers()
     for index in range(16):
         headers[f"X-Filler-{index}"] = "c" * 4000
-    peer.send(request_bytes("GET", "/watch/cam", headers))
+    peer.send(request_head("GET", "/watch/cam", headers))
     _assert_431(peer)
 
 
@@ -195,7 +188,7 @@ def test_200_header_lines_are_431() -> None:
     headers = upgrade_headers()
     for index in range(200):
         headers[f"X-H{index}"] = "1"
-    peer.send(request_bytes("GET", "/watch/cam", headers))
+    peer.send(request_head("GET", "/watch/cam", headers))
     _assert_431(peer)
 
 
@@ -217,7 +210,7 @@ def test_101_header_lines_are_431() -> None:
     headers = upgrade_headers()
     for index in range(101 - len(headers)):
         headers[f"X-H{index}"] = "1"
-    peer.send(request_bytes("GET", "/watch/cam", headers))
+    peer.send(request_head("GET", "/watch/cam", headers))
     _assert_431(peer)
 
 
@@ -254,7 +247,7 @@ def test_request_bodies_are_413(target: str, extra: dict[str, str]) -> None:
     peer = relay.connect()
     headers = upgrade_headers()
     headers.update(extra)
-    peer.send(request_bytes("POST", target, headers))
+    peer.send(request_head("POST", target, headers))
     response = peer.response()
     assert response.status == 413
     assert peer.closing
@@ -284,9 +277,7 @@ BODY_TARGETS = [
 
 def _head(method: str, target: str, upgrade: bool, extra: list[tuple[str, str]]) -> bytes:
     headers = list(upgrade_headers().items()) if upgrade else [("Host", "relay.test")]
-    lines = [f"{method} {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in headers]
-    lines += [f"{name}: {value}" for name, value in extra]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return request_head(method, target, [*headers, *extra])
 
 
 def _one_response(peer: Peer) -> tuple[int, bytes]:
@@ -822,7 +813,7 @@ def test_handshake_deadline_counts_from_accept_however_slow_the_bytes() -> None:
     --handshake-timeout after the TCP accept, and its slot is given back."""
     relay = Relay.with_options(handshake_timeout=5.0)
     peer = relay.connect()
-    head = request_bytes("GET", "/watch/cam", upgrade_headers())
+    head = request_head("GET", "/watch/cam", upgrade_headers())
     for index in range(49):
         peer.send(head[index : index + 1])
         relay.clock.advance(0.1)
@@ -855,7 +846,7 @@ def test_keep_alive_requests_then_an_upgrade() -> None:
     """Plain requests may share a connection with a later WebSocket handshake."""
     relay = Relay()
     peer = relay.connect()
-    peer.send(request_bytes("GET", "/healthz"))
+    peer.send(request_head("GET", "/healthz", {"Host": "relay.test"}))
     first, rest = peer.written.split(b"ok\n", 1)
     assert first.startswith(b"HTTP/1.1 200")
     assert rest == b""

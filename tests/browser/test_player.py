@@ -9,17 +9,19 @@ canvas pixels, ``/api/streams`` and the probe timestamps installed by ``conftest
 from __future__ import annotations
 
 import json
-import math
 import random
 import statistics
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from relay_process import RelayProcess
+
+from tests.support.figures import percentile
+from tests.support.relay_api import api_streams, stream_entry
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import wait_until
 
 try:
     from playwright.sync_api import Error as PlaywrightError
@@ -74,29 +76,16 @@ def wait_for(
 ) -> tuple[Any, float]:
     """Poll ``check`` until it returns something truthy; return it and the seconds taken."""
     start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        result = check()
-        if result:
-            return result, time.monotonic() - start
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def api_streams(relay: RelayProcess) -> dict[str, Any]:
-    """``GET /api/streams`` as JSON."""
-    with urllib.request.urlopen(f"{relay.http_url}/api/streams", timeout=5) as response:
-        return json.loads(response.read())
+    try:
+        result = wait_until(check, timeout, interval)
+    except AssertionError as error:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from error
+    return result, time.monotonic() - start
 
 
 def stream_info(relay: RelayProcess, name: str) -> dict[str, Any] | None:
     """The ``/api/streams`` entry of one stream, or None when it is not listed."""
-    try:
-        streams = api_streams(relay)["streams"]
-    except OSError:
-        return None
-    return next((s for s in streams if s["name"] == name), None)
+    return stream_entry(api_streams(relay), name)
 
 
 def wait_live(relay: RelayProcess, name: str, timeout: float = 20.0) -> float:
@@ -145,7 +134,7 @@ def reload_now(page: Any) -> None:
 
 
 def restart_relay(
-    relay: RelayProcess, start_relay: Callable[..., RelayProcess], *arguments: str
+    relay: RelayProcess, start_relay: StartRelay, *arguments: str
 ) -> tuple[RelayProcess, int, float]:
     """SIGTERM ``relay``, start a new one on the same port; return it, the old relay's
     exit status and the monotonic time the new one reported its address."""
@@ -155,18 +144,11 @@ def restart_relay(
     return new, status, time.monotonic()
 
 
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(samples)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
 # -- tests -------------------------------------------------------------------------------
 
 
 def test_demo_plays_60_frames_within_10s_and_canvas_not_blank(
-    start_relay: Callable[..., RelayProcess], open_page: Callable[..., Any], figures: dict
+    start_relay: StartRelay, open_page: Callable[..., Any], figures: dict
 ) -> None:
     """With ``--demo``, /view/demo decodes at least 60 frames within 10 s of page load,
     and the canvas shows a real picture: its pixels vary, and they change over time
@@ -221,7 +203,7 @@ def seconds_to_one_viewer(relay: RelayProcess, since: float, timeout: float) -> 
 
 @pytest.mark.timeout(240)
 def test_f5_storm_leaves_exactly_one_viewer_and_a_live_player(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     open_page: Callable[..., Any],
     artifacts_dir: Path,
     figures: dict,
@@ -276,8 +258,8 @@ def test_f5_storm_leaves_exactly_one_viewer_and_a_live_player(
         assert_decoding_grows(page)
         # It stays at one: no leaked or late-arriving viewer.
         snapshot = api_streams(relay)
-        demo = next(s for s in snapshot["streams"] if s["name"] == "demo")
-        assert demo["viewers"] == 1, (number, snapshot)
+        demo = stream_entry(snapshot, "demo")
+        assert demo is not None and demo["viewers"] == 1, (number, snapshot)
         assert snapshot["connections"]["viewers"] == 1, (number, snapshot)
         assert snapshot["connections"]["publishers"] == 1, (number, snapshot)
     time.sleep(1.0)
@@ -286,7 +268,7 @@ def test_f5_storm_leaves_exactly_one_viewer_and_a_live_player(
 
 
 def test_player_recovers_after_relay_restart(
-    start_relay: Callable[..., RelayProcess], open_page: Callable[..., Any], figures: dict
+    start_relay: StartRelay, open_page: Callable[..., Any], figures: dict
 ) -> None:
     """The player, never reloaded, recovers by itself when the relay process is stopped
     (SIGTERM) and a new one is started on the same port with ``--demo``: it decodes new
@@ -317,7 +299,7 @@ def test_player_recovers_after_relay_restart(
 
 
 def test_publisher_recovers_after_relay_restart(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     start_publisher: Callable[..., Any],
     open_page: Callable[..., Any],
     figures: dict,
@@ -348,7 +330,7 @@ def test_publisher_recovers_after_relay_restart(
 
 
 def test_late_viewer_without_gop_cache_gets_a_forced_keyframe_within_1s(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     start_publisher: Callable[..., Any],
     open_page: Callable[..., Any],
     figures: dict,
@@ -392,7 +374,7 @@ def test_late_viewer_without_gop_cache_gets_a_forced_keyframe_within_1s(
 
 
 def test_glass_to_glass_latency(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     open_page: Callable[..., Any],
     artifacts_dir: Path,
     figures: dict,
@@ -417,8 +399,8 @@ def test_glass_to_glass_latency(
     result = {
         "samples": len(samples),
         "skipped": skip,
-        "p50_ms": round(percentile(samples, 50), 1),
-        "p95_ms": round(percentile(samples, 95), 1),
+        "p50_ms": round(percentile(samples, 0.50), 1),
+        "p95_ms": round(percentile(samples, 0.95), 1),
         "min_ms": round(min(samples), 1),
         "max_ms": round(max(samples), 1),
         "mean_ms": round(statistics.fmean(samples), 1),
@@ -433,7 +415,7 @@ def test_glass_to_glass_latency(
 
 
 def test_index_lists_demo_and_pages_have_csp_without_violations(
-    start_relay: Callable[..., RelayProcess], open_page: Callable[..., Any]
+    start_relay: StartRelay, open_page: Callable[..., Any]
 ) -> None:
     """The index page ``/`` lists the demo stream with a link to /view/demo; the player
     page carries a Content-Security-Policy header, and a run of it (index -> click ->
@@ -465,7 +447,7 @@ def test_index_lists_demo_and_pages_have_csp_without_violations(
 
 
 def test_screenshot_of_live_player(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     open_page: Callable[..., Any],
     artifacts_dir: Path,
     figures: dict,

@@ -30,21 +30,13 @@ import pytest
 
 from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.gop import DEFAULT_GOP_CACHE_MESSAGES
-
-from .helpers import (
-    FLAG_KEY,
-    MB,
-    OP_BINARY,
-    RssSampler,
-    encode_frame,
-    log_problems,
-    media_message,
-    record_figure,
-    rounded,
-    streams,
-    wait_until,
-    ws_open,
-)
+from tests.support.figures import record_figure, rounded
+from tests.support.frames import OP_BINARY, client_frame
+from tests.support.media import KEY, media_message
+from tests.support.raw_ws import ws_open
+from tests.support.relay_api import MB, RssSampler, api_streams, stream_entry
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(180)]
 
@@ -54,7 +46,7 @@ BOUND = 3 * MB // 2  # 1.5 MiB
 RATIO = 1.5
 STREAM = "flood"
 # A v1 message of 9 bytes: the header alone (a delta, capture time 1).
-TINY_FRAME = encode_frame(OP_BINARY, b"\x00" + (1).to_bytes(8, "big"))
+TINY_FRAME = client_frame(OP_BINARY, b"\x00" + (1).to_bytes(8, "big"))
 
 
 def _drain(sock: socket.socket, stop: threading.Event) -> None:
@@ -70,14 +62,14 @@ def _drain(sock: socket.socket, stop: threading.Event) -> None:
             return
 
 
-def _entry(relay: Any) -> dict[str, Any]:
+def _entry(relay: RelayProcess) -> dict[str, Any]:
     """The flooded stream's entry in ``/api/streams``."""
-    entries = [entry for entry in streams(relay)["streams"] if entry["name"] == STREAM]
-    assert len(entries) == 1
-    return entries[0]
+    entry = stream_entry(api_streams(relay), STREAM)
+    assert entry is not None
+    return entry
 
 
-def _flood(relay: Any, with_viewer: bool) -> dict[str, Any]:
+def _flood(relay: RelayProcess, with_viewer: bool) -> dict[str, Any]:
     """Publish one KEY and 100 tiny messages, measure the RSS, then flood 200,000 tiny
     messages while sampling it; returns the figures."""
     publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
@@ -91,10 +83,10 @@ def _flood(relay: Any, with_viewer: bool) -> dict[str, Any]:
     reader = threading.Thread(target=_drain, args=(publisher, stop), daemon=True)
     reader.start()
     try:
-        publisher.sendall(encode_frame(OP_BINARY, media_message(0, FLAG_KEY, 9)))
+        publisher.sendall(client_frame(OP_BINARY, media_message(0, KEY, 9)))
         publisher.sendall(TINY_FRAME * 100)
         expected = 101
-        assert wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
+        wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
         time.sleep(0.3)
         with RssSampler(relay) as sampler:
             started = time.monotonic()
@@ -102,7 +94,7 @@ def _flood(relay: Any, with_viewer: bool) -> dict[str, Any]:
                 publisher.sendall(TINY_FRAME * BATCH)
             sent_after = time.monotonic() - started
             expected += TINY_MESSAGES
-            assert wait_until(lambda: _entry(relay)["messages_in"] >= expected, 60, 0.1)
+            wait_until(lambda: _entry(relay)["messages_in"] >= expected, 60, 0.1)
             relayed_after = time.monotonic() - started
             time.sleep(0.3)
         entry = _entry(relay)
@@ -124,7 +116,7 @@ def _flood(relay: Any, with_viewer: bool) -> dict[str, Any]:
         reader.join(2)
 
 
-def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: Any) -> None:
+def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:
     """``--gop-cache-bytes 1.5 MiB`` (about 3,400 tiny messages at their real cost, under
     the message cap): RSS grows by at most 1.5 x 1.5 MiB."""
     relay = start_relay("--gop-cache-bytes", str(BOUND))
@@ -133,10 +125,9 @@ def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: A
         "memory bound: GOP cache, 9-byte flood", bound_mb=rounded(BOUND / MB), **figures
     )
     assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
-    assert log_problems(relay) == []
 
 
-def test_tiny_flood_with_default_options_hits_the_message_cap(start_relay: Any) -> None:
+def test_tiny_flood_with_default_options_hits_the_message_cap(start_relay: StartRelay) -> None:
     """Default options (8 MiB GOP cache): 4,096 tiny messages reach the message cap
     first, so RSS grows by at most 1.5 x what 4,096 such messages are charged."""
     relay = start_relay()
@@ -146,10 +137,9 @@ def test_tiny_flood_with_default_options_hits_the_message_cap(start_relay: Any) 
         "memory bound: GOP cache message cap, 9-byte flood", bound_mb=rounded(bound / MB), **figures
     )
     assert figures["rss_peak_growth_mb"] * MB <= RATIO * bound, figures
-    assert log_problems(relay) == []
 
 
-def test_tiny_flood_towards_a_viewer_that_does_not_read(start_relay: Any) -> None:
+def test_tiny_flood_towards_a_viewer_that_does_not_read(start_relay: StartRelay) -> None:
     """``--viewer-queue-bytes 1.5 MiB`` and no GOP cache: the viewer's queue and its
     transport hold at most 1.5 x 1.5 MiB of real memory; the rest is dropped."""
     relay = start_relay(
@@ -163,4 +153,3 @@ def test_tiny_flood_towards_a_viewer_that_does_not_read(start_relay: Any) -> Non
     )
     assert figures["dropped"] > 0, "the viewer's queue never reached its bound"
     assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
-    assert log_problems(relay) == []

@@ -17,15 +17,10 @@ from typing import Any
 
 import pytest
 
-from .helpers import (
-    OP_TEXT,
-    FrameParser,
-    encode_frame,
-    log_problems,
-    record_figure,
-    wait_for_close,
-    ws_open,
-)
+from tests.support.figures import record_figure
+from tests.support.frames import OP_TEXT, FrameParser, client_frame
+from tests.support.raw_ws import wait_for_close, ws_open
+from tests.support.relay_process import StartRelay
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(60)]
 
@@ -36,7 +31,7 @@ TEMPLATES = (
 )
 
 
-def test_nan_and_infinity_in_meta_close_with_1007(start_relay: Any) -> None:
+def test_nan_and_infinity_in_meta_close_with_1007(start_relay: StartRelay) -> None:
     """Every non-standard constant, top level or nested: 1007 with a reason, nothing
     relayed to the viewer; a standard meta still is."""
     relay = start_relay()
@@ -51,7 +46,7 @@ def test_nan_and_infinity_in_meta_close_with_1007(start_relay: Any) -> None:
                 publisher, response = ws_open(relay.port, "/publish/meta")
                 assert response.status == 101
                 started = time.monotonic()
-                publisher.sendall(encode_frame(OP_TEXT, (template % constant).encode()))
+                publisher.sendall(client_frame(OP_TEXT, (template % constant).encode()))
                 outcome = wait_for_close(publisher, 5, initial=response.rest, reply=True)
                 publisher.close()
                 outcomes.append(
@@ -66,7 +61,7 @@ def test_nan_and_infinity_in_meta_close_with_1007(start_relay: Any) -> None:
         publisher, response = ws_open(relay.port, "/publish/meta")
         assert response.status == 101
         good = b'{"type":"meta","fps":30}'
-        publisher.sendall(encode_frame(OP_TEXT, good))
+        publisher.sendall(client_frame(OP_TEXT, good))
         viewer.settimeout(0.2)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and {"type": "meta", "fps": 30} not in texts:
@@ -88,4 +83,3 @@ def test_nan_and_infinity_in_meta_close_with_1007(start_relay: Any) -> None:
     assert [o["code"] for o in outcomes] == [1007] * len(outcomes), outcomes
     assert all(o["constant"] in o["reason"] for o in outcomes), outcomes
     assert metas == [{"type": "meta", "fps": 30}], texts
-    assert log_problems(relay) == []

@@ -28,22 +28,15 @@ from typing import Any
 import pytest
 
 from streamrelay.config import RelayConfig
-
-from .helpers import (
-    OP_BINARY,
-    FrameParser,
-    HttpResponse,
-    abort_writer,
-    encode_frame,
-    log_problems,
-    media_message,
-    record_figure,
-    rounded,
-    source_addresses,
-    streams,
-    wait_until,
-    ws_open_async,
-)
+from tests.support.figures import record_figure, rounded
+from tests.support.frames import OP_BINARY, FrameParser, client_frame
+from tests.support.http import Response
+from tests.support.media import KEY, media_message
+from tests.support.net import abort_writer, source_addresses
+from tests.support.raw_ws import ws_open_async
+from tests.support.relay_api import api_streams
+from tests.support.relay_process import StartRelay
+from tests.support.waiting import run, wait_until
 
 pytestmark = [pytest.mark.hardening, pytest.mark.timeout(120)]
 
@@ -56,8 +49,8 @@ class Held:
     """Every viewer the test opened, and what the relay answered."""
 
     def __init__(self) -> None:
-        self.open: list[tuple[str, Any, Any]] = []  # (name, reader, writer)
-        self.responses: list[HttpResponse] = []
+        self.open: list[tuple[str, asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.responses: list[Response] = []
         self.errors: list[str] = []
 
     async def attempt(
@@ -77,6 +70,20 @@ class Held:
             else:
                 abort_writer(writer)
 
+    async def fill(self, port: int, sources: list[str], per_source: int, prefix: str) -> float:
+        """``per_source`` viewers of names of their own from each source, 50 attempts
+        at a time; returns the seconds it took."""
+        semaphore = asyncio.Semaphore(50)
+        started = time.monotonic()
+        await asyncio.gather(
+            *(
+                self.attempt(port, source, f"{prefix}-{source}-{index}", semaphore)
+                for source in sources
+                for index in range(per_source)
+            )
+        )
+        return time.monotonic() - started
+
     def tally(self) -> dict[str, int]:
         """Count of answers by status and reason."""
         counts: dict[str, int] = {}
@@ -88,7 +95,9 @@ class Held:
         return counts
 
 
-async def _media_after(reader: Any, parser: FrameParser, timeout: float) -> list[bytes]:
+async def _media_after(
+    reader: asyncio.StreamReader, parser: FrameParser, timeout: float
+) -> list[bytes]:
     """Binary messages the server sends within ``timeout`` (text is skipped)."""
     received: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -104,23 +113,15 @@ async def _media_after(reader: Any, parser: FrameParser, timeout: float) -> list
     return received
 
 
-def test_a_thousand_invented_names_leave_publishing_working(start_relay: Any) -> None:
+def test_a_thousand_invented_names_leave_publishing_working(start_relay: StartRelay) -> None:
     """The issue-8 scenario with the default limits: publishing on a new name works."""
     relay = start_relay()
     held = Held()
     figures: dict[str, Any] = {}
 
     async def scenario() -> None:
-        semaphore = asyncio.Semaphore(50)
-        started = time.monotonic()
-        await asyncio.gather(
-            *(
-                held.attempt(relay.port, source, f"invented-{source}-{index}", semaphore)
-                for source in ADDRESSES
-                for index in range(PER_ADDRESS)
-            )
-        )
-        figures["viewer_attempts_s"] = rounded(time.monotonic() - started)
+        seconds = await held.fill(relay.port, ADDRESSES, PER_ADDRESS, "invented")
+        figures["viewer_attempts_s"] = rounded(seconds)
 
         # A viewer waits for a stream nobody publishes yet, then its publisher comes.
         early_reader, early_writer, response = await ws_open_async(relay.port, "/watch/fresh")
@@ -130,8 +131,8 @@ def test_a_thousand_invented_names_leave_publishing_working(start_relay: Any) ->
         figures["new_publisher_status"] = response.status
         assert response.status == 101, (response.status, response.body)
         figures["new_publisher_handshake_s"] = rounded(time.monotonic() - started, 4)
-        message = media_message(1, 0x01, 100)
-        pub_writer.write(encode_frame(OP_BINARY, message))
+        message = media_message(1, KEY, 100)
+        pub_writer.write(client_frame(OP_BINARY, message))
         media = await _media_after(early_reader, FrameParser(), 5)
         assert media == [message], "the early viewer did not get the publisher's KEY"
         figures["new_stream_first_media_s"] = rounded(time.monotonic() - started, 4)
@@ -140,10 +141,10 @@ def test_a_thousand_invented_names_leave_publishing_working(start_relay: Any) ->
         name, reader, _writer = held.open[0]
         _r2, invented_writer, response = await ws_open_async(relay.port, f"/publish/{name}")
         assert response.status == 101, (response.status, response.body)
-        invented_writer.write(encode_frame(OP_BINARY, message))
+        invented_writer.write(client_frame(OP_BINARY, message))
         assert await _media_after(reader, FrameParser(), 5) == [message]
 
-        listed = streams(relay)
+        listed = api_streams(relay)
         figures["streams_listed"] = len(listed["streams"])
         figures["publishers"] = listed["connections"]["publishers"]
         for writer in (early_writer, pub_writer, invented_writer):
@@ -152,7 +153,7 @@ def test_a_thousand_invented_names_leave_publishing_working(start_relay: Any) ->
             abort_writer(writer)
         del pub_reader, _r2
 
-    asyncio.run(asyncio.wait_for(scenario(), 90))
+    run(scenario(), 90)
     tally = held.tally()
     per_address = DEFAULTS.max_waiting_streams_per_ip
     expected_open = min(len(ADDRESSES) * per_address, DEFAULTS.max_waiting_streams)
@@ -164,7 +165,7 @@ def test_a_thousand_invented_names_leave_publishing_working(start_relay: Any) ->
             "waiting_limits": [DEFAULTS.max_waiting_streams, per_address],
         }
     )
-    forgotten = wait_until(lambda: streams(relay)["streams"] == [], 10)
+    forgotten = wait_until(lambda: api_streams(relay)["streams"] == [], 10, fail=False)
     figures["names_forgotten_after_close"] = bool(forgotten)
     record_figure("viewers cannot lock publishers out", **figures)
     assert held.errors == []
@@ -178,11 +179,10 @@ def test_a_thousand_invented_names_leave_publishing_working(start_relay: Any) ->
     )
     assert figures["publishers"] == 2
     assert forgotten
-    assert log_problems(relay) == []
 
 
 def test_the_total_bound_of_waiting_names_holds_and_publishing_still_works(
-    start_relay: Any,
+    start_relay: StartRelay,
 ) -> None:
     """Default limits, 60 addresses x 20 invented names (each address within its own
     bound): the first 1,000 names wait, the other 200 get 503 for the total; a viewer of
@@ -195,16 +195,8 @@ def test_the_total_bound_of_waiting_names_holds_and_publishing_still_works(
     figures: dict[str, Any] = {}
 
     async def scenario() -> None:
-        semaphore = asyncio.Semaphore(50)
-        started = time.monotonic()
-        await asyncio.gather(
-            *(
-                held.attempt(relay.port, source, f"total-{source}-{index}", semaphore)
-                for source in sources
-                for index in range(per_address)
-            )
-        )
-        figures["viewer_attempts_s"] = rounded(time.monotonic() - started)
+        seconds = await held.fill(relay.port, sources, per_address, "total")
+        figures["viewer_attempts_s"] = rounded(seconds)
         joined_name = held.open[0][0]
         _reader, joiner, response = await ws_open_async(
             relay.port, f"/watch/{joined_name}", source="127.0.0.200"
@@ -221,10 +213,10 @@ def test_the_total_bound_of_waiting_names_holds_and_publishing_still_works(
         for _name, _reader4, writer in held.open:
             abort_writer(writer)
 
-    asyncio.run(asyncio.wait_for(scenario(), 90))
+    run(scenario(), 90)
     tally = held.tally()
     total = DEFAULTS.max_waiting_streams
-    forgotten = wait_until(lambda: streams(relay)["streams"] == [], 10)
+    forgotten = wait_until(lambda: api_streams(relay)["streams"] == [], 10, fail=False)
     record_figure(
         "waiting names: total bound",
         attempts=len(held.responses),
@@ -242,4 +234,3 @@ def test_the_total_bound_of_waiting_names_holds_and_publishing_still_works(
     assert figures["new_name_status"] == 503
     assert figures["new_publisher_status"] == 101
     assert forgotten
-    assert log_problems(relay) == []

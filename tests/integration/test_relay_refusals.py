@@ -147,21 +147,52 @@ def test_handshake_rate_limit_is_503_with_retry_after(start_relay: StartRelay) -
     run(scenario(), 30)
 
 
+def _no_publisher(relay: RelayProcess) -> bool:
+    return bool(api_streams(relay)["connections"]["publishers"] == 0)
+
+
 @pytest.mark.timeout(40)
-def test_stream_limit_is_503(start_relay: StartRelay) -> None:
-    """With ``--max-streams 1`` a second stream (viewer or publisher) is refused 503 with
-    Retry-After while the first one exists; joining the existing stream still works."""
+def test_stream_limit_is_503_for_publishers_only(start_relay: StartRelay) -> None:
+    """With ``--max-streams 1`` and a publisher on ``one``, a publisher of a second stream
+    is refused 503 with Retry-After, while viewers never count towards the limit: a
+    viewer of a name nobody publishes and one of the live stream are accepted.  Once the
+    publisher has left, the second stream can be published."""
     relay = start_relay("--max-streams", "1")
 
     async def scenario() -> None:
         async with ws_connect(f"{relay.ws_url}/publish/one"):
-            for url in (f"{relay.ws_url}/watch/two", f"{relay.ws_url}/publish/two"):
-                status, headers, _ = await refused(url)
-                assert status == 503, url
-                _retry_after(headers)
+            status, headers, body = await refused(f"{relay.ws_url}/publish/two")
+            assert status == 503, body
+            _retry_after(headers)
+            assert await accepted(f"{relay.ws_url}/watch/two") is None
             assert await accepted(f"{relay.ws_url}/watch/one") is None
-        await asyncio.sleep(0.3)
-        assert await accepted(f"{relay.ws_url}/watch/two") is None
+        await asyncio.to_thread(wait_until, lambda: _no_publisher(relay), 5)
+        assert await accepted(f"{relay.ws_url}/publish/two") is None
+
+    run(scenario(), 30)
+
+
+@pytest.mark.timeout(40)
+def test_waiting_stream_limit_is_503_and_spares_publishers(start_relay: StartRelay) -> None:
+    """With ``--max-waiting-streams-per-ip 2`` the viewers of one address may hold two
+    names nobody publishes; a third such name is refused 503 with Retry-After and a
+    reason that says why, while one more viewer of a held name is accepted (no new
+    name), and so is a publisher of the refused name."""
+    relay = start_relay("--max-waiting-streams-per-ip", "2")
+
+    async def scenario() -> None:
+        async with (
+            ws_connect(f"{relay.ws_url}/watch/w1") as first,
+            ws_connect(f"{relay.ws_url}/watch/w2") as second,
+        ):
+            for viewer in (first, second):
+                assert await text(viewer) == {"type": "status", "state": "offline"}
+            status, headers, body = await refused(f"{relay.ws_url}/watch/w3")
+            assert status == 503, body
+            assert "waiting" in body, body
+            _retry_after(headers)
+            assert await accepted(f"{relay.ws_url}/watch/w1") is None
+            assert await accepted(f"{relay.ws_url}/publish/w3") is None
 
     run(scenario(), 30)
 
