@@ -51,28 +51,6 @@ def log() -> Iterator[LogCapture]:
     assert not capture.failures, capture.describe_failures()
 
 
-def one_turn(relay: Relay) -> bool:
-    """Run the calls due now, as one reactor turn does: unlike ``Clock.advance(0)``, a
-    ``callLater(0)`` made meanwhile waits for the next turn.  False when none was due."""
-    clock = relay.clock
-    due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
-    for call in due:
-        if call.active():
-            clock.calls.remove(call)
-            call.called = 1
-            call.func(*call.args, **call.kw)
-    return bool(due)
-
-
-def next_turns(relay: Relay, limit: int = 100_000) -> int:
-    """Run reactor turns until no call is due now; how many."""
-    turns = 0
-    while one_turn(relay):
-        turns += 1
-        assert turns < limit
-    return turns
-
-
 def closes(peer: Peer) -> list[tuple[int | None, str]]:
     """Every close frame the relay sent: (code, reason)."""
     return [
@@ -132,7 +110,7 @@ def test_viewer_flood_closes_with_1008_and_stops_reading(kind: str, log: LogCapt
     viewer = relay.viewer()
     publisher.messages()
     viewer.send(FLOOD_PREFIX.get(kind, b"") + LEGAL_VIEWER_FLOODS[kind] * 1000)
-    next_turns(relay)
+    relay.turns()
     assert closes(viewer) == [(1008, "too many frames")]
     assert reading_paused(viewer)
     if kind == "ping":
@@ -142,7 +120,7 @@ def test_viewer_flood_closes_with_1008_and_stops_reading(kind: str, log: LogCapt
     # Nothing sent later is parsed, however long the wait.
     relay.clock.advance(0.5)
     viewer.send(text({"type": "keyframe-request"}) + client_frame(OP_PING, b"late"))
-    next_turns(relay)
+    relay.turns()
     assert b"late" not in pongs(viewer)
     assert relay.context.over_budget == {"viewer": {"too many frames": 1}}
     over = [e for e in log.events if "inbound budget" in (e.get("log_format") or "")]
@@ -166,7 +144,7 @@ def test_publisher_flood_closes_with_1008_and_nothing_is_relayed_after(kind: str
     frame = LEGAL_PUBLISHER_FLOODS[kind]
     count = PUBLISHER_FRAME_BURST + 500
     publisher.send(frame * count)
-    turns = next_turns(relay)
+    turns = relay.turns()
     assert turns >= PUBLISHER_FRAME_BURST // FRAMES_PER_TURN - 2
     assert closes(publisher) == [(1008, "too many frames")]
     assert reading_paused(publisher)
@@ -178,7 +156,7 @@ def test_publisher_flood_closes_with_1008_and_nothing_is_relayed_after(kind: str
         assert relayed == []
     relay.clock.advance(1.0)
     publisher.send(text({"type": "meta", "late": True}))
-    next_turns(relay)
+    relay.turns()
     assert all(b"late" not in message.payload for message in viewer.messages())
     assert relay.context.over_budget == {"publisher": {"too many frames": 1}}
 
@@ -209,9 +187,9 @@ def test_floods_of_illegal_frames_get_their_own_close_and_are_not_parsed_on(
     # Two reads: Autobahn stops parsing a read at the first protocol error and drops
     # the connection at the next one.
     peer.send(data)
-    next_turns(relay)
+    relay.turns()
     peer.send(data)
-    next_turns(relay)
+    relay.turns()
     assert [close[0] for close in closes(peer)] == [code]
     assert peer.closing or reading_paused(peer)
     relay.clock.advance(relay.config.close_timeout)
@@ -228,7 +206,7 @@ def test_empty_fragments_of_a_publisher_hit_the_fragment_cap_first() -> None:
         client_frame(OP_BINARY, b"\x01", fin=False)
         + client_frame(OP_CONTINUATION, fin=False) * (PUBLISHER_FRAME_BURST + 100)
     )
-    next_turns(relay)
+    relay.turns()
     assert [close[0] for close in closes(publisher)] == [1009]
     assert publisher.closing
     assert relay.context.over_budget == {}
@@ -248,7 +226,7 @@ def test_a_message_in_the_most_fragments_allowed_fits_the_burst() -> None:
     frames += b"".join(client_frame(OP_CONTINUATION, piece, fin=False) for piece in body)
     frames += client_frame(OP_CONTINUATION, tail)
     publisher.send(frames)
-    next_turns(relay)
+    relay.turns()
     assert [m.payload for m in viewer.messages(("binary",))] == [message]
     assert not publisher.close_codes()
 
@@ -261,7 +239,7 @@ def test_a_viewer_sending_large_frames_closes_with_1008_too_much_data() -> None:
     relay = Relay()
     viewer = relay.viewer()
     viewer.send(text("x" * 1000) * 10)
-    next_turns(relay)
+    relay.turns()
     assert closes(viewer) == [(1008, "too much data")]
     assert relay.context.over_budget == {"viewer": {"too much data": 1}}
 
@@ -320,7 +298,7 @@ def test_a_realistic_publisher_is_never_closed() -> None:
             elif frame_index % 3 == 0:
                 publisher.send(delta * 3)
             relay.clock.advance(1 / 60)
-        next_turns(relay)
+        relay.turns()
         assert viewer.protocol is not None
         viewer.transport.clear()
     assert not publisher.close_codes()
@@ -342,10 +320,10 @@ def test_one_read_of_10000_pongs_is_parsed_a_turn_at_a_time() -> None:
     publisher.send(client_frame(OP_PONG) * 10_000)
     assert len(seen) == FRAMES_PER_TURN
     assert reading_paused(publisher)
-    one_turn(relay)
+    relay.turn()
     assert len(seen) == 2 * FRAMES_PER_TURN
     assert reading_paused(publisher)
-    assert next_turns(relay) == -(-10_000 // FRAMES_PER_TURN) - 2
+    assert relay.turns() == -(-10_000 // FRAMES_PER_TURN) - 2
     assert len(seen) == 10_000
     assert not reading_paused(publisher)
     publisher.send(client_frame(OP_PONG) * 10_000)
@@ -365,7 +343,7 @@ def test_the_echo_endpoint_yields_too_and_keeps_order() -> None:
     echo.send(b"".join(pings[:3000]))
     echo.send(b"".join(pings[3000:]))
     assert len(pongs(echo)) == FRAMES_PER_TURN
-    next_turns(relay)
+    relay.turns()
     assert pongs(echo) == [struct.pack("!I", index) for index in range(5000)]
     assert not reading_paused(echo)
     assert not echo.close_codes()
@@ -399,7 +377,7 @@ def test_reading_pause_and_write_side_flow_control_stay_apart() -> None:
     publisher.transport.producer.pauseProducing()
     publisher.transport.producer.resumeProducing()
     assert reading_paused(publisher)
-    next_turns(relay)
+    relay.turns()
     assert not reading_paused(publisher)
     assert [m.payload for m in viewer.messages(("binary",))] == [media(0, 2)]
     assert viewer.transport.producerState == "producing"
@@ -412,7 +390,7 @@ def test_connection_lost_while_a_turn_waits_cancels_it() -> None:
     publisher.send(client_frame(OP_PONG) * 1000)
     assert reading_paused(publisher)
     publisher.lose()
-    next_turns(relay)
+    relay.turns()
     relay.disconnect_all()
     relay.assert_idle()
 
@@ -424,7 +402,7 @@ def test_a_close_behind_many_frames_is_honoured_on_a_later_turn() -> None:
     publisher = relay.publisher()
     publisher.send(client_frame(OP_PONG) * 500 + close_frame(1000))
     assert publisher.close_codes() == []
-    next_turns(relay)
+    relay.turns()
     assert publisher.close_codes() == [1000]
     assert publisher.closing
 
@@ -438,7 +416,7 @@ def test_frames_sent_with_the_handshake_are_budgeted_and_yield() -> None:
         request_bytes("GET", "/watch/cam", upgrade_headers()) + client_frame(OP_PONG) * 5000
     )
     assert viewer.response().status == 101
-    next_turns(relay)
+    relay.turns()
     assert closes(viewer) == [(1008, "too many frames")]
     assert reading_paused(viewer)
 
@@ -451,7 +429,7 @@ def test_floods_from_many_connections_each_get_their_share() -> None:
     for peer in floods:
         peer.send(client_frame(OP_PING) * 1000)
     assert [len(pongs(peer)) for peer in floods] == [FRAMES_PER_TURN] * 8
-    one_turn(relay)
+    relay.turn()
     assert [len(pongs(peer)) for peer in floods] == [2 * FRAMES_PER_TURN] * 8
 
 
@@ -473,7 +451,7 @@ def test_yielding_never_loses_or_reorders_messages(sizes: list[int], cuts: list[
     for cut in sorted(set(cut % (len(stream) + 1) for cut in cuts)) + [len(stream)]:
         echo.send(stream[previous:cut])
         previous = cut
-    next_turns(relay)
+    relay.turns()
     frames, _rest = parse_frames(echo.written[echo.written.index(b"\r\n\r\n") + 4 :])
     expected = [
         (OP_PONG, payload[:125]) if index % 2 else (OP_BINARY, payload)
@@ -505,7 +483,7 @@ def test_api_internals_counts_connections_over_budget() -> None:
         relay.viewer().send(client_frame(OP_PONG) * 100)
     relay.viewer().send(text("x" * 1000) * 10)
     relay.publisher().send(client_frame(OP_PING) * (PUBLISHER_FRAME_BURST + 1))
-    next_turns(relay)
+    relay.turns()
     body = json.loads(relay.connect().request("GET", "/api/internals").body)
     assert body["over_budget"] == {
         "viewer": {"too many frames": 2, "too much data": 1},
@@ -530,7 +508,7 @@ def test_an_error_while_parsing_on_a_later_turn_is_logged_and_aborts(
     publisher.protocol.onPong = failing_pong
     publisher.send(client_frame(OP_PONG) * 200)
     assert len(seen) == FRAMES_PER_TURN
-    next_turns(relay)
+    relay.turns()
     assert publisher.aborted
     assert len(seen) == FRAMES_PER_TURN + 1
     assert [event["log_failure"].type for event in log.failures] == [RuntimeError]
