@@ -39,10 +39,10 @@ class RelayConfig:
     # Inbound budget: what a peer may send, every frame counted (control frames, empty
     # frames and fragments too) with its header; over budget it is closed with 1008.
     # Bursts follow from the rates (streamrelay.inbound.limits_for).
-    viewer_frames_per_second: float = 5.0  # Frames a viewer may send per second (5).
-    viewer_bytes_per_second: int = 4096  # Bytes a viewer may send per second (4096).
-    publisher_frames_per_second: float = 2000.0  # Frames a publisher may send per second (2000).
-    publisher_bytes_per_second: int = 16 * MIB  # Bytes a publisher may send per second (16 MiB).
+    viewer_frames_per_second: float = 5.0  # WebSocket frames a viewer may send per second.
+    viewer_bytes_per_second: int = 4096  # Bytes a viewer may send per second.
+    publisher_frames_per_second: float = 2000.0  # WebSocket frames a publisher may send per second.
+    publisher_bytes_per_second: int = 16 * MIB  # Bytes a publisher may send per second.
 
     takeover: bool = True
     echo: bool = False

@@ -10,7 +10,21 @@ caps the frames parsed from one read before the protocol yields the reactor, so 
 even a peer within its budget cannot hold the reactor between two of its reads.
 
 The rates are settings (:class:`~streamrelay.config.RelayConfig`); the bursts follow
-from them and from what must always fit (:func:`limits_for`).
+from them and from what must always fit (:func:`limits_for`).  The defaults:
+
+- viewers, 5 frames and 4 KiB a second (bursts: 32 frames, 4,544 bytes): a player sends
+  a keyframe request now and then (at most one a second goes on to the publisher), a
+  pong per relay ping (every 10 s), its client's own pings and a close;
+- publishers, 2,000 frames and 16 MiB a second (bursts: 4,160 frames, 16 MiB): 120 fps
+  with meta and pongs is 130 frames a second, and a client that cuts messages into 4 KiB
+  fragments sends 1,500 a second at 48 Mbit/s (60 fps of 100 KB); 16 MiB a second is
+  more than twice a high-quality 4K stream, and the byte burst holds a keyframe of
+  ``--max-message-bytes`` (8 MiB) whole;
+- ``/echo``, for the conformance suite only, has no budget.
+
+Parsing one empty frame costs Autobahn and the relay about 4 µs, so a viewer's whole
+burst costs about 0.1 ms and a publisher's about 20 ms, spread over turns of
+:data:`FRAMES_PER_TURN` frames.
 """
 
 from __future__ import annotations
@@ -23,9 +37,9 @@ from streamrelay.config import RelayConfig
 from streamrelay.roles import Role
 
 # Frames parsed from one connection before the protocol yields the reactor (pauses
-# reading and continues on the next turn).  Small enough that a burst of empty frames
-# costs about a millisecond, large enough that a publisher's normal traffic (a few
-# frames per read) never yields.
+# reading and continues on the next turn).  Small enough that a turn of empty frames
+# costs about a quarter of a millisecond, large enough that a publisher's normal traffic
+# (a few frames per read) never yields.
 FRAMES_PER_TURN = 64
 
 # The longest frame header a client sends: 2 bytes, an 8-byte length, a 4-byte mask.
