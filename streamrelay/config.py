@@ -248,6 +248,29 @@ class RelayConfig:
         1.0, "Least seconds between keyframe requests to a publisher.", positive_seconds
     )
 
+    # The inbound budget (streamrelay.inbound): every frame a peer sends counts, control
+    # frames, empty frames and fragments too; bursts follow from the rates.
+    viewer_frames_per_second: float = option(
+        5.0,
+        "WebSocket frames (of any kind) a viewer may send per second; more is closed "
+        "with 1008.",
+        positive_rate,
+    )
+    viewer_bytes_per_second: int = option(
+        4096, "Bytes a viewer may send per second; more is closed with 1008.", positive_int
+    )
+    publisher_frames_per_second: float = option(
+        2000.0,
+        "WebSocket frames (of any kind) a publisher may send per second; more is closed "
+        "with 1008.",
+        positive_rate,
+    )
+    publisher_bytes_per_second: int = option(
+        16 * MIB,
+        "Bytes a publisher may send per second; more is closed with 1008.",
+        positive_int,
+    )
+
     takeover: bool = flag(
         True,
         "Refuse (409) a second publisher instead of replacing the first.",

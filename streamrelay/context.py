@@ -55,6 +55,8 @@ class RelayContext:
     # Every channel and WebSocket protocol built, held weakly, for /api/internals: an
     # instance still listed after its connection ended is a leak.
     live_objects: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
+    # Connections closed for going over their inbound budget: {role: {reason: count}}.
+    over_budget: dict[str, dict[str, int]] = field(default_factory=dict)
     _drain_waiters: list[Deferred[None]] = field(default_factory=list, repr=False)
     _drain_deadline: IDelayedCall | None = field(default=None, repr=False)
     _drain_grace: IDelayedCall | None = field(default=None, repr=False)

@@ -10,8 +10,14 @@ with ``Clock.advance``; Autobahn's own txaio timers are all switched off by
 code (1001, 1003, 1007, 1008, 1009, 4409) reaches the peer, and each close, whoever starts
 it, is bounded by ``close_timeout`` after which the TCP connection is aborted.
 
+What a peer sends is bounded too (:mod:`streamrelay.inbound`): every frame is charged to
+the connection's inbound budget, and a peer over it is closed with 1008 and no longer
+read; and at most :data:`~streamrelay.inbound.FRAMES_PER_TURN` frames of one read are
+parsed before the connection pauses reading and yields the reactor until its next turn.
+
 Over 400 lines on purpose: the base class and the three small role classes that fill
-in its hooks (publisher, viewer, echo) read best side by side.
+in its hooks (publisher, viewer, echo) read best side by side, and the inbound bounds
+hook into Autobahn's parser here, next to the other Autobahn overrides.
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ from zope.interface import implementer
 from streamrelay import wire
 from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
+from streamrelay.inbound import (
+    FRAMES_PER_TURN,
+    InboundBudget,
+    InboundLimits,
+    frame_size,
+    limits_for,
+)
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
@@ -102,6 +115,15 @@ class RelayProtocol(WebSocketServerProtocol):
         self._last_ping_sent = 0.0
         self._producer: _TransportProducer | None = None
         self._pending_pong: bytes | None = None
+        # Inbound bounds: the budget (None: unlimited), the frames parsed since the
+        # last read or turn, the call that continues parsing on the next turn, whether
+        # reading is paused by us (never by the write side), and whether the peer went
+        # over its budget (then nothing more is read or parsed).
+        self._inbound: InboundBudget | None = None
+        self._turn_frames = 0
+        self._next_turn: IDelayedCall | None = None
+        self._reading_paused = False
+        self._over_budget = False
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -120,11 +142,122 @@ class RelayProtocol(WebSocketServerProtocol):
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpKeepAlive(True)
         self._last_heard = self._clock.seconds()
+        limits = self.factory.inbound_limits
+        if limits is not None:
+            self._inbound = InboundBudget(self._clock, limits)
 
     def dataReceived(self, data: bytes) -> None:
-        """Any byte from the peer proves it is alive."""
+        """Any byte from the peer proves it is alive.  Nothing is read once the peer
+        went over its budget; bytes that arrive while earlier ones wait for the next turn
+        (TLS hands one read over in several pieces) queue behind them."""
+        if self._over_budget:
+            return
         self._last_heard = self._clock.seconds()
+        if self._next_turn is not None:
+            self.data += data
+            return
+        self._turn_frames = 0
         super().dataReceived(data)
+
+    # -- inbound bounds ----------------------------------------------------------------
+
+    def processData(self) -> bool:
+        """Autobahn's parsing step, which it repeats while the buffer holds more: stop
+        for good once the peer is over budget, and between two frames yield the reactor
+        once this read or turn had its :data:`FRAMES_PER_TURN`."""
+        if self._over_budget:
+            return False
+        if self._turn_frames >= FRAMES_PER_TURN and self.current_frame is None:
+            self._yield_turn()
+            return False
+        return bool(super().processData())
+
+    def onFrameBegin(self) -> None:
+        """Charge every frame to the budget: control frames, empty frames and fragments
+        alike, each with its header.  Autobahn's own checks (1002, 1009) run first, so a
+        frame that breaks them gets their close code."""
+        super().onFrameBegin()
+        self._turn_frames += 1
+        frame = self.current_frame
+        # A connection Autobahn has just dropped (a second protocol error) is over.
+        if (
+            self._inbound is not None
+            and frame is not None
+            and self.state != WebSocketServerProtocol.STATE_CLOSED
+        ):
+            exceeded = self._inbound.frame(frame_size(frame.length))
+            if exceeded is not None:
+                self._went_over_budget(exceeded)
+
+    def _went_over_budget(self, reason: str) -> None:
+        self._over_budget = True
+        # Drop the rest of the buffer and any partial message, and read nothing more:
+        # the close deadline then ends the connection (the peer's close reply is not
+        # awaited from a peer that is not read).
+        self.data = b""
+        self.message_data = []
+        self.frame_data = []
+        self._cancel_next_turn()
+        self._pause_reading()
+        counts = self.context.over_budget.setdefault(self.role.label, {})
+        counts[reason] = counts.get(reason, 0) + 1
+        _log.info(
+            "{role} {peer} over its inbound budget ({reason}): closing",
+            role=self.role.label,
+            peer=format_peer(self.transport.getPeer()),
+            stream=self.stream_name,
+            reason=reason,
+        )
+        self.close_with(wire.CLOSE_POLICY_VIOLATION, reason)
+
+    def _yield_turn(self) -> None:
+        # Reading pauses so that the buffer does not grow meanwhile (TLS may still hand
+        # over the rest of the current read: dataReceived queues it).
+        if self._next_turn is None:
+            self._pause_reading()
+            self._next_turn = self._clock.callLater(0, self._continue_parsing)
+
+    def _continue_parsing(self) -> None:
+        self._next_turn = None
+        self._turn_frames = 0
+        try:
+            self.consumeData()
+        except Exception:
+            # What the reactor does when dataReceived raises: log and disconnect.
+            _log.failure("Error parsing frames from {role}", role=self.role.label)
+            self.abort()
+            return
+        if self._next_turn is None and not self._over_budget and not self._gone:
+            self._resume_reading()
+
+    def _cancel_next_turn(self) -> None:
+        if self._next_turn is not None and self._next_turn.active():
+            self._next_turn.cancel()
+        self._next_turn = None
+
+    def _pause_reading(self) -> None:
+        # The transport's own pause/resume is the read side; the write side is the
+        # producer registered in onOpen, and neither touches the other.
+        transport = self.transport
+        if (
+            not self._reading_paused
+            and transport is not None
+            and not getattr(transport, "disconnecting", False)
+        ):
+            self._reading_paused = True
+            transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        # A closing transport stays as it is (StringTransport even refuses a resume).
+        transport = self.transport
+        if (
+            self._reading_paused
+            and transport is not None
+            and self.state != WebSocketServerProtocol.STATE_CLOSED
+            and not getattr(transport, "disconnecting", False)
+        ):
+            self._reading_paused = False
+            transport.resumeProducing()
 
     # -- Autobahn callbacks, guarded -------------------------------------------------
 
@@ -291,6 +424,7 @@ class RelayProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cancel every timer and let the role detach; exactly once."""
         self._gone = True
+        self._cancel_next_turn()
         for call in (self._ping_call, self._pong_deadline, self._close_deadline):
             if call is not None and call.active():
                 call.cancel()
@@ -512,6 +646,11 @@ class RelayFactory(WebSocketServerFactory):
         super().__init__()
         self.context = context
         self.protocol = protocol
+        # Every connection of this endpoint gets a budget with these limits (None:
+        # unlimited, the echo endpoint).
+        self.inbound_limits: InboundLimits | None = limits_for(
+            protocol.role, context.config, max_message_bytes
+        )
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_bytes,
             maxMessagePayloadSize=max_message_bytes,

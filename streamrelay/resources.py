@@ -146,6 +146,7 @@ class Internals(HttpResource):
                 "refused": context.handshake_rate.refused,
             },
             "buffered_bytes": context.registry.budget.total,
+            "over_budget": context.over_budget,
         })
 
 

@@ -473,6 +473,27 @@ class Relay:
             self.clock.advance(step)
         self.clock.advance(max(0.0, target - self.clock.seconds()))
 
+    def turn(self) -> bool:
+        """Run the calls due now, as one reactor turn does: unlike ``Clock.advance(0)``,
+        a ``callLater(0)`` made meanwhile waits for the next turn.  False when none was
+        due."""
+        clock = self.clock
+        due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
+        for call in due:
+            if call.active():
+                clock.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+        return bool(due)
+
+    def turns(self, limit: int = 100_000) -> int:
+        """Run reactor turns until no call is due now; how many ran."""
+        count = 0
+        while self.turn():
+            count += 1
+            assert count < limit, "calls due now keep coming"
+        return count
+
     def settle(self) -> None:
         """Report every connection the relay closed or aborted as lost (the reactor
         would do so on its next turn)."""
