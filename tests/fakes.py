@@ -1,269 +1,38 @@
 """Test doubles shared by the network-free tests.
 
-- WebSocket framing for the client side (masked frames built by hand) and a parser for
-  what the server writes (unmasked frames), so the tests depend on no client library;
 - :class:`Relay`: the real ``RelaySite`` / ``RelayChannel`` / ``StreamGate`` /
   Autobahn protocols on a :class:`~twisted.internet.task.Clock`, one
   :class:`Peer` (a ``StringTransport``) per fake TCP connection;
-- :class:`LogCapture`: collects failures and critical events from the global log;
-- the hypothesis settings profiles (``HYPOTHESIS_PROFILE=dev|ci|thorough``).
+- :class:`LogCapture`: collects failures and critical events from the global log.
+
+Frames and HTTP heads are written and parsed with :mod:`tests.support.frames` and
+:mod:`tests.support.http`, as in every other suite.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay.config import RelayConfig
 from streamrelay.context import RelayContext
 from streamrelay.web import RelaySite, Root
+from tests.support.frames import Message, assemble, parse_frames
+from tests.support.http import Response, parse_response, request_head, upgrade_headers
 
-# -- hypothesis profiles -------------------------------------------------------------------
-
-settings.register_profile(
-    "ci",
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-settings.register_profile(
-    "dev",
-    max_examples=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=10000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-# -- WebSocket framing ----------------------------------------------------------------------
-
-OP_CONTINUATION = 0x0
-OP_TEXT = 0x1
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-
-MASK = b"\x37\xfa\x21\x3d"
-
-
-def client_frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    mask: bytes = MASK,
-    claimed_length: int | None = None,
-) -> bytes:
-    """One client-to-server frame (masked unless told otherwise).  ``claimed_length``
-    writes a length field that differs from the payload actually appended."""
-    length = len(payload) if claimed_length is None else claimed_length
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    mask_bit = 0x80 if masked else 0
-    if length < 126:
-        head += bytes([mask_bit | length])
-    elif length < 65536:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", length)
-    if not masked:
-        return head + payload
-    body = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-    return head + mask + body
-
-
-def binary(payload: bytes) -> bytes:
-    """A whole binary message in one frame."""
-    return client_frame(OP_BINARY, payload)
-
-
-def text(value: Any) -> bytes:
-    """A whole text message in one frame; dicts are JSON-encoded, str UTF-8 encoded."""
-    if isinstance(value, dict):
-        value = json.dumps(value)
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    return client_frame(OP_TEXT, value)
-
-
-def close_frame(code: int | None = 1000, reason: bytes = b"") -> bytes:
-    """A client close frame."""
-    payload = b"" if code is None else struct.pack("!H", code) + reason
-    return client_frame(OP_CLOSE, payload)
-
-
-@dataclass
-class Frame:
-    """One frame as the server wrote it."""
-
-    opcode: int
-    fin: bool
-    payload: bytes
-
-    @property
-    def close_code(self) -> int | None:
-        """The status code of a close frame."""
-        if self.opcode != OP_CLOSE or len(self.payload) < 2:
-            return None
-        return int(struct.unpack("!H", self.payload[:2])[0])
-
-
-def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
-    """Split server-to-client bytes into frames; return them and any incomplete tail.
-    Server frames must not be masked: a masked one fails the test."""
-    frames: list[Frame] = []
-    position = 0
-    while len(data) - position >= 2:
-        first, second = data[position], data[position + 1]
-        assert not second & 0x80, "server frames must not be masked"
-        length = second & 0x7F
-        header = 2
-        if length == 126:
-            if len(data) - position < 4:
-                break
-            length = struct.unpack("!H", data[position + 2 : position + 4])[0]
-            header = 4
-        elif length == 127:
-            if len(data) - position < 10:
-                break
-            length = struct.unpack("!Q", data[position + 2 : position + 10])[0]
-            header = 10
-        if len(data) - position < header + length:
-            break
-        payload = data[position + header : position + header + length]
-        frames.append(Frame(first & 0x0F, bool(first & 0x80), payload))
-        position += header + length
-    return frames, data[position:]
-
-
-@dataclass
-class Message:
-    """One whole server message: ``kind`` is ``text``, ``binary``, ``close``, ``ping`` or
-    ``pong``."""
-
-    kind: str
-    payload: bytes
-
-    @property
-    def json(self) -> Any:
-        """The text message decoded as JSON."""
-        assert self.kind == "text", self
-        return json.loads(self.payload)
-
-    @property
-    def close_code(self) -> int | None:
-        """The status code of a close message."""
-        assert self.kind == "close", self
-        return int(struct.unpack("!H", self.payload[:2])[0]) if len(self.payload) >= 2 else None
-
-
-_KINDS = {OP_TEXT: "text", OP_BINARY: "binary", OP_CLOSE: "close", OP_PING: "ping", OP_PONG: "pong"}
-
-
-def assemble(frames: list[Frame]) -> list[Message]:
-    """Join fragmented data frames into messages (control frames stand alone)."""
-    messages: list[Message] = []
-    pending: tuple[int, list[bytes]] | None = None
-    for frame in frames:
-        if frame.opcode >= 8:
-            messages.append(Message(_KINDS[frame.opcode], frame.payload))
-            continue
-        if frame.opcode != OP_CONTINUATION:
-            assert pending is None, "new data message inside a fragmented one"
-            pending = (frame.opcode, [])
-        assert pending is not None, "continuation frame outside a message"
-        pending[1].append(frame.payload)
-        if frame.fin:
-            messages.append(Message(_KINDS[pending[0]], b"".join(pending[1])))
-            pending = None
-    return messages
-
-
-# -- HTTP -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Response:
-    """An HTTP response head and body as written by the server."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        """A response header by case-insensitive name."""
-        return self.headers.get(name.lower())
-
-
-def parse_response(data: bytes) -> tuple[Response, bytes]:
-    """Parse one HTTP response; return it and the bytes after it (WebSocket frames after
-    a 101).  The body is delimited by Content-Length when there is one."""
-    head, separator, rest = data.partition(b"\r\n\r\n")
-    assert separator, f"no complete HTTP response head in {data[:200]!r}"
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if status == 101:
-        return Response(status, headers, b""), rest
-    length = int(headers.get("content-length", len(rest)))
-    return Response(status, headers, rest[:length]), rest[length:]
-
-
-def websocket_key() -> bytes:
-    """A fresh Sec-WebSocket-Key."""
-    return base64.b64encode(os.urandom(16))
-
-
-def upgrade_headers(subprotocol: str | None = "streamrelay.v1") -> dict[str, str]:
-    """The headers of a valid WebSocket opening handshake."""
-    headers = {
-        "Host": "relay.test",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": websocket_key().decode(),
-        "Sec-WebSocket-Version": "13",
-    }
-    if subprotocol is not None:
-        headers["Sec-WebSocket-Protocol"] = subprotocol
-    return headers
-
-
-def request_bytes(method: str, target: str, headers: dict[str, str] | None = None) -> bytes:
-    """An HTTP/1.1 request head."""
-    lines = [f"{method} {target} HTTP/1.1"]
-    for name, value in (headers if headers is not None else {"Host": "relay.test"}).items():
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
+# The Host every fake request names (the relay does not route on it).
+HOST = "relay.test"
 
 # -- transports and the relay harness -------------------------------------------------------
 
@@ -328,11 +97,9 @@ class Peer:
         if not self.lost:
             self.channel.dataReceived(data)
 
-    def request(
-        self, method: str, target: str, headers: dict[str, str] | None = None
-    ) -> Response:
+    def request(self, method: str, target: str, headers: dict[str, str] | None = None) -> Response:
         """Send a request head and parse the response."""
-        self.send(request_bytes(method, target, headers))
+        self.send(request_head(method, target, {"Host": HOST} if headers is None else headers))
         return self.response()
 
     def upgrade(
@@ -342,7 +109,7 @@ class Peer:
         subprotocol: str | None = "streamrelay.v1",
     ) -> Response:
         """Send an opening handshake; after a 101, :meth:`messages` parses frames."""
-        headers = upgrade_headers(subprotocol)
+        headers = upgrade_headers(subprotocol, host=HOST)
         headers.update(extra or {})
         return self.request("GET", target, headers)
 
@@ -355,9 +122,10 @@ class Peer:
 
     def response(self) -> Response:
         """The HTTP response written so far."""
-        response, rest = parse_response(self.written)
+        response = parse_response(self.written, until_close=True)
+        assert response is not None, f"no complete HTTP response head in {self.written[:200]!r}"
         if response.status == 101 and self._frame_offset is None:
-            self._frame_offset = len(self.written) - len(rest)
+            self._frame_offset = len(self.written) - len(response.rest)
         return response
 
     def all_messages(self) -> list[Message]:
@@ -402,6 +170,14 @@ class Peer:
         self.lost = True
         reason = ConnectionAborted() if aborted else ConnectionDone()
         self.channel.connectionLost(Failure(reason))
+
+    @property
+    def producer(self) -> IPushProducer:
+        """The producer registered on the transport (fails the test when there is none)."""
+        producer = self.transport.producer
+        assert producer is not None, "no producer registered on the transport"
+        assert self.transport.streaming, "the registered producer is not a push producer"
+        return producer
 
     @property
     def protocol(self) -> Any:
@@ -522,17 +298,18 @@ class Relay:
 # -- log capture ----------------------------------------------------------------------------
 
 
+@implementer(ILogObserver)
 class LogCapture:
     """Every event on the global log publisher while active."""
 
     def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
+        self.events: list[LogEvent] = []
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         self.events.append(event)
 
     @property
-    def failures(self) -> list[dict[str, Any]]:
+    def failures(self) -> list[LogEvent]:
         """Events carrying a failure, or at level error/critical."""
         bad = []
         for event in self.events:

@@ -27,17 +27,15 @@ from streamrelay.wire import (
     parse_media,
     parse_text,
 )
-from tests.fakes import (
+from tests.fakes import Peer, Relay, captured_log
+from tests.support.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
     OP_PONG,
     OP_TEXT,
-    Peer,
-    Relay,
     assemble,
-    captured_log,
     client_frame,
     parse_frames,
 )

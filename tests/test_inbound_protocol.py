@@ -11,24 +11,6 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from fakes import (
-    OP_BINARY,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    LogCapture,
-    Peer,
-    Relay,
-    binary,
-    captured_log,
-    client_frame,
-    close_frame,
-    parse_frames,
-    request_bytes,
-    text,
-    upgrade_headers,
-)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,6 +18,20 @@ from streamrelay.config import RelayConfig
 from streamrelay.inbound import FRAMES_PER_TURN, VIEWER_FRAME_BURST, limits_for
 from streamrelay.roles import Role
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MAX_VIEWER_MESSAGE_BYTES, encode_media
+from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.support.frames import (
+    OP_BINARY,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    binary_frame,
+    client_frame,
+    close_frame,
+    parse_frames,
+    text_frame,
+)
+from tests.support.http import request_head, upgrade_headers
 
 CONFIG = RelayConfig()
 PUBLISHER_LIMITS = limits_for(Role.PUBLISHER, CONFIG, CONFIG.max_message_bytes)
@@ -80,18 +76,18 @@ LEGAL_VIEWER_FLOODS: dict[str, bytes] = {
     "ping": client_frame(OP_PING),
     "pong": client_frame(OP_PONG),
     "empty text": client_frame(OP_TEXT),
-    "garbage text": text("no json here, just noise"),
-    "keyframe requests": text({"type": "keyframe-request"}),
-    "unknown json": text({"type": "whatever", "n": 1}),
+    "garbage text": text_frame("no json here, just noise"),
+    "keyframe requests": text_frame({"type": "keyframe-request"}),
+    "unknown json": text_frame({"type": "whatever", "n": 1}),
     "empty fragments": client_frame(OP_CONTINUATION, fin=False),
 }
 
 LEGAL_PUBLISHER_FLOODS: dict[str, bytes] = {
     "ping": client_frame(OP_PING),
     "pong": client_frame(OP_PONG, b"12345678"),
-    "meta": text({"type": "meta", "codec": "h264"}),
-    "ignored text": text({"type": "chat"}),
-    "tiny media": binary(media(0, 1, 0)),
+    "meta": text_frame({"type": "meta", "codec": "h264"}),
+    "ignored text": text_frame({"type": "chat"}),
+    "tiny media": binary_frame(media(0, 1, 0)),
 }
 
 
@@ -106,7 +102,7 @@ def test_viewer_flood_closes_with_1008_and_stops_reading(kind: str, log: LogCapt
     counts it, logs it once, and aborts after the close timeout."""
     relay = Relay()
     publisher = relay.publisher()
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     viewer = relay.viewer()
     publisher.messages()
     viewer.send(FLOOD_PREFIX.get(kind, b"") + LEGAL_VIEWER_FLOODS[kind] * 1000)
@@ -119,7 +115,7 @@ def test_viewer_flood_closes_with_1008_and_stops_reading(kind: str, log: LogCapt
     assert len(requests) <= 1
     # Nothing sent later is parsed, however long the wait.
     relay.clock.advance(0.5)
-    viewer.send(text({"type": "keyframe-request"}) + client_frame(OP_PING, b"late"))
+    viewer.send(text_frame({"type": "keyframe-request"}) + client_frame(OP_PING, b"late"))
     relay.turns()
     assert b"late" not in pongs(viewer)
     assert relay.context.over_budget == {"viewer": {"too many frames": 1}}
@@ -138,7 +134,7 @@ def test_publisher_flood_closes_with_1008_and_nothing_is_relayed_after(kind: str
     frames", and nothing it sent after the burst reaches a viewer."""
     relay = Relay()
     publisher = relay.publisher()
-    publisher.send(binary(media(FLAG_CONFIG, 0)) + binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_CONFIG, 0)) + binary_frame(media(FLAG_KEY, 1)))
     viewer = relay.viewer()
     viewer.messages()
     frame = LEGAL_PUBLISHER_FLOODS[kind]
@@ -155,7 +151,7 @@ def test_publisher_flood_closes_with_1008_and_nothing_is_relayed_after(kind: str
     else:
         assert relayed == []
     relay.clock.advance(1.0)
-    publisher.send(text({"type": "meta", "late": True}))
+    publisher.send(text_frame({"type": "meta", "late": True}))
     relay.turns()
     assert all(b"late" not in message.payload for message in viewer.messages())
     assert relay.context.over_budget == {"publisher": {"too many frames": 1}}
@@ -238,7 +234,7 @@ def test_a_viewer_sending_large_frames_closes_with_1008_too_much_data() -> None:
     """A viewer within its frame count but over its byte budget: 1008 "too much data"."""
     relay = Relay()
     viewer = relay.viewer()
-    viewer.send(text("x" * 1000) * 10)
+    viewer.send(text_frame("x" * 1000) * 10)
     relay.turns()
     assert closes(viewer) == [(1008, "too much data")]
     assert relay.context.over_budget == {"viewer": {"too much data": 1}}
@@ -248,7 +244,9 @@ def test_a_viewer_message_of_the_largest_size_fits_its_burst() -> None:
     """A viewer's largest legal message (4 KiB) fits its byte burst."""
     relay = Relay()
     viewer = relay.viewer()
-    viewer.send(text({"type": "keyframe-request", "pad": "x" * (MAX_VIEWER_MESSAGE_BYTES - 60)}))
+    viewer.send(
+        text_frame({"type": "keyframe-request", "pad": "x" * (MAX_VIEWER_MESSAGE_BYTES - 60)})
+    )
     assert not viewer.close_codes()
 
 
@@ -257,7 +255,9 @@ def test_a_viewer_keeping_to_its_rate_is_never_closed() -> None:
     relay = Relay()
     viewer = relay.viewer()
     for second in range(600):
-        viewer.send(text({"type": "keyframe-request"}) + client_frame(OP_PONG, b"%d" % second))
+        viewer.send(
+            text_frame({"type": "keyframe-request"}) + client_frame(OP_PONG, b"%d" % second)
+        )
         relay.tick(1.0, step=0.5)
     assert not viewer.close_codes()
     assert relay.context.over_budget == {}
@@ -269,7 +269,7 @@ def test_a_publisher_over_its_byte_rate_closes_with_1008_too_much_data() -> None
         publisher_bytes_per_second=100_000, max_message_bytes=50_000, max_fragments_per_message=4
     )
     publisher = relay.publisher()
-    chunk = binary(media(0, 1, 40_000))
+    chunk = binary_frame(media(0, 1, 40_000))
     for _ in range(200):
         publisher.send(chunk)
         relay.clock.advance(0.1)  # 400 KB/s
@@ -285,10 +285,10 @@ def test_a_realistic_publisher_is_never_closed() -> None:
     relay = Relay()
     publisher = relay.publisher()
     viewer = relay.viewer()
-    delta = binary(media(0, 7, 100_000))
-    key = binary(media(FLAG_KEY, 8, 1_000_000))
-    meta = text({"type": "meta", "codec": "h264", "width": 1920})
-    publisher.send(binary(media(FLAG_CONFIG, 0)) + key)
+    delta = binary_frame(media(0, 7, 100_000))
+    key = binary_frame(media(FLAG_KEY, 8, 1_000_000))
+    meta = text_frame({"type": "meta", "codec": "h264", "width": 1920})
+    publisher.send(binary_frame(media(FLAG_CONFIG, 0)) + key)
     for second in range(120):
         publisher.send(meta + client_frame(OP_PONG, b"%d" % second))
         for frame_index in range(60):
@@ -356,7 +356,7 @@ def test_a_few_frames_per_read_never_yield() -> None:
     publisher = relay.publisher()
     viewer = relay.viewer()
     batch = [media(FLAG_KEY, 1)] + [media(0, tag) for tag in range(2, FRAMES_PER_TURN)]
-    publisher.send(b"".join(binary(message) for message in batch))
+    publisher.send(b"".join(binary_frame(message) for message in batch))
     assert [m.payload for m in viewer.messages(("binary",))] == batch
     assert not reading_paused(publisher)
     assert not relay.clock.getDelayedCalls() or all(
@@ -370,12 +370,12 @@ def test_reading_pause_and_write_side_flow_control_stay_apart() -> None:
     relay = Relay.with_options(publisher_frames_per_second=1e6)
     publisher = relay.publisher()
     viewer = relay.viewer()
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     viewer.messages()
-    publisher.send(client_frame(OP_PING) * 1000 + binary(media(0, 2)))
+    publisher.send(client_frame(OP_PING) * 1000 + binary_frame(media(0, 2)))
     assert reading_paused(publisher)
-    publisher.transport.producer.pauseProducing()
-    publisher.transport.producer.resumeProducing()
+    publisher.producer.pauseProducing()
+    publisher.producer.resumeProducing()
     assert reading_paused(publisher)
     relay.turns()
     assert not reading_paused(publisher)
@@ -413,7 +413,7 @@ def test_frames_sent_with_the_handshake_are_budgeted_and_yield() -> None:
     relay = Relay()
     viewer = relay.connect()
     viewer.send(
-        request_bytes("GET", "/watch/cam", upgrade_headers()) + client_frame(OP_PONG) * 5000
+        request_head("GET", "/watch/cam", upgrade_headers(host=HOST)) + client_frame(OP_PONG) * 5000
     )
     assert viewer.response().status == 101
     relay.turns()
@@ -444,7 +444,7 @@ def test_yielding_never_loses_or_reorders_messages(sizes: list[int], cuts: list[
     echo = relay.open("/echo", subprotocol=None)
     payloads = [bytes([index % 256]) * size for index, size in enumerate(sizes * 5)]
     stream = b"".join(
-        client_frame(OP_PING, payload[:125]) if index % 2 else binary(payload)
+        client_frame(OP_PING, payload[:125]) if index % 2 else binary_frame(payload)
         for index, payload in enumerate(payloads)
     )
     previous = 0
@@ -481,7 +481,7 @@ def test_api_internals_counts_connections_over_budget() -> None:
     relay = Relay.with_options(api_internals=True)
     for _ in range(2):
         relay.viewer().send(client_frame(OP_PONG) * 100)
-    relay.viewer().send(text("x" * 1000) * 10)
+    relay.viewer().send(text_frame("x" * 1000) * 10)
     relay.publisher().send(client_frame(OP_PING) * (PUBLISHER_FRAME_BURST + 1))
     relay.turns()
     body = json.loads(relay.connect().request("GET", "/api/internals").body)

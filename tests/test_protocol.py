@@ -7,23 +7,21 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from fakes import (
+
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
+from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.support.frames import (
     OP_BINARY,
     OP_CONTINUATION,
     OP_PING,
     OP_PONG,
     OP_TEXT,
-    LogCapture,
-    Peer,
-    Relay,
-    binary,
-    captured_log,
+    binary_frame,
     client_frame,
     close_frame,
-    text,
+    text_frame,
 )
-
-from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
+from tests.support.http import request_head, upgrade_headers
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +60,9 @@ def binaries(peer: Peer) -> list[bytes]:
     ],
 )
 @pytest.mark.parametrize("role", ["publish", "watch"])
-def test_subprotocol_selected_when_offered(role: str, offered: str | None, selected: str | None):
+def test_subprotocol_selected_when_offered(
+    role: str, offered: str | None, selected: str | None
+) -> None:
     """101 with Sec-WebSocket-Protocol: streamrelay.v1 when the client offers it; no
     subprotocol (still v1) when it offers none or only others."""
     relay = Relay()
@@ -85,20 +85,18 @@ def test_http_channel_producer_is_replaced_after_the_upgrade() -> None:
         assert connection.transport.producer is not None
         assert connection.transport.producer is not connection.channel
         assert connection.transport.streaming is True
-    publisher.transport.producer.pauseProducing()
+    publisher.producer.pauseProducing()
     assert publisher.transport.producerState == "producing"
 
 
 def test_frames_sent_with_the_handshake_are_not_lost() -> None:
     """Bytes that arrive in the same segment as the request head reach the WebSocket."""
-    from fakes import request_bytes, upgrade_headers
-
     relay = Relay()
     viewer = relay.viewer()
     publisher = relay.connect()
     publisher.send(
-        request_bytes("GET", "/publish/cam", upgrade_headers())
-        + binary(media(FLAG_KEY, 1))
+        request_head("GET", "/publish/cam", upgrade_headers(host=HOST))
+        + binary_frame(media(FLAG_KEY, 1))
     )
     assert publisher.response().status == 101
     assert binaries(viewer) == [media(FLAG_KEY, 1)]
@@ -117,7 +115,7 @@ def test_publisher_media_reaches_viewers_byte_for_byte_in_order() -> None:
         encode_media(0, tag, bytes(range(256)) * 3) for tag in range(3, 40)
     ]
     for message in sent:
-        publisher.send(binary(message))
+        publisher.send(binary_frame(message))
     for viewer in viewers:
         assert binaries(viewer) == sent
 
@@ -126,9 +124,9 @@ def test_viewer_starts_with_status_then_config_and_key() -> None:
     """A late joiner gets status live, the meta, CONFIG and the cached GOP at once."""
     relay = Relay()
     publisher = relay.publisher()
-    publisher.send(text({"type": "meta", "codec": "h264", "width": 320}))
+    publisher.send(text_frame({"type": "meta", "codec": "h264", "width": 320}))
     for message in (media(FLAG_CONFIG, 1), media(FLAG_KEY, 2), media(0, 3)):
-        publisher.send(binary(message))
+        publisher.send(binary_frame(message))
     viewer = relay.viewer()
     kinds = viewer.messages()
     assert [m.kind for m in kinds] == ["text", "text", "binary", "binary", "binary"]
@@ -145,17 +143,17 @@ def test_publisher_hears_viewer_counts_and_keyframe_requests() -> None:
     relay = Relay()
     publisher = relay.publisher()
     assert publisher.json_messages() == [{"type": "viewers", "count": 0}]
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     viewer = relay.viewer()
     relay.clock.advance(0.3)
     assert publisher.json_messages() == [{"type": "viewers", "count": 1}]
-    viewer.send(text({"type": "keyframe-request"}))
-    viewer.send(text({"type": "keyframe-request"}))
+    viewer.send(text_frame({"type": "keyframe-request"}))
+    viewer.send(text_frame({"type": "keyframe-request"}))
     assert publisher.json_messages() == [{"type": "keyframe-request"}]
     relay.clock.advance(relay.config.keyframe_request_interval)
     assert publisher.json_messages() == [{"type": "keyframe-request"}]
-    viewer.send(text({"type": "something-else"}))
-    viewer.send(text("not json at all"))
+    viewer.send(text_frame({"type": "something-else"}))
+    viewer.send(text_frame("not json at all"))
     relay.clock.advance(5)
     assert publisher.json_messages() == []
     assert not viewer.closing
@@ -168,8 +166,8 @@ def test_meta_is_forwarded_as_sent() -> None:
     viewer = relay.viewer()
     viewer.messages()
     raw = '{"type": "meta", "codec": "h264", "note": "café"}'
-    publisher.send(text(raw))
-    publisher.send(text({"type": "chat", "x": 1}))
+    publisher.send(text_frame(raw))
+    publisher.send(text_frame({"type": "chat", "x": 1}))
     assert [m.payload for m in viewer.messages()] == [raw.encode()]
     assert not publisher.closing
 
@@ -194,7 +192,7 @@ def test_media_split_across_tcp_reads_is_reassembled() -> None:
     relay = Relay()
     publisher = relay.publisher()
     viewer = relay.viewer()
-    data = binary(media(FLAG_KEY, 1)) + binary(media(0, 2))
+    data = binary_frame(media(FLAG_KEY, 1)) + binary_frame(media(0, 2))
     for index in range(len(data)):
         publisher.send(data[index : index + 1])
     assert binaries(viewer) == [media(FLAG_KEY, 1), media(0, 2)]
@@ -219,7 +217,7 @@ def test_bad_media_closes_with_1007_and_a_reason(bad: bytes) -> None:
     relay = Relay()
     publisher = relay.publisher()
     viewer = relay.viewer()
-    publisher.send(binary(bad))
+    publisher.send(binary_frame(bad))
     [close] = publisher.messages(("close",))
     assert close.close_code == 1007
     assert len(close.payload) > 2
@@ -236,8 +234,8 @@ def test_oversized_media_closes_with_1009_before_buffering() -> None:
     relay2 = Relay.with_options(max_message_bytes=1000)
     publisher2 = relay2.publisher()
     viewer2 = relay2.viewer()
-    publisher2.send(binary(media(FLAG_KEY, 1, b"x" * 991)))
-    publisher2.send(binary(media(0, 2, b"x" * 992)))
+    publisher2.send(binary_frame(media(FLAG_KEY, 1, b"x" * 991)))
+    publisher2.send(binary_frame(media(0, 2, b"x" * 992)))
     assert close_code(publisher2) == 1009
     assert binaries(viewer2) == [media(FLAG_KEY, 1, b"x" * 991)]
 
@@ -256,7 +254,7 @@ def test_text_that_is_not_a_json_object_closes_with_1007() -> None:
     for payload in ("[1, 2]", "hello", '"meta"'):
         relay = Relay()
         publisher = relay.publisher()
-        publisher.send(text(payload))
+        publisher.send(text_frame(payload))
         assert close_code(publisher) == 1007
 
 
@@ -272,7 +270,7 @@ def test_meta_over_64_kib_closes_with_1009() -> None:
     """Text messages are bounded at 64 KiB."""
     relay = Relay()
     publisher = relay.publisher()
-    publisher.send(text({"type": "meta", "pad": "x" * 70000}))
+    publisher.send(text_frame({"type": "meta", "pad": "x" * 70000}))
     assert close_code(publisher) == 1009
 
 
@@ -280,7 +278,7 @@ def test_viewer_binary_closes_with_1003() -> None:
     """Viewers may not send binary messages."""
     relay = Relay()
     viewer = relay.viewer()
-    viewer.send(binary(b"hello"))
+    viewer.send(binary_frame(b"hello"))
     assert close_code(viewer) == 1003
 
 
@@ -288,7 +286,7 @@ def test_viewer_message_over_4_kib_closes_with_1009() -> None:
     """Viewers may send at most 4 KiB."""
     relay = Relay()
     viewer = relay.viewer()
-    viewer.send(text({"type": "keyframe-request", "pad": "x" * 5000}))
+    viewer.send(text_frame({"type": "keyframe-request", "pad": "x" * 5000}))
     assert close_code(viewer) == 1009
 
 
@@ -341,9 +339,9 @@ def test_idle_publisher_closes_with_1008() -> None:
     relay = Relay.with_options(publisher_idle_timeout=20, ping_interval=100, ping_timeout=100)
     publisher = relay.publisher()
     relay.clock.advance(15)
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     relay.clock.advance(15)
-    publisher.send(text({"type": "meta"}))
+    publisher.send(text_frame({"type": "meta"}))
     relay.clock.advance(4.9)
     assert publisher.close_codes() == []
     relay.clock.advance(0.2)
@@ -356,11 +354,15 @@ def test_takeover_closes_the_old_publisher_with_4409() -> None:
     relay = Relay()
     first = relay.publisher()
     viewer = relay.viewer()
-    first.send(binary(media(FLAG_CONFIG, 1)) + binary(media(FLAG_KEY, 2)))
+    first.send(binary_frame(media(FLAG_CONFIG, 1)) + binary_frame(media(FLAG_KEY, 2)))
     second = relay.publisher()
     assert close_code(first) == 4409
-    first.send(binary(media(0, 3)))
-    second.send(binary(media(0, 10)) + binary(media(FLAG_CONFIG, 11)) + binary(media(FLAG_KEY, 12)))
+    first.send(binary_frame(media(0, 3)))
+    second.send(
+        binary_frame(media(0, 10))
+        + binary_frame(media(FLAG_CONFIG, 11))
+        + binary_frame(media(FLAG_KEY, 12))
+    )
     assert binaries(viewer) == [media(FLAG_CONFIG, 1), media(FLAG_KEY, 2),
                                 media(FLAG_CONFIG, 11), media(FLAG_KEY, 12)]
     assert not viewer.closing
@@ -388,7 +390,9 @@ def test_nothing_is_relayed_after_a_publisher_was_closed_for_a_violation() -> No
     relay = Relay()
     publisher = relay.publisher()
     viewer = relay.viewer()
-    publisher.send(binary(media(FLAG_KEY, 1)) + binary(b"bad") + binary(media(0, 2)))
+    publisher.send(
+        binary_frame(media(FLAG_KEY, 1)) + binary_frame(b"bad") + binary_frame(media(0, 2))
+    )
     assert close_code(publisher) == 1007
     assert binaries(viewer) == [media(FLAG_KEY, 1)]
 
@@ -452,7 +456,7 @@ def test_any_data_counts_as_a_sign_of_life() -> None:
     publisher = relay.publisher()
     for tag in range(40):
         relay.tick(1)
-        publisher.send(binary(media(FLAG_KEY, tag)))
+        publisher.send(binary_frame(media(FLAG_KEY, tag)))
     assert not publisher.closing
 
 
@@ -514,8 +518,8 @@ def test_stalled_viewer_closes_with_1008_then_is_aborted() -> None:
                                ping_interval=1000, ping_timeout=1000)
     publisher = relay.publisher()
     viewer = relay.viewer()
-    viewer.transport.producer.pauseProducing()
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    viewer.producer.pauseProducing()
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     relay.clock.advance(14.9)
     assert viewer.close_codes() == []
     relay.clock.advance(0.2)
@@ -532,13 +536,13 @@ def test_paused_viewer_gets_media_when_its_transport_drains() -> None:
     slow = relay.viewer()
     fast = relay.viewer()
     slow.messages()
-    slow.transport.producer.pauseProducing()
+    slow.producer.pauseProducing()
     sent = [media(FLAG_KEY, 1), media(0, 2), media(0, 3)]
     for message in sent:
-        publisher.send(binary(message))
+        publisher.send(binary_frame(message))
     assert binaries(slow) == []
     assert binaries(fast) == sent
-    slow.transport.producer.resumeProducing()
+    slow.producer.resumeProducing()
     assert binaries(slow) == sent
 
 
@@ -548,16 +552,16 @@ def test_slow_viewer_skips_to_the_next_key_with_a_dropped_notice() -> None:
     relay = Relay.with_options(viewer_queue_bytes=2000)
     publisher = relay.publisher()
     slow = relay.viewer()
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     slow.messages()
     publisher.json_messages()
-    slow.transport.producer.pauseProducing()
+    slow.producer.pauseProducing()
     for tag in range(2, 40):
-        publisher.send(binary(encode_media(0, tag, b"z" * 200)))
-    slow.transport.producer.resumeProducing()
+        publisher.send(binary_frame(encode_media(0, tag, b"z" * 200)))
+    slow.producer.resumeProducing()
     relay.tick(relay.config.keyframe_request_interval)  # the join asked for one at t=0
     assert {"type": "keyframe-request"} in publisher.json_messages()
-    publisher.send(binary(media(FLAG_KEY, 50)))
+    publisher.send(binary_frame(media(FLAG_KEY, 50)))
     received = slow.messages()
     notice = next(i for i, m in enumerate(received) if m.kind == "text")
     assert received[notice].json["type"] == "dropped"
@@ -572,11 +576,9 @@ def test_slow_viewer_skips_to_the_next_key_with_a_dropped_notice() -> None:
 def test_slowloris_upgrade_is_aborted_at_the_handshake_deadline() -> None:
     """An opening handshake that does not finish within --handshake-timeout of the
     accept is aborted, however steadily its bytes trickle; nothing is left behind."""
-    from fakes import request_bytes, upgrade_headers
-
     relay = Relay.with_options(handshake_timeout=3)
     peer = relay.connect()
-    head = request_bytes("GET", "/publish/cam", upgrade_headers())
+    head = request_head("GET", "/publish/cam", upgrade_headers(host=HOST))
     for index in range(29):
         peer.send(head[index : index + 1])
         relay.tick(0.1)
@@ -635,11 +637,11 @@ def test_everything_returns_to_idle_after_disconnects() -> None:
     relay = Relay.with_options(viewer_queue_bytes=1000)
     publishers = [relay.publisher("a"), relay.publisher("b")]
     viewers = [relay.viewer(name) for name in ("a", "a", "b", "c")]
-    viewers[0].transport.producer.pauseProducing()
+    viewers[0].producer.pauseProducing()
     for tag in range(20):
-        publishers[0].send(binary(media(FLAG_KEY if tag % 5 == 0 else 0, tag, b"q" * 300)))
+        publishers[0].send(binary_frame(media(FLAG_KEY if tag % 5 == 0 else 0, tag, b"q" * 300)))
     relay.publisher("a")  # takeover
-    viewers[1].send(binary(b"x"))  # 1003
+    viewers[1].send(binary_frame(b"x"))  # 1003
     relay.connect().send(b"GET /watch/a HTTP/1.1\r\nHost")  # half a head
     relay.connect().request("GET", "/nope")
     body = json.loads(relay.connect().request("GET", "/api/streams").body)
@@ -659,7 +661,7 @@ def test_deeply_nested_viewer_text_is_ignored() -> None:
     (4 KiB is enough for 2000 levels)."""
     relay = Relay()
     viewer = relay.viewer()
-    viewer.send(text("[" * 2000 + "]" * 2000))
+    viewer.send(text_frame("[" * 2000 + "]" * 2000))
     assert viewer.close_codes() == []
 
 
@@ -667,7 +669,7 @@ def test_deeply_nested_publisher_text_closes_with_1007() -> None:
     """Publisher text that is not a JSON object closes with 1007, however nested."""
     relay = Relay()
     publisher = relay.publisher()
-    publisher.send(text('{"type":"meta","x":' + "[" * 5000 + "]" * 5000 + "}"))
+    publisher.send(text_frame('{"type":"meta","x":' + "[" * 5000 + "]" * 5000 + "}"))
     assert publisher.close_codes() == [1007]
 
 
@@ -699,9 +701,11 @@ def test_echo_endpoint_with_deflate_only_when_enabled() -> None:
     deflate = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
     relay = Relay.with_options(echo=True)
     echo = relay.open("/echo", deflate, subprotocol=None)
-    assert echo.response().header("sec-websocket-extensions").startswith("permessage-deflate")
+    extensions = echo.response().header("sec-websocket-extensions")
+    assert extensions is not None
+    assert extensions.startswith("permessage-deflate")
     plain = relay.open("/echo", subprotocol=None)
-    plain.send(text("hello") + binary(b"\x00\x01"))
+    plain.send(text_frame("hello") + binary_frame(b"\x00\x01"))
     assert [(m.kind, m.payload) for m in plain.messages()] == [
         ("text", b"hello"), ("binary", b"\x00\x01")
     ]
@@ -741,7 +745,7 @@ def test_fan_out_frames_each_message_once(monkeypatch: pytest.MonkeyPatch) -> No
     viewers = [relay.viewer() for _ in range(5)]
     calls.clear()
     for tag in range(10):
-        publisher.send(binary(media(FLAG_KEY if tag == 0 else 0, tag)))
+        publisher.send(binary_frame(media(FLAG_KEY if tag == 0 else 0, tag)))
     assert calls.count(True) == 10
     for viewer in viewers:
         assert len(binaries(viewer)) == 10
@@ -752,13 +756,13 @@ def test_closing_viewer_gets_no_more_media() -> None:
     close frame."""
     relay = Relay()
     publisher = relay.publisher()
-    publisher.send(binary(media(FLAG_KEY, 1)))
+    publisher.send(binary_frame(media(FLAG_KEY, 1)))
     viewer = relay.viewer()
-    viewer.send(binary(b"not allowed"))
+    viewer.send(binary_frame(b"not allowed"))
     assert close_code(viewer) == 1003
     for tag in range(2, 6):
-        publisher.send(binary(media(0, tag)))
-    publisher.send(text({"type": "meta", "v": 2}))
+        publisher.send(binary_frame(media(0, tag)))
+    publisher.send(text_frame({"type": "meta", "v": 2}))
     messages = viewer.all_messages()
     close_at = [m.kind for m in messages].index("close")
     assert all(m.kind in ("ping", "pong") for m in messages[close_at + 1 :])
@@ -772,10 +776,10 @@ def test_slow_viewers_never_pause_the_publisher() -> None:
     slow = [relay.viewer() for _ in range(3)]
     fast = relay.viewer()
     for viewer in slow:
-        viewer.transport.producer.pauseProducing()
+        viewer.producer.pauseProducing()
     sent = [media(FLAG_KEY if tag % 10 == 0 else 0, tag, b"p" * 300) for tag in range(100)]
     for message in sent:
-        publisher.send(binary(message))
+        publisher.send(binary_frame(message))
     assert publisher.transport.producerState == "producing"
     assert binaries(fast) == sent
     assert relay.context.registry.budget.total < 5000

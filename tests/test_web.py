@@ -15,8 +15,9 @@ import pytest
 from streamrelay.admission import CHECKS
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_KEY, encode_media
-from tests.fakes import LogCapture, Peer, Relay, binary, captured_log, upgrade_headers
-from tests.support.http import request_head
+from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.support.frames import binary_frame
+from tests.support.http import request_head, upgrade_headers
 
 PUBLISH_SECRET = b"publish-secret-for-tests"
 VIEW_SECRET = b"view-secret-for-tests"
@@ -113,7 +114,7 @@ def test_non_get_upgrade_is_426(method: str) -> None:
     """Only GET opens a WebSocket."""
     relay = Relay()
     peer = relay.connect()
-    response = peer.request(method, "/watch/cam", upgrade_headers())
+    response = peer.request(method, "/watch/cam", upgrade_headers(host=HOST))
     assert response.status == 426
 
 
@@ -164,7 +165,7 @@ def test_header_line_over_8_kib_is_431() -> None:
     """One header line over 8 KiB is refused even though the total is under 16 KiB."""
     relay = Relay()
     peer = relay.connect()
-    headers = upgrade_headers()
+    headers = upgrade_headers(host=HOST)
     headers["X-Long"] = "b" * (8 * 1024 + 1)
     peer.send(request_head("GET", "/watch/cam", headers))
     _assert_431(peer)
@@ -174,7 +175,7 @@ def test_headers_over_16_kib_in_total_are_431() -> None:
     """64 KiB of headers in lines under 8 KiB each: 431."""
     relay = Relay()
     peer = relay.connect()
-    headers = upgrade_headers()
+    headers = upgrade_headers(host=HOST)
     for index in range(16):
         headers[f"X-Filler-{index}"] = "c" * 4000
     peer.send(request_head("GET", "/watch/cam", headers))
@@ -185,7 +186,7 @@ def test_200_header_lines_are_431() -> None:
     """More than 100 header lines: 431."""
     relay = Relay()
     peer = relay.connect()
-    headers = upgrade_headers()
+    headers = upgrade_headers(host=HOST)
     for index in range(200):
         headers[f"X-H{index}"] = "1"
     peer.send(request_head("GET", "/watch/cam", headers))
@@ -196,7 +197,7 @@ def test_exactly_100_header_lines_are_accepted() -> None:
     """100 header lines is the limit, not over it."""
     relay = Relay()
     peer = relay.connect()
-    headers = upgrade_headers()
+    headers = upgrade_headers(host=HOST)
     for index in range(100 - len(headers)):
         headers[f"X-H{index}"] = "1"
     assert len(headers) == 100
@@ -207,7 +208,7 @@ def test_101_header_lines_are_431() -> None:
     """One header line over the limit is refused."""
     relay = Relay()
     peer = relay.connect()
-    headers = upgrade_headers()
+    headers = upgrade_headers(host=HOST)
     for index in range(101 - len(headers)):
         headers[f"X-H{index}"] = "1"
     peer.send(request_head("GET", "/watch/cam", headers))
@@ -245,7 +246,7 @@ def test_request_bodies_are_413(target: str, extra: dict[str, str]) -> None:
     """No endpoint takes a body: 413 before any byte of it is buffered."""
     relay = Relay()
     peer = relay.connect()
-    headers = upgrade_headers()
+    headers = upgrade_headers(host=HOST)
     headers.update(extra)
     peer.send(request_head("POST", target, headers))
     response = peer.response()
@@ -276,7 +277,7 @@ BODY_TARGETS = [
 
 
 def _head(method: str, target: str, upgrade: bool, extra: list[tuple[str, str]]) -> bytes:
-    headers = list(upgrade_headers().items()) if upgrade else [("Host", "relay.test")]
+    headers = list(upgrade_headers(host=HOST).items()) if upgrade else [("Host", HOST)]
     return request_head(method, target, [*headers, *extra])
 
 
@@ -658,7 +659,7 @@ def test_404_comes_before_503_on_any_path() -> None:
     limits."""
     relay = Relay.with_options(max_connections=1)
     relay.connect()
-    assert relay.connect().request("GET", "/nope", upgrade_headers()).status == 404
+    assert relay.connect().request("GET", "/nope", upgrade_headers(host=HOST)).status == 404
 
 
 def test_shutting_down_503_comes_before_origin_and_token() -> None:
@@ -736,7 +737,7 @@ def test_api_streams_lists_live_streams() -> None:
     relay.viewer("cam")
     relay.viewer("waiting")
     relay.connect("10.9.9.9").send(b"GET /watch/cam HTTP/1.1\r\n")  # handshake in progress
-    publisher.send(binary(encode_media(FLAG_KEY, 1, b"x" * 91)))
+    publisher.send(binary_frame(encode_media(FLAG_KEY, 1, b"x" * 91)))
     body = json.loads(relay.connect().request("GET", "/api/streams").body)
     assert body["connections"] == {"publishers": 1, "viewers": 2, "total": 5}
     cam, waiting = body["streams"]
@@ -813,7 +814,7 @@ def test_handshake_deadline_counts_from_accept_however_slow_the_bytes() -> None:
     --handshake-timeout after the TCP accept, and its slot is given back."""
     relay = Relay.with_options(handshake_timeout=5.0)
     peer = relay.connect()
-    head = request_head("GET", "/watch/cam", upgrade_headers())
+    head = request_head("GET", "/watch/cam", upgrade_headers(host=HOST))
     for index in range(49):
         peer.send(head[index : index + 1])
         relay.clock.advance(0.1)
@@ -846,7 +847,7 @@ def test_keep_alive_requests_then_an_upgrade() -> None:
     """Plain requests may share a connection with a later WebSocket handshake."""
     relay = Relay()
     peer = relay.connect()
-    peer.send(request_head("GET", "/healthz", {"Host": "relay.test"}))
+    peer.send(request_head("GET", "/healthz", {"Host": HOST}))
     first, rest = peer.written.split(b"ok\n", 1)
     assert first.startswith(b"HTTP/1.1 200")
     assert rest == b""
