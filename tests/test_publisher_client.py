@@ -323,6 +323,26 @@ def test_sends_meta_config_then_frames_from_a_key_on() -> None:
     assert publisher.dropped == 0
 
 
+def test_frames_after_the_relay_starts_closing_are_not_sent_and_raise_nothing() -> None:
+    """Between the relay's close frame (1001 when it shuts down) and the connection
+    being reported lost, the encoder's frames are not written (Autobahn would raise
+    "Attempt to send on a closed protocol" from the reactor thread) and nothing breaks."""
+    publisher, relay, _, _ = connected_publisher()
+    publisher.send_config(CONFIG, 10)
+    assert publisher.send_frame(b"key", key=True, capture_time_us=12) is True
+    payload = (1001).to_bytes(2, "big") + b"going away"
+    relay.last.protocol.dataReceived(bytes([0x88, len(payload)]) + payload)
+    sent = publisher.stats.frames_sent
+    publisher.send_frame(b"delta", key=False, capture_time_us=13)
+    publisher.send_meta(META)
+    assert publisher.stats.frames_sent == sent
+    assert not any(
+        isinstance(message, MediaMessage) and message.capture_time_us == 13
+        for message in relay.last.messages()
+    )
+    relay.last.drop()
+
+
 def test_viewers_and_keyframe_requests_reach_the_callbacks() -> None:
     """viewers updates the count and calls on_viewers; keyframe-request calls
     on_keyframe_request; unknown or malformed messages are ignored."""

@@ -329,6 +329,10 @@ class Publisher:
     def _write(self, message: Outgoing) -> None:
         session = self._connector.session
         assert session is not None, "the outbox writes only while a session is open"
+        if not session.writable:
+            # The relay started closing (1001 on its shutdown, 4409 on a takeover) and the
+            # loss is not reported yet: the next session starts again from CONFIG and KEY.
+            return
         session.sendMessage(message.data, isBinary=message.is_binary)
         stats = self.stats
         stats.messages_sent += 1

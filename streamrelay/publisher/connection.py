@@ -144,6 +144,13 @@ class RelayConnection(WebSocketClientProtocol):
         """Note the negotiated subprotocol (none means v1 too)."""
         self.negotiated_subprotocol = response.protocol
 
+    @property
+    def writable(self) -> bool:
+        """True while messages may be sent: open, and no close started by either side
+        (Autobahn refuses to send once the relay's close frame has arrived, before the
+        connection is reported lost)."""
+        return self.state == self.STATE_OPEN
+
     def onOpen(self) -> None:  # noqa: N802 (Autobahn API)
         """Register for backpressure, then report the open connection."""
         transport: Any = self.transport

@@ -62,6 +62,11 @@ def _drain(sock: socket.socket, stop: threading.Event) -> None:
             return
 
 
+# The flood sends as fast as a socket takes it, far past the publisher's default inbound
+# budget (which would close it with 1008 first: tests/hardening/test_inbound_flood.py):
+# raised here so that the memory bounds are what is measured.
+FULL_SPEED = ("--publisher-frames-per-second", "100000000")
+
 def _entry(relay: RelayProcess) -> dict[str, Any]:
     """The flooded stream's entry in ``/api/streams``."""
     entry = stream_entry(api_streams(relay), STREAM)
@@ -119,7 +124,7 @@ def _flood(relay: RelayProcess, with_viewer: bool) -> dict[str, Any]:
 def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:
     """``--gop-cache-bytes 1.5 MiB`` (about 3,400 tiny messages at their real cost, under
     the message cap): RSS grows by at most 1.5 x 1.5 MiB."""
-    relay = start_relay("--gop-cache-bytes", str(BOUND))
+    relay = start_relay("--gop-cache-bytes", str(BOUND), *FULL_SPEED)
     figures = _flood(relay, with_viewer=False)
     record_figure(
         "memory bound: GOP cache, 9-byte flood", bound_mb=rounded(BOUND / MB), **figures
@@ -130,7 +135,7 @@ def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: S
 def test_tiny_flood_with_default_options_hits_the_message_cap(start_relay: StartRelay) -> None:
     """Default options (8 MiB GOP cache): 4,096 tiny messages reach the message cap
     first, so RSS grows by at most 1.5 x what 4,096 such messages are charged."""
-    relay = start_relay()
+    relay = start_relay(*FULL_SPEED)
     bound = DEFAULT_GOP_CACHE_MESSAGES * (9 + MESSAGE_OVERHEAD_BYTES)
     figures = _flood(relay, with_viewer=False)
     record_figure(
@@ -143,6 +148,7 @@ def test_tiny_flood_towards_a_viewer_that_does_not_read(start_relay: StartRelay)
     """``--viewer-queue-bytes 1.5 MiB`` and no GOP cache: the viewer's queue and its
     transport hold at most 1.5 x 1.5 MiB of real memory; the rest is dropped."""
     relay = start_relay(
+        *FULL_SPEED,
         "--gop-cache-bytes", "0",
         "--viewer-queue-bytes", str(BOUND),
         "--viewer-stall-timeout", "120",
