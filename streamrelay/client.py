@@ -29,6 +29,10 @@ and change, :meth:`~StreamListener.meta` with the raw bytes and the parsed objec
 :meth:`~StreamListener.media` per message in the publisher's order, and
 :meth:`~StreamListener.dropped` before the messages that resume after a gap.  Everything
 runs in the reactor thread; every timer runs on the reactor given (a ``Clock`` in tests).
+
+(Over 400 lines: one connection's lifecycle -- connect, open, parse, ping, close, retry
+-- and its settings read best together; the connection protocol, its factory, the
+backoff and the endpoints are the publisher's, reused.)
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class ClientState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
     OPEN = "open"
+    CLOSING = "closing"  # it broke the protocol: closing, to try again
     WAITING = "waiting"  # for the next attempt
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -205,6 +210,8 @@ class StreamClient:
         self._ping_call: IDelayedCall | None = None
         self._pong_deadline: IDelayedCall | None = None
         self._stopped: list[defer.Deferred[None]] = []
+        # Why this client closed the current connection itself (a broken message).
+        self._broken: str | None = None
 
     # -- the API --------------------------------------------------------------------------
 
@@ -381,7 +388,7 @@ class StreamClient:
             try:
                 message = wire.parse_media(payload)
             except WireError as error:
-                connection.sendClose(code=wire.CLOSE_INVALID_PAYLOAD, reason=str(error)[:100])
+                self._close_broken(connection, str(error))
                 return
             self.stats.messages += 1
             self.stats.bytes += message.size
@@ -405,6 +412,18 @@ class StreamClient:
         else:
             self.listener.text(parsed)
 
+    def _close_broken(self, connection: RelayConnection, reason: str) -> None:
+        # 1007 is a protocol code, which Autobahn's sendClose refuses from applications:
+        # send the frame itself, and bound the closing handshake as stop() does.
+        _log.warn("{url}: {reason}: closing", url=self.display_url, reason=reason)
+        self.state = ClientState.CLOSING  # no more messages are taken from it
+        self._broken = reason
+        connection.sendCloseFrame(
+            code=wire.CLOSE_INVALID_PAYLOAD, reasonUtf8=reason.encode()[:123], isReply=False
+        )
+        self._cancel_pings()
+        self._timer = self._clock.callLater(self.settings.close_timeout, self._abort)
+
     def transport_paused(self, connection: RelayConnection) -> None:
         """Nothing to hold back: a viewer sends only a few small messages."""
 
@@ -425,8 +444,11 @@ class StreamClient:
         self._cancel_timer()
         if was_open:
             self.live = False
+        broken, self._broken = self._broken, None
         if connection.refusal is not None:
             why = connection.refusal.explain()
+        elif broken is not None:
+            why = f"closed with {wire.CLOSE_INVALID_PAYLOAD}: {broken}"
         elif was_open:
             why = f"connection closed ({code}{': ' + detail if detail else ''})"
         else:
