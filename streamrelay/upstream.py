@@ -21,8 +21,8 @@ see ``offline`` and stay; the client retries with full jitter (at most
 :data:`RETRY_MAX_SECONDS` apart, so a restarted origin is served again within about a
 second) and each URL of ``--upstream`` is tried in turn.
 
-Where the URLs come from is a :class:`UpstreamLocator`: the templates of
-``--upstream`` here, a cluster directory later.
+Where the URLs come from is a :class:`UpstreamLocator`, asked at every attempt: the
+templates of ``--upstream`` here, a cluster directory later.
 """
 
 from __future__ import annotations
@@ -103,9 +103,19 @@ class Pull(StreamListener):
             backoff=manager.backoff_factory(),
             endpoint_factory=manager.endpoint_factory,
             token_source=manager.token_for(name),
+            next_url=self._next_url,
         )
+        self._attempts = 0
         self.session: PublisherSession | None = None
         self._grace: IDelayedCall | None = None
+
+    def _next_url(self) -> str:
+        # Asked anew at every attempt, so a locator whose answer changes (a directory of
+        # origins) is followed; the URLs it gives are taken in turn.
+        urls = self.manager.locator.urls(self.name)
+        url = urls[self._attempts % len(urls)]
+        self._attempts += 1
+        return url
 
     # -- lifetime -------------------------------------------------------------------------
 

@@ -459,3 +459,60 @@ def test_the_manager_needs_the_relay_secret() -> None:
     relay = Relay(config=config)
     with pytest.raises(ValueError):
         UpstreamManager(relay.context.registry, relay.clock, config)
+
+
+def test_the_locator_is_asked_at_every_attempt(net: Network) -> None:
+    """A locator whose answer changes (a directory learning the origin) is followed."""
+    _origin, _publisher = live_origin(net)
+    edge, manager = net.edge(EDGE, "nowhere:1")
+    answers = ["ws://nowhere:1/relay/{stream}"]
+    manager.locator = _Changing(answers)
+    viewer = edge.viewer("cam")
+    net.tick(0.5)
+    assert seen(viewer) == ["offline"] and net.connects == {"nowhere:1": 3}
+    answers[0] = f"ws://{ORIGIN}/relay/{{stream}}"
+    net.tick(1.0)
+    assert seen(viewer)[-1] == "d4"
+
+
+class _Changing:
+    """A locator reading its one template from a list the test changes."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+
+    def urls(self, name: str) -> tuple[str, ...]:
+        return (self.answers[0].replace("{stream}", name),)
+
+
+def test_upstream_is_repeatable_and_needs_the_relay_secret(tmp_path: Any) -> None:
+    """``--upstream`` given twice keeps both, in order (a base URL gets /relay/{stream});
+    without ``--relay-secret-file`` it is a usage error naming that option."""
+    from twisted.python import usage
+
+    from streamrelay.tap import Options
+
+    secret = tmp_path / "relay.key"
+    secret.write_bytes(b"s3cret")
+    options = Options()
+    options.parseOptions(
+        ["--upstream", "ws://a:1", "--upstream", "wss://b/x/{stream}", "--relay-secret-file",
+         str(secret)]
+    )
+    config = options.config()
+    assert config.upstream == ("ws://a:1/relay/{stream}", "wss://b/x/{stream}")
+    assert config.relay_secret == b"s3cret" and "s3cret" not in repr(config)
+    with pytest.raises(usage.UsageError, match="--relay-secret-file"):
+        Options().parseOptions(["--upstream", "ws://a:1"])
+
+
+def test_the_token_command_prints_relay_tokens(tmp_path: Any, capsys: Any) -> None:
+    """``streamrelay-token relay NAME`` prints a token the relay endpoint accepts."""
+    from streamrelay.token_cli import main
+    from streamrelay.tokens import verify_token
+
+    secret = tmp_path / "relay.key"
+    secret.write_bytes(SECRET)
+    assert main(["relay", "cam", "--secret-file", str(secret)]) == 0
+    token = capsys.readouterr().out.strip()
+    verify_token(SECRET, token, Role.RELAY, "cam", time.time())
