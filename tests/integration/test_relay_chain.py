@@ -162,10 +162,13 @@ def test_origin_two_edges_and_a_chained_edge(start_relay: StartRelay, secret: st
                 values = [ms for viewer in viewers[tier] for ms in latencies_ms(viewer)]
                 figures[f"{tier}_p50_ms"] = rounded(percentile(values, 0.5))
                 figures[f"{tier}_p99_ms"] = rounded(percentile(values, 0.99))
-            figures["edge_hop_p50_ms"] = rounded(figures["edge_p50_ms"] - figures["origin_p50_ms"])
-            figures["chained_hop_p50_ms"] = rounded(
-                figures["chained_p50_ms"] - figures["edge_p50_ms"]
-            )
+            # What each hop adds: the difference of the tiers' quantiles.
+            for quantile in ("p50", "p99"):
+                origin_ms = figures[f"origin_{quantile}_ms"]
+                edge_ms = figures[f"edge_{quantile}_ms"]
+                figures[f"edge_hop_{quantile}_ms"] = rounded(edge_ms - origin_ms)
+                chained_ms = figures[f"chained_{quantile}_ms"]
+                figures[f"chained_hop_{quantile}_ms"] = rounded(chained_ms - edge_ms)
             record_figure("relay_hop_latency", messages=count, rate=100, size=1500, **figures)
         finally:
             await publisher.close()
