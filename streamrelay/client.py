@@ -310,7 +310,6 @@ class StreamClient:
             useragent=USER_AGENT,
             reactor=self._reactor,
         )
-        factory.noisy = False
         limit = self.settings.max_message_bytes
         factory.setProtocolOptions(
             # Every timer runs on the injected reactor (ours); Autobahn's are off.

@@ -4,8 +4,10 @@
 per :class:`~streamrelay.config.RelayConfig` setting, a bad value is a usage error naming
 it) plus the two options that wire the process: ``--listen`` and ``--demo``.
 :func:`makeService` returns a :class:`RelayService` (a ``MultiService``) holding one
-``StreamServerEndpointService`` per ``--listen`` endpoint, the rate-limit sweeper and,
-with ``--demo``, the supervised test-pattern publisher.
+``StreamServerEndpointService`` per ``--listen`` endpoint, the rate-limit sweeper,
+with ``--upstream`` the pull manager (:class:`~streamrelay.upstream.UpstreamService`)
+and, with ``--demo``, the supervised test-pattern publisher.  A repeatable setting
+(``--upstream``) gets an ``opt_`` handler that collects every occurrence.
 """
 
 from __future__ import annotations

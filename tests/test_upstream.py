@@ -516,3 +516,24 @@ def test_the_token_command_prints_relay_tokens(tmp_path: Any, capsys: Any) -> No
     assert main(["relay", "cam", "--secret-file", str(secret)]) == 0
     token = capsys.readouterr().out.strip()
     verify_token(SECRET, token, Role.RELAY, "cam", time.time())
+
+
+def test_make_service_wires_the_pull_manager_only_with_an_upstream(tmp_path: Any) -> None:
+    """``twistd streamrelay --upstream ...`` runs an upstream service whose manager is the
+    registry's puller; without ``--upstream`` there is none."""
+    from streamrelay.tap import Options, makeService
+    from streamrelay.upstream import UpstreamService
+
+    secret = tmp_path / "relay.key"
+    secret.write_bytes(SECRET)
+    common = ["--listen", "tcp:0:interface=127.0.0.1", "--relay-secret-file", str(secret)]
+    options = Options()
+    options.parseOptions([*common, "--upstream", "ws://origin:8080"])
+    relay = makeService(options)
+    (upstream,) = [child for child in relay if isinstance(child, UpstreamService)]
+    assert relay.context.registry.puller is upstream.manager
+    plain = Options()
+    plain.parseOptions(common)
+    relay = makeService(plain)
+    assert not [child for child in relay if isinstance(child, UpstreamService)]
+    assert relay.context.registry.puller is None
