@@ -294,6 +294,16 @@ class UpstreamManager:
         if pull is not None:
             _log.info("Stopped pulling {stream}", stream=name)
             pull.stop()
+            self._fill_vacancy()
+
+    def _fill_vacancy(self) -> None:
+        # Streams left without a pull while the cap was reached (a local publisher left
+        # its viewers behind) get the place that just came free.
+        for stream in list(self.registry.streams.values()):
+            if len(self.pulls) >= self.config.max_pulls:
+                return
+            if stream.viewers and not stream.local_publisher and stream.name not in self.pulls:
+                self.want(stream.name)
 
     def describe(self, name: str) -> dict[str, Any] | None:
         """The pull of ``name`` for ``/api/streams``."""

@@ -537,3 +537,25 @@ def test_make_service_wires_the_pull_manager_only_with_an_upstream(tmp_path: Any
     relay = makeService(plain)
     assert not [child for child in relay if isinstance(child, UpstreamService)]
     assert relay.context.registry.puller is None
+
+
+def test_a_stream_left_without_a_pull_at_the_cap_gets_the_next_free_place(
+    net: Network,
+) -> None:
+    """At the cap, viewers a local publisher leaves behind cannot be pulled for; once
+    another pull ends, their stream gets its place."""
+    origin = net.relay(ORIGIN)
+    for name in ("a", "b"):
+        gop(origin.publisher(name), 1, config=True)
+    edge, manager = net.edge(EDGE, ORIGIN, max_pulls=1, upstream_grace=1.0)
+    local = edge.publisher("b")
+    left_behind = edge.viewer("b")
+    first = edge.viewer("a")
+    net.flush()
+    local.lose()
+    net.flush()
+    assert list(manager.pulls) == ["a"] and manager.refused == 1
+    first.lose()
+    net.tick(1.5)
+    assert list(manager.pulls) == ["b"]
+    assert seen(left_behind)[-5:] == ["live", "C1", "K2", "d3", "d4"]
