@@ -24,6 +24,7 @@ from streamrelay import wire
 from streamrelay.addresses import is_direct_loopback, peer_host
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
+from streamrelay.edge_protocol import EdgeProtocol
 from streamrelay.limits import Refusal
 from streamrelay.names import is_valid_stream_name
 from streamrelay.protocol import (
@@ -68,6 +69,8 @@ class Endpoint:
     origins: OriginPolicy | None = None
     # With no secret, only direct loopback peers are admitted.
     loopback_without_secret: bool = False
+    # With no secret, nobody is admitted (the endpoint is off).
+    closed_without_secret: bool = False
     # Why the stream would refuse this role now (503 limits, 409 taken), or None.
     stream_check: Callable[[str, str], Refusal | None] | None = None
 
@@ -93,6 +96,16 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             secret=config.view_secret,
             origins=OriginPolicy(config.view_origins),
             stream_check=registry.check_viewer,
+        ),
+        Endpoint(
+            path=b"relay",
+            role=Role.RELAY,
+            factory=RelayFactory(context, EdgeProtocol, wire.MAX_VIEWER_MESSAGE_BYTES),
+            secret=config.relay_secret,
+            # Relays send no Origin header: one that does is a web page.
+            origins=OriginPolicy(()),
+            closed_without_secret=True,
+            stream_check=registry.check_relay,
         ),
     ]
     if config.echo:
@@ -235,6 +248,14 @@ def peer_may_go_without_token(handshake: Handshake) -> Refusal | None:
     return None
 
 
+def endpoint_has_its_secret(handshake: Handshake) -> Refusal | None:
+    """403: an endpoint that needs a secret (``/relay``) is off without one."""
+    endpoint = handshake.endpoint
+    if endpoint.closed_without_secret and endpoint.secret is None:
+        return Refusal(403, f"{endpoint.role.value} endpoint is off: no secret configured")
+    return None
+
+
 def token_is_valid(handshake: Handshake) -> Refusal | None:
     """401: with a secret, a token for this role and stream that has not expired."""
     secret = handshake.endpoint.secret
@@ -266,6 +287,7 @@ CHECKS: tuple[Check, ...] = (
     stream_has_room,  # 503
     origin_is_allowed,  # 403
     peer_may_go_without_token,  # 403
+    endpoint_has_its_secret,  # 403
     token_is_valid,  # 401
     stream_is_free,  # 409
 )

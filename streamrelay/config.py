@@ -10,9 +10,11 @@ declarations alone; a field that is not an option says so (:func:`derived`, :fun
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from streamrelay.tokens import read_secret_file
 
@@ -62,6 +64,40 @@ def origin_list(text: str) -> tuple[str, ...]:
     return origins
 
 
+# Where an upstream URL names the stream; a base URL (no path) gets /relay/{stream}.
+STREAM_PLACEHOLDER = "{stream}"
+RELAY_PATH_TEMPLATE = "/relay/" + STREAM_PLACEHOLDER
+
+
+def upstream_urls(text: str) -> tuple[str, ...]:
+    """Upstream relays, separated by commas or blanks (``--upstream`` may also be given
+    more than once): each a ``ws://`` or ``wss://`` URL template holding ``{stream}``
+    once, or a base URL with no path, which gets ``/relay/{stream}``.  No query string:
+    the relay mints its tokens from ``--relay-secret-file``, never from the command line."""
+    found = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"{item!r} is not a ws:// or wss:// URL with a host")
+        try:
+            parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+        except ValueError:
+            raise ValueError(f"{item!r} has a bad port") from None
+        if parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError(
+                f"{item!r}: no query, fragment or credentials (tokens come from "
+                "--relay-secret-file)"
+            )
+        if parts.path in ("", "/"):
+            item = item.rstrip("/") + RELAY_PATH_TEMPLATE
+        elif parts.path.count(STREAM_PLACEHOLDER) != 1:
+            raise ValueError(f"{item!r} must hold {STREAM_PLACEHOLDER} once, or have no path")
+        found.append(item)
+    return tuple(found)
+
+
 def _integer(text: str) -> int:
     """``int(text)`` with a message that quotes the text."""
     try:
@@ -91,6 +127,8 @@ class Setting:
     ``parse`` is None for a flag, which sets the field to ``when_given``.  ``environment``
     names the variable consulted when the option is absent (secrets only).  ``secret``
     keeps the parsed value out of the options mapping: only the path is kept there.
+    ``repeatable``: each occurrence adds to the value (the texts are joined with blanks
+    before ``parse`` sees them).
     """
 
     help: str
@@ -99,6 +137,7 @@ class Setting:
     when_given: Any = True
     environment: str = ""
     secret: bool = False
+    repeatable: bool = False
 
     @property
     def is_flag(self) -> bool:
@@ -117,6 +156,11 @@ class Derived:
 def option(default: Any, help: str, parse: Callable[[str], Any]) -> Any:
     """A field set by ``--field-name VALUE``."""
     return field(default=default, metadata={_SETTING: Setting(help, parse)})
+
+
+def repeated(default: tuple[Any, ...], help: str, parse: Callable[[str], Any]) -> Any:
+    """A tuple field set by ``--field-name VALUE``, given any number of times."""
+    return field(default=default, metadata={_SETTING: Setting(help, parse, repeatable=True)})
 
 
 def flag(default: bool, help: str, *, name: str = "", when_given: bool = True) -> Any:
@@ -282,6 +326,41 @@ class RelayConfig:
         False,
         "Serve /api/internals (loopback only): live object counts for leak accounting. "
         "Each request runs gc.collect(), so leave it off in production.",
+    )
+
+    # -- relay to relay (docs/cluster.md): /relay/{stream} serves edges; --upstream pulls.
+    relay_secret: bytes | None = secret_file(
+        "relay-secret-file",
+        "STREAMRELAY_RELAY_SECRET",
+        "File holding the HMAC secret shared by relays (or env STREAMRELAY_RELAY_SECRET): "
+        "it opens /relay/NAME to edges holding relay tokens, and signs this relay's own "
+        "tokens towards --upstream. Without one, /relay/NAME is refused.",
+    )
+    upstream: tuple[str, ...] = repeated(
+        (),
+        "Upstream relay to pull streams from, repeatable (tried in turn): a URL template "
+        "such as ws://origin:8080/relay/{stream}, or a base URL such as ws://origin:8080. "
+        "Streams with no local publisher are pulled on their first viewer. Needs "
+        "--relay-secret-file.",
+        upstream_urls,
+    )
+    upstream_grace: float = option(
+        5.0,
+        "Seconds a pull from the upstream outlives its last local viewer; a viewer back "
+        "within it reuses the pull.",
+        positive_seconds,
+    )
+    max_pulls: int = option(
+        64,
+        "Most streams pulled from the upstream at once; a viewer that would need one more "
+        "gets 503.",
+        positive_int,
+    )
+    relay_queue_bytes: int = option(
+        16 * MIB,
+        "Memory pending towards one edge relay pulling from /relay/NAME before it skips "
+        "to the next keyframe, as a viewer does.",
+        positive_int,
     )
 
     # Bounds of the HTTP request head, answered with 431 (twisted.web alone answers 400).

@@ -56,6 +56,11 @@ PUBLISHER_FRAME_SLACK = 64
 # close, many times over, whatever its (tiny) rate.
 VIEWER_FRAME_BURST = 32
 
+# An edge relay pulling from ``/relay/`` speaks for many viewers: it may send up to four
+# viewer counts a second besides its keyframe requests, pings and pongs, so it gets this
+# many times a viewer's rates and bursts.
+RELAY_RATE_FACTOR = 4
+
 TOO_MANY_FRAMES = "too many frames"
 TOO_MUCH_DATA = "too much data"
 
@@ -107,17 +112,19 @@ def limits_for(role: Role, config: RelayConfig, max_message_bytes: int) -> Inbou
                 config.publisher_bytes_per_second, frame_burst, max_message_bytes
             ),
         )
-    if role is Role.VIEWER:
+    if role is Role.VIEWER or role is Role.RELAY:
         # A viewer's burst is not widened for max_fragments_per_message: a viewer never
         # needs more than a few fragments, so for viewers the burst is the tighter cap.
-        frame_burst = max(
+        factor = RELAY_RATE_FACTOR if role is Role.RELAY else 1
+        frame_burst = factor * max(
             float(VIEWER_FRAME_BURST), config.viewer_frames_per_second * BURST_SECONDS
         )
+        bytes_per_second = factor * config.viewer_bytes_per_second
         return InboundLimits(
-            frames_per_second=config.viewer_frames_per_second,
+            frames_per_second=factor * config.viewer_frames_per_second,
             frame_burst=frame_burst,
-            bytes_per_second=config.viewer_bytes_per_second,
-            byte_burst=_byte_burst(config.viewer_bytes_per_second, frame_burst, max_message_bytes),
+            bytes_per_second=bytes_per_second,
+            byte_burst=_byte_burst(bytes_per_second, frame_burst, max_message_bytes),
         )
     return None
 

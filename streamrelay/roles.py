@@ -2,8 +2,8 @@
 protocols and ``streamrelay-token``.
 
 The value of each member is the role word a token signs (``"<role>:<stream>:<expires>"``,
-``docs/protocol.md``); the URL paths (``/publish``, ``/watch``, ``/echo``) are declared
-by the endpoints of :mod:`streamrelay.admission`.
+``docs/protocol.md``); the URL paths (``/publish``, ``/watch``, ``/relay``, ``/echo``)
+are declared by the endpoints of :mod:`streamrelay.admission`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ class Role(Enum):
     PUBLISHER = "publish"
     VIEWER = "view"
     ECHO = "echo"
+    # Another relay pulling a stream from this one (an edge, docs/cluster.md).
+    RELAY = "relay"
 
     @property
     def label(self) -> str:
-        """How logs name a peer in this role: ``publisher``, ``viewer`` or ``echo``."""
+        """How logs name a peer in this role: ``publisher``, ``viewer``, ``echo`` or
+        ``relay``."""
         return self.name.lower()

@@ -6,9 +6,15 @@ Protocol adapters talk to this module through two small handles:
 the :class:`PublisherLink` and :class:`~streamrelay.viewer_queue.ViewerSink` interfaces,
 so every rule can be tested with a ``Clock`` and no sockets.
 
+Relay to relay (docs/cluster.md): an edge pulling a stream from here attaches as a viewer
+with its own queue bound and reports how many viewers it serves (``relay_counts``); on
+an edge, a pull from the upstream attaches as the stream's publisher (``pulled``), and the
+registry tells its :class:`Puller` when a stream needs one and when it no longer does.
+
 (Over 400 lines: the stream, its two session handles and the registry share one
 lifecycle -- create, attach, detach, forget -- and its admission rules, which read best
-together; the rate window and the throttle could move to a module of their own.)
+together, relay-to-relay hooks included; the rate window and the throttle could move to
+a module of their own.)
 """
 
 from __future__ import annotations
@@ -49,6 +55,27 @@ class PublisherLink(Protocol):
 
     def replaced(self) -> None:
         """A newer publisher took the stream over: close with 4409."""
+
+
+class Puller(Protocol):
+    """What the registry asks of the upstream pull manager (:mod:`streamrelay.upstream`);
+    the core itself never connects anywhere."""
+
+    def check(self, name: str) -> Refusal | None:
+        """Why a viewer of ``name``, which would need a pull, must be refused now."""
+
+    def want(self, name: str) -> None:
+        """``name`` has local viewers and no local publisher: pull it (again), or keep
+        the pull that serves it."""
+
+    def release(self, name: str) -> None:
+        """``name`` lost its last local viewer: end its pull after the grace period."""
+
+    def stop(self, name: str) -> None:
+        """A local publisher took ``name``: end its pull now."""
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        """The pull of ``name`` for ``/api/streams``, or None when there is none."""
 
 
 class _Throttle:
@@ -141,6 +168,10 @@ class Stream:
         self.publisher: PublisherLink | None = None
         self.publisher_since: float | None = None
         self.viewers: dict[ViewerSink, ViewerQueue] = {}
+        # The publisher is a pull from the upstream, not a local connection.
+        self.pulled = False
+        # Edges pulling this stream from here, with the viewers each reports.
+        self.relay_counts: dict[ViewerSink, int] = {}
         self.gop: GopCache[Any] = GopCache(
             config.gop_cache_bytes, registry.budget.adjust, config.gop_cache_messages
         )
@@ -163,16 +194,28 @@ class Stream:
         return self.publisher is not None
 
     @property
+    def local_publisher(self) -> bool:
+        """True while a publisher connected to this relay feeds the stream."""
+        return self.publisher is not None and not self.pulled
+
+    @property
+    def audience(self) -> int:
+        """Who watches through this relay: its viewers, edges not counted as such, plus
+        the viewers every edge reports."""
+        return len(self.viewers) - len(self.relay_counts) + sum(self.relay_counts.values())
+
+    @property
     def idle(self) -> bool:
         """True when nothing holds the stream: it is then removed."""
         return self.publisher is None and not self.viewers
 
     # -- publisher side ---------------------------------------------------------------
 
-    def attach_publisher(self, link: PublisherLink) -> None:
+    def attach_publisher(self, link: PublisherLink, *, pulled: bool = False) -> None:
         previous = self.publisher
-        if previous is None:
-            self._registry.live_streams += 1
+        # live_streams counts local publishers only: pulls have their own cap.
+        self._registry.live_streams += (0 if pulled else 1) - int(self.local_publisher)
+        self.pulled = pulled
         self.publisher = link
         self.publisher_since = self._registry.clock.seconds()
         self.gop.clear()
@@ -194,7 +237,8 @@ class Stream:
     def detach_publisher(self, link: PublisherLink) -> None:
         if self.publisher is not link:
             return
-        self._registry.live_streams -= 1
+        self._registry.live_streams -= int(self.local_publisher)
+        self.pulled = False
         self.publisher = None
         self.publisher_since = None
         self.gop.clear()
@@ -232,21 +276,37 @@ class Stream:
         if self.publisher is not None:
             self._keyframe_requests.request()
 
+    def upstream_gap(self, count: int) -> None:
+        """The upstream dropped ``count`` messages on their way here: the cached GOP has
+        a hole, and every viewer sees the gap as a drop episode (``dropped``, then the
+        CONFIG if it changed, then a KEY)."""
+        self.gop.shed()
+        for queue in list(self.viewers.values()):
+            queue.skip_for_gap(count)
+
+    def report_relay_viewers(self, sink: ViewerSink, count: int) -> None:
+        """An edge pulling from here serves ``count`` viewers."""
+        if sink in self.relay_counts and self.relay_counts[sink] != count:
+            self.relay_counts[sink] = count
+            self._viewer_count_updates.request()
+
     def _send_viewer_count(self) -> None:
-        count = len(self.viewers)
+        count = self.audience
         if self.publisher is not None and count != self._last_viewer_count_sent:
             self._last_viewer_count_sent = count
             self.publisher.send_viewer_count(count)
 
     # -- viewer side ------------------------------------------------------------------
 
-    def attach_viewer(self, sink: ViewerSink) -> ViewerQueue:
+    def attach_viewer(self, sink: ViewerSink, *, relay: bool = False) -> ViewerQueue:
         config = self._registry.config
+        if relay:
+            self.relay_counts[sink] = 0
         queue = ViewerQueue(
             sink,
             self._registry.clock,
             self._registry.frame_factory,
-            limit=config.viewer_queue_bytes,
+            limit=config.relay_queue_bytes if relay else config.viewer_queue_bytes,
             stall_timeout=config.viewer_stall_timeout,
             on_backlog_change=self._registry.budget.adjust,
             on_dropped=self._count_dropped,
@@ -267,6 +327,7 @@ class Stream:
 
     def detach_viewer(self, sink: ViewerSink) -> None:
         queue = self.viewers.pop(sink, None)
+        self.relay_counts.pop(sink, None)
         if queue is None:
             return
         queue.close()
@@ -290,19 +351,22 @@ class Stream:
         self._registry.budget.remove(self.gop)
 
     def describe(self, show_peer: bool) -> dict[str, Any]:
-        """The stream's entry in ``/api/streams``."""
+        """The stream's entry in ``/api/streams``; a relay with ``--upstream`` adds the
+        stream's ``source`` and its ``upstream`` pull, one with ``--relay-secret-file``
+        the edges pulling it (``relays``) and its whole ``audience``."""
         bitrate, fps = self.rate.rates()
         publisher = None
-        if self.publisher is not None and self.publisher_since is not None:
+        if self.local_publisher and self.publisher_since is not None:
+            assert self.publisher is not None
             since = datetime.datetime.fromtimestamp(self.publisher_since, datetime.timezone.utc)
             publisher = {
                 "peer": self.publisher.peer_address if show_peer else None,
                 "since": since.isoformat(timespec="seconds").replace("+00:00", "Z"),
             }
-        return {
+        entry = {
             "name": self.name,
             "live": self.live,
-            "viewers": len(self.viewers),
+            "viewers": len(self.viewers) - len(self.relay_counts),
             "publisher": publisher,
             "messages_in": self.messages_in,
             "bytes_in": self.bytes_in,
@@ -311,15 +375,28 @@ class Stream:
             "bitrate_bps": bitrate,
             "fps": fps,
         }
+        config = self._registry.config
+        if config.upstream:
+            source = "upstream" if self.pulled else "publisher" if self.live else None
+            puller = self._registry.puller
+            entry["source"] = source
+            entry["upstream"] = puller.describe(self.name) if puller is not None else None
+        if config.relay_secret is not None:
+            entry["relays"] = len(self.relay_counts)
+            entry["audience"] = self.audience
+        return entry
 
 
 class PublisherSession:
-    """A publisher's handle on its stream."""
+    """A publisher's handle on its stream (``pulled``: a pull from the upstream)."""
 
-    def __init__(self, registry: StreamRegistry, stream: Stream, link: PublisherLink) -> None:
+    def __init__(
+        self, registry: StreamRegistry, stream: Stream, link: PublisherLink, pulled: bool = False
+    ) -> None:
         self._registry = registry
         self.stream = stream
         self._link = link
+        self.pulled = pulled
         self.closed = False
 
     @property
@@ -337,6 +414,11 @@ class PublisherSession:
         if self.current:
             self.stream.publish_meta(raw)
 
+    def gap(self, count: int) -> None:
+        """The upstream dropped ``count`` messages towards this relay (pulls only)."""
+        if self.current:
+            self.stream.upstream_gap(count)
+
     def close(self) -> None:
         """The publisher connection is gone."""
         if self.closed:
@@ -344,13 +426,21 @@ class PublisherSession:
         self.closed = True
         self.stream.detach_publisher(self._link)
         self._registry._forget_if_idle(self.stream)
+        if not self.pulled:
+            # Viewers left without a local publisher: the upstream may serve them.
+            self._registry._want_pull(self.stream)
 
 
 class ViewerSession:
     """A viewer's handle on its stream; ``queue`` is its outbound queue."""
 
     def __init__(
-        self, registry: StreamRegistry, stream: Stream, sink: ViewerSink, address: str | None
+        self,
+        registry: StreamRegistry,
+        stream: Stream,
+        sink: ViewerSink,
+        address: str | None,
+        relay: bool = False,
     ) -> None:
         self._registry = registry
         self.stream = stream
@@ -358,8 +448,13 @@ class ViewerSession:
         self._address = address
         if registry.waiting.is_waiting(stream.name):
             registry.waiting.hold(stream.name, address)
-        self.queue = stream.attach_viewer(sink)
+        self.queue = stream.attach_viewer(sink, relay=relay)
         self.closed = False
+
+    def report_viewers(self, count: int) -> None:
+        """The edge on the other end serves ``count`` viewers (relay sessions only)."""
+        if not self.closed:
+            self.stream.report_relay_viewers(self._sink, count)
 
     def request_keyframe(self) -> None:
         """The viewer asked for a keyframe."""
@@ -374,6 +469,9 @@ class ViewerSession:
         self._registry.waiting.release(self.stream.name, self._address)
         self.stream.detach_viewer(self._sink)
         self._registry._forget_if_idle(self.stream)
+        puller = self._registry.puller
+        if puller is not None and not self.stream.viewers:
+            puller.release(self.stream.name)
 
 
 class StreamRegistry:
@@ -396,6 +494,8 @@ class StreamRegistry:
             config.max_waiting_streams, config.max_waiting_streams_per_ip
         )
         self.live_streams = 0
+        # Set on a relay with --upstream (streamrelay.upstream).
+        self.puller: Puller | None = None
 
     # -- admission (answered in the HTTP handshake) -----------------------------------
 
@@ -405,7 +505,8 @@ class StreamRegistry:
         accepted for symmetry with :meth:`check_viewer`; publishers have no per-address
         stream bound.)"""
         stream = self.streams.get(name)
-        if stream is not None and stream.live:
+        # A pull from the upstream is no publisher here: a local one always replaces it.
+        if stream is not None and stream.local_publisher:
             if not self.config.takeover:
                 return Refusal(409, "stream already has a publisher")
             return None
@@ -419,6 +520,10 @@ class StreamRegistry:
         stream = self.streams.get(name)
         if stream is None or self.waiting.is_waiting(name):
             refusal = self.waiting.check(name, address)
+            if refusal is not None:
+                return refusal
+        if self.puller is not None and (stream is None or not stream.local_publisher):
+            refusal = self.puller.check(name)
             if refusal is not None:
                 return refusal
         if stream is None:
@@ -445,6 +550,8 @@ class StreamRegistry:
         # Its viewers no longer wait for a name that may never come: it is a stream.
         self.waiting.forget(name)
         stream.attach_publisher(link)
+        if self.puller is not None:
+            self.puller.stop(name)
         return PublisherSession(self, stream, link)
 
     def watch(
@@ -458,7 +565,43 @@ class StreamRegistry:
             return refusal
         if name not in self.streams:
             self.waiting.add(name)
-        return ViewerSession(self, self._stream(name), sink, address)
+        session = ViewerSession(self, self._stream(name), sink, address)
+        self._want_pull(session.stream)
+        return session
+
+    # -- relay to relay ---------------------------------------------------------------
+
+    def check_relay(self, name: str, address: str | None = None) -> Refusal | None:
+        """Why an edge pulling ``name`` would be refused now, or None: as a viewer, but
+        without the per-address bound on waiting names (one edge pulls many)."""
+        return self.check_viewer(name, None)
+
+    def relay(self, name: str, sink: ViewerSink) -> ViewerSession | Refusal:
+        """Attach an edge relay pulling ``name``: a viewer with the relay queue bound
+        whose reported viewers count towards the stream's audience."""
+        refusal = self.check_relay(name)
+        if refusal is not None:
+            return refusal
+        if name not in self.streams:
+            self.waiting.add(name)
+        session = ViewerSession(self, self._stream(name), sink, None, relay=True)
+        self._want_pull(session.stream)
+        return session
+
+    def pull_source(self, name: str, link: PublisherLink) -> PublisherSession | None:
+        """Attach a live pull from the upstream as ``name``'s publisher; None when a
+        local publisher holds the stream (it wins)."""
+        stream = self.streams.get(name)
+        if stream is not None and stream.local_publisher:
+            return None
+        stream = self._stream(name)
+        self.waiting.forget(name)
+        stream.attach_publisher(link, pulled=True)
+        return PublisherSession(self, stream, link, pulled=True)
+
+    def _want_pull(self, stream: Stream) -> None:
+        if self.puller is not None and stream.viewers and not stream.local_publisher:
+            self.puller.want(stream.name)
 
     def _forget_if_idle(self, stream: Stream) -> None:
         if stream.idle and self.streams.get(stream.name) is stream:

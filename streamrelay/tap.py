@@ -4,8 +4,10 @@
 per :class:`~streamrelay.config.RelayConfig` setting, a bad value is a usage error naming
 it) plus the two options that wire the process: ``--listen`` and ``--demo``.
 :func:`makeService` returns a :class:`RelayService` (a ``MultiService``) holding one
-``StreamServerEndpointService`` per ``--listen`` endpoint, the rate-limit sweeper and,
-with ``--demo``, the supervised test-pattern publisher.
+``StreamServerEndpointService`` per ``--listen`` endpoint, the rate-limit sweeper,
+with ``--upstream`` the pull manager (:class:`~streamrelay.upstream.UpstreamService`)
+and, with ``--demo``, the supervised test-pattern publisher.  A repeatable setting
+(``--upstream``) gets an ``opt_`` handler that collects every occurrence.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from streamrelay.config import RelayConfig, derivations, settings
+from streamrelay.config import Declared, RelayConfig, derivations, settings
 from streamrelay.demo import DEMO_STREAM, DemoPublisherService
 from streamrelay.tokens import secret_from_environment
+from streamrelay.upstream import UpstreamService
 from streamrelay.web import RelayContext, RelaySite, Root
 
 _log = Logger()
@@ -102,6 +105,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self._config = RelayConfig()
+        # The texts of each repeatable setting, in the order given.
+        self.repeated: dict[str, list[str]] = {}
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to listen on, repeatable (default tcp:8080), e.g.
@@ -112,6 +117,11 @@ class Options(usage.Options):
         """Check and convert every value; the error names the option."""
         self._config = self._parse_settings()
         self._check_listen()
+        if self._config.upstream and self._config.relay_secret is None:
+            raise usage.UsageError(
+                "--upstream needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): the "
+                "relay tokens it pulls with are signed with it"
+            )
         if self["demo"] and not _publisher_installed():
             raise usage.UsageError(
                 f"--demo runs the test-pattern publisher, which needs PyAV: {PUBLISHER_EXTRA_HINT}"
@@ -157,6 +167,24 @@ class Options(usage.Options):
     def config(self) -> RelayConfig:
         """The :class:`RelayConfig` these options describe."""
         return self._config
+
+
+def _repeatable_handler(declared: Declared) -> Any:
+    """``opt_NAME`` for a repeatable setting: each occurrence adds its text."""
+
+    def handler(self: Options, text: str) -> None:
+        given = self.repeated.setdefault(declared.option, [])
+        given.append(text)
+        self[declared.option] = " ".join(given)
+
+    handler.__doc__ = declared.setting.help
+    return handler
+
+
+for _declared in settings():
+    if _declared.setting.repeatable:
+        handler_name = "opt_" + _declared.option.replace("-", "_")
+        setattr(Options, handler_name, _repeatable_handler(_declared))
 
 
 @implementer(IStreamServerEndpoint)
@@ -293,6 +321,8 @@ def makeService(options: Options) -> RelayService:
         announced.append(listening.endpoint)
         listening.setServiceParent(relay)
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
+    if config.upstream:
+        UpstreamService(context, reactor).setServiceParent(relay)
     if options["demo"]:
 
         def demo_url() -> str | None:

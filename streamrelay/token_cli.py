@@ -1,4 +1,4 @@
-"""``streamrelay-token``: print a publisher or viewer token."""
+"""``streamrelay-token``: print a publisher, viewer or relay token."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from streamrelay.tokens import ROLES, make_token, read_secret_file, secret_from_
 _ENVIRONMENT = {
     Role.PUBLISHER: "STREAMRELAY_PUBLISH_SECRET",
     Role.VIEWER: "STREAMRELAY_VIEW_SECRET",
+    Role.RELAY: "STREAMRELAY_RELAY_SECRET",
 }
 
 
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttl", type=int, default=3600, help="seconds of validity (3600)")
     parser.add_argument(
         "--secret-file",
-        help="file holding the secret (default: env STREAMRELAY_PUBLISH_SECRET or "
-        "STREAMRELAY_VIEW_SECRET, by role)",
+        help="file holding the secret (default: env STREAMRELAY_PUBLISH_SECRET, "
+        "STREAMRELAY_VIEW_SECRET or STREAMRELAY_RELAY_SECRET, by role)",
     )
     arguments = parser.parse_args(argv)
     role = Role(arguments.role)

@@ -1,7 +1,7 @@
-"""Publisher and viewer tokens: ``<expires-unix-seconds>.<hex HMAC-SHA256>``.
+"""Publisher, viewer and relay tokens: ``<expires-unix-seconds>.<hex HMAC-SHA256>``.
 
 The HMAC covers ``"<role>:<stream>:<expires>"`` with the configured secret, where role
-is the :class:`~streamrelay.roles.Role` value (``publish`` or ``view``).  A token is
+is the :class:`~streamrelay.roles.Role` value (``publish``, ``view`` or ``relay``).  A token is
 checked once, when the connection is made: a connection outlives its token.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from streamrelay.roles import Role
 
 # The roles a token can grant.
-ROLES = (Role.PUBLISHER, Role.VIEWER)
+ROLES = (Role.PUBLISHER, Role.VIEWER, Role.RELAY)
 _DIGEST_HEX_LENGTH = 64
 
 

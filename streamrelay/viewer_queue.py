@@ -226,7 +226,7 @@ class ViewerQueue:
             self._deliver(_Outbound(config_frame, self.cost(config.size), config))
         self._deliver(_Outbound(frame, self.cost(key.size), key))
 
-    def _enter_skipping(self) -> None:
+    def _enter_skipping(self, request_keyframe: bool = True) -> None:
         if self.skipping:
             return
         self.skipping = True
@@ -252,8 +252,19 @@ class ViewerQueue:
         if discarded_bytes:
             self._on_backlog_change(-discarded_bytes)
         self._count_drop(discarded)
-        if not self.paused:
+        if request_keyframe and not self.paused:
             self._on_need_keyframe()
+
+    def skip_for_gap(self, count: int) -> None:
+        """``count`` messages were lost before they reached this relay (its upstream
+        dropped them, then resumes at a KEY): a drop episode as if they had been dropped
+        here, so the viewer resumes with ``dropped``, the CONFIG if it changed, then the
+        KEY.  No keyframe request: the upstream's KEY is on its way.  A viewer still
+        waiting for its first KEY lost nothing."""
+        if self.closed or self.waiting_for_key:
+            return
+        self._enter_skipping(request_keyframe=False)
+        self._count_drop(count)
 
     def shed(self) -> None:
         """Put the viewer into skipping now (the global budget is over its bound)."""

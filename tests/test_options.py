@@ -137,6 +137,14 @@ _BAD_TEXT: dict[Callable[[str], Any], tuple[str, ...]] = {
     config_module.positive_seconds: ("0", "-2", "nan", "inf", "soon"),
     config_module.positive_rate: ("0", "-2", "nan", "inf", "often"),
     config_module.origin_list: ("https://a.example, https://b example",),
+    config_module.upstream_urls: (
+        "http://origin:8080",
+        "ws://origin:8080/relay/cam",
+        "ws://origin:8080/?token=x",
+        "ws://user:pw@origin:8080",
+        "ws://origin:99999",
+        "ws:///relay/{stream}",
+    ),
 }
 _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
     config_module.positive_int: ("7", 7),
@@ -144,7 +152,13 @@ _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
     config_module.positive_seconds: ("2.5", 2.5),
     config_module.positive_rate: ("0.75", 0.75),
     config_module.origin_list: (" https://a.example ,null", ("https://a.example", "null")),
+    config_module.upstream_urls: (
+        "ws://origin:8080, wss://b.example/r/{stream}",
+        ("ws://origin:8080/relay/{stream}", "wss://b.example/r/{stream}"),
+    ),
 }
+# Settings that only make sense with another one: (its option, its field).
+_NEEDS: dict[str, tuple[str, str]] = {"upstream": ("relay-secret-file", "relay_secret")}
 _WIRING_OPTIONS = {"listen", "demo"}  # process wiring, not RelayConfig settings
 
 _DECLARED = list(settings())
@@ -232,11 +246,17 @@ def test_every_parser_is_exercised() -> None:
 
 
 @pytest.mark.parametrize("declared", _VALUED, ids=lambda d: d.option)
-def test_each_option_converts_into_its_field(declared: Declared) -> None:
-    """``--option TEXT`` sets exactly its field to the parsed value; the option mapping
-    holds the value too."""
+def test_each_option_converts_into_its_field(declared: Declared, tmp_path: Path) -> None:
+    """``--option TEXT`` sets exactly its field to the parsed value (with the option it
+    needs, if any); the option mapping holds the value too."""
     text, value = _GOOD_TEXT[declared.setting.parse]  # type: ignore[index]
-    options = parse(f"--{declared.option}", text)
+    arguments = [f"--{declared.option}", text]
+    needed = _NEEDS.get(declared.option)
+    if needed is not None:
+        secret = tmp_path / "secret"
+        secret.write_bytes(b"relay-secret")
+        arguments += [f"--{needed[0]}", str(secret)]
+    options = parse(*arguments)
     config = options.config()
     assert getattr(config, declared.field) == value
     assert options[declared.option] == value
@@ -246,7 +266,8 @@ def test_each_option_converts_into_its_field(declared: Declared) -> None:
         if getattr(config, item.name) != getattr(RelayConfig(), item.name)
     }
     derived_from_this = {name for name, rule in derivations() if rule.source == declared.field}
-    assert changed - derived_from_this == {declared.field}
+    given_with_it = {needed[1]} if needed is not None else set()
+    assert changed - derived_from_this - given_with_it == {declared.field}
 
 
 @pytest.mark.parametrize("declared", _FLAGS, ids=lambda d: d.option)

@@ -1,0 +1,346 @@
+"""Pulling streams from an upstream relay (``--upstream``): the edge side of relay to
+relay (``docs/cluster.md``).
+
+A relay with an upstream serves every stream it has no local publisher for by pulling it:
+the :class:`~streamrelay.streams.StreamRegistry` tells the :class:`UpstreamManager` (its
+:class:`~streamrelay.streams.Puller`) when a stream gains its first local viewer, loses
+its last, or gets a local publisher.  The manager keeps at most one :class:`Pull` per
+stream and at most ``--max-pulls`` in all (a viewer that would need one more is refused
+with 503 in its handshake, so a refused viewer never starts a pull, and an invalid name
+never reaches the registry).  A pull ends ``--upstream-grace`` seconds after the last
+local viewer left; a viewer back within the grace reuses it.
+
+A pull is a :class:`~streamrelay.client.StreamClient` (the library's viewer client) on
+``/relay/NAME`` with a ``relay`` token minted here from ``--relay-secret-file``, per
+connection.  While the upstream says ``live`` the pull is the stream's publisher
+(:meth:`~streamrelay.streams.StreamRegistry.pull_source`), so the stream behaves as a
+locally published one: GOP cache, status, meta, CONFIG-then-KEY for joiners, per-viewer
+drops and the byte bounds.  It reports the stream's audience upstream and forwards the
+keyframe requests the local cache cannot serve.  When the upstream goes away the viewers
+see ``offline`` and stay; the client retries with full jitter (at most
+:data:`RETRY_MAX_SECONDS` apart, so a restarted origin is served again within about a
+second) and each URL of ``--upstream`` is tried in turn.
+
+Where the URLs come from is a :class:`UpstreamLocator`, asked at every attempt: the
+templates of ``--upstream`` here, a cluster directory later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from streamrelay.client import ClientSettings, StreamClient, StreamListener
+from streamrelay.config import STREAM_PLACEHOLDER, RelayConfig
+from streamrelay.context import RelayContext
+from streamrelay.limits import Refusal
+from streamrelay.publisher.backoff import Backoff
+from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
+from streamrelay.roles import Role
+from streamrelay.streams import PublisherSession, StreamRegistry
+from streamrelay.tokens import make_token
+from streamrelay.wire import MediaMessage
+
+_log = Logger()
+
+# Reconnect delays of a pull: uniform in [0, min(max, initial * 2**attempt)].  A second at
+# most: an edge's viewers wait for it, and a refused or failed attempt costs the upstream
+# little (the handshake-rate limit bounds the rest).
+RETRY_INITIAL_SECONDS = 0.1
+RETRY_MAX_SECONDS = 1.0
+# A relay token is checked once, when the pull connects; it is minted for each attempt.
+TOKEN_TTL_SECONDS = 300
+
+
+class UpstreamLocator(Protocol):
+    """Where a stream can be pulled from."""
+
+    def urls(self, name: str) -> tuple[str, ...]:
+        """The ``/relay/NAME`` URLs for ``name``, tried in turn."""
+        ...
+
+
+@dataclass(frozen=True)
+class TemplateLocator:
+    """The URL templates of ``--upstream``, ``{stream}`` filled in."""
+
+    templates: tuple[str, ...]
+
+    def urls(self, name: str) -> tuple[str, ...]:
+        """Each template for ``name`` (names are validated before they get here)."""
+        return tuple(template.replace(STREAM_PLACEHOLDER, name) for template in self.templates)
+
+
+class Pull(StreamListener):
+    """One stream pulled from the upstream: a viewer client upstream, the stream's
+    publisher (:class:`~streamrelay.streams.PublisherLink`) here while it is live."""
+
+    def __init__(self, manager: UpstreamManager, name: str) -> None:
+        self.manager = manager
+        self.name = name
+        config = manager.config
+        settings = ClientSettings(
+            manager.locator.urls(name),
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            open_timeout=config.handshake_timeout,
+            close_timeout=config.close_timeout,
+            retry_initial=RETRY_INITIAL_SECONDS,
+            retry_max=RETRY_MAX_SECONDS,
+            max_message_bytes=config.max_message_bytes,
+        )
+        self.client = StreamClient(
+            settings,
+            self,
+            manager.reactor,
+            backoff=manager.backoff_factory(),
+            endpoint_factory=manager.endpoint_factory,
+            token_source=manager.token_for(name),
+            next_url=self._next_url,
+        )
+        self._attempts = 0
+        self.session: PublisherSession | None = None
+        self._grace: IDelayedCall | None = None
+
+    def _next_url(self) -> str:
+        # Asked anew at every attempt, so a locator whose answer changes (a directory of
+        # origins) is followed; the URLs it gives are taken in turn.
+        urls = self.manager.locator.urls(self.name)
+        url = urls[self._attempts % len(urls)]
+        self._attempts += 1
+        return url
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (and keep reconnecting)."""
+        self.client.start()
+
+    @property
+    def in_grace(self) -> bool:
+        """True while the pull waits out the grace period with no local viewer."""
+        return self._grace is not None
+
+    def keep(self) -> None:
+        """A local viewer is back: no end in sight."""
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+
+    def start_grace(self, seconds: float) -> None:
+        """No local viewer is left: end after ``seconds`` unless one comes back."""
+        if self._grace is None:
+            self._grace = self.manager.reactor.callLater(seconds, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        self.manager.grace_over(self)
+
+    def stop(self) -> defer.Deferred[None]:
+        """Leave the stream and close the upstream connection."""
+        self.keep()
+        self._detach()
+        return self.client.stop("pull ended")
+
+    def describe(self) -> dict[str, Any]:
+        """The pull for ``/api/streams``."""
+        return {**self.client.describe(), "grace": self.in_grace}
+
+    def _detach(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
+
+    # -- what the upstream says (StreamListener) ------------------------------------------
+
+    def opened(self, client: StreamClient) -> None:
+        """Tell the upstream how many viewers this relay serves for the stream."""
+        stream = self.manager.registry.streams.get(self.name)
+        self.send_viewer_count(stream.audience if stream is not None else 0)
+
+    def status(self, live: bool) -> None:
+        """Live upstream: become the stream's publisher; offline: viewers see it too."""
+        if not live:
+            self._detach()
+            return
+        if self.session is not None:
+            return
+        self.session = self.manager.registry.pull_source(self.name, self)
+        if self.session is None:
+            # A local publisher has the stream: it wins, and this pull has no purpose.
+            self.manager.stop(self.name)
+
+    def meta(self, raw: bytes, meta: dict[str, Any]) -> None:
+        """Forward the metadata unchanged."""
+        if self.session is not None:
+            self.session.meta(raw)
+
+    def media(self, message: MediaMessage) -> None:
+        """Feed the stream, as a local publisher's message would."""
+        if self.session is not None:
+            self.session.media(message)
+
+    def dropped(self, count: int) -> None:
+        """The upstream dropped messages towards this relay: viewers see the gap."""
+        if self.session is not None:
+            self.session.gap(count)
+
+    def closed(self, why: str) -> None:
+        """The upstream connection is gone: viewers see ``offline`` and stay."""
+        self._detach()
+
+    # -- the stream's publisher (streams.PublisherLink) ------------------------------------
+
+    @property
+    def peer_address(self) -> str:
+        """The upstream's URL, for logs."""
+        return self.client.display_url
+
+    def send_viewer_count(self, count: int) -> None:
+        """Report this relay's audience of the stream upstream (``viewers``)."""
+        self.client.send_json({"type": "viewers", "count": count})
+
+    def send_keyframe_request(self) -> None:
+        """A local viewer needs a KEY the cache cannot give: ask upstream."""
+        self.client.request_keyframe()
+
+    def replaced(self) -> None:
+        """A local publisher took the stream: the pull ends."""
+        self.manager.stop(self.name)
+
+
+class UpstreamManager:
+    """The pulls of one relay: the registry's :class:`~streamrelay.streams.Puller`."""
+
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        reactor: Any,
+        config: RelayConfig,
+        locator: UpstreamLocator | None = None,
+        *,
+        endpoint_factory: EndpointFactory = default_endpoint,
+        backoff_factory: Callable[[], Backoff] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if config.relay_secret is None:
+            raise ValueError("pulling from an upstream needs the relay secret")
+        self.registry = registry
+        self.reactor = reactor
+        self.config = config
+        self.locator: UpstreamLocator = locator or TemplateLocator(config.upstream)
+        self.endpoint_factory = endpoint_factory
+        self.backoff_factory = backoff_factory or (
+            lambda: Backoff(RETRY_INITIAL_SECONDS, RETRY_MAX_SECONDS)
+        )
+        self._secret = config.relay_secret
+        self._wall_clock = wall_clock
+        self.pulls: dict[str, Pull] = {}
+        self.started = 0
+        self.refused = 0
+
+    def token_for(self, name: str) -> Callable[[str], str]:
+        """Mints a fresh ``relay`` token for ``name`` per connection attempt (the secret
+        never leaves this process but as an HMAC)."""
+
+        def mint(url: str) -> str:
+            expires = int(self._wall_clock()) + TOKEN_TTL_SECONDS
+            return make_token(self._secret, Role.RELAY, name, expires)
+
+        return mint
+
+    # -- streams.Puller ---------------------------------------------------------------------
+
+    def check(self, name: str) -> Refusal | None:
+        """503 when ``name`` would need a pull and the cap is reached."""
+        if name in self.pulls or len(self.pulls) < self.config.max_pulls:
+            return None
+        self.refused += 1
+        return Refusal(503, "upstream pull limit reached", retry_after=10)
+
+    def want(self, name: str) -> None:
+        """Start pulling ``name``, or keep its pull (out of its grace)."""
+        pull = self.pulls.get(name)
+        if pull is not None:
+            pull.keep()
+            return
+        if len(self.pulls) >= self.config.max_pulls:
+            # check() refused such viewers already; a local publisher leaving its viewers
+            # behind can still get here.
+            self.refused += 1
+            _log.warn("Not pulling {stream}: --max-pulls reached", stream=name)
+            return
+        pull = self.pulls[name] = Pull(self, name)
+        self.started += 1
+        _log.info("Pulling {stream} from {url}", stream=name, url=pull.client.display_url)
+        pull.start()
+
+    def release(self, name: str) -> None:
+        """The last local viewer of ``name`` left: its pull ends after the grace."""
+        pull = self.pulls.get(name)
+        if pull is not None:
+            pull.start_grace(self.config.upstream_grace)
+
+    def stop(self, name: str) -> None:
+        """End the pull of ``name`` now (a local publisher came, or the grace is over)."""
+        pull = self.pulls.pop(name, None)
+        if pull is not None:
+            _log.info("Stopped pulling {stream}", stream=name)
+            pull.stop()
+            self._fill_vacancy()
+
+    def _fill_vacancy(self) -> None:
+        # Streams left without a pull while the cap was reached (a local publisher left
+        # its viewers behind) get the place that just came free.
+        for stream in list(self.registry.streams.values()):
+            if len(self.pulls) >= self.config.max_pulls:
+                return
+            if stream.viewers and not stream.local_publisher and stream.name not in self.pulls:
+                self.want(stream.name)
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        """The pull of ``name`` for ``/api/streams``."""
+        pull = self.pulls.get(name)
+        return pull.describe() if pull is not None else None
+
+    # -- the rest -----------------------------------------------------------------------------
+
+    def grace_over(self, pull: Pull) -> None:
+        """A pull's grace ran out: end it unless a local viewer is back."""
+        if self.pulls.get(pull.name) is not pull:
+            return
+        stream = self.registry.streams.get(pull.name)
+        if stream is not None and stream.viewers:
+            return
+        self.stop(pull.name)
+
+    def stop_all(self) -> defer.Deferred[Any]:
+        """End every pull (the relay is stopping); fires when all are closed."""
+        pulls = list(self.pulls.values())
+        self.pulls.clear()
+        return defer.gatherResults([pull.stop() for pull in pulls], consumeErrors=True)
+
+
+class UpstreamService(service.Service):
+    """Owns the relay's :class:`UpstreamManager`: hooked into the registry from the
+    start, every pull closed on stop."""
+
+    name = "upstream"
+
+    def __init__(self, context: RelayContext, reactor: Any) -> None:
+        self.manager = UpstreamManager(context.registry, reactor, context.config)
+        self._registry = context.registry
+        context.registry.puller = self.manager
+
+    def stopService(self) -> defer.Deferred[Any]:  # noqa: N802 (Twisted API)
+        """No new pulls; close the open ones."""
+        super().stopService()
+        self._registry.puller = None
+        return self.manager.stop_all()
