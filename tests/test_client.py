@@ -11,8 +11,9 @@ from streamrelay.publisher.backoff import Backoff
 from streamrelay.roles import Role
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
-from tests.fakes import OP_PONG, Peer, Relay, binary, captured_log, client_frame, text
+from tests.fakes import Peer, Relay, captured_log
 from tests.relay_links import Network, Recorder, watcher
+from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
 
 URL = "ws://origin:8080/watch/cam"
 
@@ -20,7 +21,7 @@ URL = "ws://origin:8080/watch/cam"
 def send(publisher: Peer, flags: int, tag: int, size: int = 60) -> bytes:
     """Publish one media message tagged ``tag``; returns it as it travels."""
     data = encode_media(flags, tag, b"p" * size)
-    publisher.send(binary(data))
+    publisher.send(binary_frame(data))
     return data
 
 
@@ -34,7 +35,7 @@ def live(net: Network, **overrides: object) -> tuple[Relay, Peer]:
     """A relay at origin:8080 with a live ``cam`` (meta, CONFIG 1, KEY 2)."""
     relay = net.relay("origin:8080", **overrides)
     publisher = relay.publisher("cam")
-    publisher.send(text({"type": "meta", "codec": "avc1.42C01F", "fps": 30}))
+    publisher.send(text_frame({"type": "meta", "codec": "avc1.42C01F", "fps": 30}))
     send(publisher, FLAG_CONFIG, 1)
     send(publisher, FLAG_KEY, 2)
     net.flush()

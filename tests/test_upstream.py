@@ -16,8 +16,9 @@ from streamrelay.roles import Role
 from streamrelay.tokens import make_token
 from streamrelay.upstream import RETRY_MAX_SECONDS, TemplateLocator, UpstreamManager
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media, parse_media
-from tests.fakes import OP_PONG, Peer, Relay, binary, client_frame, text
+from tests.fakes import Peer, Relay
 from tests.relay_links import SECRET, Network
+from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
 
 ORIGIN = "origin:8080"
 EDGE = "edge:8080"
@@ -25,7 +26,7 @@ EDGE = "edge:8080"
 
 def send(publisher: Peer, flags: int, tag: int, size: int = 60) -> None:
     """One media message whose capture time is ``tag``."""
-    publisher.send(binary(encode_media(flags, tag, b"m" * size)))
+    publisher.send(binary_frame(encode_media(flags, tag, b"m" * size)))
 
 
 def gop(publisher: Peer, first: int, deltas: int = 2, config: bool = False) -> None:
@@ -88,7 +89,7 @@ def live_origin(net: Network, **overrides: Any) -> tuple[Relay, Peer]:
     """An origin with a publisher of ``cam`` that sent meta, CONFIG 1, KEY 2, d 3, d 4."""
     origin = net.relay(ORIGIN, **overrides)
     publisher = origin.publisher("cam")
-    publisher.send(text({"type": "meta", "codec": "avc1.42C01F"}))
+    publisher.send(text_frame({"type": "meta", "codec": "avc1.42C01F"}))
     gop(publisher, 1, config=True)
     net.flush()
     publisher.json_messages()
@@ -161,8 +162,8 @@ def test_a_keyframe_request_the_edge_cannot_serve_reaches_the_publisher(net: Net
     net.flush()
     assert {"type": "keyframe-request"} in publisher.json_messages()
     net.tick(1.5)
-    first.send(text({"type": "keyframe-request"}))
-    first.send(text({"type": "keyframe-request"}))
+    first.send(text_frame({"type": "keyframe-request"}))
+    first.send(text_frame({"type": "keyframe-request"}))
     net.flush()
     requests = [m for m in publisher.json_messages() if m["type"] == "keyframe-request"]
     assert len(requests) == 1
@@ -398,7 +399,7 @@ def test_a_chain_carries_media_counts_and_keyframe_requests(net: Network) -> Non
     end.viewer("cam")
     net.tick(1.0)
     assert counts(publisher)[-1] == 3
-    viewer.send(text({"type": "keyframe-request"}))
+    viewer.send(text_frame({"type": "keyframe-request"}))
     net.tick(1.0)
     assert {"type": "keyframe-request"} in publisher.json_messages()
 
@@ -431,7 +432,7 @@ def test_an_edge_reporting_a_bad_count_is_closed_with_1007(count: object) -> Non
     peer = relay.connect()
     bearer = {"Authorization": f"Bearer {relay_token('cam')}"}
     assert peer.upgrade("/relay/cam", bearer).status == 101
-    peer.send(text({"type": "viewers", "count": count}))
+    peer.send(text_frame({"type": "viewers", "count": count}))
     assert peer.close_codes() == [1007]
 
 
