@@ -33,19 +33,19 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import wire
 from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
+from streamrelay.logs import relay_logger
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 
 def format_peer(address: object) -> str:
@@ -93,6 +93,9 @@ class RelayProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.stream_name = ""
+        # The client's address as the web gate judged it (X-Forwarded-For hops with
+        # --trust-proxy); empty: the TCP peer's.
+        self.client_host = ""
         self._last_heard = 0.0
         self._ping_call: IDelayedCall | None = None
         self._pong_deadline: IDelayedCall | None = None
@@ -276,6 +279,7 @@ class RelayProtocol(WebSocketServerProtocol):
     def _check_alive(self, ping_sent_at: float) -> None:
         self._pong_deadline = None
         if self._last_heard < ping_sent_at:
+            self.context.metrics.ping_timeout(self.role.label)
             _log.info(
                 "{role} {peer} silent after ping: aborting",
                 role=self.role.label,
@@ -427,7 +431,7 @@ class ViewerProtocol(RelayProtocol):
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         result = self.context.registry.watch(
-            self.stream_name, self, peer_host(self.transport.getPeer())
+            self.stream_name, self, self.client_host or peer_host(self.transport.getPeer())
         )
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
@@ -452,6 +456,7 @@ class ViewerProtocol(RelayProtocol):
 
     def stalled(self) -> None:
         """No write progress for the stall timeout: close with 1008."""
+        self.context.metrics.viewer_stalled()
         _log.info(
             "Viewer {peer} of {stream} stalled: closing",
             peer=format_peer(self.transport.getPeer()),

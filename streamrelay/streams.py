@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -150,6 +151,10 @@ class Stream:
         self.bytes_in = 0
         self.keyframes = 0
         self.dropped = 0
+        self.keyframe_requests = 0
+        # What the viewers that left were sent (those still here keep it in their queue).
+        self.messages_out = 0
+        self.bytes_out = 0
         self.rate = RateWindow(clock)
         self._keyframe_requests = _Throttle(
             clock, config.keyframe_request_interval, self._send_keyframe_request
@@ -225,6 +230,7 @@ class Stream:
 
     def _send_keyframe_request(self) -> None:
         if self.publisher is not None:
+            self.keyframe_requests += 1
             self.publisher.send_keyframe_request()
 
     def need_keyframe(self) -> None:
@@ -270,6 +276,8 @@ class Stream:
         if queue is None:
             return
         queue.close()
+        self.messages_out += queue.sent_messages
+        self.bytes_out += queue.bytes_sent
         self._registry.budget.remove(queue)
         self._viewer_count_updates.request()
 
@@ -311,6 +319,35 @@ class Stream:
             "bitrate_bps": bitrate,
             "fps": fps,
         }
+
+
+@dataclass
+class StreamTotals:
+    """Counts summed over streams, for metrics that never go down: streams that are gone
+    are added here when the registry forgets them."""
+
+    messages_in: int = 0
+    bytes_in: int = 0
+    keyframes: int = 0
+    dropped: int = 0
+    keyframe_requests: int = 0
+    cache_discarded: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+
+    def add(self, stream: Stream) -> None:
+        """Add ``stream``'s counts, its viewers' included."""
+        self.messages_in += stream.messages_in
+        self.bytes_in += stream.bytes_in
+        self.keyframes += stream.keyframes
+        self.dropped += stream.dropped
+        self.keyframe_requests += stream.keyframe_requests
+        self.cache_discarded += stream.gop.discarded
+        self.messages_out += stream.messages_out
+        self.bytes_out += stream.bytes_out
+        for queue in stream.viewers.values():
+            self.messages_out += queue.sent_messages
+            self.bytes_out += queue.bytes_sent
 
 
 class PublisherSession:
@@ -396,6 +433,8 @@ class StreamRegistry:
             config.max_waiting_streams, config.max_waiting_streams_per_ip
         )
         self.live_streams = 0
+        # The counts of the streams already forgotten.
+        self.retired = StreamTotals()
 
     # -- admission (answered in the HTTP handshake) -----------------------------------
 
@@ -465,6 +504,7 @@ class StreamRegistry:
             del self.streams[stream.name]
             self.waiting.forget(stream.name)
             stream.close()
+            self.retired.add(stream)
 
     # -- reporting --------------------------------------------------------------------
 
@@ -475,6 +515,13 @@ class StreamRegistry:
             for name in sorted(self.streams)
             if not self.streams[name].idle
         ]
+
+    def totals(self) -> StreamTotals:
+        """Every stream's counts since the relay started: live and forgotten ones."""
+        totals = StreamTotals(**vars(self.retired))
+        for stream in list(self.streams.values()):
+            totals.add(stream)
+        return totals
 
     @property
     def publisher_count(self) -> int:

@@ -145,7 +145,7 @@ _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
     config_module.positive_rate: ("0.75", 0.75),
     config_module.origin_list: (" https://a.example ,null", ("https://a.example", "null")),
 }
-_WIRING_OPTIONS = {"listen", "demo"}  # process wiring, not RelayConfig settings
+_WIRING_OPTIONS = {"listen", "metrics-listen", "demo"}  # process wiring, not RelayConfig settings
 
 _DECLARED = list(settings())
 _VALUED = [d for d in _DECLARED if not d.setting.is_flag and not d.setting.secret]
@@ -187,7 +187,7 @@ def test_every_field_is_exactly_one_option_or_says_why_not() -> None:
 
 def test_options_are_exactly_the_declared_settings_and_the_wiring() -> None:
     """twistd's option table is derived: parameters for valued settings, flags for
-    boolean ones, plus --listen and --demo."""
+    boolean ones, plus --listen, --metrics-listen and --demo."""
     parameters = {row[0] for row in Options.optParameters}
     flags = {row[0] for row in Options.optFlags}
     assert parameters == {d.option for d in _DECLARED if not d.setting.is_flag}
