@@ -53,11 +53,11 @@ class RelayContext:
     handshake_rate: HandshakeRateLimiter
     connections: set[Connection] = field(default_factory=set)
     shutting_down: bool = False
+    # The relay's Prometheus registry and the events counted as they happen.
+    metrics: RelayMetrics = field(default_factory=RelayMetrics, repr=False)
     # Every channel and WebSocket protocol built, held weakly, for /api/internals: an
     # instance still listed after its connection ended is a leak.
     live_objects: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
-    # The relay's Prometheus registry and the events counted as they happen.
-    metrics: RelayMetrics = field(default_factory=RelayMetrics, repr=False)
     _drain_waiters: list[Deferred[None]] = field(default_factory=list, repr=False)
     _drain_deadline: IDelayedCall | None = field(default=None, repr=False)
     _drain_grace: IDelayedCall | None = field(default=None, repr=False)

@@ -33,19 +33,20 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from streamrelay import wire
+from streamrelay import logs, wire
 from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
-from streamrelay.logs import relay_logger
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
 
-_log = relay_logger(__name__)
+# Through the relay's rate limit (streamrelay.logs): a storm of bad peers cannot fill a disk.
+_log = Logger(observer=logs.limited)
 
 
 def format_peer(address: object) -> str:
