@@ -25,6 +25,7 @@ from streamrelay.addresses import is_direct_loopback, peer_host
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
 from streamrelay.limits import Refusal
+from streamrelay.logs import autobahn_logger
 from streamrelay.names import is_valid_stream_name
 from streamrelay.protocol import (
     EchoProtocol,
@@ -317,6 +318,7 @@ class StreamGate(resource.Resource):
         client = request.getClientAddress()
         protocol: Any = self.endpoint.factory.build(client, handshake.stream)
         protocol.client_host = peer_host(client)
+        protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,
         # without the query string, which may carry a token.

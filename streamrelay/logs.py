@@ -6,9 +6,9 @@
   seconds' worth, so a storm of bad clients cannot fill a disk.  Lines over the rate are
   counted, and one warning per kind says how many were suppressed: before the kind's next
   line that gets through, or at the latest when :meth:`RateLimitedObserver.flush` runs
-  (every :data:`FLUSH_SECONDS`).  Errors and tracebacks always get through.  Until
-  :meth:`RateLimitedObserver.configure` is called (the relay's service does so) nothing
-  is limited.
+  (every :data:`FLUSH_SECONDS`).  Errors and tracebacks always get through.  The limit
+  holds while a :class:`LogLimitService` runs (the relay's service has one); otherwise
+  nothing is limited.
 - :func:`event_as_json` renders an event as one flat JSON object (``time``, ``level``,
   ``namespace``, ``message``, then the event's own fields, ``traceback`` for failures);
   :func:`json_observer` writes such lines to standard output, and works as twistd's
@@ -28,6 +28,9 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
@@ -126,9 +129,50 @@ class RateLimitedObserver:
 limited = RateLimitedObserver()
 
 
+class LogLimitService(TimerService):
+    """While running: :data:`limited` lets ``rate`` lines a second of each kind through
+    (``burst`` at once), timed by ``clock``, and writes its summaries every
+    :data:`FLUSH_SECONDS`; once stopped, a last summary and no limit."""
+
+    def __init__(self, rate: float, burst: float, clock: IReactorTime) -> None:
+        super().__init__(FLUSH_SECONDS, limited.flush)
+        self.clock = clock
+        self._now = clock.seconds
+        self._rate = rate
+        self._burst = burst
+
+    def startService(self) -> None:
+        """Limit from now on."""
+        limited.configure(self._rate, self._burst, self._now)
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """Summarise what was suppressed and lift the limit."""
+        stopped: Deferred[None] = super().stopService()
+        limited.configure(0.0, 1.0, time.monotonic)
+        return stopped
+
+
 def relay_logger(namespace: str) -> Logger:
     """A logger for module ``namespace`` whose lines go through :data:`limited`."""
     return Logger(namespace=namespace, observer=limited)
+
+
+# Autobahn logs each opening handshake it fails and each connection it drops, quoting
+# what the peer sent: its protocols log through the limit too (see autobahn_logger).
+_AUTOBAHN_NAMESPACE = "autobahn.websocket.protocol"
+_autobahn_log: Any = None
+
+
+def autobahn_logger() -> Any:
+    """The txaio logger the relay gives each Autobahn protocol (``protocol.log``), at
+    txaio's level, whose lines go through :data:`limited`."""
+    global _autobahn_log
+    if _autobahn_log is None:
+        from txaio.tx import Logger as TxaioLogger
+
+        _autobahn_log = TxaioLogger(namespace=_AUTOBAHN_NAMESPACE, logger=Logger, observer=limited)
+    return _autobahn_log
 
 
 # -- JSON lines -------------------------------------------------------------------------------

@@ -318,7 +318,6 @@ def makeService(options: Options) -> RelayService:
             "must be able to reach the relay's port",
             hops=config.trust_proxy,
         )
-    logs.limited.configure(config.log_rate, config.log_burst, reactor.seconds)
     context = RelayContext.create(config, reactor)
     site = RelaySite(context, Root(context))
     relay = RelayService(context)
@@ -332,7 +331,7 @@ def makeService(options: Options) -> RelayService:
         for description in options["metrics-listen"]:
             listener(reactor, description, metrics, "metrics").setServiceParent(relay)
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
-    TimerService(logs.FLUSH_SECONDS, logs.limited.flush).setServiceParent(relay)
+    logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
     if options["demo"]:
         # Imported here: twisted.runner.procmon imports the reactor, which the console
         # script's --reactor must be able to choose first.

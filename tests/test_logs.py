@@ -314,3 +314,45 @@ def test_json_logs_option_gives_the_application_a_json_observer() -> None:
         assert (observer is not None) == json_logs
         if observer is not None:
             assert observer.formatEvent is event_as_json
+
+
+def test_the_limit_holds_while_the_service_runs(
+    log: LogCapture, limited: RateLimitedObserver
+) -> None:
+    """The relay's LogLimitService turns the limit on at start, writes the summaries on
+    its timer, and lifts the limit (after a last summary) when stopped."""
+    clock = Clock()
+    limiter_service = logs.LogLimitService(1.0, 5.0, clock)
+    limiter_service.startService()
+    storm = Logger(namespace="tests.storm", observer=limited)
+    for _ in range(20):
+        storm.info("storm line")
+    assert len([e for e in log.events if e.get("log_format") == "storm line"]) == 5
+    clock.advance(logs.FLUSH_SECONDS)
+    (summary,) = of_kind(log, "log.suppressed")
+    assert summary["suppressed"] == 15
+    for _ in range(8):  # the bucket refilled meanwhile: 5 more get through
+        storm.info("storm line")
+    limiter_service.stopService()
+    assert [e["suppressed"] for e in of_kind(log, "log.suppressed")] == [15, 3]
+    for _ in range(50):
+        storm.info("storm line")
+    assert len([e for e in log.events if e.get("log_format") == "storm line"]) == 5 + 5 + 50
+
+
+def test_autobahn_lines_go_through_the_limit(
+    log: LogCapture, limited: RateLimitedObserver
+) -> None:
+    """Autobahn logs two lines per handshake it fails, quoting the peer: a storm of bad
+    keys is limited like the relay's own lines."""
+    relay = Relay.with_options(max_handshakes_per_ip=1000.0, handshake_burst=2000)
+    limited.configure(10.0, 100.0, relay.clock.seconds)
+    for _ in range(300):
+        peer = relay.connect()
+        assert peer.upgrade("/watch/cam", {"Sec-WebSocket-Key": "x" * 30}).status == 400
+        peer.lose()
+    autobahn = [e for e in log.events
+                if str(e.get("log_namespace", "")).startswith("autobahn")]
+    assert 0 < len(autobahn) <= 2 * 100
+    limited.flush()
+    assert sum(e["suppressed"] for e in of_kind(log, "log.suppressed")) >= 400
