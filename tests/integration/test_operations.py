@@ -115,6 +115,40 @@ def test_json_logs_from_the_real_relay(start_relay: StartRelay) -> None:
     assert "never-logged" not in relay.log_text()
 
 
+def test_a_storm_of_bad_clients_is_bounded_in_the_real_log(start_relay: StartRelay) -> None:
+    """300 requests for unknown paths and 300 handshakes with broken keys: with
+    --log-rate 5 (bursts of 50) each kind of line stays within its burst plus 5 a second,
+    and every access line left out is counted in a summary."""
+    relay = start_relay("--log-rate", "5", "--max-handshakes-per-ip", "10000")
+    bad_key = [("Sec-WebSocket-Key", "x" * 30)]
+    started = time.monotonic()
+    for index in range(300):
+        http_exchange(relay.port, handshake_request(f"/nowhere/{index}"))
+        http_exchange(relay.port, handshake_request("/watch/cam", headers=bad_key),
+                      until_close=True)
+    elapsed = time.monotonic() - started
+    time.sleep(1.0)  # the buckets refill: the next access line brings its summary
+    http_exchange(relay.port, handshake_request("/nowhere/after"))
+    access_format = '"{client}" - - "{method} {path} {version}"'
+
+    def access_summaries() -> list[int]:
+        return [
+            int(line.split("] ", 1)[1].split(" ", 1)[0])
+            for line in relay.log_text().splitlines()
+            if "were suppressed" in line and access_format in line
+        ]
+
+    wait_until(lambda: "/nowhere/after" in relay.log_text(), 5)
+    text = relay.log_text()
+    bound = 50 + 5 * (elapsed + 1.0) + 1
+    printed = text.count("GET /nowhere/")
+    assert printed <= bound, (printed, bound)
+    assert printed + sum(access_summaries()) == 301
+    assert text.count("failing WebSocket opening handshake") <= bound
+    assert text.count("dropping connection to peer") <= bound
+    assert len(text.splitlines()) < 3 * bound + 30
+
+
 # -- the console script ------------------------------------------------------------------
 
 
