@@ -9,8 +9,9 @@ Two kinds of series, so that relaying a message costs nothing more than it did:
 - read from the relay's state when scraped (:class:`RelayCollector`): connections by
   role, streams, memory buffered and pending towards viewers, the message and byte
   totals the streams keep anyway, drops, sheds, keyframe requests, refusals by each
-  limit, inbound-budget closes, and per live stream (bounded by ``--max-streams``) its
-  viewers and totals.
+  limit, inbound-budget closes, relay-to-relay pulls (on a relay with ``--upstream``:
+  pulls by state, started, refused, connections per pull), and per live stream (bounded
+  by ``--max-streams``, plus ``--max-pulls`` pulled streams) its viewers, edges and totals.
 
 :meth:`RelayMetrics.exposition` renders the registry in the format the scraper asks for
 (Prometheus text or OpenMetrics).  It runs on the reactor thread: the collector reads
@@ -35,6 +36,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from streamrelay import __version__
+from streamrelay.roles import Role
 
 if TYPE_CHECKING:
     from streamrelay.context import RelayContext
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 # resets from decreases.
 disable_created_metrics()
 
-ROLES = ("publisher", "viewer", "echo")
+ROLES = tuple(role.label for role in Role)
 # Close codes the relay or a well-behaved peer uses; any other code a peer sends (it may
 # send any of 3000-4999) is counted as "other", which keeps the label set bounded.
 KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4409})
@@ -165,6 +167,7 @@ class RelayCollector:
         yield from self._connections(context)
         yield from self._streams(context)
         yield from self._refusals(context)
+        yield from self._pulls(context)
         if context.config.stream_metrics:
             yield from self._per_stream(context)
 
@@ -309,15 +312,68 @@ class RelayCollector:
         yield over_budget
 
     @staticmethod
+    def _pulls(context: RelayContext) -> Iterator[Metric]:
+        # Relay to relay (docs/cluster.md): the pull manager a relay with --upstream
+        # hangs on its registry (``puller``); read by name, so that a relay without one
+        # exports the same families at zero.
+        puller: Any = getattr(context.registry, "puller", None)
+        pulls: dict[str, Any] = dict(getattr(puller, "pulls", None) or {})
+        by_state = GaugeMetricFamily(
+            "streamrelay_pulls",
+            "Streams pulled from the upstream (--upstream), by the state of their "
+            "connection (open, connecting, waiting for the next attempt, ...).",
+            labels=["state"],
+        )
+        states: dict[str, int] = {}
+        live = 0
+        connects = CounterMetricFamily(
+            "streamrelay_pull_connects",
+            "Connections each current pull opened to its upstream (the first one plus "
+            "every reconnect), by stream (at most --max-pulls).",
+            labels=["stream"],
+        )
+        for name, pull in sorted(pulls.items()):
+            client = getattr(pull, "client", None)
+            state = str(getattr(getattr(client, "state", None), "value", "unknown"))
+            states[state] = states.get(state, 0) + 1
+            live += 1 if getattr(client, "live", False) else 0
+            connects.add_metric([name], getattr(getattr(client, "stats", None), "connects", 0))
+        for state, count in sorted(states.items()):
+            by_state.add_metric([state], count)
+        yield by_state
+        yield _gauge(
+            "streamrelay_pulls_live", "Pulls whose upstream says the stream is live.", live
+        )
+        yield connects
+        yield _counter(
+            "streamrelay_pulls_started",
+            "Pulls started (a stream with viewers here and no local publisher).",
+            getattr(puller, "started", 0),
+        )
+        yield _counter(
+            "streamrelay_pull_refusals",
+            "Pulls not started because --max-pulls was reached (the viewer got 503).",
+            getattr(puller, "refused", 0),
+        )
+
+    @staticmethod
     def _per_stream(context: RelayContext) -> Iterator[Metric]:
-        # Live streams only: at most --max-streams label values.
+        # Live streams only: at most --max-streams (plus --max-pulls pulled) label values.
         live = [s for s in list(context.registry.streams.values()) if s.live]
         families: list[tuple[GaugeMetricFamily | CounterMetricFamily, Callable[[Any], float]]] = [
             (
                 GaugeMetricFamily(
                     "streamrelay_stream_viewers", "Viewers of a live stream.", labels=["stream"]
                 ),
-                lambda stream: len(stream.viewers),
+                lambda stream: len(stream.viewers) - len(_edges(stream)),
+            ),
+            (
+                GaugeMetricFamily(
+                    "streamrelay_stream_relays",
+                    "Edge relays pulling a live stream from this one (/relay/NAME).",
+                    labels=["stream"],
+                ),
+                lambda stream: len(_edges(stream)),
             ),
             (
                 CounterMetricFamily(
@@ -349,6 +405,12 @@ class RelayCollector:
             for stream in live:
                 family.add_metric([stream.name], value(stream))
             yield family
+
+
+def _edges(stream: Any) -> dict[Any, int]:
+    """The edge relays among a stream's viewers, with the audience each reports."""
+    edges: dict[Any, int] = getattr(stream, "relay_counts", None) or {}
+    return edges
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -3,7 +3,9 @@ with prometheus_client's own parsers, and checked against what the relay did."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client.openmetrics.parser import (
@@ -46,7 +48,13 @@ EXPECTED_FAMILIES = {
     "streamrelay_buffer_sheds",
     "streamrelay_limit_refusals",
     "streamrelay_inbound_budget_closes",
+    "streamrelay_pulls",
+    "streamrelay_pulls_live",
+    "streamrelay_pull_connects",
+    "streamrelay_pulls_started",
+    "streamrelay_pull_refusals",
     "streamrelay_stream_viewers",
+    "streamrelay_stream_relays",
     "streamrelay_stream_messages_in",
     "streamrelay_stream_bytes_in",
     "streamrelay_stream_messages_dropped",
@@ -359,3 +367,64 @@ def test_a_peer_close_code_outside_the_known_set_is_other() -> None:
     viewer.lose()
     _names, samples = scrape(relay)
     assert value(samples, "streamrelay_connections_closed_total", role="viewer", code="other") == 1
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    WAITING = "waiting"
+
+
+@dataclass
+class _Stats:
+    connects: int
+
+
+@dataclass
+class _Client:
+    state: _State
+    live: bool
+    stats: _Stats
+
+
+@dataclass
+class _Pull:
+    client: _Client
+
+
+@dataclass
+class _Puller:
+    """The shape of streamrelay.upstream.UpstreamManager that the metrics read."""
+
+    pulls: dict[str, _Pull] = field(default_factory=dict)
+    started: int = 0
+    refused: int = 0
+
+
+def test_pulls_are_read_from_the_pull_manager() -> None:
+    """On a relay with --upstream: pulls by state, how many are live, connections per
+    pull, pulls started and refused (the registry's ``puller``)."""
+    relay = Relay()
+    puller = _Puller(
+        pulls={
+            "cam": _Pull(_Client(_State.OPEN, True, _Stats(3))),
+            "desk": _Pull(_Client(_State.WAITING, False, _Stats(1))),
+            "hall": _Pull(_Client(_State.WAITING, False, _Stats(0))),
+        },
+        started=7,
+        refused=2,
+    )
+    vars(relay.context.registry)["puller"] = puller
+    _names, samples = scrape(relay)
+    assert value(samples, "streamrelay_pulls", state="open") == 1
+    assert value(samples, "streamrelay_pulls", state="waiting") == 2
+    assert value(samples, "streamrelay_pulls_live") == 1
+    assert value(samples, "streamrelay_pull_connects_total", stream="cam") == 3
+    assert value(samples, "streamrelay_pulls_started_total") == 7
+    assert value(samples, "streamrelay_pull_refusals_total") == 2
+
+
+def test_a_relay_without_upstream_exports_the_pull_families_at_zero() -> None:
+    """Dashboards see the same families on every relay."""
+    _names, samples = scrape(Relay())
+    assert value(samples, "streamrelay_pulls_live") == 0
+    assert value(samples, "streamrelay_pulls_started_total") == 0
