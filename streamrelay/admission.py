@@ -26,6 +26,7 @@ from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
 from streamrelay.edge_protocol import EdgeProtocol
 from streamrelay.limits import Refusal
+from streamrelay.logs import autobahn_logger
 from streamrelay.names import is_valid_stream_name
 from streamrelay.protocol import (
     EchoProtocol,
@@ -326,6 +327,7 @@ class StreamGate(resource.Resource):
 
     @staticmethod
     def _refuse(handshake: Handshake, refusal: Refusal) -> bytes:
+        handshake.context.metrics.refused(refusal.status)
         if handshake.channel is not None:
             handshake.channel.close_after_response()
         if refusal.status == 426:
@@ -335,7 +337,10 @@ class StreamGate(resource.Resource):
     def _hand_over(self, handshake: Handshake) -> None:
         request, channel = handshake.request, handshake.channel
         assert channel is not None  # transport_is_supported
-        protocol: Any = self.endpoint.factory.build(request.getClientAddress(), handshake.stream)
+        client = request.getClientAddress()
+        protocol: Any = self.endpoint.factory.build(client, handshake.stream)
+        protocol.client_host = peer_host(client)
+        protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,
         # without the query string, which may carry a token.
@@ -344,3 +349,11 @@ class StreamGate(resource.Resource):
             for value in values:
                 head.append(header_name + b": " + value)
         protocol.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
+        # Autobahn resolves is_open once the 101 is out and onOpen ran (which may have
+        # started a close already, e.g. a publisher over --max-streams).
+        if protocol.is_open.called:
+            channel.websocket_opened(protocol, client)
+        else:
+            # Autobahn refused the handshake itself (a bad Sec-WebSocket-* header): it
+            # answers 400 for all but a few rare cases.
+            self.context.metrics.refused(400)

@@ -5,26 +5,34 @@ It owns the connection's slot in the limits, bounds the request head (431), refu
 request bodies (413) and malformed heads (400) with the relay's own plain answers,
 bounds the opening handshake from the TCP accept however slowly bytes trickle in, and
 after the WebSocket upgrade forwards bytes to the protocol (public transport APIs only,
-so every reactor works, IOCP included).
+so every reactor works, IOCP included).  It writes the one line logged when its WebSocket
+opens and the one when it closes (role, stream, client, duration, close code, bytes),
+and counts both, and every refusal, for ``/metrics``.
+
+With ``--trust-proxy``, the per-address connection limit can only know the client once
+the request head has arrived: until then the connection counts towards the global
+limit alone, and each request head moves its slot to the client it names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IAddress, IDelayedCall, ISSLTransport
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from streamrelay import wire
-from streamrelay.addresses import peer_host
+from streamrelay.addresses import describe_address, peer_host
 from streamrelay.context import RelayContext
 from streamrelay.limits import ConnectionSlot, Refusal
+from streamrelay.logs import relay_logger
 from streamrelay.protocol import RelayProtocol
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 REASONS = {
     400: b"Bad Request",
@@ -55,6 +63,33 @@ def raw_answer(status: int, reason: str, retry_after: int | None = None) -> byte
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+@dataclass
+class WebSocketRecord:
+    """What the channel remembers of its open WebSocket, for the line logged at close."""
+
+    role: str
+    stream: str
+    peer: str  # the client, as the gate judged it
+    via: str | None  # the TCP peer, when a trusted proxy forwarded the client
+    opened_at: float
+
+
+def close_outcome(protocol: Any, reason: Failure) -> tuple[int | None, str, bool]:
+    """How a WebSocket ended, from Autobahn's record and the loss ``reason``: the close
+    code of whoever closed first (None: no close frame at all, which RFC 6455 reports as
+    1006), who that was (``relay`` or ``peer``; without close frames, the relay when it
+    aborted or dropped the connection), and whether the closing handshake completed."""
+    by_relay = bool(getattr(protocol, "closedByMe", False))
+    local = getattr(protocol, "localCloseCode", None)
+    remote = getattr(protocol, "remoteCloseCode", None)
+    code = local if by_relay else remote
+    if not by_relay and remote is None:
+        by_relay = bool(getattr(protocol, "droppedByMe", False)) or bool(
+            reason.check(ConnectionAborted)
+        )
+    return code, "relay" if by_relay else "peer", bool(getattr(protocol, "wasClean", False))
+
+
 def channel_of(request: server.Request) -> RelayChannel | None:
     """The relay channel a request arrived on (None on any other transport)."""
     channel = request.channel
@@ -73,6 +108,11 @@ class RelayChannel(http.HTTPChannel):
         self.slot: ConnectionSlot | None = None
         self.refusal: Refusal | None = None
         self.upgraded: RelayProtocol | None = None
+        self.websocket: WebSocketRecord | None = None
+        # Bytes read after the upgrade (the close line reports them).
+        self.bytes_in = 0
+        # When the current request began: the accept, or the end of the previous one.
+        self.request_began = 0.0
         self._deadline: IDelayedCall | None = None
         self._lingering: IDelayedCall | None = None
         self._refused = False
@@ -85,7 +125,12 @@ class RelayChannel(http.HTTPChannel):
         """Take a slot in the limits (or remember why not) and start the deadline."""
         config = self.context.config
         self.MAX_LENGTH = config.max_header_line_bytes
-        admitted = self.context.limiter.acquire(peer_host(self.transport.getPeer()))
+        self.request_began = self.context.clock.seconds()
+        key = peer_host(self.transport.getPeer())
+        if config.trust_proxy:
+            # The client is known once the head arrives (moved_to_client).
+            key = f"pending connection {id(self)}"
+        admitted = self.context.limiter.acquire(key)
         if isinstance(admitted, Refusal):
             self.refusal = admitted
         else:
@@ -116,6 +161,7 @@ class RelayChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         """Forward to the WebSocket after the upgrade; otherwise parse HTTP."""
         if self.upgraded is not None:
+            self.bytes_in += len(data)
             self.upgraded.dataReceived(data)
             return
         if self._refused:
@@ -127,6 +173,7 @@ class RelayChannel(http.HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         """Bytes after the request head: the WebSocket's once upgraded."""
         if self.upgraded is not None:
+            self.bytes_in += len(data)
             self.upgraded.dataReceived(data)
             return
         if self._refused:
@@ -181,11 +228,28 @@ class RelayChannel(http.HTTPChannel):
         self._head_bytes = 0
         self._head_lines = 0
         self._in_request = True
+        if self.context.config.trust_proxy and self.requests:
+            self._move_to_client(self.requests[-1].getClientAddress())
         super().allContentReceived()
+
+    def _move_to_client(self, client: IAddress) -> None:
+        """Count this connection towards the client the request names (a proxy's
+        connection may carry several clients' requests in turn)."""
+        key = peer_host(client)
+        if self.slot is None or self.slot.address == key:
+            return
+        self.slot.release()
+        self.slot = None
+        admitted = self.context.limiter.acquire(key)
+        if isinstance(admitted, Refusal):
+            self.refusal = admitted
+        else:
+            self.slot = admitted
 
     def requestDone(self, request: http.Request) -> None:
         """Close after refusals; otherwise allow the next keep-alive request."""
         self._in_request = False
+        self.request_began = self.context.clock.seconds()
         if self._close_after_response:
             self.persistent = False
         super().requestDone(request)
@@ -201,6 +265,7 @@ class RelayChannel(http.HTTPChannel):
         if self._refused:
             return
         self._refused = True
+        self.context.metrics.refused(status)
         self._cancel_deadline()
         self.setTimeout(None)
         self.transport.write(raw_answer(status, reason, retry_after))
@@ -230,6 +295,54 @@ class RelayChannel(http.HTTPChannel):
         self.transport.unregisterProducer()
         protocol.makeConnection(self.transport)
 
+    def websocket_opened(self, protocol: RelayProtocol, client: IAddress) -> None:
+        """The handshake succeeded: log the opening line and count it."""
+        now = self.context.clock.seconds()
+        peer = self.transport.getPeer()
+        shown = describe_address(client)
+        via = describe_address(peer) if client != peer else None
+        record = WebSocketRecord(protocol.role.label, protocol.stream_name, shown, via, now)
+        self.websocket = record
+        self.context.metrics.opened(record.role, now - self.request_began)
+        _log.info(
+            "{role} opened stream={stream} peer={peer}" + (" via={via}" if via else ""),
+            kind="connection.open",
+            role=record.role,
+            stream=record.stream,
+            peer=record.peer,
+            via=via,
+        )
+
+    def _websocket_closed(self, protocol: RelayProtocol, reason: Failure) -> None:
+        """Log the closing line and count it (once: the record is dropped)."""
+        record, self.websocket = self.websocket, None
+        if record is None:
+            return
+        code, by, clean = close_outcome(protocol, reason)
+        stats = getattr(protocol, "trafficStats", None)
+        bytes_out = 0
+        if stats is not None:
+            bytes_out = stats.outgoingOctetsWireLevel + stats.preopenOutgoingOctetsWireLevel
+        duration = max(0.0, self.context.clock.seconds() - record.opened_at)
+        self.context.metrics.closed(record.role, code)
+        _log.info(
+            "{role} closed stream={stream} peer={peer}"
+            + (" via={via}" if record.via else "")
+            + " after {duration:.1f}s code={code} by={by} clean={clean} "
+            "in={bytes_in}B out={bytes_out}B",
+            kind="connection.close",
+            role=record.role,
+            stream=record.stream,
+            peer=record.peer,
+            via=record.via,
+            duration=round(duration, 3),
+            code=code if code is not None else 1006,
+            by=by,
+            clean=clean,
+            bytes_in=self.bytes_in,
+            bytes_out=bytes_out,
+        )
+
     def shut_down(self) -> None:
         """Server stopping: 1001 for WebSockets, close idle HTTP connections."""
         if self.upgraded is not None:
@@ -258,6 +371,9 @@ class RelayChannel(http.HTTPChannel):
             upgraded, self.upgraded = self.upgraded, None
             try:
                 if upgraded is not None:
-                    upgraded.connectionLost(reason)
+                    try:
+                        upgraded.connectionLost(reason)
+                    finally:
+                        self._websocket_closed(upgraded, reason)
             finally:
                 self.context.connection_closed(self)

@@ -191,6 +191,12 @@ def _burst_for(rate: float) -> int:
     return max(1, int(rate * 2))
 
 
+def _log_burst_for(rate: float) -> int:
+    """The log lines of one kind let through at once at ``rate`` a second: ten seconds'
+    worth."""
+    return max(1, int(rate * 10))
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """Every limit and timer of the relay; defaults are the production values."""
@@ -362,6 +368,34 @@ class RelayConfig:
         "to the next keyframe, as a viewer does.",
         positive_int,
     )
+    # Operations: addresses behind a reverse proxy, metrics and logs (docs/operations.md).
+    trust_proxy: int = option(
+        0,
+        "Take each client's address from the last N X-Forwarded-For hops, N being the "
+        "number of reverse proxies in front (which must be the only way in); 0 = off: "
+        "the TCP peer is the client.",
+        non_negative_int,
+    )
+    stream_metrics: bool = flag(
+        True,
+        "Leave the per-stream series out of /metrics (one set per live stream, at most "
+        "--max-streams of them).",
+        name="no-stream-metrics",
+        when_given=False,
+    )
+    json_logs: bool = flag(
+        False,
+        "Log one JSON object per line on standard output (for log shippers) instead of "
+        "text lines.",
+    )
+    log_rate: float = option(
+        10.0,
+        "Log lines per second of each kind (each message the relay logs is a kind), with "
+        "bursts of ten seconds' worth; lines over it are counted, and a summary says how "
+        "many were suppressed.",
+        positive_rate,
+    )
+    log_burst: int = derived(100, "log_rate", _log_burst_for)
 
     # Bounds of the HTTP request head, answered with 431 (twisted.web alone answers 400).
     max_header_bytes: int = fixed(16 * 1024)

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from streamrelay.config import RelayConfig
 from streamrelay.limits import ConnectionLimiter, HandshakeRateLimiter
+from streamrelay.metrics import RelayMetrics
 from streamrelay.streams import StreamRegistry
 
 # After the stragglers are aborted, each reports its loss on the next reactor turn at the
@@ -52,6 +53,8 @@ class RelayContext:
     handshake_rate: HandshakeRateLimiter
     connections: set[Connection] = field(default_factory=set)
     shutting_down: bool = False
+    # The relay's Prometheus registry and the events counted as they happen.
+    metrics: RelayMetrics = field(default_factory=RelayMetrics, repr=False)
     # Every channel and WebSocket protocol built, held weakly, for /api/internals: an
     # instance still listed after its connection ended is a leak.
     live_objects: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)

@@ -47,6 +47,8 @@ class GopCache(Generic[Frame]):
         self._items_bytes = 0
         self._config_in_items = False
         self.emptied = 0
+        # Messages let go because the cache went over its bounds or was shed.
+        self.discarded = 0
 
     def cost(self, message: MediaInfo) -> int:
         """The memory this cache is charged for holding ``message``."""
@@ -87,6 +89,8 @@ class GopCache(Generic[Frame]):
         elif self._items:
             self._append(message, frame)
         if self._items_bytes > self.limit or len(self._items) > self.max_messages:
+            # With the cache off (limit 0) nothing was meant to be kept.
+            self.discarded += len(self._items) if self.limit else 0
             self._drop_items()
         self._resized(before)
 
@@ -127,6 +131,7 @@ class GopCache(Generic[Frame]):
     def shed(self) -> None:
         """Empty the cached GOP until the next KEY (the global budget asks for this)."""
         before = self.backlog_bytes
+        self.discarded += len(self._items)
         self._drop_items()
         self._resized(before)
 

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from streamrelay import wire
+from streamrelay import logs, wire
 from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
 from streamrelay.inbound import (
@@ -58,7 +58,8 @@ from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
 
-_log = Logger()
+# Through the relay's rate limit (streamrelay.logs): a storm of bad peers cannot fill a disk.
+_log = Logger(observer=logs.limited)
 
 
 def format_peer(address: object) -> str:
@@ -106,6 +107,9 @@ class RelayProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.stream_name = ""
+        # The client's address as the web gate judged it (X-Forwarded-For hops with
+        # --trust-proxy); empty: the TCP peer's.
+        self.client_host = ""
         self._last_heard = 0.0
         self._ping_call: IDelayedCall | None = None
         self._pong_deadline: IDelayedCall | None = None
@@ -409,6 +413,7 @@ class RelayProtocol(WebSocketServerProtocol):
     def _check_alive(self, ping_sent_at: float) -> None:
         self._pong_deadline = None
         if self._last_heard < ping_sent_at:
+            self.context.metrics.ping_timeout(self.role.label)
             _log.info(
                 "{role} {peer} silent after ping: aborting",
                 role=self.role.label,
@@ -561,7 +566,7 @@ class ViewerProtocol(RelayProtocol):
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         result = self.context.registry.watch(
-            self.stream_name, self, peer_host(self.transport.getPeer())
+            self.stream_name, self, self.client_host or peer_host(self.transport.getPeer())
         )
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
@@ -586,6 +591,7 @@ class ViewerProtocol(RelayProtocol):
 
     def stalled(self) -> None:
         """No write progress for the stall timeout: close with 1008."""
+        self.context.metrics.viewer_stalled()
         _log.info(
             "Viewer {peer} of {stream} stalled: closing",
             peer=format_peer(self.transport.getPeer()),

@@ -1,6 +1,6 @@
-"""The plain HTTP resources: ``/healthz``, ``/api/streams``, ``/api/internals`` (with
-``--api-internals``), the index page, the player and its static files, and the 404 for
-everything else."""
+"""The plain HTTP resources: ``/healthz``, ``/metrics``, ``/api/streams``,
+``/api/internals`` (with ``--api-internals``), the index page, the player and its static
+files, and the 404 for everything else."""
 
 from __future__ import annotations
 
@@ -81,6 +81,25 @@ class NotFound(HttpResource):
     def serve(self, request: server.Request) -> bytes:
         """Say it plainly."""
         return plain(request, 404, "not found")
+
+
+class Metrics(HttpResource):
+    """``/metrics``: the relay's Prometheus metrics, for direct loopback requests only on
+    the relay's own port (``--metrics-listen`` serves them elsewhere, to anyone who can
+    reach that port)."""
+
+    def __init__(self, context: RelayContext, loopback_only: bool = True) -> None:
+        super().__init__(context)
+        self._loopback_only = loopback_only
+
+    def serve(self, request: server.Request) -> bytes:
+        """Render the registry in the format the scraper accepts."""
+        if self._loopback_only and not is_direct_loopback(request):
+            return plain(request, 403, "metrics are only available from loopback")
+        body, content_type = self.context.metrics.exposition(request.getHeader("accept"))
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
 
 
 class Health(HttpResource):

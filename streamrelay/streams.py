@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -181,6 +182,10 @@ class Stream:
         self.bytes_in = 0
         self.keyframes = 0
         self.dropped = 0
+        self.keyframe_requests = 0
+        # What the viewers that left were sent (those still here keep it in their queue).
+        self.messages_out = 0
+        self.bytes_out = 0
         self.rate = RateWindow(clock)
         self._keyframe_requests = _Throttle(
             clock, config.keyframe_request_interval, self._send_keyframe_request
@@ -269,6 +274,7 @@ class Stream:
 
     def _send_keyframe_request(self) -> None:
         if self.publisher is not None:
+            self.keyframe_requests += 1
             self.publisher.send_keyframe_request()
 
     def need_keyframe(self) -> None:
@@ -331,6 +337,8 @@ class Stream:
         if queue is None:
             return
         queue.close()
+        self.messages_out += queue.sent_messages
+        self.bytes_out += queue.bytes_sent
         self._registry.budget.remove(queue)
         self._viewer_count_updates.request()
 
@@ -385,6 +393,35 @@ class Stream:
             entry["relays"] = len(self.relay_counts)
             entry["audience"] = self.audience
         return entry
+
+
+@dataclass
+class StreamTotals:
+    """Counts summed over streams, for metrics that never go down: streams that are gone
+    are added here when the registry forgets them."""
+
+    messages_in: int = 0
+    bytes_in: int = 0
+    keyframes: int = 0
+    dropped: int = 0
+    keyframe_requests: int = 0
+    cache_discarded: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+
+    def add(self, stream: Stream) -> None:
+        """Add ``stream``'s counts, its viewers' included."""
+        self.messages_in += stream.messages_in
+        self.bytes_in += stream.bytes_in
+        self.keyframes += stream.keyframes
+        self.dropped += stream.dropped
+        self.keyframe_requests += stream.keyframe_requests
+        self.cache_discarded += stream.gop.discarded
+        self.messages_out += stream.messages_out
+        self.bytes_out += stream.bytes_out
+        for queue in stream.viewers.values():
+            self.messages_out += queue.sent_messages
+            self.bytes_out += queue.bytes_sent
 
 
 class PublisherSession:
@@ -496,6 +533,8 @@ class StreamRegistry:
         self.live_streams = 0
         # Set on a relay with --upstream (streamrelay.upstream).
         self.puller: Puller | None = None
+        # The counts of the streams already forgotten.
+        self.retired = StreamTotals()
 
     # -- admission (answered in the HTTP handshake) -----------------------------------
 
@@ -608,6 +647,7 @@ class StreamRegistry:
             del self.streams[stream.name]
             self.waiting.forget(stream.name)
             stream.close()
+            self.retired.add(stream)
 
     # -- reporting --------------------------------------------------------------------
 
@@ -618,6 +658,13 @@ class StreamRegistry:
             for name in sorted(self.streams)
             if not self.streams[name].idle
         ]
+
+    def totals(self) -> StreamTotals:
+        """Every stream's counts since the relay started: live and forgotten ones."""
+        totals = StreamTotals(**vars(self.retired))
+        for stream in list(self.streams.values()):
+            totals.add(stream)
+        return totals
 
     @property
     def publisher_count(self) -> int:

@@ -2,12 +2,15 @@
 
 :class:`Options` is derived from the declarations in :mod:`streamrelay.config` (one option
 per :class:`~streamrelay.config.RelayConfig` setting, a bad value is a usage error naming
-it) plus the two options that wire the process: ``--listen`` and ``--demo``.
-:func:`makeService` returns a :class:`RelayService` (a ``MultiService``) holding one
-``StreamServerEndpointService`` per ``--listen`` endpoint, the rate-limit sweeper,
-with ``--upstream`` the pull manager (:class:`~streamrelay.upstream.UpstreamService`)
-and, with ``--demo``, the supervised test-pattern publisher.  A repeatable setting
-(``--upstream``) gets an ``opt_`` handler that collects every occurrence.
+it) plus the options that wire the process: ``--listen``, ``--metrics-listen`` and
+``--demo``.  :func:`makeService` returns a :class:`RelayService` (a ``MultiService``)
+holding one ``StreamServerEndpointService`` per ``--listen`` and ``--metrics-listen``
+endpoint, the rate-limit sweeper, the summaries of suppressed log lines, with
+``--upstream`` the pull manager (:class:`~streamrelay.upstream.UpstreamService`) and,
+with ``--demo``, the supervised test-pattern publisher.  A repeatable setting
+(``--upstream``) gets an ``opt_`` handler that collects every occurrence.  The same
+service runs under twistd and under the ``streamrelay`` console script
+(:mod:`streamrelay.cli`).
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
+from streamrelay import logs
 from streamrelay.config import Declared, RelayConfig, derivations, settings
-from streamrelay.demo import DEMO_STREAM, DemoPublisherService
 from streamrelay.tokens import secret_from_environment
 from streamrelay.upstream import UpstreamService
-from streamrelay.web import RelayContext, RelaySite, Root
+from streamrelay.web import RelayContext, RelaySite, Root, metrics_site
 
 _log = Logger()
 
@@ -56,7 +60,7 @@ PUBLISHER_EXTRA_HINT = "pip install 'streamrelay[publisher]'"
 
 
 def _check_port(description: str) -> None:
-    """TCP and TLS endpoints name their port first: it must be 0-65535."""
+    """TCP and TLS endpoints name their port first: it must be 0-65535 (ValueError)."""
     kind, _, rest = description.partition(":")
     if kind.lower() not in ("tcp", "ssl", "tcp6", "ssl6"):
         return
@@ -65,7 +69,7 @@ def _check_port(description: str) -> None:
     named = [part.split("=", 1)[1] for part in parts if part.startswith("port=")]
     port = positional[0] if positional else (named[0] if named else "")
     if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
-        raise usage.UsageError(f"--listen: {description!r}: port must be 0-65535")
+        raise ValueError("port must be 0-65535")
 
 
 def _publisher_installed() -> bool:
@@ -104,6 +108,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = []
         self._config = RelayConfig()
         # The texts of each repeatable setting, in the order given.
         self.repeated: dict[str, list[str]] = {}
@@ -112,6 +117,12 @@ class Options(usage.Options):
         """Twisted endpoint to listen on, repeatable (default tcp:8080), e.g.
         tcp:0:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/path."""
         self["listen"].append(endpoint)
+
+    def opt_metrics_listen(self, endpoint: str) -> None:
+        """Also serve GET /metrics, to anyone who reaches it, on this Twisted endpoint
+        (repeatable; default none), e.g. tcp:9100:interface=10.0.0.5. On the relay's own
+        port /metrics answers direct loopback requests only."""
+        self["metrics-listen"].append(endpoint)
 
     def postOptions(self) -> None:
         """Check and convert every value; the error names the option."""
@@ -157,12 +168,13 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet import reactor
 
-        for description in self["listen"]:
-            _check_port(description)
-            try:
-                endpoints.serverFromString(reactor, description)
-            except Exception as error:  # a bad key file raises OSError or an SSL error
-                raise usage.UsageError(f"--listen: {description!r}: {error}") from None
+        for option in ("listen", "metrics-listen"):
+            for description in self[option]:
+                try:
+                    _check_port(description)
+                    endpoints.serverFromString(reactor, description)
+                except Exception as error:  # a bad key file: OSError or an SSL error
+                    raise usage.UsageError(f"--{option}: {description!r}: {error}") from None
 
     def config(self) -> RelayConfig:
         """The :class:`RelayConfig` these options describe."""
@@ -192,9 +204,13 @@ class AnnouncedEndpoint:
     """An endpoint that logs the address it really bound (``tcp:0`` names its port) and
     keeps the listening port for the demo publisher's URL."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, description: str) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, description: str, serves: str = ""
+    ) -> None:
         self._endpoint = endpoint
         self.description = description
+        # What the port serves when it is not the relay itself (e.g. "metrics").
+        self.serves = serves
         self.port: IListeningPort | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -208,15 +224,19 @@ class AnnouncedEndpoint:
         address = port.getHost()
         host = getattr(address, "host", None)
         port_number = getattr(address, "port", None)
+        # The test launcher reads the relay's own address from "streamrelay listening on".
+        what = f"streamrelay {self.serves} on" if self.serves else "streamrelay listening on"
         if host is None:
-            _log.info("streamrelay listening on {address}", address=address)
+            _log.info("{what} {address}", what=what, address=address)
             return port
         scheme = "https" if self.is_tls else "http"
         shown = f"[{host}]" if ":" in host else host
+        path = self.serves if self.serves else ""
         _log.info(
-            "streamrelay listening on {description}: {url}",
+            "{what} {description}: {url}",
+            what=what,
             description=f"{self.description.split(':', 1)[0]}:{port_number}",
-            url=f"{scheme}://{shown}:{port_number}/",
+            url=f"{scheme}://{shown}:{port_number}/{path}",
         )
         return port
 
@@ -240,23 +260,32 @@ class AnnouncedEndpoint:
 
 
 def listener(
-    reactor: Any, description: str, factory: IProtocolFactory
+    reactor: Any, description: str, factory: IProtocolFactory, serves: str = ""
 ) -> StreamServerEndpointService:
     """The service listening on ``description``.  It binds in privilegedStartService and,
     as ``strports.service`` arranges, a failure to bind raises there: twistd reports it
     and exits instead of running without the listener."""
     listening = strports.service(description, factory, reactor)
-    listening.endpoint = AnnouncedEndpoint(listening.endpoint, description)
+    listening.endpoint = AnnouncedEndpoint(listening.endpoint, description, serves)
     return listening
 
 
 class RelayService(service.MultiService):
     """The relay: on stop, drains every connection before it stops listening, so
-    handshakes that arrive meanwhile get 503."""
+    handshakes that arrive meanwhile get 503.
+
+    With ``--json-logs`` it gives the application it joins a JSON log observer (the
+    ``ILogObserver`` component twistd and the console script log to)."""
 
     def __init__(self, context: RelayContext) -> None:
         super().__init__()
         self.context = context
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Join ``parent``; with ``--json-logs``, set its log observer."""
+        if self.context.config.json_logs and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, logs.json_observer())
+        super().setServiceParent(parent)
 
     def stopService(self) -> Deferred[None]:
         """Close connections (1001), abort stragglers, then stop the listeners."""
@@ -312,6 +341,12 @@ def makeService(options: Options) -> RelayService:
             "No publish secret configured: publishing is allowed only from loopback "
             "peers whose requests carry no X-Forwarded-For or Forwarded header."
         )
+    if config.trust_proxy:
+        _log.info(
+            "Trusting the last {hops} X-Forwarded-For hop(s): only the reverse proxies "
+            "must be able to reach the relay's port",
+            hops=config.trust_proxy,
+        )
     context = RelayContext.create(config, reactor)
     site = RelaySite(context, Root(context))
     relay = RelayService(context)
@@ -320,10 +355,18 @@ def makeService(options: Options) -> RelayService:
         listening = listener(reactor, description, site)
         announced.append(listening.endpoint)
         listening.setServiceParent(relay)
+    if options["metrics-listen"]:
+        metrics = metrics_site(context)
+        for description in options["metrics-listen"]:
+            listener(reactor, description, metrics, "metrics").setServiceParent(relay)
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
     if config.upstream:
         UpstreamService(context, reactor).setServiceParent(relay)
+    logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
     if options["demo"]:
+        # Imported here: twisted.runner.procmon imports the reactor, which the console
+        # script's --reactor must be able to choose first.
+        from streamrelay.demo import DEMO_STREAM, DemoPublisherService
 
         def demo_url() -> str | None:
             urls = (endpoint.publish_url(DEMO_STREAM) for endpoint in announced)

@@ -115,6 +115,9 @@ class ViewerQueue:
         self.dropped_in_episode = 0
         self.dropped_total = 0
         self.skip_episodes = 0
+        # Messages written to the transport and their bytes (for metrics).
+        self.sent_messages = 0
+        self.bytes_sent = 0
         self._latest_config: tuple[MediaInfo, Any] | None = None
         self._config_sent: MediaInfo | None = None
 
@@ -291,6 +294,8 @@ class ViewerQueue:
             self._config_sent = item.message
         self._sink.write_frame(item.frame)
         wire_bytes = max(1, item.size - self._overhead)
+        self.sent_messages += 1
+        self.bytes_sent += wire_bytes
         self._writes_since_resume += 1
         if self._mean_write_bytes == 0.0:
             self._mean_write_bytes = float(wire_bytes)

@@ -6,8 +6,10 @@ The web layer, by concern (imports run one way: tap -> web -> protocols -> core)
   (413), the handshake deadline, the WebSocket upgrade;
 - :mod:`streamrelay.admission` -- the WebSocket endpoints and their ordered checks
   (404, 400, 426, 503, 403, 401, 409), then the hand-over to Autobahn;
-- :mod:`streamrelay.resources` -- ``/healthz``, ``/api/*``, the pages;
-- this module -- routing (:class:`Root`), the ``Site`` and its access log.
+- :mod:`streamrelay.resources` -- ``/healthz``, ``/metrics``, ``/api/*``, the pages;
+- this module -- routing (:class:`Root`), the ``Site``, the client address behind
+  trusted proxies (:class:`RelayRequest`) and the access log; and the site of
+  ``--metrics-listen`` (:func:`metrics_site`).
 
 The shared state is :class:`~streamrelay.context.RelayContext`, re-exported here.
 """
@@ -16,14 +18,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web import resource, server
+from twisted.internet.interfaces import IAddress
+from twisted.python import log as legacy_log
+from twisted.web import http, resource, server
 
+from streamrelay.addresses import describe_address, forwarded_client
 from streamrelay.admission import StreamGate, endpoints
-from streamrelay.channel import RelayChannel
+from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
+from streamrelay.logs import relay_logger
 from streamrelay.resources import (
     Health,
     Internals,
+    Metrics,
     NotFound,
     PlayerPage,
     StaticPage,
@@ -32,7 +39,16 @@ from streamrelay.resources import (
     postpath,
 )
 
-__all__ = ["RelayContext", "RelayRequest", "RelaySite", "Root", "load_static_files"]
+__all__ = [
+    "RelayContext",
+    "RelayRequest",
+    "RelaySite",
+    "Root",
+    "load_static_files",
+    "metrics_site",
+]
+
+_log = relay_logger(__name__)
 
 
 class Root(resource.Resource):
@@ -41,11 +57,13 @@ class Root(resource.Resource):
     def __init__(self, context: RelayContext, files: dict[str, bytes] | None = None) -> None:
         super().__init__()
         self.context = context
+        context.metrics.watch(context)
         files = load_static_files() if files is None else files
         self._not_found = NotFound(context)
         self._routes: dict[bytes, resource.Resource] = {
             b"": StaticPage(context, files, "index.html"),
             b"healthz": Health(context),
+            b"metrics": Metrics(context),
             b"static": StaticPage(context, files, None),
             b"view": PlayerPage(context, files),
         }
@@ -108,8 +126,38 @@ def access_log_line(timestamp: str, request: server.Request) -> str:
     )
 
 
+def access_fields(request: http.Request) -> dict[str, Any]:
+    """The access log's fields for ``request``: no query string, no token."""
+    referer = request.getHeader("referer")
+    client = request.getClientAddress()
+    peer = request.client
+    return {
+        "client": getattr(client, "host", "-"),
+        "via": describe_address(peer) if client != peer else None,
+        "method": request.method.decode("ascii", "replace"),
+        "path": _redacted_path(request.uri),
+        "version": request.clientproto.decode("ascii", "replace"),
+        "status": request.code,
+        "length": request.sentLength or "-",
+        "referer": _redacted_path(referer.encode()) if referer else "-",
+        "agent": (request.getHeader("user-agent") or "").replace('"', "'")[:200],
+    }
+
+
 class RelayRequest(server.Request):
-    """A request whose description in log lines never shows the query (tokens)."""
+    """A request whose description in log lines never shows the query (tokens), and
+    whose client, behind ``--trust-proxy N`` proxies, is the one they forwarded."""
+
+    def getClientAddress(self) -> IAddress:
+        """The TCP peer, or with ``--trust-proxy N`` the client named by the last N
+        ``X-Forwarded-For`` hops (see :func:`~streamrelay.addresses.forwarded_client`)."""
+        peer: IAddress = self.client
+        channel = channel_of(self)
+        trusted = channel.context.config.trust_proxy if channel is not None else 0
+        if not trusted:
+            return peer
+        values = self.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+        return forwarded_client(peer, values, trusted)
 
     def __repr__(self) -> str:
         """Method and path only."""
@@ -141,3 +189,49 @@ class RelaySite(server.Site):
             channel.context = self.context
             self.context.live_objects.add(channel)
         return channel
+
+    def log(self, request: http.Request) -> None:
+        """Into the relay's own log (structured fields, rate-limited like every line of
+        the relay); into a file of its own, when one is set, in full."""
+        if self.logPath is None and self._logFile is legacy_log.logfile:
+            _log.info(
+                '"{client}" - - "{method} {path} {version}" {status} {length} '
+                '"{referer}" "{agent}"',
+                kind="http.access",
+                **access_fields(request),
+            )
+        else:
+            super().log(request)
+
+
+class _MetricsRoot(resource.Resource):
+    """The tree of the ``--metrics-listen`` port: ``/metrics`` alone."""
+
+    def __init__(self, context: RelayContext) -> None:
+        super().__init__()
+        context.metrics.watch(context)
+        self._metrics = Metrics(context, loopback_only=False)
+        self._not_found = NotFound(context)
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
+        """``/metrics``; 404 for anything else."""
+        if path == b"metrics" and postpath(request) in ([], [b""]):
+            return self._metrics
+        return self._not_found
+
+    def render(self, request: server.Request) -> bytes:  # type: ignore[override]
+        """``/`` itself is not a resource."""
+        return self._not_found.render(request)
+
+
+class MetricsSite(server.Site):
+    """A site that writes no access log: scrapes every few seconds are noise."""
+
+    def log(self, request: http.Request) -> None:
+        """Nothing."""
+
+
+def metrics_site(context: RelayContext) -> server.Site:
+    """The site ``--metrics-listen`` serves: ``/metrics`` to whoever reaches its port,
+    kept apart from the relay's port, its limits and its access log."""
+    return MetricsSite(_MetricsRoot(context), reactor=context.clock, timeout=30)

@@ -159,7 +159,7 @@ _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
 }
 # Settings that only make sense with another one: (its option, its field).
 _NEEDS: dict[str, tuple[str, str]] = {"upstream": ("relay-secret-file", "relay_secret")}
-_WIRING_OPTIONS = {"listen", "demo"}  # process wiring, not RelayConfig settings
+_WIRING_OPTIONS = {"listen", "metrics-listen", "demo"}  # process wiring, not RelayConfig settings
 
 _DECLARED = list(settings())
 _VALUED = [d for d in _DECLARED if not d.setting.is_flag and not d.setting.secret]
@@ -201,7 +201,7 @@ def test_every_field_is_exactly_one_option_or_says_why_not() -> None:
 
 def test_options_are_exactly_the_declared_settings_and_the_wiring() -> None:
     """twistd's option table is derived: parameters for valued settings, flags for
-    boolean ones, plus --listen and --demo."""
+    boolean ones, plus --listen, --metrics-listen and --demo."""
     parameters = {row[0] for row in Options.optParameters}
     flags = {row[0] for row in Options.optFlags}
     assert parameters == {d.option for d in _DECLARED if not d.setting.is_flag}
