@@ -21,7 +21,7 @@ pressure on for the whole window, and under the per-address handshake rate.
 Asserted: the steady viewer's largest inter-frame gap during the flood is within twice
 its largest gap without the flood; every flooding connection that was upgraded was
 closed with 1008 and a reason ("too many frames", or "too much data" for the long
-garbage), and the relay logged each once and counted each, by role and reason, in
+garbage), and the relay logged each at most once and counted each, by role and reason, in
 ``/api/internals``; the relay's CPU time over the flood is well below one core;
 ``/healthz`` answers during the flood; nothing in the log is a traceback (the
 ``start_relay`` fixture checks that).
@@ -308,7 +308,7 @@ def test_floods_of_tiny_frames_are_closed_and_cost_others_nothing(
     start_relay: StartRelay,
 ) -> None:
     """Eight slots flooding every frame kind, connection after connection, for five
-    seconds: each connection closed with 1008, logged once and counted in
+    seconds: each connection closed with 1008, logged at most once and counted in
     ``/api/internals``, the steady viewer's largest gap within twice its gap without
     the flood, the relay's CPU well below a core, ``/healthz`` prompt."""
     relay = start_relay(internals=True)
@@ -368,7 +368,9 @@ def test_floods_of_tiny_frames_are_closed_and_cost_others_nothing(
     assert len(per_kind) == len(SLOTS), per_kind
     assert all(count >= 3 for count in per_kind.values()), per_kind
     assert not refused, refused[:3]
-    # Every flood was closed with 1008 and its reason, and logged once.
+    # Every flood was closed with 1008 and its reason, and counted; the log has at most
+    # one line per connection (the relay's log rate limit, --log-rate, may suppress some
+    # of a storm's lines: what the counters say is the exact figure).
     not_1008 = [flood for flood in upgraded if flood.get("close_code") != 1008]
     assert codes == {"1008": len(upgraded)}, not_1008[:3]
     assert set(reasons) <= {"too many frames", "too much data"}, reasons
@@ -377,7 +379,7 @@ def test_floods_of_tiny_frames_are_closed_and_cost_others_nothing(
         for flood in upgraded
         if flood["kind"] == "long garbage"
     )
-    assert logged == len(upgraded)
+    assert 0 < logged <= len(upgraded)
     assert over_budget == expected_over_budget
     # The steady viewer did not notice.
     assert outcome["viewer_close_code"] in (None, 1000)
