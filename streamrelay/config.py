@@ -98,6 +98,48 @@ def upstream_urls(text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def cluster_url(text: str) -> str:
+    """``redis://HOST[:PORT][/DB]``: where the cluster directory is ("": no cluster)."""
+    if not text:
+        return text
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"{text!r} is not a redis://HOST:PORT/DB URL")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{text!r}: no credentials, query or fragment")
+    if not (parts.path.strip("/") or "0").isdigit():
+        raise ValueError(f"{text!r}: the database must be a number")
+    return text
+
+
+def cluster_label(text: str) -> str:
+    """Letters, digits, ``.``, ``_`` and ``-``: the key prefix of the cluster."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise ValueError(f"{text!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def advertise_url(text: str) -> str:
+    """A ``ws://`` or ``wss://`` base URL (no path) other relays reach this one at ("":
+    derived from ``--listen``)."""
+    if not text:
+        return text
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"{text!r} is not a ws:// or wss:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{text!r}: a base URL, with no path, query or credentials")
+    return text.rstrip("/")
+
+
 def _integer(text: str) -> int:
     """``int(text)`` with a message that quotes the text."""
     try:
@@ -367,6 +409,26 @@ class RelayConfig:
         "Memory pending towards one edge relay pulling from /relay/NAME before it skips "
         "to the next keyframe, as a viewer does.",
         positive_int,
+    )
+    # -- the cluster (docs/cluster.md): a Redis directory of origins.
+    cluster: str = option(
+        "",
+        "Join a cluster whose directory is this Redis server, redis://HOST:PORT/DB: "
+        "streams published on other nodes are pulled from their origin on a first viewer. "
+        "Needs --relay-secret-file. Empty: not in a cluster.",
+        cluster_url,
+    )
+    cluster_name: str = option(
+        "streamrelay",
+        "Name of the cluster: the Redis key prefix, so clusters can share one server.",
+        cluster_label,
+    )
+    advertise: str = option(
+        "",
+        "Base URL other nodes of the cluster reach this relay at, e.g. "
+        "ws://10.0.0.5:8080 (they pull /relay/NAME from it); by default the first "
+        "--listen port on 127.0.0.1 (a cluster of one box).",
+        advertise_url,
     )
     # Operations: addresses behind a reverse proxy, metrics and logs (docs/operations.md).
     trust_proxy: int = option(
