@@ -127,8 +127,10 @@ class ClusterOrigins:
         self.directory.unpublish(name)
 
     def check_publisher(self, name: str) -> Refusal | None:
-        """``--no-takeover``: 409 when the cached view puts ``name`` on another node."""
-        if not self.takeover and self.directory.elsewhere(name) is not None:
+        """``--no-takeover``: 409 when the cached view (recent enough) puts ``name`` on
+        another node.  Otherwise the publisher is admitted and its claim, refused by the
+        directory, closes it with 4409 (the handshake never waits for Redis)."""
+        if not self.takeover and self.directory.recent(name) is not None:
             return Refusal(409, "stream already has a publisher")
         return None
 

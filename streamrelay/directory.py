@@ -39,6 +39,8 @@ TTL_SECONDS = 3.0
 CACHE_SECONDS = 1.0
 # Streams this node cares about are re-read this often (notifications may be lost).
 REREAD_SECONDS = 2.0
+# Cached origins of names this node does not follow are dropped after this long.
+FORGET_SECONDS = 60.0
 # A store call that takes longer counts as an error (the store is down or cut off).
 CALL_TIMEOUT_SECONDS = 2.0
 
@@ -123,6 +125,7 @@ class ClusterDirectory:
         self.cache_seconds = cache_seconds
         self.reread_seconds = reread
         self.call_timeout = call_timeout
+        self.trust_seconds = TTL_SECONDS + reread
         # Streams published here, by name: the epoch of our claim (0 while in flight).
         self.held: dict[str, int] = {}
         # What we know of other streams: origin (None: unpublished) and when we read it.
@@ -137,6 +140,7 @@ class ClusterDirectory:
         self.last_heartbeat: float | None = None
         self.started_at = clock.seconds()
         self._beating = False
+        self._claiming: set[str] = set()
         self._last_reread = 0.0
         self._loop: LoopingCall | None = None
 
@@ -171,9 +175,14 @@ class ClusterDirectory:
         if name in self.held:
             return
         self.held[name] = 0
-        self._call(self.store.claim(name, self.node, self.takeover)).addCallbacks(
-            lambda origin: self._claimed(name, origin), lambda failure: None
-        )
+        self._claim(name)
+
+    def _claim(self, name: str) -> None:
+        # A claim that fails (the store is down) is made again at the next heartbeat.
+        self._claiming.add(name)
+        claimed = self._call(self.store.claim(name, self.node, self.takeover))
+        claimed.addCallbacks(lambda origin: self._claimed(name, origin), lambda failure: None)
+        claimed.addBoth(lambda _: self._claiming.discard(name))
 
     def _claimed(self, name: str, origin: Origin | None) -> None:
         if origin is None:
@@ -215,6 +224,15 @@ class ClusterDirectory:
         origin = self.origin(name)
         return origin if origin is not None and origin.node != self.node else None
 
+    def recent(self, name: str) -> Origin | None:
+        """:meth:`elsewhere`, only when read or notified within the TTL plus a re-read
+        period (a followed name always is, while the store answers): an entry learned by
+        notification and never refreshed may name an origin that died since."""
+        entry = self.known.get(name)
+        if entry is None or self.clock.seconds() - entry[1] > self.trust_seconds:
+            return None
+        return self.elsewhere(name)
+
     def follow(self, name: str) -> None:
         """Keep ``name``'s origin fresh (re-read periodically) until :meth:`unfollow`."""
         self.interest.add(name)
@@ -250,7 +268,11 @@ class ClusterDirectory:
         self._learn(name, origin)
 
     def tick(self) -> None:
-        """Once per heartbeat: refresh what we hold; now and then re-read what we follow."""
+        """Once per heartbeat: refresh what we hold, claim again what failed to be; now
+        and then re-read what we follow."""
+        for name, epoch in list(self.held.items()):
+            if not epoch and name not in self._claiming:
+                self._claim(name)
         if not self._beating:
             self._beating = True
             held = {name: epoch for name, epoch in self.held.items() if epoch}
@@ -258,6 +280,10 @@ class ClusterDirectory:
             beat.addCallback(self._beaten)
             beat.addBoth(self._beat_done)
         now = self.clock.seconds()
+        for name, (_, read_at) in list(self.known.items()):
+            # Entries learned by notification for names nobody here follows: bounded.
+            if name not in self.interest and now - read_at > FORGET_SECONDS:
+                del self.known[name]
         if self.interest and now - self._last_reread >= self.reread_seconds:
             self._last_reread = now
             self._read(sorted(self.interest)).addErrback(lambda _: None)
