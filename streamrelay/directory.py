@@ -52,6 +52,11 @@ class Origin:
     node: str
     epoch: int
 
+    def beats(self, epoch: int, node: str) -> bool:
+        """True when this claim is newer than ``node``'s claim at ``epoch`` (equal epochs,
+        possible across a restart of an empty store, go to the greater node URL)."""
+        return self.epoch > epoch or (self.epoch == epoch and self.node > node)
+
     def encode(self) -> str:
         """The stored value: ``EPOCH NODE``."""
         return f"{self.epoch} {self.node}"
@@ -262,7 +267,7 @@ class ClusterDirectory:
         """A node announced that ``name``'s origin is now ``origin`` (None: released)."""
         held = self.held.get(name)
         if held is not None:
-            if origin is not None and held and origin.epoch > held:
+            if origin is not None and held and origin.beats(held, self.node):
                 self._lost(name, origin)
             return
         self._learn(name, origin)
@@ -291,7 +296,7 @@ class ClusterDirectory:
     def _beaten(self, lost: dict[str, Origin]) -> None:
         self.last_heartbeat = self.clock.seconds()
         for name, origin in lost.items():
-            if name in self.held and origin.epoch > self.held[name]:
+            if name in self.held and origin.beats(self.held[name], self.node):
                 self._lost(name, origin)
 
     def _beat_done(self, result: Any) -> None:

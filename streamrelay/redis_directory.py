@@ -42,6 +42,13 @@ if ARGV[5] == '0' then
   end
 end
 local epoch = redis.call('INCR', KEYS[1])
+local current = redis.call('GET', KEYS[2])
+local theirs = current and tonumber(string.match(current, '^(%d+)')) or 0
+if theirs >= epoch then
+  -- Redis restarted empty and the counter is behind an entry re-registered since.
+  epoch = theirs + 1
+  redis.call('SET', KEYS[1], epoch)
+end
 local value = epoch .. ' ' .. ARGV[2]
 redis.call('SET', KEYS[2], value, 'PX', ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. value)
@@ -60,7 +67,7 @@ return 0
 """
 
 # KEYS: node key, epoch counter, stream keys...  ARGV: ttl ms, node, epochs...
-# Answers the flat list NAME_KEY, VALUE of the streams a newer epoch took.
+# Answers the flat list NAME_KEY, VALUE of the streams a newer claim took.
 HEARTBEAT = """
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 local lost = {}
@@ -69,7 +76,9 @@ for i = 3, #KEYS do
   local mine = tonumber(ARGV[i])
   local value = redis.call('GET', KEYS[i])
   local theirs = value and tonumber(string.match(value, '^(%d+)')) or 0
-  if theirs > mine then
+  local node = value and string.match(value, '^%d+ (.*)$') or ''
+  -- Equal epochs (two claims across a Redis restart): the greater node URL wins.
+  if theirs > mine or (theirs == mine and node > ARGV[2]) then
     table.insert(lost, KEYS[i])
     table.insert(lost, value)
   else

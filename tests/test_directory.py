@@ -57,7 +57,7 @@ class MemoryStore:
         current = self._current(name)
         if not takeover and current is not None and current.node != node:
             return self._answer(None)
-        self.epoch += 1
+        self.epoch = max(self.epoch + 1, current.epoch + 1 if current else 0)
         origin = Origin(node, self.epoch)
         self.streams[name] = (origin, self.clock.seconds() + TTL_SECONDS)
         self._notify(name, origin)
@@ -81,7 +81,7 @@ class MemoryStore:
         lost = {}
         for name, epoch in held.items():
             current = self._current(name)
-            if current is not None and current.epoch > epoch:
+            if current is not None and current.beats(epoch, node):
                 lost[name] = current
             else:
                 self.streams[name] = (Origin(node, epoch), self.clock.seconds() + TTL_SECONDS)
@@ -320,6 +320,20 @@ def test_the_locator_names_the_origin_and_keeps_the_last_one(
     assert locator.urls("cam") == ("ws://a:8080/relay/cam",)
     locator.forget("cam")
     assert locator.urls("cam") == ()
+
+
+def test_equal_epochs_after_an_empty_restart_resolve_to_one_origin(
+    clock: Clock, store: MemoryStore
+) -> None:
+    """Two nodes holding the same epoch (claims on both sides of a store restart) settle
+    on one origin, the greater node URL, within a heartbeat; the other gives up."""
+    a, b = node(store, clock, A), node(store, clock, B)
+    a.held["cam"] = 1
+    b.held["cam"] = 1
+    clock.pump([1.0] * 2)
+    assert b.held == {"cam": 1} and "cam" not in a.held
+    assert a.lost == ["cam"] and b.lost == []
+    assert store._current("cam") == Origin(B, 1)
 
 
 def test_origin_values_and_cluster_urls_parse() -> None:
