@@ -191,6 +191,7 @@ class Internals(HttpResource):
         return _json(request, {
             "objects": counts,
             "streams": len(context.registry.streams),
+            "pulls": len(getattr(context.registry.puller, "pulls", None) or {}),
             "connections": len(context.connections),
             "limiter": {
                 "total": context.limiter.total,

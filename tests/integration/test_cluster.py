@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -362,3 +364,96 @@ def test_redis_crash_running_pulls_lose_nothing_and_nodes_reregister(
 def _metrics(relay: RelayProcess) -> str:
     with urllib.request.urlopen(relay.http_url + "/metrics", timeout=5) as response:
         return str(response.read().decode())
+
+
+@pytest.mark.timeout(90)
+def test_origin_sigstop_directory_expires_it_and_it_yields_on_waking(
+    node: Callable[..., RelayProcess], redis: Redis
+) -> None:
+    """The origin A is stopped (SIGSTOP: half-dead, its sockets open): its node and
+    stream expire from the directory within the 3 s TTL (plus a heartbeat); the
+    publisher reconnects to C and B's viewer is live again from C; A, woken, finds the
+    newer epoch at its first heartbeat and closes its stale publisher with 4409."""
+    a, b, c = node(), node(), node()
+    prefix = "streamrelay:streamrelay:"
+
+    async def scenario() -> None:
+        publisher = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10).start()
+        viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+        second = None
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            await asyncio.sleep(1.2)
+            os.kill(a.process.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            await until(lambda: f"{prefix}node:ws://127.0.0.1:{a.port}" not in redis.keys(
+                prefix + "node:*"), 5, "A's node expired")
+            assert time.monotonic() - stopped < 4.5
+            await until(lambda: not redis.keys(prefix + "stream:*"), 2, "A's stream expired")
+            before = len(viewer.media)
+            second = await PacedPublisher(f"{c.ws_url}/publish/cam", rate=50, gop=10).start()
+            await until(partial(has_at_least, viewer, before + 2), 5, "live again from C")
+            assert received_since(viewer, before)[:2] == [CONFIG, KEY]
+            assert viewer.closed_at is None
+            os.kill(a.process.pid, signal.SIGCONT)
+            await until(lambda: publisher.done.is_set(), 5, "A's stale publisher closed")
+            assert publisher.connection is not None
+            received = publisher.connection.protocol.close_rcvd
+            assert received is not None and received.code == CLOSE_REPLACED
+            await asyncio.sleep(1.5)
+            assert redis.keys(prefix + "stream:*") == [f"{prefix}stream:cam"]
+        finally:
+            os.kill(a.process.pid, signal.SIGCONT)
+            await publisher.close()
+            if second is not None:
+                await second.close()
+            await viewer.close()
+
+    run(scenario(), 60)
+
+
+@pytest.mark.timeout(90)
+def test_publisher_flapping_between_two_nodes(
+    node: Callable[..., RelayProcess], redis: Redis
+) -> None:
+    """A publisher moves between A and B every 500 ms for 8 s (the new connection first,
+    the old one closed 100 ms later): at the end exactly one origin, the viewers on A, B
+    and C all live from the last publisher, and at most one pull per node."""
+    a, b, c = node(), node(), node()
+    relays = (a, b, c)
+    prefix = "streamrelay:streamrelay:"
+
+    async def scenario() -> None:
+        viewers = [await Viewer(f"{n.ws_url}/watch/cam", name=n.ws_url).start() for n in relays]
+        current: PacedPublisher | None = None
+        try:
+            for flip in range(16):
+                target = (a, b)[flip % 2]
+                fresh = await PacedPublisher(
+                    f"{target.ws_url}/publish/cam", rate=50, gop=10
+                ).start()
+                if current is not None:
+                    await asyncio.sleep(0.1)
+                    await current.close()
+                current = fresh
+                await asyncio.sleep(0.4)
+            last = (a, b)[15 % 2]
+            await asyncio.sleep(2.5)  # settle: heartbeats and re-reads
+            assert redis.keys(prefix + "stream:*") == [f"{prefix}stream:cam"]
+            listing = await asyncio.to_thread(api, c, "/api/streams?scope=cluster")
+            assert listing["cluster"] == [{"name": "cam", "origin": last.ws_url}]
+            counts = [len(v.media) for v in viewers]
+            await until(lambda: all(len(v.media) > n + 20 for v, n in zip(
+                viewers, counts, strict=True)), 5, "every viewer live")
+            assert all(v.closed_at is None for v in viewers)
+            for relay in relays:
+                internals = await asyncio.to_thread(api, relay, "/api/internals")
+                expected = 0 if relay is last else 1
+                assert internals["pulls"] == expected, (relay.ws_url, internals)
+        finally:
+            if current is not None:
+                await current.close()
+            for viewer in viewers:
+                await viewer.close()
+
+    run(scenario(), 70)
