@@ -457,3 +457,39 @@ def test_publisher_flapping_between_two_nodes(
                 await viewer.close()
 
     run(scenario(), 70)
+
+
+@pytest.mark.timeout(90)
+def test_rejoin_during_the_grace_while_the_origin_moves(
+    node: Callable[..., RelayProcess],
+) -> None:
+    """On C, a viewer leaves (its pull enters the grace) and a new one joins while the
+    publisher moves between A and B, at varied moments: every rejoining viewer gets a
+    CONFIG and a KEY within 5 s."""
+    a, b, c = node(), node(), node()
+
+    async def scenario() -> None:
+        current = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10).start()
+        viewer = await Viewer(f"{c.ws_url}/watch/cam").start()
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            for round_number, pause in enumerate((0.0, 0.05, 0.2, 0.0, 0.1, 0.4)):
+                await viewer.close()
+                target = (b, a)[round_number % 2]
+                fresh = await PacedPublisher(
+                    f"{target.ws_url}/publish/cam", rate=50, gop=10
+                ).start()
+                await asyncio.sleep(pause)
+                viewer = await Viewer(f"{c.ws_url}/watch/cam").start()
+                await current.close()
+                current = fresh
+                await until(partial(has_at_least, viewer, 2), 5, f"video in round {round_number}")
+                assert received_since(viewer, 0)[:2] == [CONFIG, KEY], round_number
+                # ... and from the new origin: the stream goes on after the old one closed.
+                count = len(viewer.media)
+                await until(partial(has_at_least, viewer, count + 10), 5, "still live")
+        finally:
+            await current.close()
+            await viewer.close()
+
+    run(scenario(), 70)
