@@ -146,6 +146,7 @@ class ClusterDirectory:
         self.started_at = clock.seconds()
         self._beating = False
         self._claiming: set[str] = set()
+        self._releasing: set[defer.Deferred[Any]] = set()
         self._last_reread = 0.0
         self._loop: LoopingCall | None = None
 
@@ -162,8 +163,10 @@ class ClusterDirectory:
         """Release every stream held here (a clean shutdown), then disconnect."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        releases = [self.release(name) for name in list(self.held)]
-        done = defer.gatherResults(releases, consumeErrors=True)
+        for name in list(self.held):
+            self.release(name)
+        # Releases already in flight (publishers closed by the drain) finish first.
+        done = defer.gatherResults(list(self._releasing), consumeErrors=True)
         done.addBoth(lambda _: self.store.close())
         return done
 
@@ -213,7 +216,14 @@ class ClusterDirectory:
         if not epoch:
             # Not held, or the claim is in flight (_claimed undoes it).
             return defer.succeed(None)
-        return self._call(self.store.release(name, epoch)).addErrback(lambda _: None)
+        released = self._call(self.store.release(name, epoch)).addErrback(lambda _: None)
+        self._releasing.add(released)
+        released.addBoth(self._released, released)
+        return released
+
+    def _released(self, result: Any, released: defer.Deferred[Any]) -> Any:
+        self._releasing.discard(released)
+        return result
 
     # -- other streams --------------------------------------------------------------------
 

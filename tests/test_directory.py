@@ -13,7 +13,9 @@ from twisted.internet.task import Clock
 
 from streamrelay.cluster import ClusterOrigins, DirectoryLocator
 from streamrelay.directory import TTL_SECONDS, ClusterDirectory, Origin, relay_url
+from streamrelay.limits import Refusal
 from streamrelay.redis_directory import parse_cluster_url
+from tests.test_streams import OFFLINE, Core
 
 
 class MemoryStore:
@@ -346,3 +348,53 @@ def test_origin_values_and_cluster_urls_parse() -> None:
     for bad in ("http://r", "redis://:pw@r/0", "redis://r/x"):
         with pytest.raises(ValueError):
             parse_cluster_url(bad)
+
+
+class RecordingPuller:
+    """A :class:`~streamrelay.streams.Puller` that records what the registry asks."""
+
+    def __init__(self) -> None:
+        self.wanted: list[str] = []
+        self.stopped: list[str] = []
+
+    def check(self, name: str) -> Refusal | None:
+        return None
+
+    def want(self, name: str) -> None:
+        self.wanted.append(name)
+
+    def release(self, name: str) -> None:
+        pass
+
+    def stop(self, name: str) -> None:
+        self.stopped.append(name)
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        return None
+
+
+def test_a_node_taken_over_closes_its_publisher_and_pulls_for_its_viewers(
+    clock: Clock, store: MemoryStore
+) -> None:
+    """Wired to a registry: a local publisher claims its stream, a clean unpublish
+    releases it; taken over by another node, the registry closes the local publisher
+    (its ``replaced``: 4409), its viewers see ``offline`` and stay, and a pull is wanted
+    for them."""
+    core = Core()
+    directory = node(store, clock, A)
+    directory.on_lost = core.registry.give_up
+    core.registry.origins = ClusterOrigins(directory, takeover=True)
+    puller = core.registry.puller = RecordingPuller()
+    session, link = core.publish("cam")
+    _, viewer = core.watch("cam")
+    assert store._current("cam") == Origin(A, 1)
+    session.close()
+    assert store._current("cam") is None
+    session, link = core.publish("cam")
+    assert store._current("cam") == Origin(A, 2)
+    node(store, clock, B).publish("cam")
+    assert link.replaced_calls == 1
+    assert viewer.texts()[-1] == OFFLINE and not core.registry.streams["cam"].live
+    assert puller.wanted[-1] == "cam"
+    session.close()  # the 4409 close arrives: nothing else changes, B's entry stays
+    assert store._current("cam") == Origin(B, 3)
