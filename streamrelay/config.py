@@ -99,21 +99,50 @@ def upstream_urls(text: str) -> tuple[str, ...]:
 
 
 def cluster_url(text: str) -> str:
-    """``redis://HOST[:PORT][/DB]``: where the cluster directory is ("": no cluster)."""
+    """``redis://HOST[:PORT][/DB]``, or ``redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]``
+    (Redis Sentinel): where the cluster directory is ("": no cluster)."""
     if not text:
         return text
-    parts = urlsplit(text)
-    try:
-        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
-    except ValueError:
-        raise ValueError(f"{text!r} has a bad port") from None
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"{text!r} is not a redis://HOST:PORT/DB URL")
-    if "@" in parts.netloc or parts.query or parts.fragment:
-        raise ValueError(f"{text!r}: no credentials, query or fragment")
-    if not (parts.path.strip("/") or "0").isdigit():
-        raise ValueError(f"{text!r}: the database must be a number")
+    parse_cluster_address(text)
     return text
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """A parsed ``--cluster``: Redis's (or the Sentinels') addresses, the master's name
+    under Sentinel (None: a plain server) and the database."""
+
+    hosts: tuple[tuple[str, int], ...]
+    master: str | None
+    db: int
+
+
+def parse_cluster_address(text: str) -> ClusterAddress:
+    """Parse ``--cluster`` (ValueError quoting the text)."""
+    scheme, separator, rest = text.partition("://")
+    if not separator or scheme not in ("redis", "redis+sentinel"):
+        raise ValueError(f"{text!r} is not a redis:// or redis+sentinel:// URL")
+    netloc, _, path = rest.partition("/")
+    if not netloc or "@" in netloc or "?" in rest or "#" in rest:
+        raise ValueError(f"{text!r}: a host is needed, and no credentials, query or fragment")
+    sentinel = scheme == "redis+sentinel"
+    hosts = []
+    for item in netloc.split(","):
+        host, colon, port = item.rpartition(":") if ":" in item else (item, "", "")
+        host = host.strip("[]")
+        default = 26379 if sentinel else 6379
+        if not host or (colon and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"{text!r} has a bad host or port")
+        hosts.append((host, int(port) if colon else default))
+    parts = [part for part in path.split("/") if part]
+    master = parts.pop(0) if sentinel and parts else None
+    if sentinel and master is None:
+        raise ValueError(f"{text!r}: name the Sentinel master, .../MASTER[/DB]")
+    if len(hosts) > 1 and not sentinel:
+        raise ValueError(f"{text!r}: one Redis server (several addresses: Sentinels)")
+    if len(parts) > 1 or (parts and not parts[0].isdigit()):
+        raise ValueError(f"{text!r}: the database must be a number")
+    return ClusterAddress(tuple(hosts), master, int(parts[0]) if parts else 0)
 
 
 def cluster_label(text: str) -> str:
@@ -413,7 +442,8 @@ class RelayConfig:
     # -- the cluster (docs/cluster.md): a Redis directory of origins.
     cluster: str = option(
         "",
-        "Join a cluster whose directory is this Redis server, redis://HOST:PORT/DB: "
+        "Join a cluster whose directory is this Redis server, redis://HOST:PORT/DB (or "
+        "Sentinels: redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB): "
         "streams published on other nodes are pulled from their origin on a first viewer. "
         "Needs --relay-secret-file. Empty: not in a cluster.",
         cluster_url,

@@ -1,4 +1,5 @@
-"""The cluster directory in Redis (``--cluster redis://HOST:PORT/DB``): a thin adapter
+"""The cluster directory in Redis (``--cluster redis://HOST:PORT/DB``, or under Sentinel
+``redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB``): a thin adapter
 implementing :class:`~streamrelay.directory.DirectoryStore` with ``txredisapi``.
 
 Keys, all under ``streamrelay:{CLUSTER}:`` (``--cluster-name``):
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
+from streamrelay.config import parse_cluster_address
 from streamrelay.directory import TTL_SECONDS, Origin
 
 _log = Logger()
@@ -93,19 +94,6 @@ return lost
 """
 
 
-def parse_cluster_url(text: str) -> tuple[str, int, int]:
-    """``redis://HOST[:PORT][/DB]`` as (host, port, db) (ValueError otherwise)."""
-    parts = urlsplit(text)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError("expected redis://HOST:PORT/DB")
-    if parts.username or parts.password or parts.query:
-        raise ValueError("no credentials or query in the URL")
-    db_text = parts.path.strip("/") or "0"
-    if not db_text.isdigit():
-        raise ValueError("the database must be a number")
-    return parts.hostname, parts.port or 6379, int(db_text)
-
-
 class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
     # Back within about a second of Redis returning (the default waits up to 10 s).
     initialDelay = 0.2
@@ -135,20 +123,49 @@ class _SubscriberFactory(_Factory):
         self.deliver = deliver
 
 
+class _SentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+    # The master's address is asked of the Sentinels at every (re)connection.
+    maxDelay = 1.0
+
+
+class _SentinelSubscriberFactory(_SentinelFactory):
+    # On the master too, found again at each reconnection; what a subscription on a
+    # demoted master misses, the periodic re-reads of the directory catch.
+    protocol = _SubscriberProtocol
+
+    def __init__(self, channel: str, deliver: Callable[[Any], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.channel = channel
+        self.deliver = deliver
+
+
 class RedisStore:
     """:class:`~streamrelay.directory.DirectoryStore` on one Redis server."""
 
     def __init__(self, reactor: Any, url: str, cluster: str) -> None:
-        host, port, db = parse_cluster_url(url)
+        address = parse_cluster_address(url)
         self.reactor = reactor
         self.prefix = f"streamrelay:{cluster}:"
         self.channel = self.prefix + "origins"
         self.ttl_ms = str(int(TTL_SECONDS * 1000))
+        self._master = address.master
+        self._db = address.db
+        self._subscriber: Any = None
+        self._sentinel: Any = None
+        if address.master is not None:
+            # txredisapi's Sentinel client: it discovers the master before each connection.
+            self._sentinel = txredisapi.Sentinel(list(address.hosts))
+            self._factory = _SentinelFactory(
+                sentinel_manager=self._sentinel, service_name=address.master,
+                is_master=True, uuid=None, dbid=address.db, poolsize=1, isLazy=True,
+            )
+            self._redis = self._sentinel._connect_factory_and_return_handler(self._factory)
+            return
+        host, port = address.hosts[0]
         self._endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT_SECONDS)
-        self._factory = _Factory(f"{host}:{port}", db, 1, isLazy=True)
+        self._factory = _Factory(f"{host}:{port}", address.db, 1, isLazy=True)
         self._factory.startConnecting(self._endpoint)
         self._redis = self._factory.handler
-        self._subscriber: _SubscriberFactory | None = None
 
     def _stream_key(self, name: str) -> str:
         return self.prefix + "stream:" + name
@@ -215,13 +232,24 @@ class RedisStore:
             name, _, rest = _text(message).partition(" ")
             notified(name, Origin.decode(rest))
 
+        if self._sentinel is not None:
+            self._subscriber = _SentinelSubscriberFactory(
+                self.channel, deliver, sentinel_manager=self._sentinel,
+                service_name=self._master, is_master=True, uuid=None, dbid=None,
+                poolsize=1, isLazy=True,
+            )
+            self._sentinel._connect_factory_and_return_handler(self._subscriber)
+            return
         self._subscriber = _SubscriberFactory(self.channel, deliver)
         self._subscriber.startConnecting(self._endpoint)
 
     def close(self) -> defer.Deferred[None]:
-        """Disconnect both connections."""
+        """Disconnect every connection (the Sentinels' too)."""
         factories = [self._factory] + ([self._subscriber] if self._subscriber else [])
-        done = defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True)
+        closing = [f.disconnect() for f in factories]
+        if self._sentinel is not None:
+            closing.append(self._sentinel.disconnect())
+        done = defer.gatherResults(closing, consumeErrors=True)
         return done.addBoth(lambda _: None)
 
 

@@ -12,9 +12,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from streamrelay.cluster import ClusterOrigins, DirectoryLocator
+from streamrelay.config import ClusterAddress, parse_cluster_address
 from streamrelay.directory import TTL_SECONDS, ClusterDirectory, Origin, relay_url
 from streamrelay.limits import Refusal
-from streamrelay.redis_directory import parse_cluster_url
 from tests.test_streams import OFFLINE, Core
 
 
@@ -343,11 +343,19 @@ def test_origin_values_and_cluster_urls_parse() -> None:
     assert Origin.decode(b"12 ws://a:1") == Origin("ws://a:1", 12)
     assert Origin.decode(Origin("ws://b", 3).encode()) == Origin("ws://b", 3)
     assert Origin.decode(None) is None and Origin.decode("x ws://a") is None
-    assert parse_cluster_url("redis://10.0.0.1:6380/2") == ("10.0.0.1", 6380, 2)
-    assert parse_cluster_url("redis://r") == ("r", 6379, 0)
-    for bad in ("http://r", "redis://:pw@r/0", "redis://r/x"):
+    assert parse_cluster_address("redis://10.0.0.1:6380/2") == ClusterAddress(
+        (("10.0.0.1", 6380),), None, 2
+    )
+    assert parse_cluster_address("redis://r") == ClusterAddress((("r", 6379),), None, 0)
+    assert parse_cluster_address("redis+sentinel://s1,s2:26380/main/1") == ClusterAddress(
+        (("s1", 26379), ("s2", 26380)), "main", 1
+    )
+    for bad in (
+        "http://r", "redis://:pw@r/0", "redis://r/x", "redis://a,b/0", "redis://r:0",
+        "redis+sentinel://s1:26379", "redis+sentinel://s1/m/x", "redis://r/0?x=1",
+    ):
         with pytest.raises(ValueError):
-            parse_cluster_url(bad)
+            parse_cluster_address(bad)
 
 
 class RecordingPuller:

@@ -493,3 +493,50 @@ def test_rejoin_during_the_grace_while_the_origin_moves(
             await viewer.close()
 
     run(scenario(), 70)
+
+
+@pytest.mark.timeout(60)
+def test_the_directory_through_sentinel(
+    start_relay: StartRelay, redis: Redis, tmp_path: Path
+) -> None:
+    """``--cluster redis+sentinel://...``: the nodes find the master through a Sentinel
+    (a real ``redis-server --sentinel``) and a viewer on B gets A's stream."""
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor main 127.0.0.1 {redis.port} 1\n"
+    )
+    with open(tmp_path / "sentinel.log", "ab") as log:
+        sentinel = subprocess.Popen(
+            [redis.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+    try:
+        nodes = []
+        for _ in range(2):
+            node_port = free_port()
+            nodes.append(start_relay(
+                "--cluster", f"redis+sentinel://127.0.0.1:{port}/main/0",
+                "--advertise", f"ws://127.0.0.1:{node_port}", "--relay-secret-file", secret,
+                listen=f"tcp:{node_port}:interface=127.0.0.1",
+            ))
+        a, b = nodes
+
+        async def scenario() -> None:
+            viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+            publisher = await PacedPublisher(
+                f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=100
+            ).start()
+            try:
+                await asyncio.wait_for(publisher.done.wait(), 10)
+                await until(partial(has_at_least, viewer, 100), 10, "every message on B")
+                assert viewer.sequences() == list(range(100))
+            finally:
+                await publisher.close()
+                await viewer.close()
+
+        run(scenario(), 40)
+    finally:
+        sentinel.kill()
+        sentinel.wait()
