@@ -37,6 +37,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from streamrelay import logs
+from streamrelay.cluster import ClusterService
 from streamrelay.config import Declared, RelayConfig, derivations, settings
 from streamrelay.tokens import secret_from_environment
 from streamrelay.upstream import UpstreamService
@@ -401,8 +402,6 @@ def makeService(options: Options) -> RelayService:
     if config.upstream:
         UpstreamService(context, reactor).setServiceParent(relay)
     if config.cluster:
-        from streamrelay.cluster import ClusterService
-
         ClusterService(context, reactor, options.advertise()).setServiceParent(relay)
     logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
     if options["demo"]:
