@@ -98,6 +98,77 @@ def upstream_urls(text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def cluster_url(text: str) -> str:
+    """``redis://HOST[:PORT][/DB]``, or ``redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]``
+    (Redis Sentinel): where the cluster directory is ("": no cluster)."""
+    if not text:
+        return text
+    parse_cluster_address(text)
+    return text
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """A parsed ``--cluster``: Redis's (or the Sentinels') addresses, the master's name
+    under Sentinel (None: a plain server) and the database."""
+
+    hosts: tuple[tuple[str, int], ...]
+    master: str | None
+    db: int
+
+
+def parse_cluster_address(text: str) -> ClusterAddress:
+    """Parse ``--cluster`` (ValueError quoting the text)."""
+    scheme, separator, rest = text.partition("://")
+    if not separator or scheme not in ("redis", "redis+sentinel"):
+        raise ValueError(f"{text!r} is not a redis:// or redis+sentinel:// URL")
+    netloc, _, path = rest.partition("/")
+    if not netloc or "@" in netloc or "?" in rest or "#" in rest:
+        raise ValueError(f"{text!r}: a host is needed, and no credentials, query or fragment")
+    sentinel = scheme == "redis+sentinel"
+    hosts = []
+    for item in netloc.split(","):
+        host, colon, port = item.rpartition(":") if ":" in item else (item, "", "")
+        host = host.strip("[]")
+        default = 26379 if sentinel else 6379
+        if not host or (colon and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"{text!r} has a bad host or port")
+        hosts.append((host, int(port) if colon else default))
+    parts = [part for part in path.split("/") if part]
+    master = parts.pop(0) if sentinel and parts else None
+    if sentinel and master is None:
+        raise ValueError(f"{text!r}: name the Sentinel master, .../MASTER[/DB]")
+    if len(hosts) > 1 and not sentinel:
+        raise ValueError(f"{text!r}: one Redis server (several addresses: Sentinels)")
+    if len(parts) > 1 or (parts and not parts[0].isdigit()):
+        raise ValueError(f"{text!r}: the database must be a number")
+    return ClusterAddress(tuple(hosts), master, int(parts[0]) if parts else 0)
+
+
+def cluster_label(text: str) -> str:
+    """Letters, digits, ``.``, ``_`` and ``-``: the key prefix of the cluster."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise ValueError(f"{text!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def advertise_url(text: str) -> str:
+    """A ``ws://`` or ``wss://`` base URL (no path) other relays reach this one at ("":
+    derived from ``--listen``)."""
+    if not text:
+        return text
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"{text!r} is not a ws:// or wss:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{text!r}: a base URL, with no path, query or credentials")
+    return text.rstrip("/")
+
+
 def _integer(text: str) -> int:
     """``int(text)`` with a message that quotes the text."""
     try:
@@ -367,6 +438,27 @@ class RelayConfig:
         "Memory pending towards one edge relay pulling from /relay/NAME before it skips "
         "to the next keyframe, as a viewer does.",
         positive_int,
+    )
+    # -- the cluster (docs/cluster.md): a Redis directory of origins.
+    cluster: str = option(
+        "",
+        "Join a cluster whose directory is this Redis server, redis://HOST:PORT/DB (or "
+        "Sentinels: redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB): "
+        "streams published on other nodes are pulled from their origin on a first viewer. "
+        "Needs --relay-secret-file. Empty: not in a cluster.",
+        cluster_url,
+    )
+    cluster_name: str = option(
+        "streamrelay",
+        "Name of the cluster: the Redis key prefix, so clusters can share one server.",
+        cluster_label,
+    )
+    advertise: str = option(
+        "",
+        "Base URL other nodes of the cluster reach this relay at, e.g. "
+        "ws://10.0.0.5:8080 (they pull /relay/NAME from it); by default the first "
+        "--listen port on 127.0.0.1 (a cluster of one box).",
+        advertise_url,
     )
     # Operations: addresses behind a reverse proxy, metrics and logs (docs/operations.md).
     trust_proxy: int = option(

@@ -168,6 +168,7 @@ class RelayCollector:
         yield from self._streams(context)
         yield from self._refusals(context)
         yield from self._pulls(context)
+        yield from self._directory(context)
         if context.config.stream_metrics:
             yield from self._per_stream(context)
 
@@ -310,6 +311,29 @@ class RelayCollector:
             for reason, count in sorted(reasons.items()):
                 over_budget.add_metric([role, reason], count)
         yield over_budget
+
+    @staticmethod
+    def _directory(context: RelayContext) -> Iterator[Metric]:
+        # The cluster directory (--cluster), read by attribute from the registry's
+        # ``origins``; a relay outside a cluster exports nothing here.
+        directory: Any = getattr(getattr(context.registry, "origins", None), "directory", None)
+        if directory is None:
+            return
+        yield _counter(
+            "streamrelay_directory_errors",
+            "Calls to the cluster directory (Redis) that failed or timed out.",
+            directory.errors,
+        )
+        yield _gauge(
+            "streamrelay_directory_heartbeat_age_seconds",
+            "Seconds since this node's last successful heartbeat in the directory.",
+            directory.heartbeat_age,
+        )
+        yield _gauge(
+            "streamrelay_directory_streams_held",
+            "Streams this node is the origin of in the directory.",
+            len(directory.held),
+        )
 
     @staticmethod
     def _pulls(context: RelayContext) -> Iterator[Metric]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 from importlib import resources
+from typing import Any
 
 from twisted.web import resource, server
 
@@ -126,15 +127,51 @@ class StreamsApi(HttpResource):
         loopback = is_direct_loopback(request)
         if self.context.config.view_secret is not None and not loopback:
             return plain(request, 403, "stream list is only available from loopback")
+        return _json(request, self._local(loopback))
+
+    def _local(self, loopback: bool) -> dict[str, Any]:
         registry = self.context.registry
-        return _json(request, {
+        return {
             "streams": registry.describe(show_peers=loopback),
             "connections": {
                 "publishers": registry.publisher_count,
                 "viewers": registry.viewer_count,
                 "total": self.context.limiter.total,
             },
-        })
+        }
+
+    def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
+        """``?scope=cluster`` on a cluster node adds every stream of the cluster with its
+        origin, read from the directory (asynchronously); otherwise as any resource."""
+        origins: Any = self.context.registry.origins
+        scope = request.args.get(b"scope", [b""])[0]
+        if scope != b"cluster" or origins is None or request.method != b"GET":
+            return super().render(request)
+        loopback = is_direct_loopback(request)
+        channel = channel_of(request)
+        refused = channel is not None and channel.refusal is not None
+        if refused or (self.context.config.view_secret is not None and not loopback):
+            return super().render(request)
+        local = self._local(loopback)
+
+        def answer(listing: dict[str, Any]) -> None:
+            local["cluster"] = [
+                {"name": name, "origin": origin.node} for name, origin in sorted(listing.items())
+            ]
+            _finish(request, _json(request, local))
+
+        def failed(failure: Any) -> None:
+            _finish(request, plain(request, 503, "cluster directory unavailable", 1))
+
+        origins.directory.listing().addCallbacks(answer, failed)
+        return server.NOT_DONE_YET
+
+
+def _finish(request: server.Request, body: bytes) -> None:
+    """Write a deferred answer, unless the client left meanwhile."""
+    if not request.finished and not getattr(request, "_disconnected", False):
+        request.write(body)
+        request.finish()
 
 
 class Internals(HttpResource):
@@ -154,6 +191,7 @@ class Internals(HttpResource):
         return _json(request, {
             "objects": counts,
             "streams": len(context.registry.streams),
+            "pulls": len(getattr(context.registry.puller, "pulls", None) or {}),
             "connections": len(context.connections),
             "limiter": {
                 "total": context.limiter.total,

@@ -79,6 +79,20 @@ class Puller(Protocol):
         """The pull of ``name`` for ``/api/streams``, or None when there is none."""
 
 
+class Origins(Protocol):
+    """What the registry tells the cluster directory (:mod:`streamrelay.cluster`) and asks
+    it, from its cached view only (the handshake never waits for the network)."""
+
+    def published(self, name: str) -> None:
+        """A local publisher has ``name``: this node is its origin."""
+
+    def unpublished(self, name: str) -> None:
+        """The local publisher of ``name`` left."""
+
+    def check_publisher(self, name: str) -> Refusal | None:
+        """Why a publisher of ``name`` must be refused cluster-wide (``--no-takeover``)."""
+
+
 class _Throttle:
     """Runs ``action`` at most once per ``interval``; a need inside the interval runs at
     its end, never lost."""
@@ -218,6 +232,9 @@ class Stream:
 
     def attach_publisher(self, link: PublisherLink, *, pulled: bool = False) -> None:
         previous = self.publisher
+        origins = self._registry.origins
+        if origins is not None and not pulled:
+            origins.published(self.name)
         # live_streams counts local publishers only: pulls have their own cap.
         self._registry.live_streams += (0 if pulled else 1) - int(self.local_publisher)
         self.pulled = pulled
@@ -242,6 +259,9 @@ class Stream:
     def detach_publisher(self, link: PublisherLink) -> None:
         if self.publisher is not link:
             return
+        origins = self._registry.origins
+        if origins is not None and self.local_publisher:
+            origins.unpublished(self.name)
         self._registry.live_streams -= int(self.local_publisher)
         self.pulled = False
         self.publisher = None
@@ -531,8 +551,10 @@ class StreamRegistry:
             config.max_waiting_streams, config.max_waiting_streams_per_ip
         )
         self.live_streams = 0
-        # Set on a relay with --upstream (streamrelay.upstream).
+        # Set on a relay with --upstream (streamrelay.upstream) or --cluster.
         self.puller: Puller | None = None
+        # Set on a relay with --cluster (streamrelay.cluster).
+        self.origins: Origins | None = None
         # The counts of the streams already forgotten.
         self.retired = StreamTotals()
 
@@ -549,6 +571,10 @@ class StreamRegistry:
             if not self.config.takeover:
                 return Refusal(409, "stream already has a publisher")
             return None
+        if self.origins is not None and (stream is None or not stream.local_publisher):
+            refusal = self.origins.check_publisher(name)
+            if refusal is not None:
+                return refusal
         if self.live_streams >= self.config.max_streams:
             return Refusal(503, "stream limit reached", retry_after=10)
         return None
@@ -637,6 +663,18 @@ class StreamRegistry:
         self.waiting.forget(name)
         stream.attach_publisher(link, pulled=True)
         return PublisherSession(self, stream, link, pulled=True)
+
+    def give_up(self, name: str) -> None:
+        """Another node became ``name``'s origin (a newer epoch): close the local
+        publisher with 4409; its viewers stay and are served by a pull from there."""
+        stream = self.streams.get(name)
+        if stream is None or not stream.local_publisher or stream.publisher is None:
+            return
+        link = stream.publisher
+        stream.detach_publisher(link)
+        link.replaced()
+        self._want_pull(stream)
+        self._forget_if_idle(stream)
 
     def _want_pull(self, stream: Stream) -> None:
         if self.puller is not None and stream.viewers and not stream.local_publisher:

@@ -37,6 +37,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from streamrelay import logs
+from streamrelay.cluster import ClusterService
 from streamrelay.config import Declared, RelayConfig, derivations, settings
 from streamrelay.tokens import secret_from_environment
 from streamrelay.upstream import UpstreamService
@@ -57,6 +58,7 @@ FD_RESERVE = 64
 
 DEFAULT_LISTEN = "tcp:8080"
 PUBLISHER_EXTRA_HINT = "pip install 'streamrelay[publisher]'"
+CLUSTER_EXTRA_HINT = "pip install 'streamrelay[cluster]'"
 
 
 def _check_port(description: str) -> None:
@@ -70,6 +72,15 @@ def _check_port(description: str) -> None:
     port = positional[0] if positional else (named[0] if named else "")
     if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
         raise ValueError("port must be 0-65535")
+
+
+def _listen_port(description: str) -> int | None:
+    """The port of a ``tcp:PORT...`` description, None for port 0 or another kind."""
+    kind, _, rest = description.partition(":")
+    port = rest.split(":")[0]
+    if kind.lower() not in ("tcp", "tcp6") or not port.isdigit() or int(port) == 0:
+        return None
+    return int(port)
 
 
 def _publisher_installed() -> bool:
@@ -128,6 +139,7 @@ class Options(usage.Options):
         """Check and convert every value; the error names the option."""
         self._config = self._parse_settings()
         self._check_listen()
+        self._check_cluster()
         if self._config.upstream and self._config.relay_secret is None:
             raise usage.UsageError(
                 "--upstream needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): the "
@@ -137,6 +149,33 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--demo runs the test-pattern publisher, which needs PyAV: {PUBLISHER_EXTRA_HINT}"
             )
+
+    def _check_cluster(self) -> None:
+        """``--cluster`` needs the relay secret, an address to advertise and txredisapi."""
+        config = self._config
+        if not config.cluster:
+            return
+        if config.upstream:
+            raise usage.UsageError("--cluster and --upstream exclude each other")
+        if config.relay_secret is None:
+            raise usage.UsageError(
+                "--cluster needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): nodes "
+                "pull from each other with relay tokens signed with it"
+            )
+        if not config.advertise and _listen_port(self["listen"][0]) is None:
+            raise usage.UsageError(
+                "--cluster needs --advertise (the URL other nodes pull from) unless the "
+                "first --listen is a TCP port other than 0"
+            )
+        if find_spec("txredisapi") is None:
+            raise usage.UsageError(f"--cluster needs txredisapi: {CLUSTER_EXTRA_HINT}")
+
+    def advertise(self) -> str:
+        """The URL other nodes reach this one at: ``--advertise``, else the first
+        ``--listen`` port on loopback."""
+        if self._config.advertise:
+            return self._config.advertise
+        return f"ws://127.0.0.1:{_listen_port(self['listen'][0])}"
 
     def _parse_settings(self) -> RelayConfig:
         """Parse each declared setting's text (given or default) into the config."""
@@ -362,6 +401,8 @@ def makeService(options: Options) -> RelayService:
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
     if config.upstream:
         UpstreamService(context, reactor).setServiceParent(relay)
+    if config.cluster:
+        ClusterService(context, reactor, options.advertise()).setServiceParent(relay)
     logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
     if options["demo"]:
         # Imported here: twisted.runner.procmon imports the reactor, which the console

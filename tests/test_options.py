@@ -137,6 +137,14 @@ _BAD_TEXT: dict[Callable[[str], Any], tuple[str, ...]] = {
     config_module.positive_seconds: ("0", "-2", "nan", "inf", "soon"),
     config_module.positive_rate: ("0", "-2", "nan", "inf", "often"),
     config_module.origin_list: ("https://a.example, https://b example",),
+    config_module.cluster_url: (
+        "http://redis:6379",
+        "redis://:pw@redis:6379/0",
+        "redis://redis:6379/x",
+        "redis://redis:99999/0",
+    ),
+    config_module.cluster_label: ("", "a b", "x" * 65),
+    config_module.advertise_url: ("http://node:8080", "ws://node:8080/relay", "ws://u@node"),
     config_module.upstream_urls: (
         "http://origin:8080",
         "ws://origin:8080/relay/cam",
@@ -152,13 +160,19 @@ _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
     config_module.positive_seconds: ("2.5", 2.5),
     config_module.positive_rate: ("0.75", 0.75),
     config_module.origin_list: (" https://a.example ,null", ("https://a.example", "null")),
+    config_module.cluster_url: ("redis://10.0.0.2:6380/3", "redis://10.0.0.2:6380/3"),
+    config_module.cluster_label: ("prod-eu", "prod-eu"),
+    config_module.advertise_url: ("ws://10.0.0.5:8080/", "ws://10.0.0.5:8080"),
     config_module.upstream_urls: (
         "ws://origin:8080, wss://b.example/r/{stream}",
         ("ws://origin:8080/relay/{stream}", "wss://b.example/r/{stream}"),
     ),
 }
 # Settings that only make sense with another one: (its option, its field).
-_NEEDS: dict[str, tuple[str, str]] = {"upstream": ("relay-secret-file", "relay_secret")}
+_NEEDS: dict[str, tuple[str, str]] = {
+    "upstream": ("relay-secret-file", "relay_secret"),
+    "cluster": ("relay-secret-file", "relay_secret"),
+}
 _WIRING_OPTIONS = {"listen", "metrics-listen", "demo"}  # process wiring, not RelayConfig settings
 
 _DECLARED = list(settings())

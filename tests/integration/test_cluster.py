@@ -1,0 +1,542 @@
+"""A cluster of real ``twistd streamrelay --cluster`` nodes on loopback with a real
+``redis-server`` as the directory: viewers on nodes without the stream, takeover across
+nodes, an origin crash, a Redis crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.figures import percentile, record_figure, rounded
+from tests.support.media import CONFIG, KEY, flags_of
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.tokens import write_secret
+from tests.support.waiting import run
+from tests.support.ws_client import PacedPublisher, Viewer, refused
+
+pytestmark = pytest.mark.integration
+
+RELAY_SECRET = b"cluster-test-relay-secret"
+CLOSE_REPLACED = 4409
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Redis:
+    """A ``redis-server`` on loopback, no persistence, restartable on its port."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt install redis-server)")
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """The ``--cluster`` URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart) the server and wait until it accepts connections."""
+        log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - kept by the child
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: the data, never persisted, is gone)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def keys(self, pattern: str) -> list[str]:
+        """KEYS ``pattern`` (the test's own look at the directory)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            command = f"*2\r\n$4\r\nKEYS\r\n${len(pattern)}\r\n{pattern}\r\n".encode()
+            sock.sendall(command)
+            data = b""
+            sock.settimeout(2)
+            while True:
+                data += sock.recv(65536)
+                lines = data.split(b"\r\n")
+                count = int(lines[0][1:])
+                if len(lines) >= 2 * count + 2:
+                    return [line.decode() for line in lines[2 : 2 * count + 1 : 2]]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    """A fresh redis-server for the test (fails loudly when none is installed)."""
+    server = Redis(tmp_path)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def node(start_relay: StartRelay, redis: Redis, tmp_path: Path) -> Callable[..., RelayProcess]:
+    """``node(*arguments, port=None)``: a cluster node advertising its own loopback port."""
+    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+
+    def start(*arguments: str, port: int | None = None) -> RelayProcess:
+        port = port or free_port()
+        return start_relay(
+            "--cluster", redis.url, "--advertise", f"ws://127.0.0.1:{port}",
+            "--relay-secret-file", secret, *arguments,
+            listen=f"tcp:{port}:interface=127.0.0.1", internals=True,
+        )
+
+    return start
+
+
+def api(relay: RelayProcess, path: str) -> Any:
+    """GET a JSON API of the relay."""
+    with urllib.request.urlopen(relay.http_url + path, timeout=5) as response:
+        return json.loads(response.read())
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``predicate`` until true; the seconds it took."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+def has_size(viewer: Viewer, size: int) -> bool:
+    """True once the viewer got a media message of ``size`` bytes."""
+    return any(len(message) == size for _, message in viewer.media)
+
+
+def has_at_least(viewer: Viewer, count: int) -> bool:
+    """True once the viewer got ``count`` media messages."""
+    return len(viewer.media) >= count
+
+
+def received_since(viewer: Viewer, index: int) -> list[int]:
+    """Flags of the media the viewer got from ``index`` on."""
+    return [flags_of(message) for _, message in viewer.media[index:]]
+
+
+@pytest.mark.timeout(60)
+def test_viewers_on_other_nodes_get_every_message(node: Callable[..., RelayProcess]) -> None:
+    """A publisher on A, viewers on B and C (nodes without the stream): every viewer gets
+    every message in order; ``/api/streams?scope=cluster`` on C names A as the origin.
+    Records the first frame (KEY) p50/p95 of a viewer on a node without the stream, each
+    from a cold start (no pull, the grace over, the cached lookup stale)."""
+    a = node()
+    b, c = node("--upstream-grace", "0.2"), node("--upstream-grace", "0.2")
+    count = 300
+
+    async def scenario() -> None:
+        viewers = [await Viewer(f"{n.ws_url}/watch/cam", name=n.ws_url).start() for n in (b, c)]
+        publisher = await PacedPublisher(
+            f"{a.ws_url}/publish/cam", rate=100, gop=25, size=800
+        ).start()
+        try:
+            await until(lambda: all(len(v.media) >= count for v in viewers), 15, "all messages")
+            for viewer in viewers:
+                assert viewer.sequences()[:count] == list(range(count)), viewer.name
+            listing = await asyncio.to_thread(api, c, "/api/streams?scope=cluster")
+            assert listing["cluster"] == [{"name": "cam", "origin": a.ws_url}]
+            for viewer in viewers:
+                await viewer.close()
+            delays = []
+            for round_number in range(12):
+                await asyncio.sleep(1.2)  # the pull's grace and the cached lookup expire
+                target = (b, c)[round_number % 2]
+                viewer = await Viewer(f"{target.ws_url}/watch/cam").start()
+                await asyncio.wait_for(viewer.first_media.wait(), 5)
+                while len(viewer.media) < 2:
+                    await asyncio.sleep(0.002)
+                assert [flags_of(m) for _, m in viewer.media[:2]] == [CONFIG, KEY]
+                delays.append((viewer.media[1][0] - viewer.started_at) * 1000)
+                await viewer.close()
+            record_figure(
+                "cluster_first_frame_cold", nodes=3, samples=len(delays),
+                p50_ms=rounded(percentile(delays, 0.5)), p95_ms=rounded(percentile(delays, 0.95)),
+            )
+            assert percentile(delays, 0.95) <= 500
+        finally:
+            await publisher.close()
+            for viewer in viewers:
+                await viewer.close()
+
+    run(scenario(), 55)
+
+
+@pytest.mark.timeout(60)
+def test_no_takeover_holds_cluster_wide(node: Callable[..., RelayProcess]) -> None:
+    """``--no-takeover`` on every node: a publisher on B, whose cached view knows A holds
+    the stream (B serves a viewer of it and re-reads it), gets 409; one on C, which only
+    heard the claim's notification long ago, is admitted and then closed with 4409 when
+    its claim is refused; A's publisher is never disturbed."""
+    a, b, c = (node("--no-takeover") for _ in range(3))
+
+    async def scenario() -> None:
+        first = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10).start()
+        viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            # Past the trust of C's notified entry; B's is kept fresh by its re-reads.
+            await asyncio.sleep(5.5)
+            status, _, _ = await refused(f"{b.ws_url}/publish/cam")
+            assert status == 409
+            late = await PacedPublisher(f"{c.ws_url}/publish/cam", rate=50, gop=10).start()
+            await until(lambda: late.done.is_set(), 5, "C's publisher closed")
+            assert late.connection is not None and late.connection.protocol.close_rcvd is not None
+            assert late.connection.protocol.close_rcvd.code == CLOSE_REPLACED
+            await late.close()
+            assert not first.done.is_set()
+            count = len(viewer.media)
+            await until(lambda: len(viewer.media) > count + 10, 5, "A's stream goes on")
+        finally:
+            await first.close()
+            await viewer.close()
+
+    run(scenario(), 50)
+
+
+@pytest.mark.timeout(60)
+def test_takeover_across_nodes(node: Callable[..., RelayProcess]) -> None:
+    """A publisher on B for A's stream wins: A's publisher is closed with 4409; viewers on
+    A and C then get B's stream (B's first KEY, and nothing of A's after it)."""
+    a, b, c = node(), node(), node()
+
+    async def scenario() -> None:
+        first = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10, size=600).start()
+        viewers = [await Viewer(f"{n.ws_url}/watch/cam", name=n.ws_url).start() for n in (a, c)]
+        second = None
+        try:
+            for viewer in viewers:
+                await asyncio.wait_for(viewer.first_media.wait(), 5)
+            await asyncio.sleep(1.5)  # the claim is in the directory
+            second = await PacedPublisher(
+                f"{b.ws_url}/publish/cam", rate=50, gop=10, size=700
+            ).start()
+            await until(lambda: first.done.is_set(), 5, "the first publisher closed")
+            assert first.connection is not None
+            assert first.connection.protocol.close_rcvd is not None
+            assert first.connection.protocol.close_rcvd.code == CLOSE_REPLACED
+            for viewer in viewers:
+                await until(partial(has_size, viewer, 700 + _HEADER), 5, f"B on {viewer.name}")
+                sizes = [len(m) for _, m in viewer.media]
+                switch = sizes.index(700 + _HEADER)
+                assert flags_of(viewer.media[switch][1]) in (CONFIG, KEY)
+                assert 600 + _HEADER not in sizes[switch:], viewer.name
+                assert viewer.closed_at is None
+        finally:
+            await first.close()
+            if second is not None:
+                await second.close()
+            for viewer in viewers:
+                await viewer.close()
+
+    run(scenario(), 50)
+
+
+_HEADER = 0  # set below from the media builder
+
+
+def _header_size() -> int:
+    from tests.support.media import media_message
+
+    return len(media_message(0, KEY, 100)) - 100
+
+
+_HEADER = _header_size()
+
+
+@pytest.mark.timeout(90)
+def test_origin_sigkill_publisher_moves_viewers_stay(node: Callable[..., RelayProcess]) -> None:
+    """The origin A is killed; the publisher reconnects to C: viewers on B and C are live
+    again within 5 s of the publisher being back, and never disconnected."""
+    a, b, c = node(), node(), node()
+
+    async def scenario() -> None:
+        publisher = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10).start()
+        viewers = [await Viewer(f"{n.ws_url}/watch/cam", name=n.ws_url).start() for n in (b, c)]
+        second = None
+        try:
+            for viewer in viewers:
+                await asyncio.wait_for(viewer.first_media.wait(), 5)
+            await asyncio.to_thread(a.kill)
+            await publisher.close()
+            before = [len(v.media) for v in viewers]
+            second = await PacedPublisher(f"{c.ws_url}/publish/cam", rate=50, gop=10).start()
+            for viewer, count in zip(viewers, before, strict=True):
+                took = await until(partial(has_at_least, viewer, count + 2), 5,
+                                   f"live again on {viewer.name}")
+                assert received_since(viewer, count)[:2] == [CONFIG, KEY], viewer.name
+                assert viewer.closed_at is None
+                assert took < 5
+        finally:
+            if second is not None:
+                await second.close()
+            for viewer in viewers:
+                await viewer.close()
+
+    run(scenario(), 60)
+
+
+@pytest.mark.timeout(90)
+def test_redis_crash_running_pulls_lose_nothing_and_nodes_reregister(
+    node: Callable[..., RelayProcess], redis: Redis
+) -> None:
+    """Redis is SIGKILLed for 4 s: a running pull (A to B) loses no message, a new viewer
+    of the known stream on B is served meanwhile; Redis back (empty), A re-registers its
+    node and its stream without a restart, and a viewer on C (never looked up before)
+    gets the stream."""
+    a, b, c = node(), node(), node()
+    count = 400
+
+    async def scenario() -> None:
+        viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+        publisher = await PacedPublisher(
+            f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=count
+        ).start()
+        late = fresh = None
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            await asyncio.to_thread(redis.kill)
+            await asyncio.sleep(2)
+            late = await Viewer(f"{b.ws_url}/watch/cam").start()
+            await asyncio.wait_for(late.first_media.wait(), 3)
+            await asyncio.sleep(2)
+            await asyncio.to_thread(redis.start)
+            prefix = "streamrelay:streamrelay:"
+            await until(lambda: f"{prefix}stream:cam" in redis.keys(prefix + "*"), 5,
+                        "the stream re-registered")
+            assert f"{prefix}node:ws://127.0.0.1:{a.port}" in redis.keys(prefix + "node:*")
+            fresh = await Viewer(f"{c.ws_url}/watch/cam").start()
+            await asyncio.wait_for(fresh.first_media.wait(), 5)
+            await asyncio.wait_for(publisher.done.wait(), 20)
+            await until(lambda: len(viewer.media) >= count, 5, "every message on B")
+            assert viewer.sequences() == list(range(count))
+            assert viewer.closed_at is None
+            metrics = await asyncio.to_thread(_metrics, b)
+            assert "streamrelay_directory_errors_total" in metrics
+        finally:
+            await publisher.close()
+            for each in (viewer, late, fresh):
+                if each is not None:
+                    await each.close()
+
+    run(scenario(), 70)
+
+
+def _metrics(relay: RelayProcess) -> str:
+    with urllib.request.urlopen(relay.http_url + "/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+@pytest.mark.timeout(90)
+def test_origin_sigstop_directory_expires_it_and_it_yields_on_waking(
+    node: Callable[..., RelayProcess], redis: Redis
+) -> None:
+    """The origin A is stopped (SIGSTOP: half-dead, its sockets open): its node and
+    stream expire from the directory within the 3 s TTL (plus a heartbeat); the
+    publisher reconnects to C and B's viewer is live again from C; A, woken, finds the
+    newer epoch at its first heartbeat and closes its stale publisher with 4409."""
+    a, b, c = node(), node(), node()
+    prefix = "streamrelay:streamrelay:"
+
+    async def scenario() -> None:
+        publisher = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10).start()
+        viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+        second = None
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            await asyncio.sleep(1.2)
+            os.kill(a.process.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            await until(lambda: f"{prefix}node:ws://127.0.0.1:{a.port}" not in redis.keys(
+                prefix + "node:*"), 5, "A's node expired")
+            assert time.monotonic() - stopped < 4.5
+            await until(lambda: not redis.keys(prefix + "stream:*"), 2, "A's stream expired")
+            before = len(viewer.media)
+            second = await PacedPublisher(f"{c.ws_url}/publish/cam", rate=50, gop=10).start()
+            await until(partial(has_at_least, viewer, before + 2), 5, "live again from C")
+            assert received_since(viewer, before)[:2] == [CONFIG, KEY]
+            assert viewer.closed_at is None
+            os.kill(a.process.pid, signal.SIGCONT)
+            await until(lambda: publisher.done.is_set(), 5, "A's stale publisher closed")
+            assert publisher.connection is not None
+            received = publisher.connection.protocol.close_rcvd
+            assert received is not None and received.code == CLOSE_REPLACED
+            await asyncio.sleep(1.5)
+            assert redis.keys(prefix + "stream:*") == [f"{prefix}stream:cam"]
+        finally:
+            os.kill(a.process.pid, signal.SIGCONT)
+            await publisher.close()
+            if second is not None:
+                await second.close()
+            await viewer.close()
+
+    run(scenario(), 60)
+
+
+@pytest.mark.timeout(90)
+def test_publisher_flapping_between_two_nodes(
+    node: Callable[..., RelayProcess], redis: Redis
+) -> None:
+    """A publisher moves between A and B every 500 ms for 8 s (the new connection first,
+    the old one closed 100 ms later): at the end exactly one origin, the viewers on A, B
+    and C all live from the last publisher, and at most one pull per node."""
+    a, b, c = node(), node(), node()
+    relays = (a, b, c)
+    prefix = "streamrelay:streamrelay:"
+
+    async def scenario() -> None:
+        viewers = [await Viewer(f"{n.ws_url}/watch/cam", name=n.ws_url).start() for n in relays]
+        current: PacedPublisher | None = None
+        try:
+            for flip in range(16):
+                target = (a, b)[flip % 2]
+                fresh = await PacedPublisher(
+                    f"{target.ws_url}/publish/cam", rate=50, gop=10
+                ).start()
+                if current is not None:
+                    await asyncio.sleep(0.1)
+                    await current.close()
+                current = fresh
+                await asyncio.sleep(0.4)
+            last = (a, b)[15 % 2]
+            await asyncio.sleep(2.5)  # settle: heartbeats and re-reads
+            assert redis.keys(prefix + "stream:*") == [f"{prefix}stream:cam"]
+            listing = await asyncio.to_thread(api, c, "/api/streams?scope=cluster")
+            assert listing["cluster"] == [{"name": "cam", "origin": last.ws_url}]
+            counts = [len(v.media) for v in viewers]
+            await until(lambda: all(len(v.media) > n + 20 for v, n in zip(
+                viewers, counts, strict=True)), 5, "every viewer live")
+            assert all(v.closed_at is None for v in viewers)
+            for relay in relays:
+                internals = await asyncio.to_thread(api, relay, "/api/internals")
+                expected = 0 if relay is last else 1
+                assert internals["pulls"] == expected, (relay.ws_url, internals)
+        finally:
+            if current is not None:
+                await current.close()
+            for viewer in viewers:
+                await viewer.close()
+
+    run(scenario(), 70)
+
+
+@pytest.mark.timeout(90)
+def test_rejoin_during_the_grace_while_the_origin_moves(
+    node: Callable[..., RelayProcess],
+) -> None:
+    """On C, a viewer leaves (its pull enters the grace) and a new one joins while the
+    publisher moves between A and B, at varied moments: every rejoining viewer gets a
+    CONFIG and a KEY within 5 s."""
+    a, b, c = node(), node(), node()
+
+    async def scenario() -> None:
+        current = await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10).start()
+        viewer = await Viewer(f"{c.ws_url}/watch/cam").start()
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            for round_number, pause in enumerate((0.0, 0.05, 0.2, 0.0, 0.1, 0.4)):
+                await viewer.close()
+                target = (b, a)[round_number % 2]
+                fresh = await PacedPublisher(
+                    f"{target.ws_url}/publish/cam", rate=50, gop=10
+                ).start()
+                await asyncio.sleep(pause)
+                viewer = await Viewer(f"{c.ws_url}/watch/cam").start()
+                await current.close()
+                current = fresh
+                await until(partial(has_at_least, viewer, 2), 5, f"video in round {round_number}")
+                assert received_since(viewer, 0)[:2] == [CONFIG, KEY], round_number
+                # ... and from the new origin: the stream goes on after the old one closed.
+                count = len(viewer.media)
+                await until(partial(has_at_least, viewer, count + 10), 5, "still live")
+        finally:
+            await current.close()
+            await viewer.close()
+
+    run(scenario(), 70)
+
+
+@pytest.mark.timeout(60)
+def test_the_directory_through_sentinel(
+    start_relay: StartRelay, redis: Redis, tmp_path: Path
+) -> None:
+    """``--cluster redis+sentinel://...``: the nodes find the master through a Sentinel
+    (a real ``redis-server --sentinel``) and a viewer on B gets A's stream."""
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor main 127.0.0.1 {redis.port} 1\n"
+    )
+    with open(tmp_path / "sentinel.log", "ab") as log:
+        sentinel = subprocess.Popen(
+            [redis.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+    try:
+        nodes = []
+        for _ in range(2):
+            node_port = free_port()
+            nodes.append(start_relay(
+                "--cluster", f"redis+sentinel://127.0.0.1:{port}/main/0",
+                "--advertise", f"ws://127.0.0.1:{node_port}", "--relay-secret-file", secret,
+                listen=f"tcp:{node_port}:interface=127.0.0.1",
+            ))
+        a, b = nodes
+
+        async def scenario() -> None:
+            viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+            publisher = await PacedPublisher(
+                f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=100
+            ).start()
+            try:
+                await asyncio.wait_for(publisher.done.wait(), 10)
+                await until(partial(has_at_least, viewer, 100), 10, "every message on B")
+                assert viewer.sequences() == list(range(100))
+            finally:
+                await publisher.close()
+                await viewer.close()
+
+        run(scenario(), 40)
+    finally:
+        sentinel.kill()
+        sentinel.wait()
