@@ -14,7 +14,13 @@ import pytest
 from streamrelay.config import RelayConfig
 from streamrelay.roles import Role
 from streamrelay.tokens import make_token
-from streamrelay.upstream import RETRY_MAX_SECONDS, TemplateLocator, UpstreamManager
+from streamrelay.upstream import (
+    PARK_SECONDS,
+    PROBE_SECONDS,
+    RETRY_MAX_SECONDS,
+    TemplateLocator,
+    UpstreamManager,
+)
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media, parse_media
 from tests.fakes import Peer, Relay
 from tests.relay_links import SECRET, Network
@@ -311,11 +317,13 @@ def test_each_upstream_is_tried_in_turn(net: Network) -> None:
 
 
 def test_the_pull_cap_refuses_a_viewer_that_would_need_one_more(net: Network) -> None:
-    """With ``--max-pulls 1`` a second stream's viewer gets 503 in its handshake and no
-    pull; more viewers of the pulled stream are fine."""
-    net.relay(ORIGIN)
+    """With ``--max-pulls 1`` and a live pull, a second stream's viewer gets 503 in its
+    handshake and no pull; more viewers of the pulled stream are fine."""
+    origin = net.relay(ORIGIN)
+    gop(origin.publisher("a"), 1, config=True)
     edge, manager = net.edge(EDGE, ORIGIN, max_pulls=1)
     edge.viewer("a")
+    net.flush()
     refused = edge.connect().upgrade("/watch/b")
     assert refused.status == 503 and b"pull limit" in refused.body
     edge.viewer("a")
@@ -560,3 +568,67 @@ def test_a_stream_left_without_a_pull_at_the_cap_gets_the_next_free_place(
     net.tick(1.5)
     assert list(manager.pulls) == ["b"]
     assert seen(left_behind)[-5:] == ["live", "C1", "K2", "d3", "d4"]
+
+
+def test_pulls_for_invented_names_never_lock_a_live_stream_out(net: Network) -> None:
+    """The reviewer's scenario (issue 8): 4 addresses x 16 invented names fill what used
+    to be all 64 pulls; a viewer of the live stream is still admitted and served, and
+    the probes for the invented names hold no place."""
+    _origin, _publisher = live_origin(net)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    for address in range(4):
+        for index in range(16):
+            edge.viewer(f"nobody{address}x{index}", host=f"10.0.0.{address + 1}")
+    net.flush()
+    assert len(manager.pulls) == 64 and manager.places_taken == 0
+    viewer = edge.viewer("cam")
+    net.flush()
+    assert seen(viewer) == ["offline", "live", "meta", "C1", "K2", "d3", "d4"]
+    assert manager.places_taken == 1 and manager.refused == 0
+
+
+def test_a_probe_that_finds_nothing_live_is_parked_then_probes_again(net: Network) -> None:
+    """A pull never live upstream closes after the probe time (freeing the upstream's
+    waiting slot) while its viewer stays; it probes again after the park time, and goes
+    live when a publisher has come meanwhile."""
+    origin = net.relay(ORIGIN)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    viewer = edge.viewer("later")
+    tick_answering(net, PROBE_SECONDS + 0.5, viewer)
+    assert "later" not in manager.pulls and "later" in manager.parked
+    assert net.links_to(ORIGIN) == [] and manager.parked_total == 1
+    assert "later" not in origin.context.registry.streams
+    gop(origin.publisher("later"), 1, config=True)
+    tick_answering(net, PARK_SECONDS + 0.5, viewer)
+    assert "later" in manager.pulls and manager.places_taken == 1
+    assert seen(viewer)[-5:] == ["live", "C1", "K2", "d3", "d4"]
+
+
+def test_the_last_viewer_leaving_forgets_a_parked_name(net: Network) -> None:
+    """A parked name whose viewers all left is not probed again."""
+    net.relay(ORIGIN)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    viewer = edge.viewer("gone")
+    tick_answering(net, PROBE_SECONDS + 0.5, viewer)
+    assert "gone" in manager.parked
+    viewer.lose()
+    net.flush()
+    assert manager.parked == {}
+    net.tick(PARK_SECONDS + 1)
+    assert manager.pulls == {} and manager.started == 1
+
+
+def test_a_probe_going_live_over_the_cap_ends_and_waits_for_a_place(net: Network) -> None:
+    """Two probes for streams both live upstream with one place: the second to go live
+    ends (its viewers wait), and gets the place when the first pull ends."""
+    origin = net.relay(ORIGIN)
+    for name in ("a", "b"):
+        gop(origin.publisher(name), 1, config=True)
+    edge, manager = net.edge(EDGE, ORIGIN, max_pulls=1, upstream_grace=1.0)
+    first = edge.viewer("a")
+    second = edge.viewer("b")
+    net.flush()
+    assert list(manager.pulls) == ["a"] and manager.refused == 1
+    first.lose()
+    tick_answering(net, 1.5, second)
+    assert list(manager.pulls) == ["b"] and "K2" in seen(second)

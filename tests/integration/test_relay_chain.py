@@ -562,3 +562,42 @@ def test_cpu_of_one_pull_on_the_origin_compared_with_one_viewer(
         pull_over_viewer=rounded(pull_cost / viewer_cost, 2),
     )
     assert pull_cost < 3 * viewer_cost + 0.01 * window, json.dumps(cpu)
+
+
+# -- invented names (issue 8) -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_viewers_of_invented_names_never_lock_a_live_stream_out_of_an_edge(
+    start_relay: StartRelay, secret: str
+) -> None:
+    """The reviewer's scenario: viewers from 4 addresses wait on 16 invented names each
+    (64 pulls, the default ``--max-pulls``); a viewer of the stream live on the origin is
+    still admitted by the edge and gets its keyframe."""
+    origin = origin_of(start_relay, secret)
+    edge = edge_of(start_relay, secret, origin.ws_url)
+
+    async def scenario() -> None:
+        publisher = await PacedPublisher(
+            f"{origin.ws_url}/publish/live", rate=30, gop=30, size=2000
+        ).start()
+        squatters: list[Viewer] = []
+        try:
+            for address in range(4):
+                for index in range(16):
+                    squatter = Viewer(
+                        f"{edge.ws_url}/watch/invented-{address}-{index}",
+                        name=f"squatter-{address}-{index}",
+                        local_addr=(f"127.0.0.{address + 2}", 0),
+                    )
+                    squatters.append(await squatter.start())
+            await asyncio.sleep(1.0)  # every probe is up against the origin
+            viewer = await Viewer(f"{edge.ws_url}/watch/live", name="live").start()
+            await first_key_after(viewer, timeout=10.0)
+            await viewer.close()
+        finally:
+            for squatter in squatters:
+                await squatter.close()
+            await publisher.close()
+
+    run(scenario(), 80)
