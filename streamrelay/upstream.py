@@ -31,7 +31,10 @@ waiting-stream bounds, total and per address, already bound the names viewers in
 and after :data:`PROBE_SECONDS` without ``live`` it is *parked*: its connection closes
 (so it holds no waiting slot upstream either) and it probes again
 :data:`PARK_SECONDS` later while its viewers wait here, as viewers of an unpublished
-name do.
+name do.  At most a quarter of ``--max-pulls`` probes are open at once (so an edge opens
+at most 1.25 x ``--max-pulls`` connections upstream); more names queue for a probe, and
+while some do, a probe told ``offline`` parks at once, so the queue moves at the pace of
+handshakes and a live stream's name is reached quickly.
 """
 
 from __future__ import annotations
@@ -197,6 +200,9 @@ class Pull(StreamListener):
         """Live upstream: become the stream's publisher; offline: viewers see it too."""
         if not live:
             self._detach()
+            if not self.was_live and self.manager.queued:
+                # Names wait for a probe: this one has its answer, let the next ask.
+                self.manager.park(self)
             return
         if self.session is not None:
             return
@@ -206,6 +212,7 @@ class Pull(StreamListener):
             self.was_live = True
             self._cancel_probe()
         self.session = self.manager.registry.pull_source(self.name, self)
+        self.manager.probe_done()
         if self.session is None:
             # A local publisher has the stream: it wins, and this pull has no purpose.
             self.manager.stop(self.name)
@@ -278,6 +285,9 @@ class UpstreamManager:
         self.pulls: dict[str, Pull] = {}
         # Names whose probe found nothing live: probed again when the call fires.
         self.parked: dict[str, IDelayedCall] = {}
+        # Names waiting for a probe (at most max_probes are open), in order.
+        self.queued: dict[str, None] = {}
+        self.max_probes = max(1, config.max_pulls // 4)
         self.started = 0
         self.refused = 0
         self.parked_total = 0
@@ -302,12 +312,24 @@ class UpstreamManager:
     def check(self, name: str) -> Refusal | None:
         """503 when ``name`` would need a pull and every place is held by a live one
         (probes for names not live upstream hold none)."""
-        if name in self.pulls or name in self.parked:
+        if name in self.pulls or name in self.parked or name in self.queued:
             return None
         if self.places_taken < self.config.max_pulls:
             return None
         self.refused += 1
         return Refusal(503, "upstream pull limit reached", retry_after=10)
+
+    @property
+    def probes(self) -> int:
+        """Pulls not (yet) live upstream: they hold no place."""
+        return sum(1 for pull in self.pulls.values() if not pull.was_live)
+
+    def probe_done(self) -> None:
+        """A probe ended or went live: queued names may start theirs."""
+        while self.queued and self.probes < self.max_probes:
+            name = next(iter(self.queued))
+            del self.queued[name]
+            self._want_again(name)
 
     def take_place(self, pull: Pull) -> bool:
         """``pull`` went live: True if it may hold a place; if the places filled up
@@ -319,6 +341,7 @@ class UpstreamManager:
         if self.pulls.get(pull.name) is pull:
             del self.pulls[pull.name]
         pull.stop()
+        self.probe_done()
         return False
 
     def park(self, pull: Pull) -> None:
@@ -330,14 +353,19 @@ class UpstreamManager:
         pull.stop()
         self.parked_total += 1
         self.parked[pull.name] = self.reactor.callLater(PARK_SECONDS, self._unpark, pull.name)
+        self.probe_done()
 
     def _unpark(self, name: str) -> None:
         self.parked.pop(name, None)
+        self._want_again(name)
+
+    def _want_again(self, name: str) -> None:
         stream = self.registry.streams.get(name)
         if stream is not None and stream.viewers and not stream.local_publisher:
             self.want(name)
 
     def _forget_parked(self, name: str) -> None:
+        self.queued.pop(name, None)
         call = self.parked.pop(name, None)
         if call is not None and call.active():
             call.cancel()
@@ -348,13 +376,16 @@ class UpstreamManager:
         if pull is not None:
             pull.keep()
             return
-        if name in self.parked:
+        if name in self.parked or name in self.queued:
             return
         if self.places_taken >= self.config.max_pulls:
             # check() refused such viewers already; a local publisher leaving its viewers
             # behind can still get here.
             self.refused += 1
             _log.warn("Not pulling {stream}: --max-pulls reached", stream=name)
+            return
+        if self.probes >= self.max_probes:
+            self.queued[name] = None
             return
         pull = self.pulls[name] = Pull(self, name)
         self.started += 1
@@ -376,6 +407,7 @@ class UpstreamManager:
             _log.info("Stopped pulling {stream}", stream=name)
             pull.stop()
             self._fill_vacancy()
+            self.probe_done()
 
     def _fill_vacancy(self) -> None:
         # Streams left without a pull while the cap was reached (a local publisher left
@@ -384,7 +416,7 @@ class UpstreamManager:
             if self.places_taken >= self.config.max_pulls:
                 return
             name = stream.name
-            if name in self.pulls or name in self.parked:
+            if name in self.pulls or name in self.parked or name in self.queued:
                 continue
             if stream.viewers and not stream.local_publisher:
                 self.want(name)
@@ -409,6 +441,7 @@ class UpstreamManager:
         """End every pull (the relay is stopping); fires when all are closed."""
         pulls = list(self.pulls.values())
         self.pulls.clear()
+        self.queued.clear()
         for name in list(self.parked):
             self._forget_parked(name)
         return defer.gatherResults([pull.stop() for pull in pulls], consumeErrors=True)

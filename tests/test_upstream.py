@@ -571,20 +571,23 @@ def test_a_stream_left_without_a_pull_at_the_cap_gets_the_next_free_place(
 
 
 def test_pulls_for_invented_names_never_lock_a_live_stream_out(net: Network) -> None:
-    """The reviewer's scenario (issue 8): 4 addresses x 16 invented names fill what used
-    to be all 64 pulls; a viewer of the live stream is still admitted and served, and
-    the probes for the invented names hold no place."""
+    """The reviewer's scenario (issue 8): viewers from 4 addresses wait on 16 invented
+    names each, what used to take all 64 pulls; a viewer of the live stream is still
+    admitted and served.  Probes hold no place, at most a quarter of --max-pulls are
+    open at once, and each told ``offline`` parks while others queue."""
     _origin, _publisher = live_origin(net)
     edge, manager = net.edge(EDGE, ORIGIN)
     for address in range(4):
         for index in range(16):
             edge.viewer(f"nobody{address}x{index}", host=f"10.0.0.{address + 1}")
-    net.flush()
-    assert len(manager.pulls) == 64 and manager.places_taken == 0
+    assert manager.probes == manager.max_probes == 16 and len(manager.queued) == 48
     viewer = edge.viewer("cam")
     net.flush()
     assert seen(viewer) == ["offline", "live", "meta", "C1", "K2", "d3", "d4"]
     assert manager.places_taken == 1 and manager.refused == 0
+    # The last probes, nobody queued behind them, wait out PROBE_SECONDS.
+    assert manager.queued == {} and len(manager.parked) + manager.probes == 64
+    assert len(net.links_to(ORIGIN)) == 1 + manager.probes <= 1 + manager.max_probes
 
 
 def test_a_probe_that_finds_nothing_live_is_parked_then_probes_again(net: Network) -> None:
