@@ -45,17 +45,22 @@ from typing import Any, Final
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from streamrelay import wire
+from streamrelay.logs import relay_logger
 from streamrelay.publisher.backoff import Backoff
 from streamrelay.publisher.connection import RelayClientFactory, RelayConnection
 from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
 from streamrelay.publisher.settings import RelayTarget, parse_relay_url
 from streamrelay.wire import MediaMessage, WireError
 
-_log = Logger()
+# Through the relay's log rate limit: an edge's pulls retry a dead upstream forever.
+_log = relay_logger(__name__)
+
+# A relay that refused the credentials (401/403: a wrong secret or token) will not change
+# its mind soon: retry after this, plus the usual jitter, not within a second.
+AUTH_RETRY_SECONDS: Final = 30.0
 
 USER_AGENT: Final = "streamrelay-client/0.1"
 DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
@@ -212,6 +217,10 @@ class StreamClient:
         self._stopped: list[defer.Deferred[None]] = []
         # Why this client closed the current connection itself (a broken message).
         self._broken: str | None = None
+        # Failed attempts in a row and the last reason logged: a retry is logged when the
+        # reason changes, not at every attempt.
+        self.failures = 0
+        self._logged_why: str | None = None
 
     # -- the API --------------------------------------------------------------------------
 
@@ -370,7 +379,9 @@ class StreamClient:
         self._last_heard = self._clock.seconds()
         self.stats.connects += 1
         self.last_error = None
-        _log.info("{url}: watching", url=self.display_url)
+        _log.info("{url}: watching", url=self.display_url, failures=self.failures)
+        self.failures = 0
+        self._logged_why = None
         self._schedule_ping()
         self.listener.opened(self)
 
@@ -460,6 +471,8 @@ class StreamClient:
         opened_at = self.opened_at or 0.0
         held = was_open and self._clock.seconds() - opened_at >= self.settings.stable_after
         asked = connection.refusal.retry_after if connection.refusal is not None else None
+        if connection.refusal is not None and connection.refusal.status in (401, 403):
+            asked = max(asked or 0, int(AUTH_RETRY_SECONDS))
         self._retry(why, held, asked)
 
     # -- retrying and stopping ----------------------------------------------------------------
@@ -477,9 +490,16 @@ class StreamClient:
         if retry_after is not None:
             # A refusal said when there is room; the jitter still spreads the clients.
             delay += retry_after
-        _log.info(
-            "{url}: {why}; retrying in {delay:.2f} s", url=self.display_url, why=why, delay=delay
-        )
+        self.failures += 1
+        if why != self._logged_why:
+            self._logged_why = why
+            _log.info(
+                "{url}: {why}; retrying in {delay:.2f} s (attempt {failures})",
+                url=self.display_url,
+                why=why,
+                delay=delay,
+                failures=self.failures,
+            )
         self.state = ClientState.WAITING
         self._timer = self._clock.callLater(delay, self._retry_due)
 

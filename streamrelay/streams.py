@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
 from streamrelay.budget import BufferBudget
 from streamrelay.config import RelayConfig
 from streamrelay.gop import GopCache
 from streamrelay.limits import Refusal, WaitingStreams
+from streamrelay.logs import relay_logger
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
 from streamrelay.wire import MediaMessage, encode_text
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 VIEWER_COUNT_MIN_GAP = 0.25
 RATE_WINDOW_SECONDS = 5.0

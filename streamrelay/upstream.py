@@ -47,12 +47,12 @@ from typing import Any, Protocol
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 
 from streamrelay.client import ClientSettings, StreamClient, StreamListener
 from streamrelay.config import STREAM_PLACEHOLDER, RelayConfig
 from streamrelay.context import RelayContext
 from streamrelay.limits import Refusal
+from streamrelay.logs import relay_logger
 from streamrelay.publisher.backoff import Backoff
 from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
 from streamrelay.roles import Role
@@ -60,7 +60,7 @@ from streamrelay.streams import PublisherSession, StreamRegistry
 from streamrelay.tokens import make_token
 from streamrelay.wire import MediaMessage
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 # Reconnect delays of a pull: uniform in [0, min(max, initial * 2**attempt)].  A second at
 # most: an edge's viewers wait for it, and a refused or failed attempt costs the upstream

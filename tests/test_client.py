@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamrelay.client import ClientSettings, ClientState, StreamClient
+from streamrelay.client import AUTH_RETRY_SECONDS, ClientSettings, ClientState, StreamClient
 from streamrelay.publisher.backoff import Backoff
 from streamrelay.roles import Role
 from streamrelay.tokens import make_token
@@ -110,7 +110,8 @@ def test_the_token_goes_only_in_the_authorization_header(net: Network) -> None:
 
 def test_a_refused_client_retries_with_backoff_and_a_fresh_token(net: Network) -> None:
     """A 401 is explained in ``last_error``; every attempt asks the token source anew
-    and waits twice as long as the one before, up to the maximum."""
+    and waits AUTH_RETRY_SECONDS (a wrong credential will not change soon) plus a
+    backoff twice as long as the one before, up to the maximum."""
     relay = net.relay("origin:8080", view_secret=b"view")
     tokens: list[str] = []
 
@@ -130,7 +131,9 @@ def test_a_refused_client_retries_with_backoff_and_a_fresh_token(net: Network) -
     client.start()
     net.flush()
     assert client.state is ClientState.WAITING and "401" in (client.last_error or "")
-    net.tick(0.1 + 0.2 + 0.35)
+    net.tick(AUTH_RETRY_SECONDS + 0.05)
+    assert len(tokens) == 1
+    net.tick(0.1 + AUTH_RETRY_SECONDS + 0.2 + AUTH_RETRY_SECONDS + 0.35)
     assert len(tokens) == 3 and client.state is ClientState.WAITING
     net.tick(0.1)
     assert len(tokens) == 4 and client.state is ClientState.OPEN
@@ -271,3 +274,19 @@ def test_bad_settings_are_refused(keywords: dict[str, object]) -> None:
     """No URL, a bad retry range, a multi-line token or a non-WebSocket URL."""
     with pytest.raises(ValueError):
         ClientSettings(**keywords)  # type: ignore[arg-type]
+
+
+def test_retries_are_logged_once_per_reason_with_a_count(net: Network) -> None:
+    """A dead relay retried for seconds logs one retry line, not one per attempt; the
+    count of failed attempts is kept and logged when the client is watching again."""
+    with captured_log() as log:
+        client, _recorder = watcher(net, URL)
+        net.tick(5.0)
+        retries = [e for e in log.events if "retrying" in e.get("log_format", "")]
+        assert len(retries) == 1 and client.failures >= 5
+        failures = client.failures
+        net.relay("origin:8080")
+        net.tick(1.1)
+    assert client.state is ClientState.OPEN and client.failures == 0
+    watching = [e for e in log.events if "watching" in e.get("log_format", "")]
+    assert watching[-1]["failures"] >= failures
