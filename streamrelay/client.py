@@ -298,12 +298,19 @@ class StreamClient:
 
     def _connect(self) -> None:
         self.state = ClientState.CONNECTING
-        target = self.target = self._pick_target()
-        token = self._token_source(target.url) if self._token_source else self.settings.token
-        factory = self._make_factory(target, token)
+        try:
+            target = self.target = self._pick_target()
+            token = self._token_source(target.url) if self._token_source else self.settings.token
+            factory = self._make_factory(target, token)
+            endpoint = self._endpoint_factory(self._reactor, target, self.settings.insecure)
+        except Exception:
+            # Runs in a retry timer: an exception escaping would leave the client
+            # CONNECTING for good.  (The message names no token: it may be the culprit.)
+            _log.failure("{url}: cannot prepare a connection attempt", url=self.display_url)
+            self._retry("cannot prepare a connection attempt", held=False)
+            return
         self._factory = factory
         self._timer = self._clock.callLater(self.settings.open_timeout, self._open_timed_out)
-        endpoint = self._endpoint_factory(self._reactor, target, self.settings.insecure)
         attempt = endpoint.connect(factory)
         if self._factory is factory and self._connection is None:
             self._connecting = attempt

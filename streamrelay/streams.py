@@ -605,8 +605,7 @@ class StreamRegistry:
         if name not in self.streams:
             self.waiting.add(name)
         session = ViewerSession(self, self._stream(name), sink, address)
-        self._want_pull(session.stream)
-        return session
+        return self._pull_for(session)
 
     # -- relay to relay ---------------------------------------------------------------
 
@@ -624,8 +623,7 @@ class StreamRegistry:
         if name not in self.streams:
             self.waiting.add(name)
         session = ViewerSession(self, self._stream(name), sink, None, relay=True)
-        self._want_pull(session.stream)
-        return session
+        return self._pull_for(session)
 
     def pull_source(self, name: str, link: PublisherLink) -> PublisherSession | None:
         """Attach a live pull from the upstream as ``name``'s publisher; None when a
@@ -637,6 +635,16 @@ class StreamRegistry:
         self.waiting.forget(name)
         stream.attach_publisher(link, pulled=True)
         return PublisherSession(self, stream, link, pulled=True)
+
+    def _pull_for(self, session: ViewerSession) -> ViewerSession | Refusal:
+        try:
+            self._want_pull(session.stream)
+        except Exception:
+            # A failing puller must not leave the viewer attached for good.
+            _log.failure("Cannot pull {stream}", stream=session.stream.name)
+            session.close()
+            return Refusal(503, "cannot pull the stream now", retry_after=10)
+        return session
 
     def _want_pull(self, stream: Stream) -> None:
         if self.puller is not None and stream.viewers and not stream.local_publisher:

@@ -290,3 +290,37 @@ def test_retries_are_logged_once_per_reason_with_a_count(net: Network) -> None:
     assert client.state is ClientState.OPEN and client.failures == 0
     watching = [e for e in log.events if "watching" in e.get("log_format", "")]
     assert watching[-1]["failures"] >= failures
+
+
+def test_an_attempt_that_cannot_be_prepared_is_logged_and_retried(net: Network) -> None:
+    """A URL source or token source raising inside the retry timer leaves the client
+    waiting for its next attempt (not stuck connecting), with the failure logged."""
+    net.relay("origin:8080")
+    calls: list[str] = []
+
+    def urls() -> str:
+        calls.append("url")
+        if len(calls) == 2:
+            raise ValueError("directory unreachable")
+        return URL
+
+    client = StreamClient(
+        ClientSettings(URL, retry_initial=0.1, retry_max=1.0),
+        Recorder(),
+        net.clock,
+        endpoint_factory=net.endpoint,
+        backoff=_fixed_backoff(),
+        next_url=urls,
+    )
+    client.start()
+    net.flush()
+    assert client.state is ClientState.OPEN
+    with captured_log() as log:
+        net.kill("origin:8080")
+        net.tick(0.15)
+        assert client.state is ClientState.WAITING
+        assert "cannot prepare" in (client.last_error or "")
+        assert any("log_failure" in event for event in log.events)
+        net.relay("origin:8080")
+        net.tick(0.3)
+    assert client.state is ClientState.OPEN and len(calls) == 3
