@@ -127,6 +127,8 @@ class Pull(StreamListener):
         # True once the upstream said live: only then does the pull hold a place.
         self.was_live = False
         self._probe: IDelayedCall | None = None
+        # A keyframe request made while the connection was down, sent once it is open.
+        self.keyframe_owed = False
 
     def _next_url(self) -> str:
         # Asked anew at every attempt, so a locator whose answer changes (a directory of
@@ -195,6 +197,8 @@ class Pull(StreamListener):
         """Tell the upstream how many viewers this relay serves for the stream."""
         stream = self.manager.registry.streams.get(self.name)
         self.send_viewer_count(stream.audience if stream is not None else 0)
+        if self.keyframe_owed:
+            self.send_keyframe_request()
 
     def status(self, live: bool) -> None:
         """Live upstream: become the stream's publisher; offline: viewers see it too."""
@@ -248,8 +252,9 @@ class Pull(StreamListener):
         self.client.send_json({"type": "viewers", "count": count})
 
     def send_keyframe_request(self) -> None:
-        """A local viewer needs a KEY the cache cannot give: ask upstream."""
-        self.client.request_keyframe()
+        """A local viewer needs a KEY the cache cannot give: ask upstream, now or (the
+        connection being down) as soon as it is open again: a request is never lost."""
+        self.keyframe_owed = not self.client.request_keyframe()
 
     def replaced(self) -> None:
         """A local publisher took the stream: the pull ends."""

@@ -635,3 +635,30 @@ def test_a_probe_going_live_over_the_cap_ends_and_waits_for_a_place(net: Network
     first.lose()
     tick_answering(net, 1.5, second)
     assert list(manager.pulls) == ["b"] and "K2" in seen(second)
+
+
+def test_a_keyframe_request_made_while_reconnecting_is_sent_once_open(net: Network) -> None:
+    """A keyframe request the pull cannot send (its connection is down) is kept and sent
+    when the connection is open again."""
+    _origin, _publisher = live_origin(net)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    edge.viewer("cam")
+    net.flush()
+    pull = manager.pulls["cam"]
+    sent: list[bool] = []
+    request = pull.client.request_keyframe
+
+    def spy() -> bool:
+        sent.append(request())
+        return sent[-1]
+
+    pull.client.request_keyframe = spy  # type: ignore[method-assign]
+    net.kill(ORIGIN)
+    pull.send_keyframe_request()
+    assert sent == [False] and pull.keyframe_owed
+    net.relay(ORIGIN).publisher("cam")
+    net.tick(RETRY_MAX_SECONDS + 0.1)
+    assert pull.client.stats.connects == 2 and not pull.keyframe_owed
+    # The owed request goes out as the connection opens; the second is the one a pulled
+    # stream sends when it goes live with a viewer waiting for a KEY.
+    assert sent == [False, True, True]
