@@ -195,6 +195,8 @@ class Pull(StreamListener):
 
     def opened(self, client: StreamClient) -> None:
         """Tell the upstream how many viewers this relay serves for the stream."""
+        if client.stats.connects > 1:
+            self.manager.reconnects += 1
         stream = self.manager.registry.streams.get(self.name)
         self.send_viewer_count(stream.audience if stream is not None else 0)
         if self.keyframe_owed:
@@ -296,6 +298,9 @@ class UpstreamManager:
         self.started = 0
         self.refused = 0
         self.parked_total = 0
+        # Connections pulls reopened after their first, over the relay's life (a pull's
+        # own count ends with it): the metric streamrelay_pull_reconnects_total.
+        self.reconnects = 0
 
     def token_for(self, name: str) -> Callable[[str], str]:
         """Mints a fresh ``relay`` token for ``name`` per connection attempt (the secret

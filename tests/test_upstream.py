@@ -250,7 +250,7 @@ def test_origin_death_leaves_viewers_connected_offline_then_live_again(net: Netw
     gop(publisher, 10, config=True)
     net.tick(RETRY_MAX_SECONDS + 0.1)
     assert seen(viewer) == ["live", "C10", "K11", "d12", "d13"]
-    assert not viewer.closing
+    assert not viewer.closing and manager.reconnects == 1
 
 
 def test_an_upstream_gap_reaches_edge_viewers_as_dropped_then_config_then_key(
