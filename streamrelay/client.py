@@ -48,6 +48,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from streamrelay import wire
+from streamrelay.liveness import Liveness
 from streamrelay.logs import relay_logger
 from streamrelay.publisher.backoff import Backoff
 from streamrelay.publisher.connection import RelayClientFactory, RelayConnection
@@ -210,10 +211,8 @@ class StreamClient:
         self._connection: _WatchConnection | None = None
         self.session: _WatchConnection | None = None
         self._last_heard = 0.0
-        self._last_ping_sent = 0.0
         self._timer: IDelayedCall | None = None  # open deadline, retry, close deadline
-        self._ping_call: IDelayedCall | None = None
-        self._pong_deadline: IDelayedCall | None = None
+        self._liveness: Liveness | None = None
         self._stopped: list[defer.Deferred[None]] = []
         # Why this client closed the current connection itself (a broken message).
         self._broken: str | None = None
@@ -541,39 +540,32 @@ class StreamClient:
     # -- liveness: pings on the injected clock ------------------------------------------
 
     def _schedule_ping(self) -> None:
-        if self.settings.ping_interval > 0 and self.settings.ping_timeout > 0:
-            self._ping_call = self._clock.callLater(self.settings.ping_interval, self._ping)
+        settings = self.settings
+        self._liveness = Liveness(
+            self._clock,
+            settings.ping_interval,
+            settings.ping_timeout,
+            lambda: self._last_heard,
+            self._send_ping,
+            self._silent,
+        )
+        self._liveness.start()
 
-    def _ping(self) -> None:
-        # A ping goes out every interval, so a relay that falls silent is caught by the
-        # next deadline: within interval + timeout.
-        self._ping_call = None
+    def _send_ping(self) -> bool:
         session = self.session
         if session is None or self.state is not ClientState.OPEN:
-            return
-        self._last_ping_sent = self._clock.seconds()
+            return False
         session.sendPing()
-        self._schedule_ping()
-        if self._pong_deadline is None:
-            self._arm_pong_deadline(self._last_ping_sent)
+        return True
 
-    def _arm_pong_deadline(self, sent_at: float) -> None:
-        delay = sent_at + self.settings.ping_timeout - self._clock.seconds()
-        self._pong_deadline = self._clock.callLater(max(0.0, delay), self._check_alive, sent_at)
-
-    def _check_alive(self, sent_at: float) -> None:
-        self._pong_deadline = None
-        if self._last_heard < sent_at:
-            _log.info("{url}: silent after ping: dropping the connection", url=self.display_url)
-            self._abort()
-        elif self._last_heard < self._last_ping_sent:
-            self._arm_pong_deadline(self._last_ping_sent)
+    def _silent(self) -> None:
+        _log.info("{url}: silent after ping: dropping the connection", url=self.display_url)
+        self._abort()
 
     def _cancel_pings(self) -> None:
-        for call in (self._ping_call, self._pong_deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._ping_call = self._pong_deadline = None
+        if self._liveness is not None:
+            self._liveness.stop()
+        self._liveness = None
 
 
 def _count(value: object) -> int | None:
