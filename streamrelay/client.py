@@ -50,11 +50,11 @@ from twisted.python.failure import Failure
 from streamrelay import wire
 from streamrelay.liveness import Liveness
 from streamrelay.logs import relay_logger
-from streamrelay.publisher.backoff import Backoff
-from streamrelay.publisher.connection import RelayClientFactory, RelayConnection
-from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
-from streamrelay.publisher.settings import RelayTarget, parse_relay_url
 from streamrelay.wire import MediaMessage, WireError
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.connection import RelayClientFactory, RelayConnection
+from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
+from streamrelay.wsclient.target import RelayTarget, parse_relay_url
 
 # Through the relay's log rate limit: an edge's pulls retry a dead upstream forever.
 _log = relay_logger(__name__)

@@ -53,12 +53,12 @@ from streamrelay.config import STREAM_PLACEHOLDER, RelayConfig
 from streamrelay.context import RelayContext
 from streamrelay.limits import Refusal
 from streamrelay.logs import relay_logger
-from streamrelay.publisher.backoff import Backoff
-from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, StreamRegistry
 from streamrelay.tokens import make_token
 from streamrelay.wire import MediaMessage
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
 
 _log = relay_logger(__name__)
 

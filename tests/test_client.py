@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from streamrelay.client import AUTH_RETRY_SECONDS, ClientSettings, ClientState, StreamClient
-from streamrelay.publisher.backoff import Backoff
 from streamrelay.roles import Role
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
+from streamrelay.wsclient.backoff import Backoff
 from tests.fakes import Peer, Relay, captured_log
 from tests.relay_links import Network, Recorder, watcher
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -949,7 +950,7 @@ def test_autobahn_never_sees_the_token() -> None:
     header_token, query_token = token("view"), token("view", ttl=7200)
     relay.viewer(extra={"Authorization": f"Bearer {header_token}"})
     relay.open(f"/watch/cam?token={query_token}")
-    protocols = list(relay.context.registry.streams["cam"].viewers)
+    protocols: list[Any] = list(relay.context.registry.streams["cam"].viewers)
     assert len(protocols) == 2
     for protocol in protocols:
         seen = repr(protocol.http_request_data) + repr(protocol.http_headers)
