@@ -21,13 +21,14 @@ from twisted.web import resource, server
 from twisted.web.server import NOT_DONE_YET
 
 from streamrelay import wire
-from streamrelay.addresses import is_direct_loopback, peer_host
+from streamrelay.addresses import is_direct_loopback
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
 from streamrelay.edge_protocol import EdgeProtocol
 from streamrelay.limits import Refusal
 from streamrelay.logs import autobahn_logger
 from streamrelay.names import is_valid_stream_name
+from streamrelay.peers import peer_host
 from streamrelay.protocol import (
     EchoProtocol,
     PublisherProtocol,

@@ -26,10 +26,11 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from streamrelay import wire
-from streamrelay.addresses import describe_address, peer_host
+from streamrelay.addresses import describe_address
 from streamrelay.context import RelayContext
 from streamrelay.limits import ConnectionSlot, Refusal
 from streamrelay.logs import relay_logger
+from streamrelay.peers import peer_host
 from streamrelay.protocol import RelayProtocol
 
 _log = relay_logger(__name__)

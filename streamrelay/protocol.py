@@ -44,7 +44,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import logs, wire
-from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
 from streamrelay.inbound import (
     FRAMES_PER_TURN,
@@ -54,6 +53,7 @@ from streamrelay.inbound import (
     limits_for,
 )
 from streamrelay.liveness import Liveness
+from streamrelay.peers import peer_host
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
