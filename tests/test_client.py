@@ -1,5 +1,5 @@
 """The Python viewer client (:mod:`streamrelay.client`) against the real relay site on a
-``Clock``, connected in memory (:mod:`tests.relay_links`): what it reports, its token, its
+``Clock``, connected in memory (:mod:`tests.support.relay_links`): what it reports, its token, its
 reconnects with backoff, its pings, its stop."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
 from streamrelay.wsclient.backoff import Backoff
 from tests.fakes import Peer, Relay, captured_log
-from tests.relay_links import Network, Recorder, watcher
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
+from tests.support.relay_links import Network, Recorder, watcher
 
 URL = "ws://origin:8080/watch/cam"
 

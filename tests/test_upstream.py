@@ -1,5 +1,6 @@
 """Relay to relay without sockets: origin and edge relays (the real site, gate and
-protocols) on one ``Clock``, their pulls carried in memory by :mod:`tests.relay_links`.
+protocols) on one ``Clock``, their pulls carried in memory by
+:mod:`tests.support.relay_links`.
 The pull manager's rules: one pull per stream, started by the first local viewer, ended
 a grace period after the last, a cap, no pull for a refused viewer; the pulled stream
 behaves as a local one; signals travel upstream; failures leave viewers connected."""
@@ -23,8 +24,8 @@ from streamrelay.upstream import (
 )
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media, parse_media
 from tests.fakes import Peer, Relay
-from tests.relay_links import SECRET, Network
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
+from tests.support.relay_links import SECRET, Network
 
 ORIGIN = "origin:8080"
 EDGE = "edge:8080"
