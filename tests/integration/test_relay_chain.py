@@ -16,10 +16,9 @@ import pytest
 
 from tests.support.figures import percentile, record_figure, rounded
 from tests.support.media import CONFIG, KEY, capture_of, flags_of, media_is_intact
-from tests.support.proxy import BlackHoleProxy
+from tests.support.proxy import TcpProxy
 from tests.support.relay_api import api_streams_async, stream_entry
 from tests.support.relay_process import RelayProcess, StartRelay
-from tests.support.throttle import ThrottledProxy
 from tests.support.tokens import write_secret
 from tests.support.waiting import run
 from tests.support.ws_client import PacedPublisher, Viewer
@@ -384,7 +383,7 @@ def test_a_black_holed_upstream_is_found_by_the_pings(start_relay: StartRelay, s
     origin = origin_of(start_relay, secret, *pings)
 
     async def scenario() -> None:
-        proxy = await BlackHoleProxy(origin.port).start()
+        proxy = await TcpProxy(origin.port).start()
         edge = await asyncio.to_thread(
             edge_of, start_relay, secret, f"ws://127.0.0.1:{proxy.port}", *pings
         )
@@ -425,7 +424,7 @@ def test_a_slow_edge_drops_whole_gops_and_nobody_else_notices(
     size = 40_000
 
     async def scenario() -> None:
-        proxy = await ThrottledProxy(origin.port, rate=1_000_000).start()
+        proxy = await TcpProxy(origin.port, rate=1_000_000).start()
         slow_edge = await asyncio.to_thread(
             edge_of, start_relay, secret, f"ws://127.0.0.1:{proxy.port}"
         )
