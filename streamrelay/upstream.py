@@ -5,9 +5,9 @@ A relay with an upstream serves every stream it has no local publisher for by pu
 the :class:`~streamrelay.streams.StreamRegistry` tells the :class:`UpstreamManager` (its
 :class:`~streamrelay.streams.Puller`) when a stream gains its first local viewer, loses
 its last, or gets a local publisher.  The manager keeps at most one :class:`Pull` per
-stream and at most ``--max-pulls`` in all (a viewer that would need one more is refused
-with 503 in its handshake, so a refused viewer never starts a pull, and an invalid name
-never reaches the registry).  A pull ends ``--upstream-grace`` seconds after the last
+stream and at most ``--max-pulls`` live ones (a viewer that would need one more is
+refused with 503 in its handshake, so a refused viewer never starts a pull, and an
+invalid name never reaches the registry).  A pull ends ``--upstream-grace`` seconds after the last
 local viewer left; a viewer back within the grace reuses it.
 
 A pull is a :class:`~streamrelay.client.StreamClient` (the library's viewer client) on
