@@ -1,22 +1,33 @@
 """streamrelay: a live-video relay server on Twisted and Autobahn|Python.
 
-Layers, each in the module named for it:
+Layers, each in the module named for it; imports run one way, down this list's layers:
 
-- :mod:`streamrelay.wire` -- the v1 wire format (media header, text messages);
-- :mod:`streamrelay.roles` -- the roles (publisher, viewer, echo) every layer names;
-- :mod:`streamrelay.tokens` -- HMAC tokens for publishers and viewers;
-- :mod:`streamrelay.limits` -- connection, per-address and handshake-rate limits;
-- :mod:`streamrelay.gop` -- the per-stream GOP cache;
-- :mod:`streamrelay.viewer_queue` -- per-viewer queue and drop-to-keyframe policy;
-- :mod:`streamrelay.budget` -- the global bound on buffered bytes;
-- :mod:`streamrelay.streams` -- named streams, their publisher and viewers (no I/O);
+- the core, no network I/O: :mod:`streamrelay.wire` (the v1 wire format),
+  :mod:`streamrelay.roles` (publisher, viewer, relay, echo), :mod:`streamrelay.names`,
+  :mod:`streamrelay.tokens` (HMAC tokens; reads secret files), :mod:`streamrelay.config`
+  (every setting, declared once), :mod:`streamrelay.limits` (connection, per-address,
+  handshake-rate and waiting-stream limits), :mod:`streamrelay.peers` (the per-address
+  key), :mod:`streamrelay.gop` (the GOP cache), :mod:`streamrelay.viewer_queue`
+  (per-viewer queue, drop to keyframe), :mod:`streamrelay.budget` (the global bound on
+  buffered bytes), :mod:`streamrelay.inbound` (per-connection inbound budget),
+  :mod:`streamrelay.rates`, :mod:`streamrelay.liveness` (the ping deadline),
+  :mod:`streamrelay.streams` (named streams, their publisher and viewers);
+- operations: :mod:`streamrelay.metrics` (Prometheus), :mod:`streamrelay.logs`
+  (rate-limited and JSON logging);
 - :mod:`streamrelay.context` -- the state every connection shares, and the graceful stop;
-- :mod:`streamrelay.protocol` -- thin Autobahn protocol classes and their factory;
-- the web layer: :mod:`streamrelay.addresses` (peer addresses, loopback),
+- the protocols: :mod:`streamrelay.protocol` (thin Autobahn protocol classes and their
+  factory), :mod:`streamrelay.edge_protocol` (``/relay/NAME``: an edge pulling from here);
+- relay to relay: :mod:`streamrelay.wsclient` (WebSocket client parts shared with the
+  publisher), :mod:`streamrelay.client` (the viewer client, a library too),
+  :mod:`streamrelay.upstream` (the pulls of ``--upstream``);
+- the web layer: :mod:`streamrelay.addresses` (peer addresses, loopback, proxies),
   :mod:`streamrelay.channel` (the HTTP channel), :mod:`streamrelay.resources` (plain
   endpoints and pages), :mod:`streamrelay.admission` (WebSocket endpoints and their
   checks), :mod:`streamrelay.web` (routing and the ``Site``);
-- :mod:`streamrelay.tap` -- twistd Options and ``makeService``.
+- wiring: :mod:`streamrelay.tap` (twistd Options and ``makeService``),
+  :mod:`streamrelay.demo` (the demo publisher), :mod:`streamrelay.cli` (the ``streamrelay``
+  console script), :mod:`streamrelay.token_cli`, :mod:`streamrelay.options_doc`;
+- :mod:`streamrelay.publisher` -- the desktop publisher, which the relay never imports.
 """
 
 __version__ = "0.1.0"

@@ -15,13 +15,6 @@ from twisted.web import server
 FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 
 
-def peer_host(address: object) -> str:
-    """The key the per-address limits use: the IP, or ``unix`` for unix sockets."""
-    if isinstance(address, (IPv4Address, IPv6Address)):
-        return address.host
-    return "unix"
-
-
 def is_loopback(address: object) -> bool:
     """True for 127.0.0.0/8, ::1, ::ffff:127.0.0.0/104 and unix sockets."""
     if isinstance(address, UNIXAddress):

@@ -21,13 +21,14 @@ from twisted.web import resource, server
 from twisted.web.server import NOT_DONE_YET
 
 from streamrelay import wire
-from streamrelay.addresses import is_direct_loopback, peer_host
+from streamrelay.addresses import is_direct_loopback
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
 from streamrelay.edge_protocol import EdgeProtocol
 from streamrelay.limits import Refusal
 from streamrelay.logs import autobahn_logger
 from streamrelay.names import is_valid_stream_name
+from streamrelay.peers import peer_host
 from streamrelay.protocol import (
     EchoProtocol,
     PublisherProtocol,
@@ -294,6 +295,10 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
+# Headers Autobahn never sees: the token was checked in the HTTP handshake already.
+_NOT_REPLAYED = frozenset({b"authorization", b"proxy-authorization"})
+
+
 def admit(handshake: Handshake) -> Refusal | None:
     """The first refusal :data:`CHECKS` finds, or None: the handshake may proceed."""
     for check in CHECKS:
@@ -343,9 +348,12 @@ class StreamGate(resource.Resource):
         protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,
-        # without the query string, which may carry a token.
+        # without the query string or the credential headers, which may carry a token
+        # (checked above already; Autobahn logs the whole request at debug level).
         head = [request.method + b" " + request.path + b" HTTP/1.1"]
         for header_name, values in request.requestHeaders.getAllRawHeaders():
+            if header_name.lower() in _NOT_REPLAYED:
+                continue
             for value in values:
                 head.append(header_name + b": " + value)
         protocol.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")

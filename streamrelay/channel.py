@@ -26,10 +26,11 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from streamrelay import wire
-from streamrelay.addresses import describe_address, peer_host
+from streamrelay.addresses import describe_address
 from streamrelay.context import RelayContext
 from streamrelay.limits import ConnectionSlot, Refusal
 from streamrelay.logs import relay_logger
+from streamrelay.peers import peer_host
 from streamrelay.protocol import RelayProtocol
 
 _log = relay_logger(__name__)
@@ -160,11 +161,7 @@ class RelayChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         """Forward to the WebSocket after the upgrade; otherwise parse HTTP."""
-        if self.upgraded is not None:
-            self.bytes_in += len(data)
-            self.upgraded.dataReceived(data)
-            return
-        if self._refused:
+        if self._passed_on(data):
             return
         if not self._in_request:
             self._arm_deadline()
@@ -172,13 +169,18 @@ class RelayChannel(http.HTTPChannel):
 
     def rawDataReceived(self, data: bytes) -> None:
         """Bytes after the request head: the WebSocket's once upgraded."""
+        if self._passed_on(data):
+            return
+        super().rawDataReceived(data)
+
+    def _passed_on(self, data: bytes) -> bool:
+        # True when ``data`` is not for twisted.web: the WebSocket's once upgraded
+        # (counted and handed over), or dropped after a refusal.
         if self.upgraded is not None:
             self.bytes_in += len(data)
             self.upgraded.dataReceived(data)
-            return
-        if self._refused:
-            return
-        super().rawDataReceived(data)
+            return True
+        return self._refused
 
     def lineReceived(self, line: bytes) -> None:
         """Bound the request head: 431 rather than twisted.web's bare 400."""

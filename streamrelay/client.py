@@ -45,17 +45,23 @@ from typing import Any, Final
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from streamrelay import wire
-from streamrelay.publisher.backoff import Backoff
-from streamrelay.publisher.connection import RelayClientFactory, RelayConnection
-from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
-from streamrelay.publisher.settings import RelayTarget, parse_relay_url
+from streamrelay.liveness import Liveness
+from streamrelay.logs import relay_logger
 from streamrelay.wire import MediaMessage, WireError
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.connection import RelayClientFactory, RelayConnection
+from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
+from streamrelay.wsclient.target import RelayTarget, parse_relay_url
 
-_log = Logger()
+# Through the relay's log rate limit: an edge's pulls retry a dead upstream forever.
+_log = relay_logger(__name__)
+
+# A relay that refused the credentials (401/403: a wrong secret or token) will not change
+# its mind soon: retry after this, plus the usual jitter, not within a second.
+AUTH_RETRY_SECONDS: Final = 30.0
 
 USER_AGENT: Final = "streamrelay-client/0.1"
 DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
@@ -205,13 +211,15 @@ class StreamClient:
         self._connection: _WatchConnection | None = None
         self.session: _WatchConnection | None = None
         self._last_heard = 0.0
-        self._last_ping_sent = 0.0
         self._timer: IDelayedCall | None = None  # open deadline, retry, close deadline
-        self._ping_call: IDelayedCall | None = None
-        self._pong_deadline: IDelayedCall | None = None
+        self._liveness: Liveness | None = None
         self._stopped: list[defer.Deferred[None]] = []
         # Why this client closed the current connection itself (a broken message).
         self._broken: str | None = None
+        # Failed attempts in a row and the last reason logged: a retry is logged when the
+        # reason changes, not at every attempt.
+        self.failures = 0
+        self._logged_why: str | None = None
 
     # -- the API --------------------------------------------------------------------------
 
@@ -289,12 +297,19 @@ class StreamClient:
 
     def _connect(self) -> None:
         self.state = ClientState.CONNECTING
-        target = self.target = self._pick_target()
-        token = self._token_source(target.url) if self._token_source else self.settings.token
-        factory = self._make_factory(target, token)
+        try:
+            target = self.target = self._pick_target()
+            token = self._token_source(target.url) if self._token_source else self.settings.token
+            factory = self._make_factory(target, token)
+            endpoint = self._endpoint_factory(self._reactor, target, self.settings.insecure)
+        except Exception:
+            # Runs in a retry timer: an exception escaping would leave the client
+            # CONNECTING for good.  (The message names no token: it may be the culprit.)
+            _log.failure("{url}: cannot prepare a connection attempt", url=self.display_url)
+            self._retry("cannot prepare a connection attempt", held=False)
+            return
         self._factory = factory
         self._timer = self._clock.callLater(self.settings.open_timeout, self._open_timed_out)
-        endpoint = self._endpoint_factory(self._reactor, target, self.settings.insecure)
         attempt = endpoint.connect(factory)
         if self._factory is factory and self._connection is None:
             self._connecting = attempt
@@ -370,7 +385,9 @@ class StreamClient:
         self._last_heard = self._clock.seconds()
         self.stats.connects += 1
         self.last_error = None
-        _log.info("{url}: watching", url=self.display_url)
+        _log.info("{url}: watching", url=self.display_url, failures=self.failures)
+        self.failures = 0
+        self._logged_why = None
         self._schedule_ping()
         self.listener.opened(self)
 
@@ -460,6 +477,8 @@ class StreamClient:
         opened_at = self.opened_at or 0.0
         held = was_open and self._clock.seconds() - opened_at >= self.settings.stable_after
         asked = connection.refusal.retry_after if connection.refusal is not None else None
+        if connection.refusal is not None and connection.refusal.status in (401, 403):
+            asked = max(asked or 0, int(AUTH_RETRY_SECONDS))
         self._retry(why, held, asked)
 
     # -- retrying and stopping ----------------------------------------------------------------
@@ -477,9 +496,16 @@ class StreamClient:
         if retry_after is not None:
             # A refusal said when there is room; the jitter still spreads the clients.
             delay += retry_after
-        _log.info(
-            "{url}: {why}; retrying in {delay:.2f} s", url=self.display_url, why=why, delay=delay
-        )
+        self.failures += 1
+        if why != self._logged_why:
+            self._logged_why = why
+            _log.info(
+                "{url}: {why}; retrying in {delay:.2f} s (attempt {failures})",
+                url=self.display_url,
+                why=why,
+                delay=delay,
+                failures=self.failures,
+            )
         self.state = ClientState.WAITING
         self._timer = self._clock.callLater(delay, self._retry_due)
 
@@ -514,39 +540,32 @@ class StreamClient:
     # -- liveness: pings on the injected clock ------------------------------------------
 
     def _schedule_ping(self) -> None:
-        if self.settings.ping_interval > 0 and self.settings.ping_timeout > 0:
-            self._ping_call = self._clock.callLater(self.settings.ping_interval, self._ping)
+        settings = self.settings
+        self._liveness = Liveness(
+            self._clock,
+            settings.ping_interval,
+            settings.ping_timeout,
+            lambda: self._last_heard,
+            self._send_ping,
+            self._silent,
+        )
+        self._liveness.start()
 
-    def _ping(self) -> None:
-        # A ping goes out every interval, so a relay that falls silent is caught by the
-        # next deadline: within interval + timeout.
-        self._ping_call = None
+    def _send_ping(self) -> bool:
         session = self.session
         if session is None or self.state is not ClientState.OPEN:
-            return
-        self._last_ping_sent = self._clock.seconds()
+            return False
         session.sendPing()
-        self._schedule_ping()
-        if self._pong_deadline is None:
-            self._arm_pong_deadline(self._last_ping_sent)
+        return True
 
-    def _arm_pong_deadline(self, sent_at: float) -> None:
-        delay = sent_at + self.settings.ping_timeout - self._clock.seconds()
-        self._pong_deadline = self._clock.callLater(max(0.0, delay), self._check_alive, sent_at)
-
-    def _check_alive(self, sent_at: float) -> None:
-        self._pong_deadline = None
-        if self._last_heard < sent_at:
-            _log.info("{url}: silent after ping: dropping the connection", url=self.display_url)
-            self._abort()
-        elif self._last_heard < self._last_ping_sent:
-            self._arm_pong_deadline(self._last_ping_sent)
+    def _silent(self) -> None:
+        _log.info("{url}: silent after ping: dropping the connection", url=self.display_url)
+        self._abort()
 
     def _cancel_pings(self) -> None:
-        for call in (self._ping_call, self._pong_deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._ping_call = self._pong_deadline = None
+        if self._liveness is not None:
+            self._liveness.stop()
+        self._liveness = None
 
 
 def _count(value: object) -> int | None:

@@ -5,6 +5,9 @@ help text, how the command-line text becomes the value (and what it refuses), th
 name when it differs from the field's, and for secrets the environment variable read when
 the option is absent.  :mod:`streamrelay.tap` derives its ``usage.Options`` from these
 declarations alone; a field that is not an option says so (:func:`derived`, :func:`fixed`).
+
+(Over 400 lines: every option is one declaration, with its help text, here; splitting
+them would scatter the one list the option table in docs/operations.md is generated from.)
 """
 
 from __future__ import annotations

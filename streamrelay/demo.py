@@ -5,7 +5,8 @@ process, let alone on its reactor thread), supervised by Twisted's stock
 :class:`~twisted.runner.procmon.ProcessMonitor`: restarted with a doubling delay while it
 keeps dying young, SIGTERM then SIGKILL on stop, its output logged line by line.  With a
 publish secret configured, it gets a token through its environment, never through its
-argument list.  Nothing here imports PyAV: only the child needs it.
+argument list, and only the variables it needs (:data:`CHILD_ENVIRONMENT`): no relay
+secret reaches it.  Nothing here imports PyAV: only the child needs it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 
+from streamrelay.roles import Role
 from streamrelay.tokens import make_token
 
 DEMO_STREAM = "demo"
@@ -27,6 +29,11 @@ CHILD_NAME = "demo publisher"
 TOKEN_VARIABLE = "STREAMRELAY_TOKEN"
 TOKEN_LIFETIME_SECONDS = 10 * 365 * 24 * 3600
 MAX_LOG_LINE = 400
+# What the child gets of the relay's environment: enough to find Python, its packages and
+# a locale; never the relay's secrets (STREAMRELAY_*_SECRET and the like).
+CHILD_ENVIRONMENT = frozenset(
+    {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR", "TZ"}
+)
 
 _log = Logger()
 
@@ -67,18 +74,23 @@ class DemoPublisherService(ProcessMonitor):
         publish_secret: bytes | None,
     ) -> None:
         super().__init__(reactor)
+        # Our own handle on the clock: the monitor's ``_clock`` is private.
+        self._reactor_clock = reactor
         self._relay_url = relay_url
         self._python = python
-        self._environment = environment
+        self._environment = {
+            key: value for key, value in environment.items() if key in CHILD_ENVIRONMENT
+        }
         self._publish_secret = publish_secret
         self._adding: IDelayedCall | None = None
         self._added = False
         self._exited: list[Deferred[None]] = []
+        self._stop_deadline: IDelayedCall | None = None
 
     def startService(self) -> None:
         """Add the child on the next reactor turn, once the listeners are bound."""
         super().startService()
-        self._adding = self._clock.callLater(0, self._add_child)
+        self._adding = self._reactor_clock.callLater(0, self._add_child)
 
     def _add_child(self) -> None:
         """Hand the child to the monitor, which starts it at once."""
@@ -94,9 +106,9 @@ class DemoPublisherService(ProcessMonitor):
             arguments.append("--insecure")
         environment = dict(self._environment)
         if self._publish_secret is not None:
-            expires = int(self._clock.seconds()) + TOKEN_LIFETIME_SECONDS
+            expires = int(self._reactor_clock.seconds()) + TOKEN_LIFETIME_SECONDS
             environment[TOKEN_VARIABLE] = make_token(
-                self._publish_secret, "publish", DEMO_STREAM, expires
+                self._publish_secret, Role.PUBLISHER, DEMO_STREAM, expires
             )
         _log.info("Starting the demo publisher on {url}", url=url)
         self._added = True
@@ -122,12 +134,25 @@ class DemoPublisherService(ProcessMonitor):
             _log.warn(
                 "Demo publisher ended ({reason}); restarting in {delay:.1f} s",
                 reason=reason.getErrorMessage() if reason is not None else "exited",
-                delay=pending.getTime() - self._clock.seconds(),
+                delay=pending.getTime() - self._reactor_clock.seconds(),
             )
         if not self.protocols:
-            exited, self._exited = self._exited, []
-            for waiting in exited:
-                waiting.callback(None)
+            self._fire_exited()
+
+    def _fire_exited(self) -> None:
+        if self._stop_deadline is not None and self._stop_deadline.active():
+            self._stop_deadline.cancel()
+        self._stop_deadline = None
+        exited, self._exited = self._exited, []
+        for waiting in exited:
+            waiting.callback(None)
+
+    def _stop_overdue(self) -> None:
+        # The SIGKILL went out at killTime: the child is gone, but the exit hook above
+        # (a private one of ProcessMonitor) did not say so.  Shutdown must not hang.
+        self._stop_deadline = None
+        _log.warn("The demo publisher's exit went unreported; stopping anyway")
+        self._fire_exited()
 
     # IService.stopService may return a Deferred; the stock monitor's returns None.
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
@@ -139,6 +164,10 @@ class DemoPublisherService(ProcessMonitor):
         exited: Deferred[None] = Deferred()
         if self.protocols:
             self._exited.append(exited)
+            if self._stop_deadline is None:
+                self._stop_deadline = self._reactor_clock.callLater(
+                    self.killTime + 1, self._stop_overdue
+                )
         else:
             exited.callback(None)
         return exited

@@ -11,15 +11,14 @@ viewers it serves, which this relay adds to the count its publisher hears
 
 from __future__ import annotations
 
-from twisted.logger import Logger
-
 from streamrelay import wire
+from streamrelay.logs import relay_logger
 from streamrelay.protocol import ViewerProtocol, format_peer
 from streamrelay.roles import Role
 from streamrelay.streams import ViewerSession
 from streamrelay.wire import WireError
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 # The largest viewer count an edge may report: far above any real audience, and small
 # enough that sums stay exact and cheap.

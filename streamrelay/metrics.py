@@ -17,6 +17,10 @@ Two kinds of series, so that relaying a message costs nothing more than it did:
 (Prometheus text or OpenMetrics).  It runs on the reactor thread: the collector reads
 state the reactor owns, which prometheus_client's own Twisted resource (a WSGI resource
 run in a worker thread) must not touch.
+
+(Over 400 lines: each family is a name, a help text and one read of the relay's state,
+and they are kept in one file so that the exported set is seen, reviewed and documented
+(docs/operations.md, checked by a test) in one place.)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from streamrelay import __version__
+from streamrelay import __version__, wire
 from streamrelay.roles import Role
 
 if TYPE_CHECKING:
@@ -48,7 +52,9 @@ disable_created_metrics()
 ROLES = tuple(role.label for role in Role)
 # Close codes the relay or a well-behaved peer uses; any other code a peer sends (it may
 # send any of 3000-4999) is counted as "other", which keeps the label set bounded.
-KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4409})
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, wire.CLOSE_PUBLISHER_REPLACED}
+)
 # From a fast loopback handshake to the handshake timeout's default (5 s).
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -378,6 +384,12 @@ class RelayCollector:
             "streamrelay_pull_refusals",
             "Pulls not started because --max-pulls was reached (the viewer got 503).",
             getattr(puller, "refused", 0),
+        )
+        yield _counter(
+            "streamrelay_pull_reconnects",
+            "Connections pulls reopened to the upstream after their first, since start "
+            "(unlike streamrelay_pull_connects, not reset when a pull ends).",
+            getattr(puller, "reconnects", 0),
         )
 
     @staticmethod

@@ -44,7 +44,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import logs, wire
-from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
 from streamrelay.inbound import (
     FRAMES_PER_TURN,
@@ -53,6 +52,8 @@ from streamrelay.inbound import (
     frame_size,
     limits_for,
 )
+from streamrelay.liveness import Liveness
+from streamrelay.peers import peer_host
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
 from streamrelay.viewer_queue import ViewerQueue
@@ -111,12 +112,10 @@ class RelayProtocol(WebSocketServerProtocol):
         # --trust-proxy); empty: the TCP peer's.
         self.client_host = ""
         self._last_heard = 0.0
-        self._ping_call: IDelayedCall | None = None
-        self._pong_deadline: IDelayedCall | None = None
+        self._liveness: Liveness | None = None
         self._close_deadline: IDelayedCall | None = None
         self._gone = False
         self._fragments = 0
-        self._last_ping_sent = 0.0
         self._producer: _TransportProducer | None = None
         self._pending_pong: bytes | None = None
         # Inbound bounds: the budget (None: unlimited), the frames parsed since the
@@ -388,41 +387,33 @@ class RelayProtocol(WebSocketServerProtocol):
         self._last_heard = self._clock.seconds()
 
     def _schedule_ping(self) -> None:
-        if self._gone or self.context.config.ping_interval <= 0:
+        if self._gone:
             return
-        self._ping_call = self._clock.callLater(self.context.config.ping_interval, self._ping)
-
-    def _ping(self) -> None:
-        # Pings go out every interval whatever the checks do, so a peer that falls silent
-        # is caught by the next ping's deadline: within interval + timeout.
-        self._ping_call = None
-        if self.state != WebSocketServerProtocol.STATE_OPEN:
-            return
-        self._last_ping_sent = self._clock.seconds()
-        self.sendPing()
-        self._schedule_ping()
-        if self._pong_deadline is None:
-            self._arm_pong_deadline(self._last_ping_sent)
-
-    def _arm_pong_deadline(self, ping_sent_at: float) -> None:
-        delay = ping_sent_at + self.context.config.ping_timeout - self._clock.seconds()
-        self._pong_deadline = self._clock.callLater(
-            max(0.0, delay), self._check_alive, ping_sent_at
+        config = self.context.config
+        self._liveness = Liveness(
+            self._clock,
+            config.ping_interval,
+            config.ping_timeout,
+            lambda: self._last_heard,
+            self._send_ping,
+            self._silent,
         )
+        self._liveness.start()
 
-    def _check_alive(self, ping_sent_at: float) -> None:
-        self._pong_deadline = None
-        if self._last_heard < ping_sent_at:
-            self.context.metrics.ping_timeout(self.role.label)
-            _log.info(
-                "{role} {peer} silent after ping: aborting",
-                role=self.role.label,
-                peer=format_peer(self.transport.getPeer()),
-            )
-            self.abort()
-        elif self._last_heard < self._last_ping_sent:
-            # Alive for that ping; a newer one is still unanswered.
-            self._arm_pong_deadline(self._last_ping_sent)
+    def _send_ping(self) -> bool:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return False
+        self.sendPing()
+        return True
+
+    def _silent(self) -> None:
+        self.context.metrics.ping_timeout(self.role.label)
+        _log.info(
+            "{role} {peer} silent after ping: aborting",
+            role=self.role.label,
+            peer=format_peer(self.transport.getPeer()),
+        )
+        self.abort()
 
     # -- teardown --------------------------------------------------------------------
 
@@ -430,10 +421,12 @@ class RelayProtocol(WebSocketServerProtocol):
         """Cancel every timer and let the role detach; exactly once."""
         self._gone = True
         self._cancel_next_turn()
-        for call in (self._ping_call, self._pong_deadline, self._close_deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._ping_call = self._pong_deadline = self._close_deadline = None
+        if self._liveness is not None:
+            self._liveness.stop()
+        if self._close_deadline is not None and self._close_deadline.active():
+            self._close_deadline.cancel()
+        self._liveness = None
+        self._close_deadline = None
         try:
             super().connectionLost(reason)
         finally:

@@ -13,31 +13,30 @@ registry tells its :class:`Puller` when a stream needs one and when it no longer
 
 (Over 400 lines: the stream, its two session handles and the registry share one
 lifecycle -- create, attach, detach, forget -- and its admission rules, which read best
-together, relay-to-relay hooks included; the rate window and the throttle could move to
-a module of their own.)
+together, relay-to-relay hooks included; the rate window and the throttle live in
+:mod:`streamrelay.rates`.)
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime
 
 from streamrelay.budget import BufferBudget
 from streamrelay.config import RelayConfig
 from streamrelay.gop import GopCache
 from streamrelay.limits import Refusal, WaitingStreams
+from streamrelay.logs import relay_logger
+from streamrelay.rates import RateWindow, Throttle
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
 from streamrelay.wire import MediaMessage, encode_text
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 VIEWER_COUNT_MIN_GAP = 0.25
-RATE_WINDOW_SECONDS = 5.0
 
 
 class PublisherLink(Protocol):
@@ -93,85 +92,6 @@ class Origins(Protocol):
         """Why a publisher of ``name`` must be refused cluster-wide (``--no-takeover``)."""
 
 
-class _Throttle:
-    """Runs ``action`` at most once per ``interval``; a need inside the interval runs at
-    its end, never lost."""
-
-    def __init__(self, clock: IReactorTime, interval: float, action: Callable[[], None]) -> None:
-        self._clock = clock
-        self.interval = interval
-        self._action = action
-        self._last_run: float | None = None
-        self._pending: IDelayedCall | None = None
-
-    def request(self) -> None:
-        """Run now if the interval allows it, else once the interval ends."""
-        if self._pending is not None:
-            return
-        now = self._clock.seconds()
-        if self._last_run is None or now - self._last_run >= self.interval:
-            self._run()
-        else:
-            delay = self._last_run + self.interval - now
-            self._pending = self._clock.callLater(delay, self._run)
-
-    def _run(self) -> None:
-        self._pending = None
-        self._last_run = self._clock.seconds()
-        self._action()
-
-    def reset(self) -> None:
-        """Forget history and any pending run."""
-        self.cancel()
-        self._last_run = None
-
-    def cancel(self) -> None:
-        """Drop a pending run."""
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
-
-
-class RateWindow:
-    """Bytes and frames over the last few seconds, in fixed buckets (bounded memory)."""
-
-    def __init__(self, clock: IReactorTime, span: float = RATE_WINDOW_SECONDS, buckets: int = 10):
-        self._clock = clock
-        self._span = span
-        self._bucket_width = span / buckets
-        self._slots = buckets
-        self._buckets: dict[int, list[int]] = {}
-        self._started = clock.seconds()
-
-    def add(self, size: int, frames: int) -> None:
-        """Count one message of ``size`` bytes carrying ``frames`` frames."""
-        index = int(self._clock.seconds() / self._bucket_width)
-        bucket = self._buckets.get(index)
-        if bucket is None:
-            self._prune(index)
-            bucket = self._buckets[index] = [0, 0]
-        bucket[0] += size
-        bucket[1] += frames
-
-    def _prune(self, current: int) -> None:
-        first_kept = current - self._slots + 1
-        for index in [i for i in self._buckets if i < first_kept]:
-            del self._buckets[index]
-
-    def rates(self) -> tuple[int, float]:
-        """``(bits per second, frames per second)`` over the window."""
-        now = self._clock.seconds()
-        current = int(now / self._bucket_width)
-        self._prune(current)
-        # The window is the last N bucket slots, the current partial one included, so it
-        # covers a little less than the span: divide by what it really covers.
-        window_start = (current - self._slots + 1) * self._bucket_width
-        elapsed = max(now - max(self._started, window_start), self._bucket_width)
-        total_bytes = sum(bucket[0] for bucket in self._buckets.values())
-        total_frames = sum(bucket[1] for bucket in self._buckets.values())
-        return int(total_bytes * 8 / elapsed), round(total_frames / elapsed, 2)
-
-
 class Stream:
     """One named stream: at most one publisher, any number of viewers, a GOP cache."""
 
@@ -201,10 +121,10 @@ class Stream:
         self.messages_out = 0
         self.bytes_out = 0
         self.rate = RateWindow(clock)
-        self._keyframe_requests = _Throttle(
+        self._keyframe_requests = Throttle(
             clock, config.keyframe_request_interval, self._send_keyframe_request
         )
-        self._viewer_count_updates = _Throttle(clock, VIEWER_COUNT_MIN_GAP, self._send_viewer_count)
+        self._viewer_count_updates = Throttle(clock, VIEWER_COUNT_MIN_GAP, self._send_viewer_count)
         self._last_viewer_count_sent: int | None = None
 
     @property
@@ -631,8 +551,7 @@ class StreamRegistry:
         if name not in self.streams:
             self.waiting.add(name)
         session = ViewerSession(self, self._stream(name), sink, address)
-        self._want_pull(session.stream)
-        return session
+        return self._pull_for(session)
 
     # -- relay to relay ---------------------------------------------------------------
 
@@ -650,8 +569,7 @@ class StreamRegistry:
         if name not in self.streams:
             self.waiting.add(name)
         session = ViewerSession(self, self._stream(name), sink, None, relay=True)
-        self._want_pull(session.stream)
-        return session
+        return self._pull_for(session)
 
     def pull_source(self, name: str, link: PublisherLink) -> PublisherSession | None:
         """Attach a live pull from the upstream as ``name``'s publisher; None when a
@@ -675,6 +593,16 @@ class StreamRegistry:
         link.replaced()
         self._want_pull(stream)
         self._forget_if_idle(stream)
+
+    def _pull_for(self, session: ViewerSession) -> ViewerSession | Refusal:
+        try:
+            self._want_pull(session.stream)
+        except Exception:
+            # A failing puller must not leave the viewer attached for good.
+            _log.failure("Cannot pull {stream}", stream=session.stream.name)
+            session.close()
+            return Refusal(503, "cannot pull the stream now", retry_after=10)
+        return session
 
     def _want_pull(self, stream: Stream) -> None:
         if self.puller is not None and stream.viewers and not stream.local_publisher:

@@ -5,9 +5,9 @@ A relay with an upstream serves every stream it has no local publisher for by pu
 the :class:`~streamrelay.streams.StreamRegistry` tells the :class:`UpstreamManager` (its
 :class:`~streamrelay.streams.Puller`) when a stream gains its first local viewer, loses
 its last, or gets a local publisher.  The manager keeps at most one :class:`Pull` per
-stream and at most ``--max-pulls`` in all (a viewer that would need one more is refused
-with 503 in its handshake, so a refused viewer never starts a pull, and an invalid name
-never reaches the registry).  A pull ends ``--upstream-grace`` seconds after the last
+stream and at most ``--max-pulls`` live ones (a viewer that would need one more is
+refused with 503 in its handshake, so a refused viewer never starts a pull, and an
+invalid name never reaches the registry).  A pull ends ``--upstream-grace`` seconds after the last
 local viewer left; a viewer back within the grace reuses it.
 
 A pull is a :class:`~streamrelay.client.StreamClient` (the library's viewer client) on
@@ -23,6 +23,18 @@ second) and each URL of ``--upstream`` is tried in turn.
 
 Where the URLs come from is a :class:`UpstreamLocator`, asked at every attempt: the
 templates of ``--upstream`` here, a cluster directory later.
+
+Names nobody publishes upstream (a viewer may invent any name) must not lock live streams
+out: only a pull whose upstream has said ``live`` holds one of the ``--max-pulls``
+places.  A pull that has never been live is a *probe*: it holds no place (the local
+waiting-stream bounds, total and per address, already bound the names viewers invent),
+and after :data:`PROBE_SECONDS` without ``live`` it is *parked*: its connection closes
+(so it holds no waiting slot upstream either) and it probes again
+:data:`PARK_SECONDS` later while its viewers wait here, as viewers of an unpublished
+name do.  At most a quarter of ``--max-pulls`` probes are open at once (so an edge opens
+at most 1.25 x ``--max-pulls`` connections upstream); more names queue for a probe, and
+while some do, a probe told ``offline`` parks at once, so the queue moves at the pace of
+handshakes and a live stream's name is reached quickly.
 """
 
 from __future__ import annotations
@@ -35,26 +47,30 @@ from typing import Any, Protocol
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 
 from streamrelay.client import ClientSettings, StreamClient, StreamListener
 from streamrelay.config import STREAM_PLACEHOLDER, RelayConfig
 from streamrelay.context import RelayContext
 from streamrelay.limits import Refusal
-from streamrelay.publisher.backoff import Backoff
-from streamrelay.publisher.endpoint import EndpointFactory, default_endpoint
+from streamrelay.logs import relay_logger
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, StreamRegistry
 from streamrelay.tokens import make_token
 from streamrelay.wire import MediaMessage
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
 
-_log = Logger()
+_log = relay_logger(__name__)
 
 # Reconnect delays of a pull: uniform in [0, min(max, initial * 2**attempt)].  A second at
 # most: an edge's viewers wait for it, and a refused or failed attempt costs the upstream
 # little (the handshake-rate limit bounds the rest).
 RETRY_INITIAL_SECONDS = 0.1
 RETRY_MAX_SECONDS = 1.0
+# A pull never live upstream for this long is parked (closed) for PARK_SECONDS, then
+# probes again: invented names hold neither a --max-pulls place nor an upstream slot.
+PROBE_SECONDS = 5.0
+PARK_SECONDS = 10.0
 # A relay token is checked once, when the pull connects; it is minted for each attempt.
 TOKEN_TTL_SECONDS = 300
 
@@ -108,6 +124,11 @@ class Pull(StreamListener):
         self._attempts = 0
         self.session: PublisherSession | None = None
         self._grace: IDelayedCall | None = None
+        # True once the upstream said live: only then does the pull hold a place.
+        self.was_live = False
+        self._probe: IDelayedCall | None = None
+        # A keyframe request made while the connection was down, sent once it is open.
+        self.keyframe_owed = False
 
     def _next_url(self) -> str:
         # Asked anew at every attempt, so a locator whose answer changes (a directory of
@@ -120,8 +141,19 @@ class Pull(StreamListener):
     # -- lifetime -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect (and keep reconnecting)."""
+        """Connect (and keep reconnecting); parked if never live within the probe."""
+        self._probe = self.manager.reactor.callLater(PROBE_SECONDS, self._probe_over)
         self.client.start()
+
+    def _probe_over(self) -> None:
+        self._probe = None
+        if not self.was_live:
+            self.manager.park(self)
+
+    def _cancel_probe(self) -> None:
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
 
     @property
     def in_grace(self) -> bool:
@@ -146,6 +178,7 @@ class Pull(StreamListener):
     def stop(self) -> defer.Deferred[None]:
         """Leave the stream and close the upstream connection."""
         self.keep()
+        self._cancel_probe()
         self._detach()
         return self.client.stop("pull ended")
 
@@ -162,17 +195,30 @@ class Pull(StreamListener):
 
     def opened(self, client: StreamClient) -> None:
         """Tell the upstream how many viewers this relay serves for the stream."""
+        if client.stats.connects > 1:
+            self.manager.reconnects += 1
         stream = self.manager.registry.streams.get(self.name)
         self.send_viewer_count(stream.audience if stream is not None else 0)
+        if self.keyframe_owed:
+            self.send_keyframe_request()
 
     def status(self, live: bool) -> None:
         """Live upstream: become the stream's publisher; offline: viewers see it too."""
         if not live:
             self._detach()
+            if not self.was_live and self.manager.queued:
+                # Names wait for a probe: this one has its answer, let the next ask.
+                self.manager.park(self)
             return
         if self.session is not None:
             return
+        if not self.was_live:
+            if not self.manager.take_place(self):
+                return
+            self.was_live = True
+            self._cancel_probe()
         self.session = self.manager.registry.pull_source(self.name, self)
+        self.manager.probe_done()
         if self.session is None:
             # A local publisher has the stream: it wins, and this pull has no purpose.
             self.manager.stop(self.name)
@@ -208,8 +254,9 @@ class Pull(StreamListener):
         self.client.send_json({"type": "viewers", "count": count})
 
     def send_keyframe_request(self) -> None:
-        """A local viewer needs a KEY the cache cannot give: ask upstream."""
-        self.client.request_keyframe()
+        """A local viewer needs a KEY the cache cannot give: ask upstream, now or (the
+        connection being down) as soon as it is open again: a request is never lost."""
+        self.keyframe_owed = not self.client.request_keyframe()
 
     def replaced(self) -> None:
         """A local publisher took the stream: the pull ends."""
@@ -243,8 +290,17 @@ class UpstreamManager:
         self._secret = config.relay_secret
         self._wall_clock = wall_clock
         self.pulls: dict[str, Pull] = {}
+        # Names whose probe found nothing live: probed again when the call fires.
+        self.parked: dict[str, IDelayedCall] = {}
+        # Names waiting for a probe (at most max_probes are open), in order.
+        self.queued: dict[str, None] = {}
+        self.max_probes = max(1, config.max_pulls // 4)
         self.started = 0
         self.refused = 0
+        self.parked_total = 0
+        # Connections pulls reopened after their first, over the relay's life (a pull's
+        # own count ends with it): the metric streamrelay_pull_reconnects_total.
+        self.reconnects = 0
 
     def token_for(self, name: str) -> Callable[[str], str]:
         """Mints a fresh ``relay`` token for ``name`` per connection attempt (the secret
@@ -258,12 +314,71 @@ class UpstreamManager:
 
     # -- streams.Puller ---------------------------------------------------------------------
 
+    @property
+    def places_taken(self) -> int:
+        """Pulls holding a ``--max-pulls`` place: those the upstream said were live."""
+        return sum(1 for pull in self.pulls.values() if pull.was_live)
+
     def check(self, name: str) -> Refusal | None:
-        """503 when ``name`` would need a pull and the cap is reached."""
-        if name in self.pulls or len(self.pulls) < self.config.max_pulls:
+        """503 when ``name`` would need a pull and every place is held by a live one
+        (probes for names not live upstream hold none)."""
+        if name in self.pulls or name in self.parked or name in self.queued:
+            return None
+        if self.places_taken < self.config.max_pulls:
             return None
         self.refused += 1
         return Refusal(503, "upstream pull limit reached", retry_after=10)
+
+    @property
+    def probes(self) -> int:
+        """Pulls not (yet) live upstream: they hold no place."""
+        return sum(1 for pull in self.pulls.values() if not pull.was_live)
+
+    def probe_done(self) -> None:
+        """A probe ended or went live: queued names may start theirs."""
+        while self.queued and self.probes < self.max_probes:
+            name = next(iter(self.queued))
+            del self.queued[name]
+            self._want_again(name)
+
+    def take_place(self, pull: Pull) -> bool:
+        """``pull`` went live: True if it may hold a place; if the places filled up
+        meanwhile it ends (its viewers wait for the next free place)."""
+        if self.places_taken < self.config.max_pulls:
+            return True
+        self.refused += 1
+        _log.warn("Not pulling {stream}: --max-pulls reached", stream=pull.name)
+        if self.pulls.get(pull.name) is pull:
+            del self.pulls[pull.name]
+        pull.stop()
+        self.probe_done()
+        return False
+
+    def park(self, pull: Pull) -> None:
+        """``pull`` found nothing live upstream within its probe: close it and probe
+        again later; its viewers stay and wait."""
+        if self.pulls.get(pull.name) is not pull:
+            return
+        del self.pulls[pull.name]
+        pull.stop()
+        self.parked_total += 1
+        self.parked[pull.name] = self.reactor.callLater(PARK_SECONDS, self._unpark, pull.name)
+        self.probe_done()
+
+    def _unpark(self, name: str) -> None:
+        self.parked.pop(name, None)
+        self._want_again(name)
+
+    def _want_again(self, name: str) -> None:
+        stream = self.registry.streams.get(name)
+        if stream is not None and stream.viewers and not stream.local_publisher:
+            self.want(name)
+
+    def _forget_parked(self, name: str) -> None:
+        self.queued.pop(name, None)
+        call = self.parked.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def want(self, name: str) -> None:
         """Start pulling ``name``, or keep its pull (out of its grace)."""
@@ -271,11 +386,16 @@ class UpstreamManager:
         if pull is not None:
             pull.keep()
             return
-        if len(self.pulls) >= self.config.max_pulls:
+        if name in self.parked or name in self.queued:
+            return
+        if self.places_taken >= self.config.max_pulls:
             # check() refused such viewers already; a local publisher leaving its viewers
             # behind can still get here.
             self.refused += 1
             _log.warn("Not pulling {stream}: --max-pulls reached", stream=name)
+            return
+        if self.probes >= self.max_probes:
+            self.queued[name] = None
             return
         pull = self.pulls[name] = Pull(self, name)
         self.started += 1
@@ -284,26 +404,32 @@ class UpstreamManager:
 
     def release(self, name: str) -> None:
         """The last local viewer of ``name`` left: its pull ends after the grace."""
+        self._forget_parked(name)
         pull = self.pulls.get(name)
         if pull is not None:
             pull.start_grace(self.config.upstream_grace)
 
     def stop(self, name: str) -> None:
         """End the pull of ``name`` now (a local publisher came, or the grace is over)."""
+        self._forget_parked(name)
         pull = self.pulls.pop(name, None)
         if pull is not None:
             _log.info("Stopped pulling {stream}", stream=name)
             pull.stop()
             self._fill_vacancy()
+            self.probe_done()
 
     def _fill_vacancy(self) -> None:
         # Streams left without a pull while the cap was reached (a local publisher left
         # its viewers behind) get the place that just came free.
         for stream in list(self.registry.streams.values()):
-            if len(self.pulls) >= self.config.max_pulls:
+            if self.places_taken >= self.config.max_pulls:
                 return
-            if stream.viewers and not stream.local_publisher and stream.name not in self.pulls:
-                self.want(stream.name)
+            name = stream.name
+            if name in self.pulls or name in self.parked or name in self.queued:
+                continue
+            if stream.viewers and not stream.local_publisher:
+                self.want(name)
 
     def describe(self, name: str) -> dict[str, Any] | None:
         """The pull of ``name`` for ``/api/streams``."""
@@ -325,6 +451,9 @@ class UpstreamManager:
         """End every pull (the relay is stopping); fires when all are closed."""
         pulls = list(self.pulls.values())
         self.pulls.clear()
+        self.queued.clear()
+        for name in list(self.parked):
+            self._forget_parked(name)
         return defer.gatherResults([pull.stop() for pull in pulls], consumeErrors=True)
 
 

@@ -1,19 +1,19 @@
 """The Python viewer client (:mod:`streamrelay.client`) against the real relay site on a
-``Clock``, connected in memory (:mod:`tests.relay_links`): what it reports, its token, its
+``Clock``, connected in memory (:mod:`tests.support.relay_links`): what it reports, its token, its
 reconnects with backoff, its pings, its stop."""
 
 from __future__ import annotations
 
 import pytest
 
-from streamrelay.client import ClientSettings, ClientState, StreamClient
-from streamrelay.publisher.backoff import Backoff
+from streamrelay.client import AUTH_RETRY_SECONDS, ClientSettings, ClientState, StreamClient
 from streamrelay.roles import Role
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
+from streamrelay.wsclient.backoff import Backoff
 from tests.fakes import Peer, Relay, captured_log
-from tests.relay_links import Network, Recorder, watcher
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
+from tests.support.relay_links import Network, Recorder, watcher
 
 URL = "ws://origin:8080/watch/cam"
 
@@ -110,7 +110,8 @@ def test_the_token_goes_only_in_the_authorization_header(net: Network) -> None:
 
 def test_a_refused_client_retries_with_backoff_and_a_fresh_token(net: Network) -> None:
     """A 401 is explained in ``last_error``; every attempt asks the token source anew
-    and waits twice as long as the one before, up to the maximum."""
+    and waits AUTH_RETRY_SECONDS (a wrong credential will not change soon) plus a
+    backoff twice as long as the one before, up to the maximum."""
     relay = net.relay("origin:8080", view_secret=b"view")
     tokens: list[str] = []
 
@@ -130,7 +131,9 @@ def test_a_refused_client_retries_with_backoff_and_a_fresh_token(net: Network) -
     client.start()
     net.flush()
     assert client.state is ClientState.WAITING and "401" in (client.last_error or "")
-    net.tick(0.1 + 0.2 + 0.35)
+    net.tick(AUTH_RETRY_SECONDS + 0.05)
+    assert len(tokens) == 1
+    net.tick(0.1 + AUTH_RETRY_SECONDS + 0.2 + AUTH_RETRY_SECONDS + 0.35)
     assert len(tokens) == 3 and client.state is ClientState.WAITING
     net.tick(0.1)
     assert len(tokens) == 4 and client.state is ClientState.OPEN
@@ -271,3 +274,53 @@ def test_bad_settings_are_refused(keywords: dict[str, object]) -> None:
     """No URL, a bad retry range, a multi-line token or a non-WebSocket URL."""
     with pytest.raises(ValueError):
         ClientSettings(**keywords)  # type: ignore[arg-type]
+
+
+def test_retries_are_logged_once_per_reason_with_a_count(net: Network) -> None:
+    """A dead relay retried for seconds logs one retry line, not one per attempt; the
+    count of failed attempts is kept and logged when the client is watching again."""
+    with captured_log() as log:
+        client, _recorder = watcher(net, URL)
+        net.tick(5.0)
+        retries = [e for e in log.events if "retrying" in e.get("log_format", "")]
+        assert len(retries) == 1 and client.failures >= 5
+        failures = client.failures
+        net.relay("origin:8080")
+        net.tick(1.1)
+    assert client.state is ClientState.OPEN and client.failures == 0
+    watching = [e for e in log.events if "watching" in e.get("log_format", "")]
+    assert watching[-1]["failures"] >= failures
+
+
+def test_an_attempt_that_cannot_be_prepared_is_logged_and_retried(net: Network) -> None:
+    """A URL source or token source raising inside the retry timer leaves the client
+    waiting for its next attempt (not stuck connecting), with the failure logged."""
+    net.relay("origin:8080")
+    calls: list[str] = []
+
+    def urls() -> str:
+        calls.append("url")
+        if len(calls) == 2:
+            raise ValueError("directory unreachable")
+        return URL
+
+    client = StreamClient(
+        ClientSettings(URL, retry_initial=0.1, retry_max=1.0),
+        Recorder(),
+        net.clock,
+        endpoint_factory=net.endpoint,
+        backoff=_fixed_backoff(),
+        next_url=urls,
+    )
+    client.start()
+    net.flush()
+    assert client.state is ClientState.OPEN
+    with captured_log() as log:
+        net.kill("origin:8080")
+        net.tick(0.15)
+        assert client.state is ClientState.WAITING
+        assert "cannot prepare" in (client.last_error or "")
+        assert any("log_failure" in event for event in log.events)
+        net.relay("origin:8080")
+        net.tick(0.3)
+    assert client.state is ClientState.OPEN and len(calls) == 3

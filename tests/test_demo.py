@@ -13,6 +13,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.runner.procmon import ProcessMonitor
 
 from streamrelay.demo import (
     CHILD_NAME,
@@ -285,3 +286,45 @@ def test_long_output_lines_are_cut_and_logging_goes_on(stream: str, length: int)
     assert all(len(line) <= MAX_LOG_LINE + 3 for line in lines)
     assert not any(event.get("log_failure") for event in events)
     assert child.signals == [] and not child.ended
+
+
+def test_stop_completes_even_if_the_exit_hook_is_never_called() -> None:
+    """Should Twisted rename the private exit hook the supervisor overrides, stop still
+    completes, one second after the SIGKILL."""
+    service, clock = supervisor()
+    clock.advance(0)
+    [child] = clock.spawned
+    # The stock handling only, as if ours were no longer called.
+    service._monitoredProcessExited = (  # type: ignore[method-assign]
+        lambda name, reason=None: ProcessMonitor._monitoredProcessExited(service, name, reason)
+    )
+    stopped: list[object] = []
+    with capturedLogs() as events:
+        service.stopService().addCallback(stopped.append)
+        clock.advance(5)
+        assert child.signals == ["TERM", "KILL"]
+        child.exit(ProcessTerminated(signal=9))
+        assert stopped == []
+        clock.advance(1)
+    assert stopped == [None] and clock.getDelayedCalls() == []
+    assert any("unreported" in line for line in messages(list(events)))
+
+
+def test_the_child_gets_only_the_variables_it_needs() -> None:
+    """The relay's secrets in its environment never reach the child: it gets PATH, HOME,
+    locale and Python's variables, and its token."""
+    clock = ProcessClock()
+    environment = {
+        "PATH": "/usr/bin",
+        "HOME": "/h",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": "/src",
+        "STREAMRELAY_PUBLISH_SECRET": "publish-secret",
+        "STREAMRELAY_RELAY_SECRET": "relay-secret",
+        "AWS_SECRET_ACCESS_KEY": "other",
+    }
+    service = DemoPublisherService(clock, lambda: URL, "/usr/bin/python3", environment, SECRET)
+    service.startService()
+    clock.advance(0)
+    [child] = clock.spawned
+    assert set(child.env) == {"PATH", "HOME", "LANG", "PYTHONPATH", TOKEN_VARIABLE}

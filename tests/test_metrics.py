@@ -53,6 +53,7 @@ EXPECTED_FAMILIES = {
     "streamrelay_pull_connects",
     "streamrelay_pulls_started",
     "streamrelay_pull_refusals",
+    "streamrelay_pull_reconnects",
     "streamrelay_stream_viewers",
     "streamrelay_stream_relays",
     "streamrelay_stream_messages_in",
@@ -398,6 +399,7 @@ class _Puller:
     pulls: dict[str, _Pull] = field(default_factory=dict)
     started: int = 0
     refused: int = 0
+    reconnects: int = 0
 
 
 def test_pulls_are_read_from_the_pull_manager() -> None:
@@ -412,6 +414,7 @@ def test_pulls_are_read_from_the_pull_manager() -> None:
         },
         started=7,
         refused=2,
+        reconnects=5,
     )
     vars(relay.context.registry)["puller"] = puller
     _names, samples = scrape(relay)
@@ -421,6 +424,7 @@ def test_pulls_are_read_from_the_pull_manager() -> None:
     assert value(samples, "streamrelay_pull_connects_total", stream="cam") == 3
     assert value(samples, "streamrelay_pulls_started_total") == 7
     assert value(samples, "streamrelay_pull_refusals_total") == 2
+    assert value(samples, "streamrelay_pull_reconnects_total") == 5
 
 
 def test_a_relay_without_upstream_exports_the_pull_families_at_zero() -> None:

@@ -26,14 +26,15 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from streamrelay.publisher.backoff import Backoff
 from streamrelay.publisher.client import ConnectionState, Publisher, Readiness
-from streamrelay.publisher.connection import HandshakeRefusal, refusal_from_response
 from streamrelay.publisher.encoder import EncoderSettings, H264Encoder
 from streamrelay.publisher.pipeline import CapturePipeline
-from streamrelay.publisher.settings import PublisherSettings, RelayTarget, parse_relay_url
+from streamrelay.publisher.settings import PublisherSettings
 from streamrelay.publisher.sources import TestPatternSource
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, WireError, parse_media
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.connection import HandshakeRefusal, refusal_from_response
+from streamrelay.wsclient.target import RelayTarget, parse_relay_url
 from tests.support.frames import FrameParser
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

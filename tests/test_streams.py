@@ -14,6 +14,7 @@ from streamrelay.config import RelayConfig
 from streamrelay.limits import Refusal
 from streamrelay.streams import PublisherSession, StreamRegistry, ViewerSession
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, encode_media, parse_media
+from tests.fakes import captured_log
 
 
 def identity_frame(payload: bytes, is_binary: bool) -> tuple[bool, bytes]:
@@ -770,3 +771,42 @@ def test_gop_cache_message_cap_applies_to_streams() -> None:
     assert viewer.media() == []
     send(publisher, key_msg(53, 9))
     assert viewer.media() == [1, 53]
+
+
+class BrokenPuller:
+    """A puller whose ``want`` raises (a bug, a bad locator)."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def check(self, name: str) -> Refusal | None:
+        return None
+
+    def want(self, name: str) -> None:
+        raise RuntimeError("no pull")
+
+    def release(self, name: str) -> None:
+        self.released.append(name)
+
+    def stop(self, name: str) -> None:
+        pass
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        return None
+
+
+def test_a_puller_that_raises_leaves_no_viewer_attached() -> None:
+    """If starting the pull raises, the viewer (or edge) is refused and detached, the
+    stream forgotten, and the failure logged; nothing escapes to the reactor."""
+    core = Core()
+    puller = BrokenPuller()
+    core.registry.puller = puller
+    with captured_log() as log:
+        result = core.registry.watch("cam", FakeViewer(), "10.0.0.1")
+        relayed = core.registry.relay("cam", FakeViewer())
+    assert isinstance(result, Refusal) and result.status == 503
+    assert isinstance(relayed, Refusal)
+    assert core.registry.streams == {} and core.registry.viewer_count == 0
+    assert not core.registry.waiting.is_waiting("cam")
+    assert puller.released == ["cam", "cam"]
+    assert sum("log_failure" in event for event in log.events) == 2

@@ -1,5 +1,6 @@
 """Relay to relay without sockets: origin and edge relays (the real site, gate and
-protocols) on one ``Clock``, their pulls carried in memory by :mod:`tests.relay_links`.
+protocols) on one ``Clock``, their pulls carried in memory by
+:mod:`tests.support.relay_links`.
 The pull manager's rules: one pull per stream, started by the first local viewer, ended
 a grace period after the last, a cap, no pull for a refused viewer; the pulled stream
 behaves as a local one; signals travel upstream; failures leave viewers connected."""
@@ -14,11 +15,17 @@ import pytest
 from streamrelay.config import RelayConfig
 from streamrelay.roles import Role
 from streamrelay.tokens import make_token
-from streamrelay.upstream import RETRY_MAX_SECONDS, TemplateLocator, UpstreamManager
+from streamrelay.upstream import (
+    PARK_SECONDS,
+    PROBE_SECONDS,
+    RETRY_MAX_SECONDS,
+    TemplateLocator,
+    UpstreamManager,
+)
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media, parse_media
 from tests.fakes import Peer, Relay
-from tests.relay_links import SECRET, Network
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
+from tests.support.relay_links import SECRET, Network
 
 ORIGIN = "origin:8080"
 EDGE = "edge:8080"
@@ -244,7 +251,7 @@ def test_origin_death_leaves_viewers_connected_offline_then_live_again(net: Netw
     gop(publisher, 10, config=True)
     net.tick(RETRY_MAX_SECONDS + 0.1)
     assert seen(viewer) == ["live", "C10", "K11", "d12", "d13"]
-    assert not viewer.closing
+    assert not viewer.closing and manager.reconnects == 1
 
 
 def test_an_upstream_gap_reaches_edge_viewers_as_dropped_then_config_then_key(
@@ -311,11 +318,13 @@ def test_each_upstream_is_tried_in_turn(net: Network) -> None:
 
 
 def test_the_pull_cap_refuses_a_viewer_that_would_need_one_more(net: Network) -> None:
-    """With ``--max-pulls 1`` a second stream's viewer gets 503 in its handshake and no
-    pull; more viewers of the pulled stream are fine."""
-    net.relay(ORIGIN)
+    """With ``--max-pulls 1`` and a live pull, a second stream's viewer gets 503 in its
+    handshake and no pull; more viewers of the pulled stream are fine."""
+    origin = net.relay(ORIGIN)
+    gop(origin.publisher("a"), 1, config=True)
     edge, manager = net.edge(EDGE, ORIGIN, max_pulls=1)
     edge.viewer("a")
+    net.flush()
     refused = edge.connect().upgrade("/watch/b")
     assert refused.status == 503 and b"pull limit" in refused.body
     edge.viewer("a")
@@ -560,3 +569,97 @@ def test_a_stream_left_without_a_pull_at_the_cap_gets_the_next_free_place(
     net.tick(1.5)
     assert list(manager.pulls) == ["b"]
     assert seen(left_behind)[-5:] == ["live", "C1", "K2", "d3", "d4"]
+
+
+def test_pulls_for_invented_names_never_lock_a_live_stream_out(net: Network) -> None:
+    """The reviewer's scenario (issue 8): viewers from 4 addresses wait on 16 invented
+    names each, what used to take all 64 pulls; a viewer of the live stream is still
+    admitted and served.  Probes hold no place, at most a quarter of --max-pulls are
+    open at once, and each told ``offline`` parks while others queue."""
+    _origin, _publisher = live_origin(net)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    for address in range(4):
+        for index in range(16):
+            edge.viewer(f"nobody{address}x{index}", host=f"10.0.0.{address + 1}")
+    assert manager.probes == manager.max_probes == 16 and len(manager.queued) == 48
+    viewer = edge.viewer("cam")
+    net.flush()
+    assert seen(viewer) == ["offline", "live", "meta", "C1", "K2", "d3", "d4"]
+    assert manager.places_taken == 1 and manager.refused == 0
+    # The last probes, nobody queued behind them, wait out PROBE_SECONDS.
+    assert manager.queued == {} and len(manager.parked) + manager.probes == 64
+    assert len(net.links_to(ORIGIN)) == 1 + manager.probes <= 1 + manager.max_probes
+
+
+def test_a_probe_that_finds_nothing_live_is_parked_then_probes_again(net: Network) -> None:
+    """A pull never live upstream closes after the probe time (freeing the upstream's
+    waiting slot) while its viewer stays; it probes again after the park time, and goes
+    live when a publisher has come meanwhile."""
+    origin = net.relay(ORIGIN)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    viewer = edge.viewer("later")
+    tick_answering(net, PROBE_SECONDS + 0.5, viewer)
+    assert "later" not in manager.pulls and "later" in manager.parked
+    assert net.links_to(ORIGIN) == [] and manager.parked_total == 1
+    assert "later" not in origin.context.registry.streams
+    gop(origin.publisher("later"), 1, config=True)
+    tick_answering(net, PARK_SECONDS + 0.5, viewer)
+    assert "later" in manager.pulls and manager.places_taken == 1
+    assert seen(viewer)[-5:] == ["live", "C1", "K2", "d3", "d4"]
+
+
+def test_the_last_viewer_leaving_forgets_a_parked_name(net: Network) -> None:
+    """A parked name whose viewers all left is not probed again."""
+    net.relay(ORIGIN)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    viewer = edge.viewer("gone")
+    tick_answering(net, PROBE_SECONDS + 0.5, viewer)
+    assert "gone" in manager.parked
+    viewer.lose()
+    net.flush()
+    assert manager.parked == {}
+    net.tick(PARK_SECONDS + 1)
+    assert manager.pulls == {} and manager.started == 1
+
+
+def test_a_probe_going_live_over_the_cap_ends_and_waits_for_a_place(net: Network) -> None:
+    """Two probes for streams both live upstream with one place: the second to go live
+    ends (its viewers wait), and gets the place when the first pull ends."""
+    origin = net.relay(ORIGIN)
+    for name in ("a", "b"):
+        gop(origin.publisher(name), 1, config=True)
+    edge, manager = net.edge(EDGE, ORIGIN, max_pulls=1, upstream_grace=1.0)
+    first = edge.viewer("a")
+    second = edge.viewer("b")
+    net.flush()
+    assert list(manager.pulls) == ["a"] and manager.refused == 1
+    first.lose()
+    tick_answering(net, 1.5, second)
+    assert list(manager.pulls) == ["b"] and "K2" in seen(second)
+
+
+def test_a_keyframe_request_made_while_reconnecting_is_sent_once_open(net: Network) -> None:
+    """A keyframe request the pull cannot send (its connection is down) is kept and sent
+    when the connection is open again."""
+    _origin, _publisher = live_origin(net)
+    edge, manager = net.edge(EDGE, ORIGIN)
+    edge.viewer("cam")
+    net.flush()
+    pull = manager.pulls["cam"]
+    sent: list[bool] = []
+    request = pull.client.request_keyframe
+
+    def spy() -> bool:
+        sent.append(request())
+        return sent[-1]
+
+    pull.client.request_keyframe = spy  # type: ignore[method-assign]
+    net.kill(ORIGIN)
+    pull.send_keyframe_request()
+    assert sent == [False] and pull.keyframe_owed
+    net.relay(ORIGIN).publisher("cam")
+    net.tick(RETRY_MAX_SECONDS + 0.1)
+    assert pull.client.stats.connects == 2 and not pull.keyframe_owed
+    # The owed request goes out as the connection opens; the second is the one a pulled
+    # stream sends when it goes live with a viewer waiting for a KEY.
+    assert sent == [False, True, True]

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -940,3 +941,19 @@ def test_relay_service_stop_drains_before_it_stops() -> None:
     relay.tick(relay.config.close_timeout + 1)
     relay.settle()
     assert stopped and not relay_service.running
+
+
+def test_autobahn_never_sees_the_token() -> None:
+    """The token, checked in the HTTP handshake, is not replayed to Autobahn (which logs
+    requests at debug level): neither the Authorization header nor ``?token=``."""
+    relay = Relay.with_options(view_secret=VIEW_SECRET)
+    header_token, query_token = token("view"), token("view", ttl=7200)
+    relay.viewer(extra={"Authorization": f"Bearer {header_token}"})
+    relay.open(f"/watch/cam?token={query_token}")
+    protocols: list[Any] = list(relay.context.registry.streams["cam"].viewers)
+    assert len(protocols) == 2
+    for protocol in protocols:
+        seen = repr(protocol.http_request_data) + repr(protocol.http_headers)
+        seen += repr(protocol.http_request_uri)
+        assert header_token not in seen and query_token not in seen
+        assert "authorization" not in protocol.http_headers

@@ -68,8 +68,11 @@ Building blocks:
 
 Inside the network side: :mod:`.settings` (the record), :mod:`.connector` (the
 connection lifecycle, a state machine in :mod:`.state`), :mod:`.connection` (the
-Autobahn protocol, and refusals read from the HTTP response), :mod:`.outbox` and
-:mod:`.handoff` (the two bounded queues), :mod:`.endpoint` (TCP and TLS).
+Autobahn factory made from the settings), :mod:`.outbox` and :mod:`.handoff` (the two
+bounded queues).  What the relay's own client shares with it -- the Autobahn protocol
+and refusals read from the HTTP response, relay URLs, TCP and TLS endpoints, the
+backoff -- is :mod:`streamrelay.wsclient` (:class:`Backoff` and :class:`RelayTarget`
+are re-exported here, part of this API).
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ from streamrelay.wire import (
     now_us,
     parse_media,
 )
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.target import RelayTarget
 
-from .backoff import Backoff
 from .client import ConnectionState, Publisher, PublisherStats, Readiness
 from .h264 import (
     H264Error,
@@ -102,7 +106,7 @@ from .h264 import (
     parse_sps,
     split_annexb,
 )
-from .settings import DEFAULT_URL, PublisherSettings, RelayTarget
+from .settings import DEFAULT_URL, PublisherSettings
 
 if TYPE_CHECKING:
     from .encoder import EncoderSettings, H264Encoder

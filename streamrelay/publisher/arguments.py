@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from .settings import DEFAULT_URL, parse_relay_url
+from streamrelay.wsclient.target import parse_relay_url
+
+from .settings import DEFAULT_URL
 
 TOKEN_ENVIRONMENT_VARIABLE = "STREAMRELAY_TOKEN"
 

@@ -37,14 +37,15 @@ from streamrelay.wire import (
     now_us,
     parse_text,
 )
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.connection import RelayConnection
+from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
+from streamrelay.wsclient.target import RelayTarget
 
-from .backoff import Backoff
-from .connection import RelayConnection
 from .connector import Connector, SessionHooks
-from .endpoint import EndpointFactory, default_endpoint
 from .handoff import FrameHandoff
 from .outbox import Kind, Outbox, Outgoing, Verdict
-from .settings import PublisherSettings, RelayTarget
+from .settings import PublisherSettings
 from .state import ConnectionState
 
 _log = Logger()

@@ -20,10 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from streamrelay.wire import CLOSE_NORMAL, CLOSE_PUBLISHER_REPLACED
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.connection import RelayClientFactory, RelayConnection
+from streamrelay.wsclient.endpoint import EndpointFactory
 
-from .backoff import Backoff
-from .connection import RelayClientFactory, RelayConnection, make_factory
-from .endpoint import EndpointFactory
+from .connection import make_factory
 from .settings import PublisherSettings
 from .state import LIFECYCLE, ConnectionState
 

@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.figures import record_figure, rounded
 from tests.support.net import source_addresses
-from tests.support.proxy import BlackHoleProxy
+from tests.support.proxy import TcpProxy
 from tests.support.relay_api import api_streams, stream_entry
 from tests.support.relay_process import RelayProcess, problems_report
 from tests.support.ws_client import PacedPublisher, Viewer
@@ -51,7 +51,7 @@ async def _scenario(relay: RelayProcess) -> dict[str, Any]:
         await Viewer(f"{relay.ws_url}/watch/halfopen", name=f"direct-{index}").start()
         for index in range(DIRECT)
     ]
-    proxy = await BlackHoleProxy(relay.port, sources=source_addresses(19)).start()
+    proxy = await TcpProxy(relay.port, sources=source_addresses(19)).start()
     proxied: list[Viewer] = []
     cycle = PING_INTERVAL + PING_TIMEOUT
     for index in range(PROXIED):

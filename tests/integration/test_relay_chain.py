@@ -16,10 +16,9 @@ import pytest
 
 from tests.support.figures import percentile, record_figure, rounded
 from tests.support.media import CONFIG, KEY, capture_of, flags_of, media_is_intact
-from tests.support.proxy import BlackHoleProxy
+from tests.support.proxy import TcpProxy
 from tests.support.relay_api import api_streams_async, stream_entry
 from tests.support.relay_process import RelayProcess, StartRelay
-from tests.support.throttle import ThrottledProxy
 from tests.support.tokens import write_secret
 from tests.support.waiting import run
 from tests.support.ws_client import PacedPublisher, Viewer
@@ -384,7 +383,7 @@ def test_a_black_holed_upstream_is_found_by_the_pings(start_relay: StartRelay, s
     origin = origin_of(start_relay, secret, *pings)
 
     async def scenario() -> None:
-        proxy = await BlackHoleProxy(origin.port).start()
+        proxy = await TcpProxy(origin.port).start()
         edge = await asyncio.to_thread(
             edge_of, start_relay, secret, f"ws://127.0.0.1:{proxy.port}", *pings
         )
@@ -425,7 +424,7 @@ def test_a_slow_edge_drops_whole_gops_and_nobody_else_notices(
     size = 40_000
 
     async def scenario() -> None:
-        proxy = await ThrottledProxy(origin.port, rate=1_000_000).start()
+        proxy = await TcpProxy(origin.port, rate=1_000_000).start()
         slow_edge = await asyncio.to_thread(
             edge_of, start_relay, secret, f"ws://127.0.0.1:{proxy.port}"
         )
@@ -562,3 +561,42 @@ def test_cpu_of_one_pull_on_the_origin_compared_with_one_viewer(
         pull_over_viewer=rounded(pull_cost / viewer_cost, 2),
     )
     assert pull_cost < 3 * viewer_cost + 0.01 * window, json.dumps(cpu)
+
+
+# -- invented names (issue 8) -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_viewers_of_invented_names_never_lock_a_live_stream_out_of_an_edge(
+    start_relay: StartRelay, secret: str
+) -> None:
+    """The reviewer's scenario: viewers from 4 addresses wait on 16 invented names each
+    (64 pulls, the default ``--max-pulls``); a viewer of the stream live on the origin is
+    still admitted by the edge and gets its keyframe."""
+    origin = origin_of(start_relay, secret)
+    edge = edge_of(start_relay, secret, origin.ws_url)
+
+    async def scenario() -> None:
+        publisher = await PacedPublisher(
+            f"{origin.ws_url}/publish/live", rate=30, gop=30, size=2000
+        ).start()
+        squatters: list[Viewer] = []
+        try:
+            for address in range(4):
+                for index in range(16):
+                    squatter = Viewer(
+                        f"{edge.ws_url}/watch/invented-{address}-{index}",
+                        name=f"squatter-{address}-{index}",
+                        local_addr=(f"127.0.0.{address + 2}", 0),
+                    )
+                    squatters.append(await squatter.start())
+            await asyncio.sleep(1.0)  # every probe is up against the origin
+            viewer = await Viewer(f"{edge.ws_url}/watch/live", name="live").start()
+            await first_key_after(viewer, timeout=10.0)
+            await viewer.close()
+        finally:
+            for squatter in squatters:
+                await squatter.close()
+            await publisher.close()
+
+    run(scenario(), 80)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support.proxy import BlackHoleProxy
+from tests.support.proxy import TcpProxy
 from tests.support.relay_api import api_streams_async, stream_entry
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.waiting import run
@@ -27,7 +27,7 @@ async def _viewers(relay: RelayProcess, name: str) -> int:
 
 
 async def _seconds_until_dropped(
-    relay: RelayProcess, proxy: BlackHoleProxy, name: str, remaining: int = 0
+    relay: RelayProcess, proxy: TcpProxy, name: str, remaining: int = 0
 ) -> float:
     while await _viewers(relay, name) > remaining:
         assert proxy.dark_at is not None
@@ -55,7 +55,7 @@ def test_half_open_viewer_is_dropped_within_ping_interval_plus_timeout(
     relay = _start(start_relay)
 
     async def scenario() -> float:
-        proxy = await BlackHoleProxy(relay.port).start()
+        proxy = await TcpProxy(relay.port).start()
         try:
             proxied = f"ws://127.0.0.1:{proxy.port}/watch/half"
             async with ws_connect(f"{relay.ws_url}/watch/half") as healthy, \
@@ -94,7 +94,7 @@ def test_half_open_right_after_a_pong_is_dropped_within_interval_plus_timeout(
     async def scenario() -> float:
         # Upstream chunk 1 is the handshake request; the next one is the first pong
         # (the client sends nothing else).
-        proxy = await BlackHoleProxy(relay.port, dark_after_upstream_chunks=2).start()
+        proxy = await TcpProxy(relay.port, dark_after_upstream_chunks=2).start()
         try:
             async with ws_connect(
                 f"ws://127.0.0.1:{proxy.port}/watch/phase", close_timeout=0.2

@@ -1,4 +1,4 @@
-"""How a publisher reaches its relay: TCP, and TLS for ``wss://``."""
+"""How a client reaches a relay: TCP, and TLS for ``wss://``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from zope.interface import implementer
 
-from .settings import RelayTarget
+from .target import RelayTarget
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -26,10 +26,10 @@ from zope.interface import implementer
 
 from streamrelay.client import ClientSettings, StreamClient, StreamListener
 from streamrelay.config import RelayConfig
-from streamrelay.publisher.backoff import Backoff
-from streamrelay.publisher.settings import RelayTarget
 from streamrelay.upstream import UpstreamManager
 from streamrelay.wire import MediaMessage
+from streamrelay.wsclient.backoff import Backoff
+from streamrelay.wsclient.target import RelayTarget
 from tests.fakes import Relay
 
 SECRET = b"relay-test-secret"
