@@ -36,7 +36,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
-from streamrelay import logs
+from streamrelay import logs, workers
 from streamrelay.config import Declared, RelayConfig, derivations, settings
 from streamrelay.tokens import secret_from_environment
 from streamrelay.upstream import UpstreamService
@@ -112,6 +112,13 @@ class Options(usage.Options):
         self._config = RelayConfig()
         # The texts of each repeatable setting, in the order given.
         self.repeated: dict[str, list[str]] = {}
+        # The arguments as given: --workers runs its workers with the same ones.
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Any = None) -> None:  # noqa: N802 (Twisted API)
+        """Parse, keeping the arguments for the workers of ``--workers``."""
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to listen on, repeatable (default tcp:8080), e.g.
@@ -128,6 +135,7 @@ class Options(usage.Options):
         """Check and convert every value; the error names the option."""
         self._config = self._parse_settings()
         self._check_listen()
+        workers.check_options(self._config, self["listen"], self["metrics-listen"])
         if self._config.upstream and self._config.relay_secret is None:
             raise usage.UsageError(
                 "--upstream needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): the "
@@ -204,9 +212,7 @@ class AnnouncedEndpoint:
     """An endpoint that logs the address it really bound (``tcp:0`` names its port) and
     keeps the listening port for the demo publisher's URL."""
 
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, description: str, serves: str = ""
-    ) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, description: str, serves: str = "") -> None:
         self._endpoint = endpoint
         self.description = description
         # What the port serves when it is not the relay itself (e.g. "metrics").
@@ -328,11 +334,17 @@ def _fit_descriptor_limit(reactor: Any, wanted: int) -> int:
     return allowed
 
 
-def makeService(options: Options) -> RelayService:
-    """Build the relay service from parsed options."""
+def makeService(options: Options) -> service.MultiService:
+    """Build the relay service from parsed options (with ``--workers``, the supervisor of
+    the worker processes; in a worker, the relay on the sockets it inherited)."""
     from twisted.internet import reactor
 
     config = options.config()
+    worker = workers.WorkerEnvironment.from_environment()
+    if config.workers and worker is None:
+        return workers.supervisor(
+            reactor, config, options.arguments, options["listen"], listener, options["demo"]
+        )
     capped = _fit_descriptor_limit(reactor, config.max_connections)
     if capped != config.max_connections:
         config = replace(config, max_connections=capped)
@@ -351,7 +363,11 @@ def makeService(options: Options) -> RelayService:
     site = RelaySite(context, Root(context))
     relay = RelayService(context)
     announced: list[AnnouncedEndpoint] = []
-    for description in options["listen"]:
+    if worker is not None:
+        for adopted in workers.adopted_listeners(reactor, worker, site):
+            adopted.setServiceParent(relay)
+        workers.WorkerService(context, reactor, worker, site).setServiceParent(relay)
+    for description in options["listen"] if worker is None else ():
         listening = listener(reactor, description, site)
         announced.append(listening.endpoint)
         listening.setServiceParent(relay)
@@ -360,10 +376,10 @@ def makeService(options: Options) -> RelayService:
         for description in options["metrics-listen"]:
             listener(reactor, description, metrics, "metrics").setServiceParent(relay)
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
-    if config.upstream:
+    if config.upstream and worker is None:
         UpstreamService(context, reactor).setServiceParent(relay)
     logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
-    if options["demo"]:
+    if options["demo"] and worker is None:
         # Imported here: twisted.runner.procmon imports the reactor, which the console
         # script's --reactor must be able to choose first.
         from streamrelay.demo import DEMO_STREAM, DemoPublisherService
