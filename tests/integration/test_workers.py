@@ -203,3 +203,47 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits(start_relay: Start
     import psutil
 
     assert not [pid for pid in pids if psutil.pid_exists(pid)]
+
+
+@pytest.mark.timeout(60)
+def test_origin_worker_killed_viewers_elsewhere_follow_the_new_origin(
+    start_relay: StartRelay,
+) -> None:
+    """The publisher's worker is SIGKILLed: a viewer on the other worker sees ``offline``
+    and stays connected; the publisher comes back on the restarted worker (a new
+    address), and the viewer's worker follows the directory there: live again, media
+    flowing.  No log line shows a relay token."""
+    relay = start_relay("--workers", "2")
+    urls = worker_urls(relay)
+    origin, other = sorted(urls)
+
+    async def scenario() -> None:
+        first = await PacedPublisher(f"{ws(urls[origin])}/publish/moves", rate=50, gop=10).start()
+        viewer = await Viewer(f"{ws(urls[other])}/watch/moves", name="stays").start()
+        await viewer.wait_status("live", timeout=5)
+        await asyncio.wait_for(viewer.first_media.wait(), 5)
+        pid = next(c.pid for c in relay.psutil.children() if _is_worker(c.pid, urls[origin]))
+        offset = len(relay.log_text())
+        os.kill(pid, signal.SIGKILL)
+        await first.close()
+        lives = len(viewer.statuses())
+        await viewer.wait_status("offline", after=lives - 1, timeout=3)
+        restarted = await asyncio.to_thread(worker_urls_after, relay, offset)
+        assert origin in restarted and restarted[origin] != urls[origin]
+        received = len(viewer.media)
+        second = await PacedPublisher(
+            f"{ws(restarted[origin])}/publish/moves", rate=50, gop=10
+        ).start()
+        try:
+            await viewer.wait_status("live", after=lives, timeout=5)
+            deadline = time.monotonic() + 5
+            while len(viewer.media) < received + 20 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(viewer.media) >= received + 20
+            assert viewer.closed_at is None
+        finally:
+            await second.close()
+            await viewer.close()
+
+    run(scenario(), 50)
+    assert not re.search(r"\b\d{9,12}\.[0-9a-fA-F]{64}\b", relay.log_text())
