@@ -23,10 +23,14 @@ logged).
 What a worker learns from its environment (set by the supervisor only):
 ``STREAMRELAY_WORKER`` (its number), ``STREAMRELAY_WORKER_FDS`` (``fd:family`` of each
 adopted socket, in ``--listen`` order) and ``STREAMRELAY_WORKER_DIRECTORY`` (the socket).
+
+Over 400 lines because both halves live here: the worker side and the supervisor side
+share that environment contract and are read together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -40,8 +44,14 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
+from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -179,6 +189,39 @@ class WorkerPuller(UpstreamManager):
         self.want(name)
 
 
+@implementer(IReadDescriptor)
+class ParentWatch:
+    """Stops the worker when its supervisor is gone: the supervisor holds the write end
+    of the worker's standard input, which reads end-of-file once it has exited, even
+    after a SIGKILL that left it no time to stop its workers."""
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self._reactor = reactor
+        self._fd = fd
+
+    def fileno(self) -> int:
+        """Standard input."""
+        return self._fd
+
+    def doRead(self) -> Failure | None:  # noqa: N802 (Twisted API)
+        """Discard input; end-of-file ends the watch."""
+        try:
+            data = os.read(self._fd, 4096)
+        except OSError:
+            data = b""
+        return None if data else CONNECTION_DONE  # type: ignore[return-value]
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted API)
+        """The supervisor is gone: stop (and drain) as on SIGTERM."""
+        _log.warn("The supervisor is gone: stopping this worker")
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted API)
+        """For the reactor's log lines."""
+        return "supervisor"
+
+
 class WorkerService(service.Service):
     """A worker's link to its siblings: the private loopback port for their pulls, the
     directory connection, and the pull manager."""
@@ -222,6 +265,12 @@ class WorkerService(service.Service):
         )
         self._reactor.connectUNIX(self._worker.directory, self.client)
         self._reporter.startService()
+        # Signals come from the supervisor only: not from a terminal's Ctrl+C or a kill
+        # of the supervisor's process group, which would stop the worker twice (the
+        # supervisor forwards SIGTERM).  Its exit still stops the worker (ParentWatch).
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        self._reactor.addReader(ParentWatch(self._reactor))
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802 (Twisted API)
         """Leave the directory, close the pulls and the sibling port."""
@@ -399,8 +448,9 @@ class DirectoryService(service.Service):
         """Stop listening and remove the folder."""
         super().stopService()
         port, self._port = self._port, None
-        stopped = port.stopListening() if port is not None else None
-        shutil.rmtree(self.folder, ignore_errors=True)
+        stopped: Deferred[Any] = maybeDeferred(port.stopListening) if port else succeed(None)
+        # After the port is closed: closing it unlinks the socket file itself.
+        stopped.addBoth(lambda _: shutil.rmtree(self.folder, ignore_errors=True))
         return stopped
 
 

@@ -125,3 +125,28 @@ def test_spawning_reactor_passes_the_sockets() -> None:
     spawning.spawnProcess(object(), "python", ["python"])
     assert calls == [{"childFDs": {0: "w", 1: "r", 2: "r", 3: 17}}]
     assert spawning.seconds() == 42.0
+
+
+def test_parent_watch_stops_the_reactor_at_end_of_input() -> None:
+    """Input is discarded; end-of-file (the supervisor is gone) stops the reactor."""
+    import os
+
+    from streamrelay.workers import ParentWatch
+
+    class Reactor:
+        running = True
+        stopped = False
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    reactor = Reactor()
+    read, write = os.pipe()
+    watch = ParentWatch(reactor, read)
+    os.write(write, b"x")
+    assert watch.doRead() is None
+    os.close(write)
+    assert watch.doRead() is not None
+    watch.connectionLost(None)  # type: ignore[arg-type]
+    assert reactor.stopped
+    os.close(read)

@@ -247,3 +247,18 @@ def test_origin_worker_killed_viewers_elsewhere_follow_the_new_origin(
 
     run(scenario(), 50)
     assert not re.search(r"\b\d{9,12}\.[0-9a-fA-F]{64}\b", relay.log_text())
+
+
+@pytest.mark.timeout(40)
+def test_workers_stop_when_the_supervisor_is_killed(start_relay: StartRelay) -> None:
+    """SIGKILL leaves the supervisor no time to stop its workers: they notice its end
+    (their standard input closes) and exit, releasing the port."""
+    import psutil
+
+    relay = start_relay("--workers", "2")
+    worker_urls(relay)
+    workers = relay.psutil.children()
+    assert len(workers) == 2
+    relay.kill()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, alive
