@@ -150,3 +150,15 @@ def test_parent_watch_stops_the_reactor_at_end_of_input() -> None:
     watch.connectionLost(None)  # type: ignore[arg-type]
     assert reactor.stopped
     os.close(read)
+
+
+def test_supervisor_logs_json_with_json_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json-logs gives the supervisor's application a JSON log observer, as a relay's."""
+    from twisted.logger import ILogObserver
+
+    monkeypatch.delenv(workers.WORKER_VARIABLE, raising=False)
+    top = tap.makeService(parse("--workers", "2", "--json-logs", "--listen", "tcp:0"))
+    application = service.Application("test")
+    top.setServiceParent(application)
+    assert application.getComponent(ILogObserver, None) is not None
+    top.getServiceNamed("directory").stopService()
