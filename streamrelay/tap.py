@@ -212,7 +212,9 @@ class AnnouncedEndpoint:
     """An endpoint that logs the address it really bound (``tcp:0`` names its port) and
     keeps the listening port for the demo publisher's URL."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, description: str, serves: str = "") -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, description: str, serves: str = ""
+    ) -> None:
         self._endpoint = endpoint
         self.description = description
         # What the port serves when it is not the relay itself (e.g. "metrics").
@@ -334,7 +336,7 @@ def _fit_descriptor_limit(reactor: Any, wanted: int) -> int:
     return allowed
 
 
-def makeService(options: Options) -> service.MultiService:
+def makeService(options: Options) -> RelayService:
     """Build the relay service from parsed options (with ``--workers``, the supervisor of
     the worker processes; in a worker, the relay on the sockets it inherited)."""
     from twisted.internet import reactor
@@ -342,9 +344,17 @@ def makeService(options: Options) -> service.MultiService:
     config = options.config()
     worker = workers.WorkerEnvironment.from_environment()
     if config.workers and worker is None:
-        return workers.supervisor(
-            reactor, config, options.arguments, options["listen"], listener, options["demo"]
+        supervising = RelayService(RelayContext.create(config, reactor))
+        workers.supervisor(
+            reactor,
+            config,
+            options.arguments,
+            options["listen"],
+            listener,
+            supervising,
+            options["demo"],
         )
+        return supervising
     capped = _fit_descriptor_limit(reactor, config.max_connections)
     if capped != config.max_connections:
         config = replace(config, max_connections=capped)

@@ -52,14 +52,12 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.main import CONNECTION_DONE
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.python.runtime import platform
 from zope.interface import implementer
 
-from streamrelay import logs
 from streamrelay.config import RelayConfig
 from streamrelay.context import RelayContext
 from streamrelay.local_directory import (
@@ -456,33 +454,20 @@ class DirectoryService(service.Service):
         return stopped
 
 
-class Supervisor(service.MultiService):
-    """The supervising process's services; with ``--json-logs`` it logs JSON lines as a
-    relay does (each worker's lines, JSON themselves, in the ``line`` field)."""
-
-    def __init__(self, json_logs: bool) -> None:
-        super().__init__()
-        self.json_logs = json_logs
-
-    def setServiceParent(self, parent: Any) -> None:  # noqa: N802 (Twisted API)
-        """Join ``parent``; with ``--json-logs``, set its log observer."""
-        if self.json_logs and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, logs.json_observer())
-        super().setServiceParent(parent)
-
-
 def supervisor(
     reactor: Any,
     config: RelayConfig,
     arguments: list[str],
     listen: list[str],
     listener: Callable[..., StreamServerEndpointService],
+    top: service.MultiService,
     demo: bool = False,
 ) -> service.MultiService:
-    """The supervising process: the parked listeners, the directory and the workers."""
+    """The supervising process: the parked listeners, the directory and the workers,
+    under ``top`` (a relay service that serves no connection of its own: it gives the
+    process its log observer and stops the workers on stop)."""
     from twisted.internet.protocol import Factory
 
-    top = Supervisor(config.json_logs)
     parked: list[ParkedEndpoint] = []
     unused = Factory()  # never called: the supervisor does not accept
     announced: list[Any] = []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
@@ -70,7 +71,10 @@ def test_supervisor_serves_nothing_itself(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv(workers.SECRET_VARIABLE, raising=False)
     options = parse("--workers", "2", "--listen", "tcp:0:interface=127.0.0.1")
     top = tap.makeService(options)
-    assert not isinstance(top, tap.RelayService)
+    listeners = [child for child in top if isinstance(child, StreamServerEndpointService)]
+    assert len(listeners) == 1
+    assert isinstance(listeners[0].endpoint, workers.ParkedEndpoint)
+    assert not [child for child in top if isinstance(child, workers.WorkerService)]
     names = {child.name for child in top if isinstance(child, service.Service)}
     assert {"directory", "workers"} <= names
     pool = top.getServiceNamed("workers")
