@@ -7,7 +7,9 @@ it) plus the options that wire the process: ``--listen``, ``--metrics-listen`` a
 holding one ``StreamServerEndpointService`` per ``--listen`` and ``--metrics-listen``
 endpoint, the rate-limit sweeper, the summaries of suppressed log lines, with
 ``--upstream`` the pull manager (:class:`~streamrelay.upstream.UpstreamService`) and,
-with ``--demo``, the supervised test-pattern publisher.  A repeatable setting
+with ``--demo``, the supervised test-pattern publisher.  With ``--workers N`` the same
+service holds instead the supervisor of N worker processes (:mod:`streamrelay.workers`),
+and in each worker the relay on the listening sockets it inherited.  A repeatable setting
 (``--upstream``) gets an ``opt_`` handler that collects every occurrence.  The same
 service runs under twistd and under the ``streamrelay`` console script
 (:mod:`streamrelay.cli`).
