@@ -492,6 +492,16 @@ class RelayConfig:
     )
     log_burst: int = derived(100, "log_rate", _log_burst_for)
 
+    # -- one box, many cores (docs/cluster.md): streamrelay.workers.
+    workers: int = option(
+        0,
+        "Worker processes sharing the --listen sockets (POSIX; 0 = serve in this "
+        "process). This process binds the sockets, supervises the workers, restarts "
+        "them, drains them all on SIGTERM, and tells each where a stream published on "
+        "a sibling can be pulled from.",
+        non_negative_int,
+    )
+
     # Bounds of the HTTP request head, answered with 431 (twisted.web alone answers 400).
     max_header_bytes: int = fixed(16 * 1024)
     max_header_line_bytes: int = fixed(8 * 1024)

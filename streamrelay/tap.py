@@ -7,7 +7,9 @@ it) plus the options that wire the process: ``--listen``, ``--metrics-listen`` a
 holding one ``StreamServerEndpointService`` per ``--listen`` and ``--metrics-listen``
 endpoint, the rate-limit sweeper, the summaries of suppressed log lines, with
 ``--upstream`` the pull manager (:class:`~streamrelay.upstream.UpstreamService`) and,
-with ``--demo``, the supervised test-pattern publisher.  A repeatable setting
+with ``--demo``, the supervised test-pattern publisher.  With ``--workers N`` the same
+service holds instead the supervisor of N worker processes (:mod:`streamrelay.workers`),
+and in each worker the relay on the listening sockets it inherited.  A repeatable setting
 (``--upstream``) gets an ``opt_`` handler that collects every occurrence.  The same
 service runs under twistd and under the ``streamrelay`` console script
 (:mod:`streamrelay.cli`).
@@ -36,7 +38,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
-from streamrelay import logs
+from streamrelay import logs, workers
 from streamrelay.cluster import ClusterService
 from streamrelay.config import Declared, RelayConfig, derivations, settings
 from streamrelay.tokens import secret_from_environment
@@ -123,6 +125,13 @@ class Options(usage.Options):
         self._config = RelayConfig()
         # The texts of each repeatable setting, in the order given.
         self.repeated: dict[str, list[str]] = {}
+        # The arguments as given: --workers runs its workers with the same ones.
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Any = None) -> None:  # noqa: N802 (Twisted API)
+        """Parse, keeping the arguments for the workers of ``--workers``."""
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted endpoint to listen on, repeatable (default tcp:8080), e.g.
@@ -140,6 +149,7 @@ class Options(usage.Options):
         self._config = self._parse_settings()
         self._check_listen()
         self._check_cluster()
+        workers.check_options(self._config, self["listen"], self["metrics-listen"])
         if self._config.upstream and self._config.relay_secret is None:
             raise usage.UsageError(
                 "--upstream needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): the "
@@ -157,6 +167,13 @@ class Options(usage.Options):
             return
         if config.upstream:
             raise usage.UsageError("--cluster and --upstream exclude each other")
+        if config.workers:
+            # Each worker would need a node address of its own (--advertise) that the
+            # other nodes can reach; a shared listening port cannot name one worker.
+            raise usage.UsageError(
+                "--cluster and --workers exclude each other for now: run one cluster node "
+                "per process, each with its own --listen and --advertise"
+            )
         if config.relay_secret is None:
             raise usage.UsageError(
                 "--cluster needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): nodes "
@@ -368,10 +385,24 @@ def _fit_descriptor_limit(reactor: Any, wanted: int) -> int:
 
 
 def makeService(options: Options) -> RelayService:
-    """Build the relay service from parsed options."""
+    """Build the relay service from parsed options (with ``--workers``, the supervisor of
+    the worker processes; in a worker, the relay on the sockets it inherited)."""
     from twisted.internet import reactor
 
     config = options.config()
+    worker = workers.WorkerEnvironment.from_environment()
+    if config.workers and worker is None:
+        supervising = RelayService(RelayContext.create(config, reactor))
+        workers.supervisor(
+            reactor,
+            config,
+            options.arguments,
+            options["listen"],
+            listener,
+            supervising,
+            options["demo"],
+        )
+        return supervising
     capped = _fit_descriptor_limit(reactor, config.max_connections)
     if capped != config.max_connections:
         config = replace(config, max_connections=capped)
@@ -390,7 +421,11 @@ def makeService(options: Options) -> RelayService:
     site = RelaySite(context, Root(context))
     relay = RelayService(context)
     announced: list[AnnouncedEndpoint] = []
-    for description in options["listen"]:
+    if worker is not None:
+        for adopted in workers.adopted_listeners(reactor, worker, site):
+            adopted.setServiceParent(relay)
+        workers.WorkerService(context, reactor, worker, site).setServiceParent(relay)
+    for description in options["listen"] if worker is None else ():
         listening = listener(reactor, description, site)
         announced.append(listening.endpoint)
         listening.setServiceParent(relay)
@@ -399,12 +434,12 @@ def makeService(options: Options) -> RelayService:
         for description in options["metrics-listen"]:
             listener(reactor, description, metrics, "metrics").setServiceParent(relay)
     TimerService(10.0, context.handshake_rate.sweep).setServiceParent(relay)
-    if config.upstream:
+    if config.upstream and worker is None:
         UpstreamService(context, reactor).setServiceParent(relay)
     if config.cluster:
         ClusterService(context, reactor, options.advertise()).setServiceParent(relay)
     logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
-    if options["demo"]:
+    if options["demo"] and worker is None:
         # Imported here: twisted.runner.procmon imports the reactor, which the console
         # script's --reactor must be able to choose first.
         from streamrelay.demo import DEMO_STREAM, DemoPublisherService

@@ -39,6 +39,23 @@ def test_cluster_excludes_upstream(secret: str) -> None:
         parse("--cluster", REDIS, "--relay-secret-file", secret, "--upstream", "ws://o:1")
 
 
+def test_cluster_excludes_workers(secret: str) -> None:
+    """--workers with --cluster is refused with a message saying what to do instead."""
+    with pytest.raises(usage.UsageError, match="one cluster node per process"):
+        parse(
+            "--cluster",
+            REDIS,
+            "--relay-secret-file",
+            secret,
+            "--workers",
+            "2",
+            "--listen",
+            "tcp:8080",
+            "--advertise",
+            "ws://127.0.0.1:8080",
+        )
+
+
 def test_advertise_is_needed_when_the_port_is_not_known(secret: str) -> None:
     """With ``tcp:0`` (or a unix socket) nothing can be derived: usage error."""
     with pytest.raises(usage.UsageError, match="--advertise"):
