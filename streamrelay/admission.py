@@ -6,6 +6,14 @@ secret, allowed origins, stream check).  A handshake passes :data:`CHECKS` in or
 the refusal table of ``docs/protocol.md``; the first refusal is the answer.  (431 and
 413 are the channel's: they are decided while the request head is read.)  A handshake
 that passes every check is handed to Autobahn by :class:`StreamGate`.
+
+With ``--auth-url`` the credential check may ask the user's endpoint
+(:mod:`streamrelay.auth_url`): the gate then holds the request (``NOT_DONE_YET``) until
+the answer, within the handshake timeout, cancels the call if the client goes away, and
+runs the checks after it (503 limits again, 409) once admitted.
+
+(Over 400 lines: the checks are the refusal table, one function per row, and are read
+in order with the gate that runs them, synchronously or awaiting ``--auth-url``.)
 """
 
 from __future__ import annotations
@@ -17,16 +25,25 @@ from functools import cached_property
 from typing import Any
 
 from autobahn.util import wildcards2patterns
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.server import NOT_DONE_YET
 
 from streamrelay import wire
 from streamrelay.addresses import is_direct_loopback
+from streamrelay.auth_url import (
+    FORWARDED_HEADERS,
+    AuthRequest,
+    UrlAuthorizer,
+    treq_post,
+    unavailable,
+)
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
 from streamrelay.edge_protocol import EdgeProtocol
 from streamrelay.limits import Refusal
-from streamrelay.logs import autobahn_logger
+from streamrelay.logs import autobahn_logger, relay_logger
 from streamrelay.names import is_valid_stream_name
 from streamrelay.peers import peer_host
 from streamrelay.protocol import (
@@ -38,6 +55,8 @@ from streamrelay.protocol import (
 from streamrelay.resources import plain, postpath
 from streamrelay.roles import Role
 from streamrelay.tokens import TokenError, verify_token
+
+_log = relay_logger(__name__)
 
 
 class OriginPolicy:
@@ -75,12 +94,29 @@ class Endpoint:
     closed_without_secret: bool = False
     # Why the stream would refuse this role now (503 limits, 409 taken), or None.
     stream_check: Callable[[str, str], Refusal | None] | None = None
+    # --auth-url: the user's endpoint decides too (None: tokens alone).
+    authorizer: UrlAuthorizer | None = None
+    # How the endpoint composes with the token: "either" or "both".
+    combine: str = "either"
 
 
 def endpoints(context: RelayContext) -> list[Endpoint]:
     """The relay's WebSocket endpoints for its configuration."""
     config = context.config
     registry = context.registry
+    authorizer = None
+    if config.auth_url:
+        authorizer = UrlAuthorizer(
+            config.auth_url,
+            context.clock,
+            treq_post(context.clock),
+            context.metrics,
+            timeout=config.auth_timeout,
+            max_concurrent=config.auth_max_concurrent,
+            cache_seconds=config.auth_cache_seconds,
+            cache_size=config.auth_cache_entries,
+        )
+    asked = {"authorizer": authorizer, "combine": config.auth_combine}
     found = [
         Endpoint(
             path=b"publish",
@@ -90,6 +126,7 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             origins=OriginPolicy(config.publish_origins),
             loopback_without_secret=True,
             stream_check=registry.check_publisher,
+            **asked,  # type: ignore[arg-type]
         ),
         Endpoint(
             path=b"watch",
@@ -98,6 +135,7 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             secret=config.view_secret,
             origins=OriginPolicy(config.view_origins),
             stream_check=registry.check_viewer,
+            **asked,  # type: ignore[arg-type]
         ),
         Endpoint(
             path=b"relay",
@@ -108,6 +146,7 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             origins=OriginPolicy(()),
             closed_without_secret=True,
             stream_check=registry.check_relay,
+            **asked,  # type: ignore[arg-type]
         ),
     ]
     if config.echo:
@@ -244,6 +283,7 @@ def peer_may_go_without_token(handshake: Handshake) -> Refusal | None:
     if (
         endpoint.loopback_without_secret
         and endpoint.secret is None
+        and endpoint.authorizer is None
         and not is_direct_loopback(handshake.request)
     ):
         return Refusal(403, "publishing is only allowed from loopback without a secret")
@@ -253,7 +293,7 @@ def peer_may_go_without_token(handshake: Handshake) -> Refusal | None:
 def endpoint_has_its_secret(handshake: Handshake) -> Refusal | None:
     """403: an endpoint that needs a secret (``/relay``) is off without one."""
     endpoint = handshake.endpoint
-    if endpoint.closed_without_secret and endpoint.secret is None:
+    if endpoint.closed_without_secret and endpoint.secret is None and endpoint.authorizer is None:
         return Refusal(403, f"{endpoint.role.value} endpoint is off: no secret configured")
     return None
 
@@ -308,6 +348,76 @@ def admit(handshake: Handshake) -> Refusal | None:
     return None
 
 
+# With --auth-url: the checks before the credentials, and those after the endpoint's
+# answer (the state may have changed while it was asked).
+_BEFORE_CREDENTIALS = CHECKS[: CHECKS.index(token_is_valid)]
+_AFTER_CREDENTIALS: tuple[Check, ...] = (relay_is_running, stream_has_room, stream_is_free)
+
+
+def admit_or_ask(handshake: Handshake) -> Refusal | None | Deferred[Refusal | None]:
+    """As :func:`admit`, but where the endpoint has an authorizer and the token does not
+    settle it, a Deferred firing with the answer of the user's endpoint followed by the
+    remaining checks (cancel it to cancel the call)."""
+    authorizer = handshake.endpoint.authorizer
+    if authorizer is None:
+        return admit(handshake)
+    for check in _BEFORE_CREDENTIALS:
+        refusal = check(handshake)
+        if refusal is not None:
+            return refusal
+    endpoint = handshake.endpoint
+    if endpoint.secret is not None:
+        token_refusal = token_is_valid(handshake)
+        if token_refusal is None and endpoint.combine == "either":
+            return stream_is_free(handshake)
+        if token_refusal is not None and endpoint.combine == "both":
+            return token_refusal
+    asking = authorizer.check(auth_request(handshake), _time_left(handshake, authorizer))
+    return asking.addCallback(lambda refusal: refusal or _after_credentials(handshake))
+
+
+def _time_left(handshake: Handshake, authorizer: UrlAuthorizer) -> float:
+    """The auth timeout, cut to what is left of the handshake timeout."""
+    channel = handshake.channel
+    if channel is None:
+        return authorizer.timeout
+    config = handshake.context.config
+    left = channel.request_began + config.handshake_timeout - handshake.context.clock.seconds()
+    return max(0.001, min(authorizer.timeout, left))
+
+
+def _after_credentials(handshake: Handshake) -> Refusal | None:
+    # The stream's answer is asked again: it may have changed during the call.
+    handshake.__dict__.pop("stream_refusal", None)
+    for check in _AFTER_CREDENTIALS:
+        refusal = check(handshake)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def auth_request(handshake: Handshake) -> AuthRequest:
+    """What the user's endpoint is told about ``handshake``."""
+    request = handshake.request
+    query = {
+        name.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
+        for name, values in request.args.items()
+    }
+    headers = {}
+    for name in FORWARDED_HEADERS:
+        value = request.getHeader(name)
+        if value is not None:
+            headers[name] = value
+    return AuthRequest(
+        role=handshake.endpoint.role.value,
+        stream=handshake.stream,
+        client=peer_host(request.getClientAddress()),
+        token=handshake.token(),
+        query=query,
+        headers=headers,
+    )
+
+
 # -- the resource ------------------------------------------------------------------------
 
 
@@ -324,11 +434,45 @@ class StreamGate(resource.Resource):
     def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
         """Refuse with a status and reason, or upgrade to a WebSocket."""
         handshake = Handshake(self.endpoint, self.context, request, channel_of(request))
-        refusal = admit(handshake)
-        if refusal is not None:
-            return self._refuse(handshake, refusal)
+        outcome = admit_or_ask(handshake)
+        if isinstance(outcome, Deferred):
+            self._await(handshake, outcome)
+            return NOT_DONE_YET
+        if outcome is not None:
+            return self._refuse(handshake, outcome)
         self._hand_over(handshake)
         return NOT_DONE_YET
+
+    def _await(self, handshake: Handshake, outcome: Deferred[Refusal | None]) -> None:
+        """Hold the request until the user's endpoint answers; a client that leaves
+        meanwhile cancels the call."""
+        request = handshake.request
+        gone = False
+
+        def left(_failure: Failure) -> None:
+            nonlocal gone
+            gone = True
+            outcome.cancel()
+
+        request.notifyFinish().addErrback(left)
+
+        def answered(refusal: Refusal | None) -> None:
+            if gone:
+                return
+            if refusal is not None:
+                body = self._refuse(handshake, refusal)
+                request.write(body)
+                request.finish()
+            else:
+                self._hand_over(handshake)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                return
+            _log.failure("Authorisation check failed", failure, kind="auth.error")
+            answered(unavailable("authorisation check failed"))
+
+        outcome.addCallback(answered).addErrback(failed)
 
     @staticmethod
     def _refuse(handshake: Handshake, refusal: Refusal) -> bytes:

@@ -172,6 +172,38 @@ def advertise_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def auth_endpoint_url(text: str) -> str:
+    """``--auth-url``: an ``http://`` or ``https://`` URL with a host ("": off).  The
+    message never quotes it: its query may hold the endpoint's own key."""
+    if not text:
+        return text
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError("the URL has a bad port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return text
+
+
+AUTH_COMBINE = ("either", "both")
+
+
+def auth_combine(text: str) -> str:
+    """``--auth-combine``: ``either`` or ``both``."""
+    if text not in AUTH_COMBINE:
+        raise ValueError(f"{text!r} must be one of {', '.join(AUTH_COMBINE)}")
+    return text
+
+
+def non_negative_seconds(text: str) -> float:
+    """A finite duration, zero included (zero meaning "off")."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(text, "zero or a positive number of seconds")
+
+
 def _integer(text: str) -> int:
     """``int(text)`` with a message that quotes the text."""
     try:
@@ -491,6 +523,40 @@ class RelayConfig:
         positive_rate,
     )
     log_burst: int = derived(100, "log_rate", _log_burst_for)
+
+    # -- authorisation by the user's application (docs/protocol.md): streamrelay.auth_url.
+    auth_url: str = option(
+        "",
+        "Ask this HTTP endpoint about every publish, view and relay handshake (POST, "
+        "JSON): 2xx admits, 403 refuses with 403, others with 401; slow or down: 503. "
+        "Empty: off.",
+        auth_endpoint_url,
+    )
+    auth_combine: str = option(
+        "either",
+        "How --auth-url composes with HMAC tokens: either (a valid token admits without "
+        "asking, else the endpoint decides) or both (a token, where a secret is set, and "
+        "the endpoint must admit).",
+        auth_combine,
+    )
+    auth_timeout: float = option(
+        2.0,
+        "Seconds the --auth-url endpoint may take (within the handshake timeout); over "
+        "it the handshake gets 503.",
+        positive_seconds,
+    )
+    auth_max_concurrent: int = option(
+        100,
+        "Most --auth-url calls in progress at once; a handshake over it gets 503.",
+        positive_int,
+    )
+    auth_cache_seconds: float = option(
+        5.0,
+        "Seconds an --auth-url answer (admit, 401, 403) is reused for the same role, "
+        "stream, client and credentials; 0 = no cache.",
+        non_negative_seconds,
+    )
+    auth_cache_entries: int = fixed(4096)
 
     # -- one box, many cores (docs/cluster.md): streamrelay.workers.
     workers: int = option(

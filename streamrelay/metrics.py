@@ -112,6 +112,25 @@ class RelayMetrics:
             "Viewers closed (1008) for making no write progress for --viewer-stall-timeout.",
             registry=self.registry,
         )
+        # --auth-url (streamrelay.auth_url): calls by outcome, their latency, cache hits.
+        self.auth_calls = Counter(
+            "streamrelay_auth_calls",
+            "Calls to the --auth-url endpoint, by outcome (admitted, refused_401, "
+            "refused_403, timeout, failed, over_capacity, cancelled).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.auth_seconds = Histogram(
+            "streamrelay_auth_duration_seconds",
+            "Time the --auth-url endpoint took to answer (or to time out or fail).",
+            buckets=HANDSHAKE_BUCKETS,
+            registry=self.registry,
+        )
+        self.auth_cache_hits = Counter(
+            "streamrelay_auth_cache_hits",
+            "Handshakes decided from the --auth-url answer cache.",
+            registry=self.registry,
+        )
         for role in ROLES:
             # Every role's series exists from the start, at zero.
             self.connections_opened.labels(role)
@@ -132,6 +151,17 @@ class RelayMetrics:
     def refused(self, status: int) -> None:
         """A request was refused with ``status`` before any WebSocket existed."""
         self.handshakes_refused.labels(str(status)).inc()
+
+    def auth_call(self, outcome: str, seconds: float | None) -> None:
+        """A call to the authorisation endpoint ended with ``outcome``, after
+        ``seconds`` (None: no latency to record)."""
+        self.auth_calls.labels(outcome).inc()
+        if seconds is not None:
+            self.auth_seconds.observe(max(0.0, seconds))
+
+    def auth_cache_hit(self) -> None:
+        """A handshake was decided from the authorisation answer cache."""
+        self.auth_cache_hits.inc()
 
     def ping_timeout(self, role: str) -> None:
         """A peer in ``role`` was aborted after an unanswered ping."""
