@@ -199,8 +199,11 @@ def auth_combine(text: str) -> str:
 
 def non_negative_seconds(text: str) -> float:
     """A finite duration, zero included (zero meaning "off")."""
-    if text.strip() in ("0", "0.0"):
-        return 0.0
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
     return _positive_float(text, "zero or a positive number of seconds")
 
 

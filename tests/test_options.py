@@ -153,6 +153,9 @@ _BAD_TEXT: dict[Callable[[str], Any], tuple[str, ...]] = {
         "ws://origin:99999",
         "ws:///relay/{stream}",
     ),
+    config_module.auth_endpoint_url: ("ws://auth:8080/x", "http://", "http://a:99999/"),
+    config_module.auth_combine: ("any", ""),
+    config_module.non_negative_seconds: ("-1", "nan", "inf", "never"),
 }
 _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
     config_module.positive_int: ("7", 7),
@@ -167,6 +170,11 @@ _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
         "ws://origin:8080, wss://b.example/r/{stream}",
         ("ws://origin:8080/relay/{stream}", "wss://b.example/r/{stream}"),
     ),
+    config_module.auth_endpoint_url: (
+        "https://app.example/auth?key=k", "https://app.example/auth?key=k"
+    ),
+    config_module.auth_combine: ("both", "both"),
+    config_module.non_negative_seconds: ("0", 0.0),
 }
 # Settings that only make sense with another one: (its option, its field).
 _NEEDS: dict[str, tuple[str, str]] = {

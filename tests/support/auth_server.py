@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource, server
 
 
@@ -42,10 +42,12 @@ class Auth(resource.Resource):
 
     def render_POST(self, request: server.Request) -> bytes | int:  # noqa: N802
         """Decide by the token, in the current mode."""
-        body = json.loads(request.content.read())
+        content: Any = request.content
+        body = json.loads(content.read())
         self.bodies.append(body)
         if self.mode == "down":
-            request.channel.transport.abortConnection()
+            transport: Any = request.channel.transport
+            transport.abortConnection()
             return server.NOT_DONE_YET
         if self.mode == "flap":
             self.flaps += 1
@@ -76,13 +78,11 @@ def _status(token: str) -> int:
 
 def main() -> None:
     """Serve on an ephemeral loopback port until killed."""
-    tcp: Any = reactor
-    clock: Any = reactor
-    assert IReactorTCP.providedBy(tcp)
-    port = tcp.listenTCP(0, server.Site(Auth(clock)), interface="127.0.0.1")
+    running: Any = reactor
+    port: Any = running.listenTCP(0, server.Site(Auth(running)), interface="127.0.0.1")
     sys.stdout.write(f"PORT {port.getHost().port}\n")
     sys.stdout.flush()
-    tcp.run()
+    running.run()
 
 
 if __name__ == "__main__":
