@@ -406,7 +406,7 @@ def makeService(options: Options) -> RelayService:
     capped = _fit_descriptor_limit(reactor, config.max_connections)
     if capped != config.max_connections:
         config = replace(config, max_connections=capped)
-    if config.publish_secret is None:
+    if config.publish_secret is None and not config.auth_url:
         _log.warn(
             "No publish secret configured: publishing is allowed only from loopback "
             "peers whose requests carry no X-Forwarded-For or Forwarded header."

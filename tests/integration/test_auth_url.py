@@ -6,6 +6,8 @@ and no credential in the relay's log."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.http import http_get, http_json
+from tests.support.http import handshake_request, http_get, http_json
+from tests.support.relay_api import idle_state
 from tests.support.relay_process import RelayProcess, StartRelay
-from tests.support.waiting import run
+from tests.support.waiting import run, wait_until
 from tests.support.ws_client import accepted, refused
 
 pytestmark = pytest.mark.integration
@@ -153,3 +156,25 @@ async def _late_refusal(url: str) -> int:
     # Starts after the two slow calls are in progress.
     await asyncio.sleep(0.2)
     return (await refused(url))[0]
+
+
+@pytest.mark.timeout(30)
+def test_a_client_leaving_mid_call_leaves_nothing(
+    start_relay: StartRelay, auth_server: AuthServer
+) -> None:
+    """Clients that hang up while the endpoint is being asked cancel their calls: the
+    relay goes back to idle at once, and counts them as cancelled."""
+    relay = _relay(start_relay, auth_server, "--auth-cache-seconds", "0")
+    auth_server.mode("slow", 0.9)
+
+    def asked(count: int) -> bool:
+        return bool(auth_server.calls()["calls"] >= count)
+
+    for index in range(5):
+        with socket.create_connection((relay.host, relay.port), timeout=5) as sock:
+            sock.sendall(handshake_request(f"/watch/cam?token=ok-{index}"))
+            wait_until(functools.partial(asked, index + 1), 5)
+    wait_until(lambda: idle_state(relay) is not None, 5)
+    metrics = http_get(relay.http_url, "/metrics").body.decode()
+    assert 'streamrelay_auth_calls_total{outcome="cancelled"} 5.0' in metrics
+    assert "streamrelay_auth_calls_total{outcome=\"admitted\"}" not in metrics
