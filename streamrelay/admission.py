@@ -116,7 +116,6 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             cache_seconds=config.auth_cache_seconds,
             cache_size=config.auth_cache_entries,
         )
-    asked = {"authorizer": authorizer, "combine": config.auth_combine}
     found = [
         Endpoint(
             path=b"publish",
@@ -126,7 +125,8 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             origins=OriginPolicy(config.publish_origins),
             loopback_without_secret=True,
             stream_check=registry.check_publisher,
-            **asked,  # type: ignore[arg-type]
+            authorizer=authorizer,
+            combine=config.auth_combine,
         ),
         Endpoint(
             path=b"watch",
@@ -135,7 +135,8 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             secret=config.view_secret,
             origins=OriginPolicy(config.view_origins),
             stream_check=registry.check_viewer,
-            **asked,  # type: ignore[arg-type]
+            authorizer=authorizer,
+            combine=config.auth_combine,
         ),
         Endpoint(
             path=b"relay",
@@ -146,7 +147,8 @@ def endpoints(context: RelayContext) -> list[Endpoint]:
             origins=OriginPolicy(()),
             closed_without_secret=True,
             stream_check=registry.check_relay,
-            **asked,  # type: ignore[arg-type]
+            authorizer=authorizer,
+            combine=config.auth_combine,
         ),
     ]
     if config.echo:
