@@ -506,7 +506,7 @@ class RelayConfig:
         "With --workers and --cluster: worker N (from 1) is its own cluster node and "
         "serves other nodes' /relay pulls on port BASE+N-1, bound on the --advertise "
         "host when it is an IP address (else on all interfaces) and advertised as "
-        "ws://ADVERTISE-HOST:PORT. Needed with both; 0 = none.",
+        "ws://ADVERTISE-HOST:PORT. Required with both, unused otherwise; 0 = none.",
         non_negative_int,
     )
 

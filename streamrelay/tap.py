@@ -163,8 +163,6 @@ class Options(usage.Options):
     def _check_cluster(self) -> None:
         """``--cluster`` needs the relay secret, an address to advertise and txredisapi."""
         config = self._config
-        if config.worker_relay_ports and not (config.cluster and config.workers):
-            raise usage.UsageError("--worker-relay-ports goes with --workers and --cluster")
         if not config.cluster:
             return
         if config.upstream:

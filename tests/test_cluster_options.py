@@ -54,15 +54,6 @@ def test_cluster_with_workers_needs_worker_relay_ports(secret: str) -> None:
         parse(*common, "--worker-relay-ports", "65535")
 
 
-def test_worker_relay_ports_need_workers_and_cluster(secret: str) -> None:
-    """--worker-relay-ports alone (or with only one of the two) means nothing: refused."""
-    with pytest.raises(usage.UsageError, match="--worker-relay-ports goes with"):
-        parse("--workers", "2", "--worker-relay-ports", "9100")
-    with pytest.raises(usage.UsageError, match="--worker-relay-ports goes with"):
-        parse("--cluster", REDIS, "--relay-secret-file", secret, "--listen", "tcp:8080",
-              "--worker-relay-ports", "9100")
-
-
 def test_worker_node_addresses() -> None:
     """Worker N gets port BASE+N-1 on the advertised host, bound there when it is an IP
     address, on every interface for a name; always plain ws://."""
