@@ -48,7 +48,7 @@ class WorkerNode:
 def worker_node(advertise: str, base_port: int, number: int) -> WorkerNode:
     """Worker ``number`` (from 1) of a box advertised at ``advertise``: port
     ``base_port + number - 1`` on the advertised host, bound there when the host is an
-    IP address (else on every interface: a name may resolve to an address the box does
+    IP address (else on every IPv4 interface: a name may resolve to an address the box does
     not hold, as behind NAT), advertised as plain ``ws://`` (the port speaks no TLS)."""
     if base_port <= 0 or number < 1:
         raise ValueError("a worker node needs a base port and a worker number")

@@ -505,7 +505,7 @@ class RelayConfig:
         0,
         "With --workers and --cluster: worker N (from 1) is its own cluster node and "
         "serves other nodes' /relay pulls on port BASE+N-1, bound on the --advertise "
-        "host when it is an IP address (else on all interfaces) and advertised as "
+        "host when it is an IP address (else on 0.0.0.0) and advertised as "
         "ws://ADVERTISE-HOST:PORT. Required with both, unused otherwise; 0 = none.",
         non_negative_int,
     )

@@ -20,6 +20,10 @@ tokens signed by ``--relay-secret-file`` when given, else by a secret the superv
 generates in memory and hands to its workers in their environment (never in argv, never
 logged).
 
+With ``--cluster`` the local directory is not started: every worker is a node of the
+cluster (:mod:`streamrelay.cluster`, Redis as the directory) and serves other nodes'
+pulls on its own ``--worker-relay-ports`` port instead of the private loopback one.
+
 What a worker learns from its environment (set by the supervisor only):
 ``STREAMRELAY_WORKER`` (its number), ``STREAMRELAY_WORKER_FDS`` (``fd:family`` of each
 adopted socket, in ``--listen`` order) and ``STREAMRELAY_WORKER_DIRECTORY`` (the socket).
