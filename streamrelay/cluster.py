@@ -16,7 +16,10 @@ and to the pull machinery of relay to relay (``docs/cluster.md``).
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.internet import defer
@@ -30,6 +33,37 @@ from streamrelay.streams import StreamRegistry
 from streamrelay.upstream import UpstreamManager
 
 _log = Logger()
+
+
+@dataclass(frozen=True)
+class WorkerNode:
+    """A worker as a node of the cluster (``--workers`` with ``--cluster``): the base URL
+    it advertises and the address it serves other nodes' ``/relay`` pulls on."""
+
+    url: str
+    interface: str
+    port: int
+
+
+def worker_node(advertise: str, base_port: int, number: int) -> WorkerNode:
+    """Worker ``number`` (from 1) of a box advertised at ``advertise``: port
+    ``base_port + number - 1`` on the advertised host, bound there when the host is an
+    IP address (else on every IPv4 interface: a name may resolve to an address the box does
+    not hold, as behind NAT), advertised as plain ``ws://`` (the port speaks no TLS)."""
+    if base_port <= 0 or number < 1:
+        raise ValueError("a worker node needs a base port and a worker number")
+    port = base_port + number - 1
+    if port > 65535:
+        raise ValueError(f"worker {number}: port {port} is over 65535")
+    host = urlsplit(advertise).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        interface, shown = "", host
+    else:
+        interface = str(address)
+        shown = f"[{address}]" if address.version == 6 else str(address)
+    return WorkerNode(f"ws://{shown}:{port}", interface, port)
 
 
 class DirectoryLocator:

@@ -570,6 +570,14 @@ class RelayConfig:
         "a sibling can be pulled from.",
         non_negative_int,
     )
+    worker_relay_ports: int = option(
+        0,
+        "With --workers and --cluster: worker N (from 1) is its own cluster node and "
+        "serves other nodes' /relay pulls on port BASE+N-1, bound on the --advertise "
+        "host when it is an IP address (else on 0.0.0.0) and advertised as "
+        "ws://ADVERTISE-HOST:PORT. Required with both, unused otherwise; 0 = none.",
+        non_negative_int,
+    )
 
     # Bounds of the HTTP request head, answered with 431 (twisted.web alone answers 400).
     max_header_bytes: int = fixed(16 * 1024)

@@ -186,6 +186,12 @@ class DirectoryLocator:
     that lost its origin keeps its last URL, so a pull retries where it was until the
     directory names a new origin.  ``on_change(name)`` runs when ``name``'s origin URL
     changes; ``located(name)`` says whether a URL is known at all.
+    ``on_superseded(name)`` runs first when the directory names another worker as the
+    origin of a stream this worker was the origin of (a newer publish on a sibling won):
+    the worker closes its publisher with 4409, and its viewers are then pulled for.
+    Only an origin this worker was told it holds can be superseded: a publisher that
+    arrived here after the sibling's but is not registered yet is not closed by the
+    older announcement (its own publish, later, wins).
     """
 
     def __init__(self, own_template: str, fallback: tuple[str, ...] = ()) -> None:
@@ -194,7 +200,9 @@ class DirectoryLocator:
         self.current: dict[str, str] = {}
         self.epochs: dict[str, int] = {}
         self.last: dict[str, str] = {}
+        self.own_epochs: dict[str, int] = {}
         self.on_change: Callable[[str], None] = lambda name: None
+        self.on_superseded: Callable[[str], None] = lambda name: None
 
     def urls(self, name: str) -> tuple[str, ...]:
         """The origin's ``/relay/NAME`` URL, else the last known one, else the
@@ -215,6 +223,10 @@ class DirectoryLocator:
     def update(self, name: str, url: str | None, epoch: int | None) -> None:
         """The directory says ``name``'s origin is now ``url`` (None: no origin)."""
         before = self.current.get(name)
+        own = url is not None and url == self.own_template.replace(STREAM_PLACEHOLDER, name)
+        held = self.own_epochs.pop(name, None)
+        if own and epoch is not None:
+            self.own_epochs[name] = epoch
         if url is None:
             self.current.pop(name, None)
             self.epochs.pop(name, None)
@@ -222,6 +234,8 @@ class DirectoryLocator:
             self.current[name] = self.last[name] = url
             if epoch is not None:
                 self.epochs[name] = epoch
+        if held is not None and url is not None and not own:
+            self.on_superseded(name)
         if url is not None and url != before:
             self.on_change(name)
 
@@ -229,6 +243,7 @@ class DirectoryLocator:
         """The connection to the directory is back: the table comes anew."""
         self.current.clear()
         self.epochs.clear()
+        self.own_epochs.clear()
 
 
 class DirectoryClientProtocol(_JsonLines):
@@ -287,7 +302,6 @@ class DirectoryClientFactory(ReconnectingClientFactory):
         for name in sorted(current - self.reported):
             connection.send({"op": "publish", "stream": name})
         for name in sorted(self.reported - current):
-            connection.send(
-                {"op": "unpublish", "stream": name, "epoch": self.locator.epochs.get(name)}
-            )
+            epoch = self.locator.own_epochs.get(name, self.locator.epochs.get(name))
+            connection.send({"op": "unpublish", "stream": name, "epoch": epoch})
         self.reported = current

@@ -39,7 +39,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from streamrelay import logs, workers
-from streamrelay.cluster import ClusterService
+from streamrelay.cluster import ClusterService, worker_node
 from streamrelay.config import Declared, RelayConfig, derivations, settings
 from streamrelay.tokens import secret_from_environment
 from streamrelay.upstream import UpstreamService
@@ -168,12 +168,15 @@ class Options(usage.Options):
         if config.upstream:
             raise usage.UsageError("--cluster and --upstream exclude each other")
         if config.workers:
-            # Each worker would need a node address of its own (--advertise) that the
-            # other nodes can reach; a shared listening port cannot name one worker.
-            raise usage.UsageError(
-                "--cluster and --workers exclude each other for now: run one cluster node "
-                "per process, each with its own --listen and --advertise"
-            )
+            # Each worker is a node: a shared listening port cannot name one worker, so
+            # each serves other nodes' pulls on a port of its own.
+            if not config.worker_relay_ports:
+                raise usage.UsageError(
+                    "--cluster with --workers needs --worker-relay-ports BASE: worker N "
+                    "serves other nodes' pulls on port BASE+N-1 (docs/cluster.md)"
+                )
+            if config.worker_relay_ports + config.workers - 1 > 65535:
+                raise usage.UsageError("--worker-relay-ports: the last worker's port is over 65535")
         if config.relay_secret is None:
             raise usage.UsageError(
                 "--cluster needs --relay-secret-file (or STREAMRELAY_RELAY_SECRET): nodes "
@@ -421,10 +424,13 @@ def makeService(options: Options) -> RelayService:
     site = RelaySite(context, Root(context))
     relay = RelayService(context)
     announced: list[AnnouncedEndpoint] = []
+    node = None
     if worker is not None:
+        if config.cluster:
+            node = worker_node(options.advertise(), config.worker_relay_ports, worker.number)
         for adopted in workers.adopted_listeners(reactor, worker, site):
             adopted.setServiceParent(relay)
-        workers.WorkerService(context, reactor, worker, site).setServiceParent(relay)
+        workers.WorkerService(context, reactor, worker, site, node).setServiceParent(relay)
     for description in options["listen"] if worker is None else ():
         listening = listener(reactor, description, site)
         announced.append(listening.endpoint)
@@ -437,7 +443,8 @@ def makeService(options: Options) -> RelayService:
     if config.upstream and worker is None:
         UpstreamService(context, reactor).setServiceParent(relay)
     if config.cluster:
-        ClusterService(context, reactor, options.advertise()).setServiceParent(relay)
+        advertised = node.url if node is not None else options.advertise()
+        ClusterService(context, reactor, advertised).setServiceParent(relay)
     logs.LogLimitService(config.log_rate, config.log_burst, reactor).setServiceParent(relay)
     if options["demo"] and worker is None:
         # Imported here: twisted.runner.procmon imports the reactor, which the console

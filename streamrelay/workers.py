@@ -20,6 +20,10 @@ tokens signed by ``--relay-secret-file`` when given, else by a secret the superv
 generates in memory and hands to its workers in their environment (never in argv, never
 logged).
 
+With ``--cluster`` the local directory is not started: every worker is a node of the
+cluster (:mod:`streamrelay.cluster`, Redis as the directory) and serves other nodes'
+pulls on its own ``--worker-relay-ports`` port instead of the private loopback one.
+
 What a worker learns from its environment (set by the supervisor only):
 ``STREAMRELAY_WORKER`` (its number), ``STREAMRELAY_WORKER_FDS`` (``fd:family`` of each
 adopted socket, in ``--listen`` order) and ``STREAMRELAY_WORKER_DIRECTORY`` (the socket).
@@ -58,6 +62,7 @@ from twisted.python.failure import Failure
 from twisted.python.runtime import platform
 from zope.interface import implementer
 
+from streamrelay.cluster import WorkerNode
 from streamrelay.config import RelayConfig
 from streamrelay.context import RelayContext
 from streamrelay.local_directory import (
@@ -134,7 +139,7 @@ class WorkerEnvironment:
             (int(fd), int(family))
             for fd, _, family in (item.partition(":") for item in environ[FDS_VARIABLE].split(","))
         )
-        return cls(int(number), fds, environ[DIRECTORY_VARIABLE])
+        return cls(int(number), fds, environ.get(DIRECTORY_VARIABLE, ""))
 
 
 def adopted_listeners(
@@ -224,20 +229,30 @@ class ParentWatch:
 
 class WorkerService(service.Service):
     """A worker's link to its siblings: the private loopback port for their pulls, the
-    directory connection, and the pull manager."""
+    directory connection, and the pull manager.  With ``--cluster`` (``node`` given) the
+    worker is a cluster node instead: it serves pulls on its node's port and the
+    cluster service (Redis) is its directory and its pull manager."""
 
     name = "worker"
 
     def __init__(
-        self, context: RelayContext, reactor: Any, worker: WorkerEnvironment, site: Any
+        self,
+        context: RelayContext,
+        reactor: Any,
+        worker: WorkerEnvironment,
+        site: Any,
+        node: WorkerNode | None = None,
     ) -> None:
         self._context = context
         self._reactor = reactor
         self._worker = worker
         self._site = site
+        self._node = node
         self.locator = DirectoryLocator("", context.config.upstream)
         self.puller = WorkerPuller(context, reactor, self.locator)
-        context.registry.puller = self.puller
+        self.locator.on_superseded = context.registry.give_up
+        if node is None:
+            context.registry.puller = self.puller
         self.client = DirectoryClientFactory(worker.number, self.locator, self._published)
         self._port: IListeningPort | None = None
         self._reporter = TimerService(REPORT_INTERVAL, self._report)
@@ -255,16 +270,28 @@ class WorkerService(service.Service):
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         """Listen for siblings, then join the directory."""
         super().startService()
-        self._port = self._reactor.listenTCP(0, self._site, interface="127.0.0.1")
-        port_number = self._port.getHost().port  # type: ignore[union-attr]
-        self.locator.own_template = f"ws://127.0.0.1:{port_number}/relay/{{stream}}"
-        _log.info(
-            "Worker {number} ready: siblings pull from http://127.0.0.1:{port}/",
-            number=self._worker.number,
-            port=port_number,
-        )
-        self._reactor.connectUNIX(self._worker.directory, self.client)
-        self._reporter.startService()
+        if self._node is not None:
+            self._port = self._reactor.listenTCP(
+                self._node.port, self._site, interface=self._node.interface
+            )
+            _log.info(
+                "Worker {number} ready: cluster node {url}, serving other nodes' pulls "
+                "on port {port}",
+                number=self._worker.number,
+                url=self._node.url,
+                port=self._node.port,
+            )
+        else:
+            self._port = self._reactor.listenTCP(0, self._site, interface="127.0.0.1")
+            port_number = self._port.getHost().port  # type: ignore[union-attr]
+            self.locator.own_template = f"ws://127.0.0.1:{port_number}/relay/{{stream}}"
+            _log.info(
+                "Worker {number} ready: siblings pull from http://127.0.0.1:{port}/",
+                number=self._worker.number,
+                port=port_number,
+            )
+            self._reactor.connectUNIX(self._worker.directory, self.client)
+            self._reporter.startService()
         # Signals come from the supervisor only: not from a terminal's Ctrl+C or a kill
         # of the supervisor's process group, which would stop the worker twice (the
         # supervisor forwards SIGTERM).  Its exit still stops the worker (ParentWatch).
@@ -275,11 +302,13 @@ class WorkerService(service.Service):
     def stopService(self) -> Deferred[Any]:  # noqa: N802 (Twisted API)
         """Leave the directory, close the pulls and the sibling port."""
         super().stopService()
-        self._reporter.stopService()
+        if self._reporter.running:
+            self._reporter.stopService()
         self.client.stopTrying()
         if self.client.connection is not None:
             self.client.connection.transport.loseConnection()  # type: ignore[union-attr]
-        self._context.registry.puller = None
+        if self._node is None:
+            self._context.registry.puller = None
         pulls = self.puller.stop_all()
         if self._port is not None:
             port, self._port = self._port, None
@@ -478,10 +507,12 @@ def supervisor(
         listening.endpoint = endpoint
         parked.append(endpoint)
         listening.setServiceParent(top)
-    directory = DirectoryService(reactor)
-    directory.setServiceParent(top)
     environment = dict(os.environ)
-    environment[DIRECTORY_VARIABLE] = directory.path
+    if not config.cluster:
+        # With --cluster, Redis is the directory: every worker is a node of the cluster.
+        directory = DirectoryService(reactor)
+        directory.setServiceParent(top)
+        environment[DIRECTORY_VARIABLE] = directory.path
     if config.relay_secret is None:
         # Only the workers know it: it signs the tokens of their pulls from each other.
         environment[SECRET_VARIABLE] = secrets.token_hex(32)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
+from streamrelay.cluster import WorkerNode, worker_node
 from streamrelay.tap import Options
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -39,21 +40,32 @@ def test_cluster_excludes_upstream(secret: str) -> None:
         parse("--cluster", REDIS, "--relay-secret-file", secret, "--upstream", "ws://o:1")
 
 
-def test_cluster_excludes_workers(secret: str) -> None:
-    """--workers with --cluster is refused with a message saying what to do instead."""
-    with pytest.raises(usage.UsageError, match="one cluster node per process"):
-        parse(
-            "--cluster",
-            REDIS,
-            "--relay-secret-file",
-            secret,
-            "--workers",
-            "2",
-            "--listen",
-            "tcp:8080",
-            "--advertise",
-            "ws://127.0.0.1:8080",
-        )
+def test_cluster_with_workers_needs_worker_relay_ports(secret: str) -> None:
+    """Every worker is a node that other nodes must reach: without a port per worker,
+    usage error naming the option; with one, accepted."""
+    common = (
+        "--cluster", REDIS, "--relay-secret-file", secret, "--workers", "2",
+        "--listen", "tcp:8080", "--advertise", "ws://127.0.0.1:8080",
+    )
+    with pytest.raises(usage.UsageError, match="--worker-relay-ports"):
+        parse(*common)
+    assert parse(*common, "--worker-relay-ports", "9100").config().worker_relay_ports == 9100
+    with pytest.raises(usage.UsageError, match="over 65535"):
+        parse(*common, "--worker-relay-ports", "65535")
+
+
+def test_worker_node_addresses() -> None:
+    """Worker N gets port BASE+N-1 on the advertised host, bound there when it is an IP
+    address, on every interface for a name; always plain ws://."""
+    assert worker_node("ws://10.0.0.5:8080", 9100, 1) == WorkerNode(
+        "ws://10.0.0.5:9100", "10.0.0.5", 9100
+    )
+    assert worker_node("wss://n1.example", 9100, 3) == WorkerNode("ws://n1.example:9102", "", 9102)
+    assert worker_node("ws://[::1]:8080", 9000, 2) == WorkerNode("ws://[::1]:9001", "::1", 9001)
+    with pytest.raises(ValueError, match="65535"):
+        worker_node("ws://10.0.0.5:8080", 65535, 2)
+    with pytest.raises(ValueError):
+        worker_node("ws://10.0.0.5:8080", 0, 1)
 
 
 def test_advertise_is_needed_when_the_port_is_not_known(secret: str) -> None:

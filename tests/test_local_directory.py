@@ -214,3 +214,63 @@ def test_worker_environment_round_trip() -> None:
     worker = WorkerEnvironment.from_environment(environ)
     assert worker == WorkerEnvironment(2, ((3, 2), (4, 10)), "/tmp/x/directory.sock")
     assert WorkerEnvironment.from_environment({}) is None
+
+
+def test_a_newer_publish_on_a_sibling_supersedes_this_origin_only() -> None:
+    """on_superseded runs when another worker is named for a stream this worker was told
+    it holds; not for an origin announced before this worker's own publish was
+    registered, nor when the stream merely loses its origin."""
+    locator = DirectoryLocator(T2)
+    superseded: list[str] = []
+    locator.on_superseded = superseded.append
+    locator.update("a", "ws://127.0.0.1:1001/relay/a", 1)  # older, before our publish
+    assert superseded == []
+    locator.update("a", "ws://127.0.0.1:1002/relay/a", 2)  # our publish registered
+    assert locator.own_epochs == {"a": 2}
+    locator.update("a", "ws://127.0.0.1:1001/relay/a", 3)  # a sibling's newer publish
+    assert superseded == ["a"] and locator.own_epochs == {}
+    locator.update("b", "ws://127.0.0.1:1002/relay/b", 4)
+    locator.update("b", None, None)
+    assert superseded == ["a"]
+
+
+def test_superseded_worker_closes_its_publisher_with_4409_and_pulls(monkeypatch: Any) -> None:
+    """Worker 2 was the origin of "a" with a viewer; worker 1's newer publish wins: the
+    local publisher is told it was replaced (4409), the viewer stays and a pull from
+    worker 1 starts; the unpublish that follows does not remove worker 1's entry."""
+    from tests.test_streams import FakePublisher, FakeViewer
+
+    puller, context, locator = worker_puller()
+    locator.on_superseded = context.registry.give_up
+    started: list[str] = []
+    monkeypatch.setattr("streamrelay.upstream.Pull.start", lambda self: started.append(self.name))
+    monkeypatch.setattr("streamrelay.upstream.Pull.stop", lambda self: None)
+    link = FakePublisher(peer_address="127.0.0.1:5000", clock=Clock())
+    context.registry.publish("a", link)  # type: ignore[arg-type]
+    context.registry.watch("a", FakeViewer())
+    published = ["a"]
+    factory = DirectoryClientFactory(2, locator, lambda: list(published))
+    protocol: Any = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    lines(transport)
+    own = {"url": T2.replace("{stream}", "a"), "epoch": 5}
+    protocol.lineReceived(json.dumps(origin_message("a", None) | own).encode())
+    assert link.replaced_calls == 0 and started == []
+    newer = {"url": T1.replace("{stream}", "a"), "epoch": 6}
+    protocol.lineReceived(json.dumps(origin_message("a", None) | newer).encode())
+    assert link.replaced_calls == 1
+    stream = context.registry.streams["a"]
+    assert not stream.local_publisher and len(stream.viewers) == 1
+    assert started == ["a"] and puller.sources["a"] == "ws://127.0.0.1:1001/relay/a"
+    published.clear()
+    factory.report(published)
+    (unpublish,) = lines(transport)
+    assert unpublish["op"] == "unpublish" and unpublish["stream"] == "a"
+    directory = Directory()
+    directory.hello(1, T1)
+    directory.hello(2, T2)
+    directory.publish(2, "a")
+    directory.publish(1, "a")
+    assert not directory.unpublish(2, "a", unpublish["epoch"])
+    assert directory.origins["a"].worker == 1

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 RELAY_SECRET = b"cluster-test-relay-secret"
 CLOSE_REPLACED = 4409
+REDIS_OUTAGE = 10.0  # seconds Redis stays SIGKILLed (the issue's figure)
 
 
 def free_port() -> int:
@@ -319,12 +320,12 @@ def test_origin_sigkill_publisher_moves_viewers_stay(node: Callable[..., RelayPr
 def test_redis_crash_running_pulls_lose_nothing_and_nodes_reregister(
     node: Callable[..., RelayProcess], redis: Redis
 ) -> None:
-    """Redis is SIGKILLed for 4 s: a running pull (A to B) loses no message, a new viewer
+    """Redis is SIGKILLed for 10 s: a running pull (A to B) loses no message, a new viewer
     of the known stream on B is served meanwhile; Redis back (empty), A re-registers its
     node and its stream without a restart, and a viewer on C (never looked up before)
     gets the stream."""
     a, b, c = node(), node(), node()
-    count = 400
+    count = 800  # 16 s at 50/s: the stream runs through the outage and past it
 
     async def scenario() -> None:
         viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
@@ -335,10 +336,12 @@ def test_redis_crash_running_pulls_lose_nothing_and_nodes_reregister(
         try:
             await asyncio.wait_for(viewer.first_media.wait(), 5)
             await asyncio.to_thread(redis.kill)
+            killed = time.monotonic()
             await asyncio.sleep(2)
             late = await Viewer(f"{b.ws_url}/watch/cam").start()
             await asyncio.wait_for(late.first_media.wait(), 3)
-            await asyncio.sleep(2)
+            await asyncio.sleep(max(0.0, REDIS_OUTAGE - (time.monotonic() - killed)))
+            assert viewer.closed_at is None and not publisher.done.is_set()
             await asyncio.to_thread(redis.start)
             prefix = "streamrelay:streamrelay:"
             await until(lambda: f"{prefix}stream:cam" in redis.keys(prefix + "*"), 5,
@@ -540,3 +543,79 @@ def test_the_directory_through_sentinel(
     finally:
         sentinel.kill()
         sentinel.wait()
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nobody listens on."""
+    for _ in range(50):
+        base = free_port()
+        if base + count - 1 > 65535:
+            continue
+        try:
+            for offset in range(1, count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def answers(url: str) -> bool:
+    """True once ``url`` answers HTTP."""
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(os.name != "posix", reason="--workers is POSIX only")
+@pytest.mark.timeout(60)
+def test_workers_are_cluster_nodes(
+    start_relay: StartRelay, node: Callable[..., RelayProcess], redis: Redis, tmp_path: Path
+) -> None:
+    """``--workers 2 --cluster``: each worker registers as a node of its own (its
+    ``--worker-relay-ports`` port); a publisher on worker 1 (on its relay port), viewers
+    on worker 2's port, on the shared port (spread over both workers) and on a plain
+    node C: every viewer gets every message in order, and C names worker 1 as the
+    origin."""
+    secret = str(write_secret(tmp_path, "workers-relay.key", RELAY_SECRET))
+    port, base = free_port(), free_port_run(2)
+    box = start_relay(
+        "--cluster", redis.url, "--advertise", f"ws://127.0.0.1:{port}",
+        "--relay-secret-file", secret, "--workers", "2", "--worker-relay-ports", str(base),
+        listen=f"tcp:{port}:interface=127.0.0.1",
+    )
+    workers = [f"ws://127.0.0.1:{base}", f"ws://127.0.0.1:{base + 1}"]
+    c = node()
+    prefix = "streamrelay:streamrelay:"
+    count = 300
+
+    async def scenario() -> None:
+        for url in workers:
+            http = "http" + url[len("ws"):] + "/healthz"
+            await until(partial(answers, http), 15, f"worker at {url}")
+        nodes = {f"{prefix}node:{url}" for url in workers}
+        await until(lambda: nodes <= set(redis.keys(prefix + "node:*")), 5, "both workers nodes")
+        viewers = [await Viewer(f"{workers[1]}/watch/cam", name="worker2").start()]
+        viewers += [
+            await Viewer(f"{box.ws_url}/watch/cam", name=f"shared-{i}").start() for i in range(6)
+        ]
+        viewers.append(await Viewer(f"{c.ws_url}/watch/cam", name="node-c").start())
+        publisher = await PacedPublisher(
+            f"{workers[0]}/publish/cam", rate=100, gop=25, size=800, limit=count
+        ).start()
+        try:
+            await asyncio.wait_for(publisher.done.wait(), 20)
+            await until(lambda: all(len(v.media) >= count for v in viewers), 10, "every message")
+            for viewer in viewers:
+                assert viewer.sequences() == list(range(count)), viewer.name
+            listing = await asyncio.to_thread(api, c, "/api/streams?scope=cluster")
+            assert listing["cluster"] == [{"name": "cam", "origin": workers[0]}]
+        finally:
+            await publisher.close()
+            for viewer in viewers:
+                await viewer.close()
+
+    run(scenario(), 50)

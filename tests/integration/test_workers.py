@@ -262,3 +262,46 @@ def test_workers_stop_when_the_supervisor_is_killed(start_relay: StartRelay) -> 
     relay.kill()
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, alive
+
+
+@pytest.mark.timeout(60)
+def test_takeover_across_workers_closes_the_old_publisher_with_4409(
+    start_relay: StartRelay,
+) -> None:
+    """A publisher on worker 1, a viewer on worker 1; a second publisher of the same
+    stream on worker 2 wins: the first is closed with 4409, the viewer on worker 1 stays
+    connected and gets the second publisher's media (pulled from worker 2)."""
+    relay = start_relay("--workers", "2")
+    urls = worker_urls(relay)
+    one, two = sorted(urls)
+
+    async def scenario() -> None:
+        first = await PacedPublisher(f"{ws(urls[one])}/publish/take", rate=50, gop=10).start()
+        viewer = await Viewer(f"{ws(urls[one])}/watch/take", name="stays").start()
+        second = None
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 5)
+            await asyncio.sleep(0.3)  # worker 1's publish is registered
+            second = await PacedPublisher(
+                f"{ws(urls[two])}/publish/take", rate=50, gop=10, size=333
+            ).start()
+            await asyncio.wait_for(first.done.wait(), 5)
+            assert first.connection is not None
+            received = first.connection.protocol.close_rcvd
+            assert received is not None and received.code == 4409
+            deadline = time.monotonic() + 5
+            while (
+                not any(len(message) == 333 for _, message in viewer.media)
+                and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+            assert any(len(message) == 333 for _, message in viewer.media)
+            assert viewer.closed_at is None
+            assert await asyncio.to_thread(publishers_on, urls[one]) == 0
+        finally:
+            await first.close()
+            if second is not None:
+                await second.close()
+            await viewer.close()
+
+    run(scenario(), 50)
