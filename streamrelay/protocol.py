@@ -46,6 +46,7 @@ from zope.interface import implementer
 from streamrelay import wire
 from streamrelay.addresses import peer_host
 from streamrelay.context import RelayContext
+from streamrelay.fastwrite import FrameWriter, writer_for
 from streamrelay.inbound import (
     FRAMES_PER_TURN,
     InboundBudget,
@@ -59,6 +60,8 @@ from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
 
 _log = Logger()
+
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 
 
 def format_peer(address: object) -> str:
@@ -547,10 +550,18 @@ class ViewerProtocol(RelayProtocol):
 
     role = Role.VIEWER
 
+    # What write_frame reads for every message, kept beside the object's header rather
+    # than in its (large) attribute dict; ``state`` is Autobahn's, whose assignments
+    # land here unchanged.
+    __slots__ = ("_write", "state")
+
     def __init__(self) -> None:
         super().__init__()
         self.session: ViewerSession | None = None
         self._queue: ViewerQueue | None = None
+        # How prepared frames reach the transport (streamrelay.fastwrite), once open;
+        # None: Autobahn's own path (compression negotiated, or not open yet).
+        self._write: FrameWriter | None = None
 
     def attached(self, queue: ViewerQueue) -> None:
         """Route the transport's pause and resume to the new queue, before it sends."""
@@ -560,6 +571,8 @@ class ViewerProtocol(RelayProtocol):
 
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
+        if self._perMessageCompress is None:
+            self._write = writer_for(self.transport)
         result = self.context.registry.watch(
             self.stream_name, self, peer_host(self.transport.getPeer())
         )
@@ -579,10 +592,21 @@ class ViewerProtocol(RelayProtocol):
         if self._queue is not None:
             self._queue.resume_producing()
 
-    def write_frame(self, frame: Any) -> None:
-        """Write one prepared message; never after the WebSocket left the open state."""
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
+    def write_frame(self, frame: Any) -> bool | None:
+        """Write one prepared message; never after the WebSocket left the open state.
+
+        The frame's bytes go to the writer chosen at opening: what Autobahn's
+        ``sendPreparedMessage`` does for an uncompressed connection, minus its debug
+        formatting and its wire-level traffic statistics (the relay never reads them).
+        Autobahn's own send queue, which a write must not overtake, is only used for
+        ``sync`` or chopped sends, which the relay never asks for (and
+        ``autoFragmentSize`` is 0).  True when the kernel took the whole frame."""
+        if self.state == _STATE_OPEN:
+            writer = self._write
+            if writer is not None:
+                return writer.write(frame.payloadHybi)
             self.sendPreparedMessage(frame)
+        return None
 
     def stalled(self) -> None:
         """No write progress for the stall timeout: close with 1008."""
@@ -608,6 +632,7 @@ class ViewerProtocol(RelayProtocol):
     def closed(self) -> None:
         """Leave the stream and give back every queued byte."""
         self._queue = None
+        self._write = None
         if self.session is not None:
             self.session.close()
             self.session = None
