@@ -23,7 +23,8 @@ hook into Autobahn's parser here, next to the other Autobahn overrides.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from types import FunctionType
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
@@ -63,6 +64,17 @@ _log = Logger()
 
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 
+# What Autobahn's server handshake stores on the protocol and never reads after it.
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data",
+    "http_response_data",
+    "http_headers",
+    "http_status_line",
+    "http_request_params",
+    "websocket_extensions",
+    "_wskey",
+)
+
 
 def format_peer(address: object) -> str:
     """``ip:port`` for TCP peers (``[ip]:port`` for IPv6), the path for unix sockets."""
@@ -81,6 +93,8 @@ class _TransportProducer:
     """Registered on every relay connection's transport: it tells the protocol when the
     transport's write buffer is full or drained.  It never pauses reading (on IOCP,
     pausing reads can reorder data: Twisted #11365)."""
+
+    __slots__ = ("_protocol", "paused")
 
     def __init__(self, protocol: RelayProtocol) -> None:
         self._protocol = protocol
@@ -138,6 +152,14 @@ class RelayProtocol(WebSocketServerProtocol):
     @property
     def _clock(self) -> IReactorTime:
         return self.factory.context.clock
+
+    def _connectionMade(self) -> None:
+        """Autobahn's set-up, then its send queue (a 64-slot deque, ~0.6 KB a
+        connection) swapped for an empty tuple: it only serves ``sync`` or chopped sends,
+        which the relay never makes.  Autobahn's ``sendData`` reads it as empty, and an
+        append would fail loudly rather than reorder."""
+        super()._connectionMade()
+        self.send_queue = cast(Any, ())
 
     def connectionMade(self) -> None:
         """Turn on TCP keepalive: a dead peer's socket is eventually reported."""
@@ -273,10 +295,18 @@ class RelayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         """Watch the transport's write buffer, start liveness pings, then the role's own
         opening."""
+        self._forget_handshake()
         self._producer = _TransportProducer(self)
         self.transport.registerProducer(self._producer, True)
         self._schedule_ping()
         self._guarded("open", self.opened)
+
+    def _forget_handshake(self) -> None:
+        # Autobahn keeps the opening handshake (the request head, its parsed headers,
+        # the response, ~1.3 KB) for the connection's life; nothing reads it once open.
+        for name in _HANDSHAKE_LEFTOVERS:
+            if name in self.__dict__:
+                setattr(self, name, None)
 
     def transport_paused(self) -> None:
         """The transport's write buffer is full (role hook)."""
@@ -655,6 +685,24 @@ def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
     return None
 
 
+def _configured(protocol: type[RelayProtocol], factory: WebSocketServerFactory) -> type[Any]:
+    """``protocol`` with ``factory``'s Autobahn options as class attributes.
+
+    Autobahn copies its ~30 server options from the factory into every protocol
+    instance (~1 KB of instance dict each) and formats them all for a debug log on every
+    connection (~0.1 ms, even with debug logging off).  Options held by the class are
+    not copied (Autobahn copies only what the protocol lacks), and with nothing listed
+    in ``CONFIG_ATTRS`` there is nothing to format.  Options must be set before this
+    runs: a later ``setProtocolOptions`` on the factory does not reach the class."""
+    options: dict[str, Any] = {"CONFIG_ATTRS": (), "__module__": protocol.__module__}
+    for name in protocol.CONFIG_ATTRS:
+        value = getattr(factory, name)
+        # A function as a class attribute would become a method: keep it a function.
+        options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
+    options["__qualname__"] = protocol.__qualname__
+    return type(protocol.__name__, (protocol,), options)
+
+
 class RelayFactory(WebSocketServerFactory):
     """Builds one endpoint's protocols and holds what they share: the relay's context
     and Autobahn's options, with Autobahn's own timers off (ours run on the injected
@@ -670,7 +718,6 @@ class RelayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__()
         self.context = context
-        self.protocol = protocol
         # Every connection of this endpoint gets a budget with these limits (None:
         # unlimited, the echo endpoint).
         self.inbound_limits: InboundLimits | None = limits_for(
@@ -695,12 +742,13 @@ class RelayFactory(WebSocketServerFactory):
             allowedOrigins=["*"],
             allowNullOrigin=True,
         )
+        self.protocol = _configured(protocol, self)
 
     def build(self, address: Any, stream_name: str) -> RelayProtocol:
         """A protocol for a connection from ``address`` to ``stream_name`` (empty for
-        endpoints without a stream), counted for leak accounting."""
+        endpoints without a stream), tracked for leak accounting."""
         protocol = self.buildProtocol(address)
         assert isinstance(protocol, RelayProtocol)
         protocol.stream_name = stream_name
-        self.context.live_objects.add(protocol)
+        self.context.track(protocol)
         return protocol

@@ -133,7 +133,9 @@ class ViewerQueue(_FanOutFields):
         self._on_need_keyframe = on_need_keyframe
         self._overhead = message_overhead
 
-        self._queue: deque[_Outbound] = deque()
+        # Messages held while the transport is paused; a deque (its first block is
+        # ~0.6 KB) only while there are some, the empty tuple otherwise.
+        self._queue: deque[_Outbound] | tuple[()] = ()
         self._queued_bytes = 0
         self._transport_bytes = 0
         # Writes (and their wire bytes) handed to the transport's buffer since it last
@@ -251,13 +253,16 @@ class ViewerQueue(_FanOutFields):
         is superseded."""
         if self.closed:
             return
-        if kind in ("status", "meta") and self._queue and self._queue[-1].text_kind == kind:
-            # Superseded before it left, with nothing after it: replacing it keeps every
-            # message's order relative to media.
-            item = self._queue.pop()
-            self._queued_bytes -= item.size
-            self._on_backlog_change(-item.size)
+        queue = self._queue
+        if kind in ("status", "meta") and isinstance(queue, deque) and queue:
+            if queue[-1].text_kind == kind:
+                # Superseded before it left, with nothing after it: replacing it keeps
+                # every message's order relative to media.
+                item = queue.pop()
+                self._queued_bytes -= item.size
+                self._on_backlog_change(-item.size)
         self._deliver(_Outbound(frame, self.cost(size), None, kind))
+
 
     def send_media(self, message: MediaInfo, frame: Any) -> None:
         """Offer a media message; it is delivered, held, or dropped by the policy."""
@@ -345,7 +350,7 @@ class ViewerQueue(_FanOutFields):
                 discarded += 0 if item.message.is_config else 1
                 discarded_bytes += item.size
         self.dropped_in_episode = carried
-        self._queue = kept
+        self._queue = kept if kept else ()
         self._queued_bytes -= discarded_bytes
         if discarded_bytes:
             self._on_backlog_change(-discarded_bytes)
@@ -365,8 +370,11 @@ class ViewerQueue(_FanOutFields):
     # -- output towards the transport --------------------------------------------
 
     def _deliver(self, item: _Outbound) -> None:
-        if self.paused or self._queue:
-            self._queue.append(item)
+        if self._paused or self._queue:
+            queue = self._queue
+            if not isinstance(queue, deque):
+                queue = self._queue = deque()
+            queue.append(item)
             self._queued_bytes += item.size
             self._on_backlog_change(item.size)
             return
@@ -417,11 +425,17 @@ class ViewerQueue(_FanOutFields):
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
         self._stall_call = None
-        while self._queue and not self.paused and not self.closed:
+        # Each turn reads the queue afresh: a write may pause the transport, and the
+        # budget may then shed this viewer, which replaces the queue.
+        while isinstance(self._queue, deque) and self._queue:
+            if self._paused or self._closed:
+                break
             item = self._queue.popleft()
             self._queued_bytes -= item.size
             self._on_backlog_change(-item.size)
             self._write(item.frame, item.size, item.message)
+        if not self._queue:
+            self._queue = ()
         if self.skipping and not self.paused:
             self._on_need_keyframe()
 
@@ -439,7 +453,7 @@ class ViewerQueue(_FanOutFields):
             self._stall_call.cancel()
         self._stall_call = None
         released = self.backlog_bytes
-        self._queue.clear()
+        self._queue = ()
         self._queued_bytes = 0
         self._transport_bytes = 0
         if released:
