@@ -295,6 +295,9 @@ class RelayChannel(http.HTTPChannel):
         self.upgraded = protocol
         # HTTPChannel registered itself as the transport's producer: make room for ours.
         self.transport.unregisterProducer()
+        # The request that asked for the upgrade is answered by the WebSocket: keeping
+        # it (its headers and body buffer, ~2 KB) for the connection's life serves nothing.
+        self.requests.clear()
         protocol.makeConnection(self.transport)
 
     def websocket_opened(self, protocol: RelayProtocol, client: IAddress) -> None:

@@ -55,8 +55,8 @@ class RelayContext:
     shutting_down: bool = False
     # The relay's Prometheus registry and the events counted as they happen.
     metrics: RelayMetrics = field(default_factory=RelayMetrics, repr=False)
-    # Every channel and WebSocket protocol built, held weakly, for /api/internals: an
-    # instance still listed after its connection ended is a leak.
+    # Every channel and WebSocket protocol built, held weakly, for /api/internals (see
+    # track): an instance still listed after its connection ended is a leak.
     live_objects: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
     # Connections closed for going over their inbound budget: {role: {reason: count}}.
     over_budget: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -76,6 +76,13 @@ class RelayContext:
                 clock, config.max_handshakes_per_ip, config.handshake_burst
             ),
         )
+
+    def track(self, item: object) -> None:
+        """Count ``item`` in ``/api/internals`` while it lives.  Only with
+        ``--api-internals``: each entry is a weak reference (~0.1 KB), otherwise spent
+        on every connection for a page nobody can ask for."""
+        if self.config.api_internals:
+            self.live_objects.add(item)
 
     # -- open connections --------------------------------------------------------------
 

@@ -23,7 +23,8 @@ hook into Autobahn's parser here, next to the other Autobahn overrides.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from types import FunctionType
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
@@ -45,6 +46,7 @@ from zope.interface import implementer
 
 from streamrelay import logs, wire
 from streamrelay.context import RelayContext
+from streamrelay.fastwrite import FrameWriter, writer_for
 from streamrelay.inbound import (
     FRAMES_PER_TURN,
     InboundBudget,
@@ -61,6 +63,19 @@ from streamrelay.wire import WireError
 
 # Through the relay's rate limit (streamrelay.logs): a storm of bad peers cannot fill a disk.
 _log = Logger(observer=logs.limited)
+
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
+
+# What Autobahn's server handshake stores on the protocol and never reads after it.
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data",
+    "http_response_data",
+    "http_headers",
+    "http_status_line",
+    "http_request_params",
+    "websocket_extensions",
+    "_wskey",
+)
 
 
 def format_peer(address: object) -> str:
@@ -80,6 +95,8 @@ class _TransportProducer:
     """Registered on every relay connection's transport: it tells the protocol when the
     transport's write buffer is full or drained.  It never pauses reading (on IOCP,
     pausing reads can reorder data: Twisted #11365)."""
+
+    __slots__ = ("_protocol", "paused")
 
     def __init__(self, protocol: RelayProtocol) -> None:
         self._protocol = protocol
@@ -138,6 +155,14 @@ class RelayProtocol(WebSocketServerProtocol):
     @property
     def _clock(self) -> IReactorTime:
         return self.factory.context.clock
+
+    def _connectionMade(self) -> None:
+        """Autobahn's set-up, then its send queue (a 64-slot deque, ~0.6 KB a
+        connection) swapped for an empty tuple: it only serves ``sync`` or chopped sends,
+        which the relay never makes.  Autobahn's ``sendData`` reads it as empty, and an
+        append would fail loudly rather than reorder."""
+        super()._connectionMade()
+        self.send_queue = cast(Any, ())
 
     def connectionMade(self) -> None:
         """Turn on TCP keepalive: a dead peer's socket is eventually reported."""
@@ -273,10 +298,18 @@ class RelayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         """Watch the transport's write buffer, start liveness pings, then the role's own
         opening."""
+        self._forget_handshake()
         self._producer = _TransportProducer(self)
         self.transport.registerProducer(self._producer, True)
         self._schedule_ping()
         self._guarded("open", self.opened)
+
+    def _forget_handshake(self) -> None:
+        # Autobahn keeps the opening handshake (the request head, its parsed headers,
+        # the response, ~1.3 KB) for the connection's life; nothing reads it once open.
+        for name in _HANDSHAKE_LEFTOVERS:
+            if name in self.__dict__:
+                setattr(self, name, None)
 
     def transport_paused(self) -> None:
         """The transport's write buffer is full (role hook)."""
@@ -545,10 +578,18 @@ class ViewerProtocol(RelayProtocol):
 
     role = Role.VIEWER
 
+    # What write_frame reads for every message, kept beside the object's header rather
+    # than in its (large) attribute dict; ``state`` is Autobahn's, whose assignments
+    # land here unchanged.
+    __slots__ = ("_write", "state")
+
     def __init__(self) -> None:
         super().__init__()
         self.session: ViewerSession | None = None
         self._queue: ViewerQueue | None = None
+        # How prepared frames reach the transport (streamrelay.fastwrite), once open;
+        # None: Autobahn's own path (compression negotiated, or not open yet).
+        self._write: FrameWriter | None = None
 
     def attached(self, queue: ViewerQueue) -> None:
         """Route the transport's pause and resume to the new queue, before it sends."""
@@ -558,6 +599,8 @@ class ViewerProtocol(RelayProtocol):
 
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
+        if self._perMessageCompress is None:
+            self._write = writer_for(self.transport)
         result = self.context.registry.watch(
             self.stream_name, self, self.client_host or peer_host(self.transport.getPeer())
         )
@@ -577,10 +620,24 @@ class ViewerProtocol(RelayProtocol):
         if self._queue is not None:
             self._queue.resume_producing()
 
-    def write_frame(self, frame: Any) -> None:
-        """Write one prepared message; never after the WebSocket left the open state."""
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
+    def write_frame(self, frame: Any) -> bool | None:
+        """Write one prepared message; never after the WebSocket left the open state.
+
+        The frame's bytes go to the writer chosen at opening: what Autobahn's
+        ``sendPreparedMessage`` does for an uncompressed connection, minus its debug
+        formatting; the wire-level byte count is kept (the connection's close line
+        reports it).
+        Autobahn's own send queue, which a write must not overtake, is only used for
+        ``sync`` or chopped sends, which the relay never asks for (and
+        ``autoFragmentSize`` is 0).  True when the kernel took the whole frame."""
+        if self.state == _STATE_OPEN:
+            writer = self._write
+            if writer is not None:
+                payload = frame.payloadHybi
+                self.trafficStats.outgoingOctetsWireLevel += len(payload)
+                return writer.write(payload)
             self.sendPreparedMessage(frame)
+        return None
 
     def stalled(self) -> None:
         """No write progress for the stall timeout: close with 1008."""
@@ -607,6 +664,7 @@ class ViewerProtocol(RelayProtocol):
     def closed(self) -> None:
         """Leave the stream and give back every queued byte."""
         self._queue = None
+        self._write = None
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -629,6 +687,24 @@ def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
     return None
 
 
+def _configured(protocol: type[RelayProtocol], factory: WebSocketServerFactory) -> type[Any]:
+    """``protocol`` with ``factory``'s Autobahn options as class attributes.
+
+    Autobahn copies its ~30 server options from the factory into every protocol
+    instance (~1 KB of instance dict each) and formats them all for a debug log on every
+    connection (~0.1 ms, even with debug logging off).  Options held by the class are
+    not copied (Autobahn copies only what the protocol lacks), and with nothing listed
+    in ``CONFIG_ATTRS`` there is nothing to format.  Options must be set before this
+    runs: a later ``setProtocolOptions`` on the factory does not reach the class."""
+    options: dict[str, Any] = {"CONFIG_ATTRS": (), "__module__": protocol.__module__}
+    for name in protocol.CONFIG_ATTRS:
+        value = getattr(factory, name)
+        # A function as a class attribute would become a method: keep it a function.
+        options[name] = staticmethod(value) if isinstance(value, FunctionType) else value
+    options["__qualname__"] = protocol.__qualname__
+    return type(protocol.__name__, (protocol,), options)
+
+
 class RelayFactory(WebSocketServerFactory):
     """Builds one endpoint's protocols and holds what they share: the relay's context
     and Autobahn's options, with Autobahn's own timers off (ours run on the injected
@@ -644,7 +720,6 @@ class RelayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__()
         self.context = context
-        self.protocol = protocol
         # Every connection of this endpoint gets a budget with these limits (None:
         # unlimited, the echo endpoint).
         self.inbound_limits: InboundLimits | None = limits_for(
@@ -669,12 +744,13 @@ class RelayFactory(WebSocketServerFactory):
             allowedOrigins=["*"],
             allowNullOrigin=True,
         )
+        self.protocol = _configured(protocol, self)
 
     def build(self, address: Any, stream_name: str) -> RelayProtocol:
         """A protocol for a connection from ``address`` to ``stream_name`` (empty for
-        endpoints without a stream), counted for leak accounting."""
+        endpoints without a stream), tracked for leak accounting."""
         protocol = self.buildProtocol(address)
         assert isinstance(protocol, RelayProtocol)
         protocol.stream_name = stream_name
-        self.context.live_objects.add(protocol)
+        self.context.track(protocol)
         return protocol

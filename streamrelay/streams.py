@@ -411,6 +411,9 @@ class PublisherSession:
 class ViewerSession:
     """A viewer's handle on its stream; ``queue`` is its outbound queue."""
 
+    # One per viewer, for the connection's life: no per-instance dict.
+    __slots__ = ("_address", "_registry", "_sink", "closed", "queue", "stream")
+
     def __init__(
         self,
         registry: StreamRegistry,

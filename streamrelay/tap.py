@@ -387,11 +387,36 @@ def _fit_descriptor_limit(reactor: Any, wanted: int) -> int:
     return allowed
 
 
+def masking_accelerated() -> bool:
+    """True when Autobahn unmasks frames natively (NVX, or a native masker of an older
+    release), as it decides at import from its build and ``AUTOBAHN_USE_NVX``; its
+    pure-Python maskers live in ``autobahn.websocket.xormasker``."""
+    from autobahn.websocket import protocol as websocket_protocol
+
+    masker = websocket_protocol.create_xor_masker(b"\x00" * 4, 1 << 16)
+    return not type(masker).__module__.startswith("autobahn.websocket.")
+
+
+def warn_unless_masking_accelerated() -> bool:
+    """Log a warning when publisher frames would be unmasked in pure Python (each
+    100 KiB costs milliseconds of the reactor thread); True when accelerated."""
+    if masking_accelerated():
+        return True
+    _log.warn(
+        "Autobahn's NVX acceleration is not active (AUTOBAHN_USE_NVX=0, or autobahn was "
+        "installed without it): publisher frames are unmasked in pure Python, which costs "
+        "milliseconds per 100 KiB message. Install an autobahn wheel built with NVX (or "
+        "build it with cffi and a C compiler) and leave AUTOBAHN_USE_NVX unset."
+    )
+    return False
+
+
 def makeService(options: Options) -> RelayService:
     """Build the relay service from parsed options (with ``--workers``, the supervisor of
     the worker processes; in a worker, the relay on the sockets it inherited)."""
     from twisted.internet import reactor
 
+    warn_unless_masking_accelerated()
     config = options.config()
     worker = workers.WorkerEnvironment.from_environment()
     if config.workers and worker is None:

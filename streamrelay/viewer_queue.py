@@ -8,6 +8,10 @@ into *skipping* -- queued media that has not started is discarded and every medi
 until the next KEY is dropped.  Text messages are never dropped and keep their order.
 A message already handed to the transport is always finished, so framing stays valid.
 
+The common case is the cheap one: a viewer that keeps up (transport not paused, nothing
+queued, not skipping) gets each media message written at once, with no object made
+for it and O(1) bookkeeping.
+
 "Bytes" here are memory: each message is charged its size plus the objects kept with it
 (:data:`streamrelay.budget.MESSAGE_OVERHEAD_BYTES`), so a flood of tiny messages is
 bounded too.
@@ -24,7 +28,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
-from streamrelay.wire import MediaInfo, encode_text
+from streamrelay.wire import FLAG_CONFIG, MediaInfo, encode_text
 
 # What a transport may hold before it pauses its producer (Twisted's FileDescriptor
 # bufferSize).  Public APIs do not expose the transport's buffer, so bytes handed over
@@ -42,16 +46,13 @@ TRANSPORT_HIGH_WATER_BYTES = 64 * 1024
 # re-measures it.
 TRANSPORT_WRITE_OVERHEAD_BYTES = 72
 
-# How fast the running mean of write sizes (used to estimate how many writes sit in the
-# transport) follows the traffic: a new write weighs 1/32.
-_WRITE_SIZE_SMOOTHING = 32
-
 
 class ViewerSink(Protocol):
     """What the queue needs from a viewer connection."""
 
-    def write_frame(self, frame: Any) -> None:
-        """Write one prepared WebSocket message to the transport."""
+    def write_frame(self, frame: Any) -> bool | None:
+        """Write one prepared WebSocket message to the transport; True when none of it
+        waits in the transport's buffer (the kernel took it all)."""
 
     def stalled(self) -> None:
         """The transport made no write progress for the stall timeout."""
@@ -73,8 +74,44 @@ class _Outbound:
 FrameFactory = Callable[[bytes, bool], Any]
 
 
-class ViewerQueue:
+class _FanOutFields:
+    """The fields the fan-out loop reads for every viewer of every message.  Slots of a
+    base class come first in an instance, beside its header: one cache line to fetch,
+    on an object that the bytes copied since its last message have evicted."""
+
+    __slots__ = ("_flowing", "_paused", "_sink")
+
+
+class ViewerQueue(_FanOutFields):
     """Orders, bounds and drops what goes to one viewer."""
+
+    # The rest as slots too: a few cache lines instead of a dict.
+    __slots__ = (
+        "_bytes_since_resume",
+        "_clock",
+        "_config_sent",
+        "_frame_factory",
+        "_latest_config",
+        "_on_backlog_change",
+        "_on_dropped",
+        "_on_need_keyframe",
+        "_overhead",
+        "_queue",
+        "_queued_bytes",
+        "_stall_call",
+        "_stall_timeout",
+        "_transport_bytes",
+        "_writes_since_resume",
+        "_closed",
+        "_skipping",
+        "_waiting_for_key",
+        "dropped_in_episode",
+        "dropped_total",
+        "limit",
+        "skip_episodes",
+        "sent_messages",
+        "bytes_sent",
+    )
 
     def __init__(
         self,
@@ -98,20 +135,25 @@ class ViewerQueue:
         self._on_need_keyframe = on_need_keyframe
         self._overhead = message_overhead
 
-        self._queue: deque[_Outbound] = deque()
+        # Messages held while the transport is paused; a deque (its first block is
+        # ~0.6 KB) only while there are some, the empty tuple otherwise.
+        self._queue: deque[_Outbound] | tuple[()] = ()
         self._queued_bytes = 0
         self._transport_bytes = 0
-        # Writes since the transport last drained, and the running mean of their sizes:
-        # how many writes a paused transport holds is estimated from them.
+        # Writes (and their wire bytes) handed to the transport's buffer since it last
+        # drained (those the kernel took at once do not count): how many writes a
+        # paused transport holds is estimated from them.
         self._writes_since_resume = 0
-        self._mean_write_bytes = 0.0
-        self.paused = False
+        self._bytes_since_resume = 0
         self._stall_call: IDelayedCall | None = None
-        self.closed = False
-
+        # The four states that stop the fast path, and their summary: True when none
+        # holds, so the fan-out loop reads one field (the setters below keep it right).
+        self._paused = False
+        self._closed = False
         # Until a KEY arrives the viewer cannot decode: at join, after a publisher change.
-        self.waiting_for_key = True
-        self.skipping = False
+        self._waiting_for_key = True
+        self._skipping = False
+        self._flowing = False
         self.dropped_in_episode = 0
         self.dropped_total = 0
         self.skip_episodes = 0
@@ -120,6 +162,53 @@ class ViewerQueue:
         self.bytes_sent = 0
         self._latest_config: tuple[MediaInfo, Any] | None = None
         self._config_sent: MediaInfo | None = None
+
+    # -- state ---------------------------------------------------------------------
+
+    def _refresh_flow(self) -> None:
+        self._flowing = not (
+            self._paused or self._waiting_for_key or self._skipping or self._closed
+        )
+
+    @property
+    def paused(self) -> bool:
+        """The transport's buffer is full: messages wait here."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = value
+        self._refresh_flow()
+
+    @property
+    def closed(self) -> bool:
+        """The viewer is gone."""
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
+        self._refresh_flow()
+
+    @property
+    def waiting_for_key(self) -> bool:
+        """No KEY yet since the join or the publisher's change: no media goes out."""
+        return self._waiting_for_key
+
+    @waiting_for_key.setter
+    def waiting_for_key(self, value: bool) -> None:
+        self._waiting_for_key = value
+        self._refresh_flow()
+
+    @property
+    def skipping(self) -> bool:
+        """In a drop episode: media is dropped until the next KEY fits."""
+        return self._skipping
+
+    @skipping.setter
+    def skipping(self, value: bool) -> None:
+        self._skipping = value
+        self._refresh_flow()
 
     # -- accounting ---------------------------------------------------------------
 
@@ -169,16 +258,34 @@ class ViewerQueue:
         is superseded."""
         if self.closed:
             return
-        if kind in ("status", "meta") and self._queue and self._queue[-1].text_kind == kind:
-            # Superseded before it left, with nothing after it: replacing it keeps every
-            # message's order relative to media.
-            item = self._queue.pop()
-            self._queued_bytes -= item.size
-            self._on_backlog_change(-item.size)
+        queue = self._queue
+        if kind in ("status", "meta") and isinstance(queue, deque) and queue:
+            if queue[-1].text_kind == kind:
+                # Superseded before it left, with nothing after it: replacing it keeps
+                # every message's order relative to media.
+                item = queue.pop()
+                self._queued_bytes -= item.size
+                self._on_backlog_change(-item.size)
         self._deliver(_Outbound(frame, self.cost(size), None, kind))
+
 
     def send_media(self, message: MediaInfo, frame: Any) -> None:
         """Offer a media message; it is delivered, held, or dropped by the policy."""
+        if self._flowing and not message.flags & FLAG_CONFIG:
+            # Keeping up: not paused, so nothing is pending in the transport, nor here
+            # (the queue holds messages only while the transport is paused); the
+            # message fits whatever its size and goes out now.  (_write, inlined: this
+            # runs for every viewer of every message.)
+            self.sent_messages += 1
+            self.bytes_sent += message.size
+            if not self._sink.write_frame(frame):
+                self._writes_since_resume += 1
+                self._bytes_since_resume += message.size
+                if self._paused:
+                    self._set_transport_bytes(
+                        self._transport_estimate(message.size + self._overhead)
+                    )
+            return
         if self.closed:
             return
         if message.is_config:
@@ -250,7 +357,7 @@ class ViewerQueue:
                 discarded += 0 if item.message.is_config else 1
                 discarded_bytes += item.size
         self.dropped_in_episode = carried
-        self._queue = kept
+        self._queue = kept if kept else ()
         self._queued_bytes -= discarded_bytes
         if discarded_bytes:
             self._on_backlog_change(-discarded_bytes)
@@ -281,42 +388,42 @@ class ViewerQueue:
     # -- output towards the transport --------------------------------------------
 
     def _deliver(self, item: _Outbound) -> None:
-        if self.paused or self._queue:
-            self._queue.append(item)
+        if self._paused or self._queue:
+            queue = self._queue
+            if not isinstance(queue, deque):
+                queue = self._queue = deque()
+            queue.append(item)
             self._queued_bytes += item.size
             self._on_backlog_change(item.size)
             return
-        self._write(item)
+        self._write(item.frame, item.size, item.message)
 
-    def _write(self, item: _Outbound) -> None:
-        if item.message is not None and item.message.is_config:
+    def _write(self, frame: Any, size: int, message: MediaInfo | None) -> None:
+        """Hand one message (charged ``size``) to the transport."""
+        if message is not None and message.flags & FLAG_CONFIG:
             # Only a CONFIG that really left counts as sent: a discarded one is resent.
-            self._config_sent = item.message
-        self._sink.write_frame(item.frame)
-        wire_bytes = max(1, item.size - self._overhead)
+            self._config_sent = message
         self.sent_messages += 1
-        self.bytes_sent += wire_bytes
+        self.bytes_sent += max(1, size - self._overhead)
+        if self._sink.write_frame(frame):
+            return  # all of it is in the kernel: nothing waits in the transport
         self._writes_since_resume += 1
-        if self._mean_write_bytes == 0.0:
-            self._mean_write_bytes = float(wire_bytes)
-        else:
-            change = (wire_bytes - self._mean_write_bytes) / _WRITE_SIZE_SMOOTHING
-            self._mean_write_bytes += change
+        self._bytes_since_resume += size - self._overhead
         # A write that made the transport pause us sits, with up to its high-water mark
         # of earlier data, in the transport's buffer; one that did not is on its way.
-        if self.paused:
-            self._set_transport_bytes(self._transport_estimate(item))
+        if self._paused:
+            self._set_transport_bytes(self._transport_estimate(size))
 
-    def _transport_estimate(self, last: _Outbound) -> int:
+    def _transport_estimate(self, last_size: int) -> int:
         """Memory in a transport that just paused: its high-water mark of bytes, the last
-        message whole, and the per-write overhead of as many writes as the recent sizes
-        fit in that many bytes (no more than were written since it last drained)."""
-        wire_bytes = TRANSPORT_HIGH_WATER_BYTES + last.size - self._overhead
-        writes = min(
-            self._writes_since_resume,
-            math.ceil(wire_bytes / max(1.0, self._mean_write_bytes)),
-        )
-        return TRANSPORT_HIGH_WATER_BYTES + last.size + writes * TRANSPORT_WRITE_OVERHEAD_BYTES
+        message (charged ``last_size``) whole, and the per-write overhead of as many
+        writes as their mean size since it last drained fits in that many bytes (no
+        more than were written since then)."""
+        wire_bytes = TRANSPORT_HIGH_WATER_BYTES + last_size - self._overhead
+        writes = self._writes_since_resume
+        mean_write_bytes = max(1.0, self._bytes_since_resume / max(1, writes))
+        writes = min(writes, math.ceil(wire_bytes / mean_write_bytes))
+        return TRANSPORT_HIGH_WATER_BYTES + last_size + writes * TRANSPORT_WRITE_OVERHEAD_BYTES
 
     def pause_producing(self) -> None:
         """The transport's buffer is full: hold messages here and start the stall clock."""
@@ -333,15 +440,22 @@ class ViewerQueue:
         self.paused = False
         # Twisted resumes its producer once its buffer is empty.
         self._writes_since_resume = 0
+        self._bytes_since_resume = 0
         self._set_transport_bytes(0)
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
         self._stall_call = None
-        while self._queue and not self.paused and not self.closed:
+        # Each turn reads the queue afresh: a write may pause the transport, and the
+        # budget may then shed this viewer, which replaces the queue.
+        while isinstance(self._queue, deque) and self._queue:
+            if self._paused or self._closed:
+                break
             item = self._queue.popleft()
             self._queued_bytes -= item.size
             self._on_backlog_change(-item.size)
-            self._write(item)
+            self._write(item.frame, item.size, item.message)
+        if not self._queue:
+            self._queue = ()
         if self.skipping and not self.paused:
             self._on_need_keyframe()
 
@@ -359,7 +473,7 @@ class ViewerQueue:
             self._stall_call.cancel()
         self._stall_call = None
         released = self.backlog_bytes
-        self._queue.clear()
+        self._queue = ()
         self._queued_bytes = 0
         self._transport_bytes = 0
         if released:

@@ -187,7 +187,7 @@ class RelaySite(server.Site):
         channel = super().buildProtocol(addr)
         if channel is not None:
             channel.context = self.context
-            self.context.live_objects.add(channel)
+            self.context.track(channel)
         return channel
 
     def log(self, request: http.Request) -> None:

@@ -953,7 +953,9 @@ def test_autobahn_never_sees_the_token() -> None:
     protocols: list[Any] = list(relay.context.registry.streams["cam"].viewers)
     assert len(protocols) == 2
     for protocol in protocols:
+        # The handshake's leftovers may be released after the upgrade (None): what is
+        # still held must not carry the token.
         seen = repr(protocol.http_request_data) + repr(protocol.http_headers)
         seen += repr(protocol.http_request_uri)
         assert header_token not in seen and query_token not in seen
-        assert "authorization" not in protocol.http_headers
+        assert "authorization" not in (protocol.http_headers or {})

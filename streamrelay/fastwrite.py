@@ -1,0 +1,166 @@
+"""The direct-write seam: hand a prepared frame straight to the socket when the
+connection's transport holds nothing, and the rest (or everything, anywhere else) to
+``transport.write``.
+
+Why: Twisted's ``FileDescriptor.write`` only buffers; it asks the reactor to watch the
+socket for writability (one ``epoll_ctl``), writes on the next reactor turn, then stops
+watching (a second ``epoll_ctl``), and a message over its 64 KiB ``bufferSize`` also
+pauses and resumes the connection's producer.  For a relay that writes the same
+100 KB message to hundreds of viewers, that is most of the cost of a delivered
+message.  When nothing is buffered, one ``send`` from here is what ``doWrite`` would
+have done on the next turn, only sooner; the transport is never asked to watch.
+
+Where: only a plain TCP server connection of Twisted's POSIX reactors (``epoll``,
+``poll``, ``select``): exactly :class:`twisted.internet.tcp.Server`, not TLS (neither
+``ssl:`` endpoints, whose transport is a TLS wrapper, nor ``startTLS``), not IOCP,
+not the asyncio reactor, not a test transport.  Everywhere else the writer is the
+transport's own ``write``.
+
+How the transport's state is read: ``FileDescriptor`` keeps what it has not sent in
+``dataBuffer`` (from ``offset``) and ``_tempDataBuffer`` (``_tempDataLen`` bytes);
+both empty means a write now cannot overtake anything.  These names are not public
+API: :func:`writer_for` checks that they (and the flags below) exist with the expected
+types and falls back to ``transport.write`` if not.  A direct write is skipped, and the
+data handed to the transport, whenever the transport holds data, is not connected, is
+closing (``loseConnection``, ``abortConnection``, half-close), has switched to TLS, or
+has paused its producer.
+
+What ``send`` may do: all of it sent -- done; part of it (the socket buffer filled) --
+the rest goes to ``transport.write``, which buffers it, watches for writability and
+pauses the producer as usual; nothing (``EAGAIN``/``EINTR``) -- all of it goes to
+``transport.write``; any other error (``EPIPE``, ``ECONNRESET``, ...) -- all of it goes
+to ``transport.write`` too, whose own ``send`` on the next turn meets the same error and
+reports the connection lost the usual way, so the protocol sees exactly one
+``connectionLost``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
+
+# The reactors whose TCP transports are FileDescriptors written with send() in doWrite.
+_POSIX_REACTORS = (
+    ("twisted.internet.epollreactor", "EPollReactor"),
+    ("twisted.internet.pollreactor", "PollReactor"),
+    ("twisted.internet.selectreactor", "SelectReactor"),
+)
+
+# The non-public FileDescriptor/tcp.Connection attributes a direct write reads, with
+# the types they must have.
+_TRANSPORT_STATE: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("dataBuffer", bytes),
+    ("_tempDataLen", int),
+    ("connected", (int, bool)),
+    ("disconnecting", (int, bool)),
+    ("_aborting", (int, bool)),
+    ("_writeDisconnecting", (int, bool)),
+    ("producerPaused", (int, bool)),
+    ("TLS", (int, bool)),
+)
+
+
+def _posix_reactor_types() -> tuple[type, ...]:
+    found = []
+    for module_name, class_name in _POSIX_REACTORS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # e.g. no epoll off Linux, no poll on Windows
+            continue
+        kind = getattr(module, class_name, None)
+        if isinstance(kind, type):
+            found.append(kind)
+    return tuple(found)
+
+
+_POSIX_REACTOR_TYPES = _posix_reactor_types()
+
+
+def supports_direct_writes(transport: Any) -> bool:
+    """True when ``transport`` is a plain TCP server connection of a POSIX reactor whose
+    buffer state can be read: direct writes are safe on it."""
+    if type(transport) is not tcp.Server:
+        return False
+    if not isinstance(getattr(transport, "reactor", None), _POSIX_REACTOR_TYPES):
+        return False
+    if ISSLTransport.providedBy(transport):
+        return False
+    for name, kind in _TRANSPORT_STATE:
+        if not isinstance(getattr(transport, name, None), kind):
+            return False
+    try:
+        handle = transport.getHandle()
+    except Exception:
+        return False
+    return callable(getattr(handle, "send", None))
+
+
+class FrameWriter(Protocol):
+    """Something that writes bytes to one connection, in order."""
+
+    def write(self, data: bytes) -> bool | None:
+        """Write ``data`` after everything written before; True when the kernel took all
+        of it (nothing waits in the transport), else a false value."""
+
+
+class TransportWriter:
+    """The public path: the transport's own ``write``."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, transport: Any) -> None:
+        self.write: Callable[[bytes], None] = transport.write
+
+
+class DirectWriter:
+    """Writes to a :class:`~twisted.internet.tcp.Server`'s socket while its transport
+    holds nothing; see the module docstring for every case."""
+
+    # The socket itself, not its bound send: one object fewer to fetch per write.
+    __slots__ = ("_socket", "_transport")
+
+    def __init__(self, transport: tcp.Server) -> None:
+        self._transport = transport
+        self._socket = transport.getHandle()
+
+    def write(self, data: bytes) -> bool:
+        """Send ``data`` now as far as the socket takes it; the transport gets the rest.
+        True when the socket took all of it."""
+        transport: Any = self._transport
+        if (
+            transport._tempDataLen
+            or transport.dataBuffer
+            or not transport.connected
+            or transport.disconnecting
+            or transport._aborting
+            or transport._writeDisconnecting
+            or transport.producerPaused
+            or transport.TLS
+        ):
+            transport.write(data)
+            return False
+        try:
+            sent = self._socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # The transport's own send meets the error on its next turn and reports
+            # the loss as it always does.
+            transport.write(data)
+            return False
+        if sent < len(data):
+            transport.write(data[sent:])
+            return False
+        return True
+
+
+def writer_for(transport: Any) -> FrameWriter:
+    """The writer for ``transport``: a :class:`DirectWriter` where
+    :func:`supports_direct_writes`, else a :class:`TransportWriter`."""
+    if supports_direct_writes(transport):
+        return DirectWriter(transport)
+    return TransportWriter(transport)
