@@ -171,7 +171,7 @@ class Stream:
                 queue.expect_new_source()
             previous.replaced()
         else:
-            self._broadcast_text({"type": "status", "state": "live"}, "status")
+            self._broadcast_status("live")
         self._viewer_count_updates.request()
         if any(queue.waiting_for_key for queue in self.viewers.values()):
             self.need_keyframe()
@@ -192,7 +192,7 @@ class Stream:
         self._viewer_count_updates.reset()
         for queue in self.viewers.values():
             queue.expect_new_source()
-        self._broadcast_text({"type": "status", "state": "offline"}, "status")
+        self._broadcast_status("offline")
 
     def publish_media(self, message: MediaMessage) -> None:
         self.messages_in += 1
@@ -261,8 +261,8 @@ class Stream:
         self.viewers[sink] = queue
         self._registry.budget.add_viewer(queue)
         sink.attached(queue)
-        status = encode_text({"type": "status", "state": "live" if self.live else "offline"})
-        queue.send_text(self._registry.frame_factory(status, False), len(status), "status")
+        frame, size = self._registry.status_frame("live" if self.live else "offline")
+        queue.send_text(frame, size, "status")
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
         queue.start(self.gop.start_sequence(), self.gop.config)
@@ -285,11 +285,10 @@ class Stream:
     def _count_dropped(self, count: int) -> None:
         self.dropped += count
 
-    def _broadcast_text(self, message: dict[str, Any], kind: str) -> None:
-        raw = encode_text(message)
-        frame = self._registry.frame_factory(raw, False)
+    def _broadcast_status(self, state: str) -> None:
+        frame, size = self._registry.status_frame(state)
         for queue in list(self.viewers.values()):
-            queue.send_text(frame, len(raw), kind)
+            queue.send_text(frame, size, "status")
 
     def close(self) -> None:
         """Release timers and cached bytes; the stream is leaving the registry."""
@@ -480,6 +479,16 @@ class StreamRegistry:
         self.origins: Origins | None = None
         # The counts of the streams already forgotten.
         self.retired = StreamTotals()
+        # The two status messages, framed once: every join sends one.
+        self._status_frames: dict[str, tuple[Any, int]] = {}
+
+    def status_frame(self, state: str) -> tuple[Any, int]:
+        """The prepared ``status`` message for ``state`` and its size."""
+        found = self._status_frames.get(state)
+        if found is None:
+            raw = encode_text({"type": "status", "state": state})
+            found = self._status_frames[state] = (self.frame_factory(raw, False), len(raw))
+        return found
 
     # -- admission (answered in the HTTP handshake) -----------------------------------
 

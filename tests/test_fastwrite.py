@@ -10,7 +10,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import abstract, error, tcp
@@ -364,7 +364,7 @@ def test_a_lost_connection_writes_nothing(pair: Pair) -> None:
     writer = writer_for(pair.transport)
     assert isinstance(writer, DirectWriter)
     spy = SendSpy()
-    writer._socket = spy  # type: ignore[assignment]
+    cast(Any, writer)._socket = spy
     pair.transport.connectionLost(Failure(error.ConnectionDone()))
     assert writer.write(b"gone") is False
     assert spy.sent == []
