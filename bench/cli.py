@@ -121,6 +121,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--servers", help="comma list (default: all available): "
                         + ",".join(SERVERS))
     parser.add_argument("--scenarios", help="comma list of: " + ",".join(ALL_SCENARIOS))
+    parser.add_argument("--case", action="append", metavar="BYTESxVIEWERS[xSTREAMS]",
+                        help="fan-out case(s) instead of the mode's, e.g. 100000x300 or "
+                        "20000x300x10 (repeatable)")
     parser.add_argument("--viewers", type=int, help="viewers in every fan-out case")
     parser.add_argument("--seconds", type=float, help="measurement window per run")
     parser.add_argument("--repeats", type=int, help="repeats of fan-out and handshakes")
@@ -141,6 +144,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if unknown:
             raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
         plan.scenarios = wanted
+    if args.case:
+        plan.fanout = []
+        for text in args.case:
+            try:
+                numbers = [int(part) for part in text.lower().split("x")]
+                plan.fanout.append(case(*numbers))
+            except (TypeError, ValueError):
+                raise SystemExit(
+                    f"--case {text!r}: want BYTESxVIEWERS or BYTESxVIEWERSxSTREAMS"
+                ) from None
     if args.viewers:
         for item in plan.fanout:
             item["viewers"] = max(args.viewers, item["streams"])

@@ -1,14 +1,16 @@
 """Child processes of the harness: pinned to a core, owned, measured, always killed.
 
 Every child starts in its own session (its own process group) with ``RLIMIT_NOFILE``
-raised to the hard limit, pinned with ``taskset`` (or ``sched_setaffinity`` where
-taskset is missing).  :class:`Children` remembers each one and kills every group it
-started when the run ends, whatever way it ends.  CPU and memory are read from /proc
-(schedstat, through psutil for the tree) for a process and all its descendants.
+raised to the hard limit and a parent-death signal (it is killed if the harness dies),
+pinned with ``taskset`` (or ``sched_setaffinity`` where taskset is missing).
+:class:`Children` remembers each one and kills every group it started when the run
+ends, whatever way it ends.  CPU and memory are read from /proc (schedstat, through
+psutil for the tree) for a process and all its descendants.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -35,6 +37,18 @@ def cores() -> tuple[int, int]:
     if len(available) >= 2:
         return available[0], available[1]
     return available[0], available[0]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child if the harness dies first (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _raise_nofile() -> None:
@@ -140,6 +154,7 @@ class Child:
             command = [taskset, "-c", str(core), *command]
 
         def prepare() -> None:
+            _die_with_parent()
             _raise_nofile()
             if not taskset:
                 os.sched_setaffinity(0, {core})

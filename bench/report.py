@@ -309,11 +309,14 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
         rows = []
         for key in ordered(results["storm"]):
             runs = results["storm"][key]
+            all_back = cell(runs, "all_back_s", 2)
+            if all_back == "—" and runs:
+                all_back = f"not all within {number(runs[0].get('timeout_s'), 0)} s"
             rows.append([label(key), cell(runs, "viewers", 0), cell(runs, "back", 0),
-                         cell(runs, "all_back_s", 2), cell(runs, "steady_worst_gap_ms", 0),
-                         cell(runs, "steady_closed", 0)])
-        out += _table(["server", "viewers", "back", "all back (s)", "steady worst gap (ms)",
-                       "steady closed"], rows)
+                         all_back, cell(runs, "last_back_s", 2), cell(runs, "retries", 0),
+                         cell(runs, "steady_worst_gap_ms", 0), cell(runs, "steady_closed", 0)])
+        out += _table(["server", "viewers", "back", "all back (s)", "last back (s)",
+                       "failed opens retried", "steady worst gap (ms)", "steady closed"], rows)
     if results.get("slow"):
         slow = plan.slow or {}
         out += ["## Slow-viewer isolation", "",
@@ -338,7 +341,9 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
     profile = results.get("profile")
     if profile:
         out += ["## Profile (py-spy, streamrelay, 100 KB × 300)", "",
-                f"{profile['samples']} samples. Inclusive share of the heaviest frames:", ""]
+                f"{profile['samples']} samples of the busy main thread (py-spy, 200 Hz, "
+                "non-blocking). Inclusive share of the heaviest frames below the reactor "
+                "loop (frames in ≥ 95% of the samples left out):", ""]
         out += _table(["frame", "inclusive %"],
                       [[f"`{frame}`", number(share)] for frame, share in profile["inclusive"]])
         out += ["Self time:", ""]

@@ -37,7 +37,7 @@ typedef struct {
     int ctllen;
     uint64_t win_cap; /* binary messages with capture time in the window */
     int64_t last_arrival;
-    int awaiting_back;
+    int awaiting_back, attempts;
 } conn_t;
 
 static const char *host = "127.0.0.1";
@@ -49,7 +49,7 @@ static int ep, inflight, resolved, failed, upgraded, closed_by_server, ready_sen
 static int *queue, qhead, qtail;
 static uint64_t rng = 0x9E3779B97F4A7C15ULL;
 static int64_t win_start, win_end, reconnect_at;
-static uint64_t win_arrival_msgs, win_arrival_bytes, total_msgs, lat_n, back;
+static uint64_t win_arrival_msgs, win_arrival_bytes, total_msgs, lat_n, back, retries;
 static int64_t lat_max, max_gap, back_max;
 static uint32_t *hist;
 static uint8_t scratch[SCRATCH];
@@ -59,7 +59,10 @@ static void enqueue(int i) { queue[qtail++ % count] = i; }
 static void start_connect(int i) {
     conn_t *c = &conns[i];
     c->fd = connect_nb(host, port, c->slow ? 4096 : rcvbuf);
-    if (c->fd < 0) { failed++; resolved++; c->state = C_DEAD; return; }
+    if (c->fd < 0) {
+        if (c->awaiting_back && c->attempts < 20) { c->attempts++; retries++; enqueue(i); return; }
+        failed++; resolved++; c->state = C_DEAD; return;
+    }
     c->state = C_CONNECTING;
     c->headlen = 0; c->fhlen = 0; c->fhneed = 2; c->remain = 0; c->caplen = 0; c->ctllen = 0;
     inflight++;
@@ -73,11 +76,26 @@ static void pump_connects(void) {
 
 static void kill_conn(conn_t *c, int by_server) {
     if (c->state == C_DEAD || c->state == C_IDLE) return;
-    if (c->state == C_CONNECTING || c->state == C_REQUESTED) { inflight--; failed++; resolved++; }
-    else { upgraded--; if (by_server) closed_by_server++; }
+    int opening = c->state == C_CONNECTING || c->state == C_REQUESTED;
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     c->state = C_DEAD;
+    if (opening) {
+        inflight--;
+        /* In a reload storm a failed open is tried again, as a player would (bounded). */
+        if (c->awaiting_back && c->attempts < 20) {
+            c->attempts++;
+            retries++;
+            c->state = C_IDLE;
+            enqueue((int)(c - conns));
+            return;
+        }
+        failed++;
+        resolved++;
+    } else {
+        upgraded--;
+        if (by_server) closed_by_server++;
+    }
 }
 
 static void send_ctl(conn_t *c, int opcode, const uint8_t *p, int n) {
@@ -242,19 +260,21 @@ static void report(const char *event) {
            "\"win_capture_msgs\":%llu,\"win_capture_min\":%llu,\"win_capture_max\":%llu,"
            "\"win_arrival_msgs\":%llu,\"win_arrival_bytes\":%llu,\"total_msgs\":%llu,"
            "\"lat_n\":%llu,\"lat_p50_us\":%lld,\"lat_p99_us\":%lld,\"lat_max_us\":%lld,"
-           "\"max_gap_us\":%lld,\"back\":%llu,\"back_max_us\":%lld,\"cpu_s\":%.4f}\n",
+           "\"max_gap_us\":%lld,\"back\":%llu,\"back_max_us\":%lld,\"retries\":%llu,"
+           "\"cpu_s\":%.4f}\n",
            event, count, upgraded, failed, closed_by_server, (unsigned long long)sum,
            (unsigned long long)mn, (unsigned long long)mx, (unsigned long long)win_arrival_msgs,
            (unsigned long long)win_arrival_bytes, (unsigned long long)total_msgs,
            (unsigned long long)lat_n, (long long)percentile(0.5), (long long)percentile(0.99),
            (long long)lat_max, (long long)max_gap, (unsigned long long)back, (long long)back_max,
-           cpu_seconds());
+           (unsigned long long)retries, cpu_seconds());
     fflush(stdout);
 }
 
 static void reconnect_all(void) {
     reconnect_at = now_us();
-    back = 0; back_max = 0;
+    inflight_cap = count; /* a reload storm: everyone at once */
+    back = 0; back_max = 0; retries = 0;
     resolved = 0; failed = 0; ready_sent = 0;
     qhead = qtail = 0;
     for (int i = 0; i < count; i++) {
@@ -267,6 +287,7 @@ static void reconnect_all(void) {
         }
         c->state = C_IDLE;
         c->awaiting_back = 1;
+        c->attempts = 0;
         enqueue(i);
     }
     pump_connects();

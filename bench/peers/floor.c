@@ -5,7 +5,8 @@
  *
  * Same URL shapes as the other peers: /publish/NAME (publisher), /watch/NAME (viewers);
  * echoes the streamrelay.v1 subprotocol.  A viewer whose queue passes 8 MiB loses new
- * messages (counted) rather than growing without bound.  Usage: floor PORT
+ * messages rather than growing without bound.  Usage: floor PORT [MAX_SECONDS]
+ * (it exits by itself after MAX_SECONDS, 7200 by default).
  */
 #include "../loadgen/ws.h"
 #include <signal.h>
@@ -343,8 +344,9 @@ static void on_readable(conn_t *c) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: floor PORT\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: floor PORT [MAX_SECONDS]\n"); return 2; }
     signal(SIGPIPE, SIG_IGN);
+    alarm(argc > 2 ? (unsigned)atoi(argv[2]) : 7200);
     raise_nofile();
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
