@@ -305,7 +305,7 @@ class Runner:
         if not self.plan.slow:
             return
         config = self.plan.slow
-        repeats = min(self.plan.repeats, 2)
+        repeats = self.plan.repeats
         for repeat in range(repeats):
             for spec in rotated(self.servers, repeat):
                 pair = self.results["slow"].setdefault(spec.key, {"without": [], "with": []})

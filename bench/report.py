@@ -241,7 +241,7 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
             "",
             f"{config.get('size', 0) // 1000} KB messages to {config.get('viewers')} viewers; "
             "the frame rate rises ×1.5 a step until the server falls behind (delivered < "
-            "97%, p99 > 250 ms, or the publisher's send queue overflowing). The maximum is "
+            "97%, p99 > 1 s, or the publisher's send queue overflowing). The maximum is "
             "the best step the server kept up with, on one core; when the load generators' "
             "core saturated first, the figure is only a lower bound.",
             "",

@@ -159,8 +159,10 @@ class Bench:
         self, spec: Server, *, size: int, viewers: int, steps: list[float], seconds: float,
     ) -> Metrics:
         """Raise the frame rate step by step until the server falls behind (delivered below
-        97% of the target, p99 above 250 ms, or the publisher's queue overflowing), or
-        until the load generators' own core is saturated (then the figure is a floor)."""
+        97% of the target within 0.6 s of the window's end, p99 above 1 s, or the
+        publisher's queue overflowing), or until the load generators' own core is
+        saturated (then the figure is a lower bound).  Latency alone is a poor signal on
+        a shared machine: one 300 ms stall of either core puts p99 above 250 ms."""
         points = []
         with self.server(spec, "saturation") as (server, port):
             view = self.viewers(port, "saturation-viewers", viewers)
@@ -193,7 +195,7 @@ class Bench:
                     "skipped": published.get("skipped", 0),
                 }
                 point["kept_up"] = (
-                    ratio >= 0.97 and point["p99_ms"] <= 250 and not point["skipped"]
+                    ratio >= 0.97 and point["p99_ms"] <= 1000 and not point["skipped"]
                 )
                 point["load_bound"] = point["loadgen_cpu_pct"] >= 90
                 points.append(point)
