@@ -117,6 +117,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def core_ticks(core: int) -> tuple[int, int]:
+    """(busy, total) clock ticks of one core so far, from /proc/stat (busy includes
+    irq and softirq; idle and iowait do not count)."""
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith(f"cpu{core} "):
+                    fields = [int(x) for x in line.split()[1:9]]
+                    total = sum(fields)
+                    return total - fields[3] - fields[4], total
+    except (OSError, ValueError):
+        pass
+    return 0, 0
+
+
+def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """How busy a core was between two :func:`core_ticks` readings, in percent."""
+    total = after[1] - before[1]
+    return 100 * (after[0] - before[0]) / total if total > 0 else None
+
+
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and its live descendants."""
     try:

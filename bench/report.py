@@ -215,7 +215,9 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
             "reached the viewers ÷ what the publisher sent × viewers; *worst viewer*: "
             "the same for the viewer that got the least. Latency: arrival of a message's "
             "last byte minus its capture time. *load CPU*: the load generators' CPU in the "
-            "window (100% = their core is saturated and the figures are bounded by them).",
+            "window (100% = their core is saturated and the figures are bounded by them). "
+            "*core busy*: the server's core as /proc/stat saw it, everything included: "
+            "well above *server CPU*, other processes of a shared machine were on it.",
             "",
         ]
         rows = []
@@ -227,11 +229,11 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
                     cell(runs, "server_cpu_pct", 0), cell(runs, "delivered_ratio", 3),
                     cell(runs, "min_per_viewer_ratio", 3), cell(runs, "p50_ms"),
                     cell(runs, "p99_ms"), cell(runs, "max_ms"), cell(runs, "rss_mib", 0),
-                    cell(runs, "loadgen_cpu_pct", 0),
+                    cell(runs, "loadgen_cpu_pct", 0), cell(runs, "core_busy_pct", 0),
                 ])
         out += _table(
             ["case", "server", "CPU-µs/msg", "server CPU %", "delivered", "worst viewer",
-             "p50 ms", "p99 ms", "max ms", "RSS MiB", "load CPU %"],
+             "p50 ms", "p99 ms", "max ms", "RSS MiB", "load CPU %", "core busy %"],
             rows,
         )
     if results.get("saturation"):
@@ -253,16 +255,18 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
             rows.append([
                 label(key), number(r["max_msgs_per_s"], 0), number(r["max_gbit_per_s"], 2),
                 number(r.get("at_fps"), 0), number(r.get("server_cpu_pct"), 0),
-                number(r.get("loadgen_cpu_pct"), 0),
+                number(r.get("core_busy_pct"), 0), number(r.get("loadgen_cpu_pct"), 0),
                 "yes" if r["saturated"] else (
                     "no: the load generators' core was saturated" if r.get("load_bound")
                     else "no (steps ran out)"),
                 f"{number(last.get('fps'), 0)} fps: {number(last.get('delivered_ratio'), 3)}, "
-                f"p99 {number(last.get('p99_ms'))} ms",
+                f"p99 {number(last.get('p99_ms'))} ms, server CPU "
+                f"{number(last.get('server_cpu_pct'), 0)}%, core busy "
+                f"{number(last.get('core_busy_pct'), 0)}%",
             ])
         out += _table(
-            ["server", "max msgs/s", "Gbit/s", "at fps", "server CPU %", "load CPU %",
-             "fell behind", "last step"],
+            ["server", "max msgs/s", "Gbit/s", "at fps", "server CPU %", "core busy %",
+             "load CPU %", "fell behind", "last step"],
             rows,
         )
     if results.get("idle"):
@@ -287,18 +291,18 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
             runs = results["handshakes"][key]
             rows.append([label(key), cell(runs, "accepted_per_s", 0),
                          cell(runs, "cpu_us_per_handshake", 0), cell(runs, "server_cpu_pct", 0),
-                         cell(runs, "loadgen_cpu_pct", 0), cell(runs, "errors", 0),
-                         cell(runs, "close_timeouts", 0)])
+                         cell(runs, "core_busy_pct", 0), cell(runs, "loadgen_cpu_pct", 0),
+                         cell(runs, "errors", 0), cell(runs, "close_timeouts", 0)])
         runs = results.get("refused", [])
         if runs:
             rows.append(["streamrelay, default limits (503s)",
                          cell(runs, "accepted_per_s", 0) + " accepted, "
                          + cell(runs, "refused_per_s", 0) + " refused/s",
                          cell(runs, "cpu_us_per_handshake", 0), cell(runs, "server_cpu_pct", 0),
-                         cell(runs, "loadgen_cpu_pct", 0), cell(runs, "errors", 0),
-                         cell(runs, "close_timeouts", 0)])
-        out += _table(["server", "accepted/s", "CPU-µs each", "server CPU %", "load CPU %",
-                       "errors", "close timeouts"], rows)
+                         cell(runs, "core_busy_pct", 0), cell(runs, "loadgen_cpu_pct", 0),
+                         cell(runs, "errors", 0), cell(runs, "close_timeouts", 0)])
+        out += _table(["server", "accepted/s", "CPU-µs each", "server CPU %", "core busy %",
+                       "load CPU %", "errors", "close timeouts"], rows)
     if results.get("storm"):
         out += ["## Reload storm", "",
                 f"{plan.storm_viewers} viewers of a stream of 2 KB messages at 10 fps, and 10 "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Child, Children, free_port, wait_for_port
+from bench.procs import Child, Children, busy_pct, core_ticks, free_port, wait_for_port
 from bench.servers import REPO, Server
 
 Metrics = dict[str, Any]
@@ -118,11 +118,13 @@ class Bench:
             )
             sleep_until_us(t0)
             cpu0, load0 = server.cpu(), view.cpu() + publisher.cpu()
+            core0 = core_ticks(self.server_core)
             rss_peak = 0
             while now_us() < t1:
                 rss_peak = max(rss_peak, server.rss())
                 time.sleep(min(0.5, max(0.0, (t1 - now_us()) / 1e6)))
             cpu1, load1 = server.cpu(), view.cpu() + publisher.cpu()
+            core1 = core_ticks(self.server_core)
             rss_end = server.rss()
             rss_peak = max(rss_peak, rss_end)
             published = publisher.event("final", seconds + 30)
@@ -139,6 +141,7 @@ class Bench:
             "cpu_us_per_msg": cpu * 1e6 / arrived if arrived else None,
             "server_cpu_pct": 100 * cpu / seconds,
             "loadgen_cpu_pct": 100 * (load1 - load0) / seconds,
+            "core_busy_pct": busy_pct(core0, core1),
             "delivered_ratio": received["win_capture_msgs"] / target if target else None,
             "min_per_viewer_ratio": (
                 received["win_capture_min"] / (published["win_sent"] / streams)
@@ -177,8 +180,10 @@ class Bench:
                 )
                 sleep_until_us(t0)
                 cpu0, load0 = server.cpu(), view.cpu() + publisher.cpu()
+                core0 = core_ticks(self.server_core)
                 sleep_until_us(t1)
                 cpu1, load1 = server.cpu(), view.cpu() + publisher.cpu()
+                core1 = core_ticks(self.server_core)
                 published = publisher.event("final", seconds + 30)
                 time.sleep(0.3)
                 received = view.request("report", "report", 30)
@@ -192,6 +197,7 @@ class Bench:
                     "p99_ms": received["lat_p99_us"] / 1000,
                     "server_cpu_pct": 100 * (cpu1 - cpu0) / seconds,
                     "loadgen_cpu_pct": 100 * (load1 - load0) / seconds,
+                    "core_busy_pct": busy_pct(core0, core1),
                     "skipped": published.get("skipped", 0),
                 }
                 point["kept_up"] = (
@@ -212,6 +218,7 @@ class Bench:
             "at_fps": best["fps"] if best else None,
             "server_cpu_pct": best["server_cpu_pct"] if best else None,
             "loadgen_cpu_pct": best["loadgen_cpu_pct"] if best else None,
+            "core_busy_pct": best["core_busy_pct"] if best else None,
             "saturated": bool(points) and not points[-1]["kept_up"],
             "load_bound": bool(points) and points[-1]["load_bound"],
         }
@@ -251,8 +258,10 @@ class Bench:
             load = self.children.start("handshakes", argv, self.load_core, events=True)
             sleep_until_us(t0)
             cpu0, load0 = server.cpu(), load.cpu()
+            core0 = core_ticks(self.server_core)
             sleep_until_us(t1)
             cpu1, load1 = server.cpu(), load.cpu()
+            core1 = core_ticks(self.server_core)
             result = load.event("final", seconds + 30)
         done = result["win_ok"] + result["win_refused"]
         cpu = cpu1 - cpu0
@@ -264,6 +273,7 @@ class Bench:
             "cpu_us_per_handshake": cpu * 1e6 / done if done else None,
             "server_cpu_pct": 100 * cpu / seconds,
             "loadgen_cpu_pct": 100 * (load1 - load0) / seconds,
+            "core_busy_pct": busy_pct(core0, core1),
             "win_ok": result["win_ok"],
             "win_refused": result["win_refused"],
             "cpu_s": cpu,
