@@ -164,6 +164,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
+def matrix(results: dict[str, Any], key: str = "cpu_us_per_msg", digits: int = 1) -> list[str]:
+    """Fan-out cases × servers: the median of ``key`` in each cell (a Markdown table)."""
+    fanout = results.get("fanout") or {}
+    servers = [k for k in SERVERS if any(k in table for table in fanout.values())]
+    if not servers:
+        return []
+    rows = [[case] + [number(median(table.get(k, []), key), digits) for k in servers]
+            for case, table in fanout.items()]
+    return _table(["case"] + [label(k) for k in servers], rows)
+
+
 def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dict[str, Any]],
              plots: list[Path]) -> str:
     """The whole results page."""
@@ -219,7 +230,13 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
             "*core busy*: the server's core as /proc/stat saw it, everything included: "
             "well above *server CPU*, other processes of a shared machine were on it.",
             "",
+            "Server CPU-µs per delivered message (medians):",
+            "",
         ]
+        out += matrix(results)
+        out += ["p99 latency in ms (medians):", ""]
+        out += matrix(results, "p99_ms")
+        out += ["All figures:", ""]
         rows = []
         for case, table in results["fanout"].items():
             for key in ordered(table):
