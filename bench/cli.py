@@ -28,7 +28,7 @@ from bench import environment, report
 from bench.build import BUILD, build
 from bench.procs import Children, cores
 from bench.scenarios import Bench
-from bench.servers import LIMITED, NODE_DIR, SERVERS, Server, node_missing
+from bench.servers import LIMITED, NODE_DIR, SERVERS, Server, node_missing, other_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SCENARIOS = ("fanout", "saturation", "idle", "handshakes", "storm", "slow")
@@ -68,11 +68,11 @@ def quick_plan() -> Plan:
         mode="quick",
         fanout=[case(100_000, 100)],
         repeats=2,
-        seconds=2.0,
-        warm=0.7,
+        seconds=1.5,
+        warm=0.6,
         saturation=None,
         idle_viewers=500,
-        handshake_seconds=2.0,
+        handshake_seconds=1.5,
         handshake_repeats=1,
         storm_viewers=0,
         slow=None,
@@ -129,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats of fan-out and handshakes")
     parser.add_argument("--idle-viewers", type=int, help="viewers in the idle scenario")
     parser.add_argument("--storm-viewers", type=int, help="viewers in the reload storm")
+    parser.add_argument("--compare-tree", type=Path, metavar="PATH",
+                        help="also run streamrelay from another work tree (e.g. main)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy profile of streamrelay under 100 KB × 300 fan-out")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -380,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"!!! {SERVERS[key].label} NOT RUN: {reason}")
         else:
             servers.append(SERVERS[key])
+    if args.compare_tree:
+        other = other_tree(args.compare_tree)
+        SERVERS[other.key] = other  # so that the report knows its label
+        servers.insert(1, other)
     if "node" not in wanted and "node" not in skipped:
         reason = node_missing(install=False)
         if reason:

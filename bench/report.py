@@ -123,6 +123,10 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         "≥ 1.2", lambda v: v >= 1.2)
     add("refused handshake CPU ÷ accepted handshake CPU", refused_ratio(results), "≤ 0.2",
         lambda v: v <= 0.2)
+    slow = results.get("slow", {}).get("streamrelay", {})
+    add("slow viewer: the others' p99 with it ÷ without",
+        ratio(median(slow.get("with", []), "p99_ms"), median(slow.get("without", []), "p99_ms")),
+        "≤ 1.1", lambda v: v <= 1.1)
     add("streamrelay RSS per idle viewer (KiB)",
         median(results.get("idle", {}).get("streamrelay", []), "kib_per_viewer"), "≤ 12",
         lambda v: v <= 12, digits=1)

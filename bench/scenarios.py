@@ -58,7 +58,7 @@ class Bench:
             spec.command(port, self.built),
             self.server_core,
             env=env,
-            cwd=REPO,
+            cwd=spec.cwd or REPO,
         )
         try:
             wait_for_port(port, child, timeout=30.0)

@@ -147,6 +147,22 @@ SERVERS: dict[str, Server] = {
     ]
 }
 
+def other_tree(path: Path) -> Server:
+    """streamrelay from another work tree (say, main beside a branch), launched the same
+    way: for before/after comparisons in one run."""
+    tree = path.resolve()
+    if not (tree / "streamrelay" / "__init__.py").exists():
+        raise SystemExit(f"--compare-tree {path}: no streamrelay package there")
+    return Server(
+        "streamrelay-other",
+        f"streamrelay ({tree.name})",
+        _streamrelay(STREAMRELAY_OPTIONS),
+        env={"PYTHONPATH": str(tree)},
+        cwd=tree,
+        note=f"the same launch from {tree}",
+    )
+
+
 LIMITED = Server(
     "streamrelay-limited",
     "streamrelay, default limits",
