@@ -162,11 +162,13 @@ def summarise_stacks(text: str, top: int = 20) -> dict[str, Any]:
         if frames:
             own[frames[-1]] += count
     if not total:
-        return {"samples": 0, "inclusive": [], "self": []}
+        return {"samples": 0, "inclusive": [], "streamrelay": [], "self": []}
     # The trunk (twistd, the reactor loop) is in nearly every sample and says nothing.
     branches = Counter({f: n for f, n in inclusive.items() if n < 0.95 * total})
+    own_code = Counter({f: n for f, n in inclusive.items() if "streamrelay/" in f})
     return {
         "samples": total,
         "inclusive": [(frame, 100 * n / total) for frame, n in branches.most_common(top)],
+        "streamrelay": [(frame, 100 * n / total) for frame, n in own_code.most_common(top)],
         "self": [(frame, 100 * n / total) for frame, n in own.most_common(top)],
     }

@@ -371,6 +371,10 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
                 "loop (frames in ≥ 95% of the samples left out):", ""]
         out += _table(["frame", "inclusive %"],
                       [[f"`{frame}`", number(share)] for frame, share in profile["inclusive"]])
+        if profile.get("streamrelay"):
+            out += ["streamrelay's own frames, inclusive:", ""]
+            out += _table(["frame", "inclusive %"], [[f"`{frame}`", number(share)]
+                                                     for frame, share in profile["streamrelay"]])
         out += ["Self time:", ""]
         out += _table(["frame", "self %"],
                       [[f"`{frame}`", number(share)] for frame, share in profile["self"]])

@@ -60,3 +60,11 @@ def test_refused_handshakes_are_priced_net_of_accepted_ones() -> None:
     }
     assert report.refused_cost_us(results) == 100.0
     assert report.refused_ratio(results) == 0.2
+
+
+def test_the_profile_lists_streamrelays_own_frames() -> None:
+    """Frames from streamrelay's files get their own inclusive list."""
+    leaf = "send_media (streamrelay/viewer_queue.py:9)"
+    stacks = STACKS + f"MainThread (1);run (app.py:10);{leaf} 2\n"
+    summary = summarise_stacks(stacks)
+    assert summary["streamrelay"] == [("send_media (streamrelay/viewer_queue.py)", 100 * 2 / 12)]
