@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     facts = environment.facts(server_core, load_core)
     facts["loadavg_start"] = os.getloadavg()
     log(f"NVX masking acceleration: {facts['nvx']}")
+    # Server and load-generator logs of the last few runs are kept for diagnosis.
+    old_logs = sorted(BUILD.glob("bench-logs-*"), key=lambda path: path.stat().st_mtime)
+    for stale in old_logs[:-4]:
+        shutil.rmtree(stale, ignore_errors=True)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-", dir=BUILD))
     children = Children(log_dir)
     bench = Bench(children, built, server_core, load_core)

@@ -382,7 +382,8 @@ def markdown(results: dict[str, Any], context: dict[str, Any], targets: list[dic
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if context["errors"]:
         out += ["## Errors", ""] + [f"- {e}" for e in context["errors"]] + [""]
-    out += [f"Server logs of this run: `{facts['server_logs']}` (not kept).", ""]
+    out += [f"Logs of this run's processes: `{facts['server_logs']}` (the last five runs' "
+            "are kept there; never committed).", ""]
     return "\n".join(out)
 
 
