@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bench import report
 from bench.environment import summarise_stacks
 
@@ -26,7 +28,7 @@ def test_stacks_are_summarised_below_the_trunk() -> None:
 
 def test_cells_give_median_and_spread() -> None:
     """A cell is the median with [min–max] over several runs, the value for one, — for none."""
-    runs = [{"x": 3.0}, {"x": 1.0}, {"x": 2.0}, {"x": None}]
+    runs: list[dict[str, Any]] = [{"x": 3.0}, {"x": 1.0}, {"x": 2.0}, {"x": None}]
     assert report.cell(runs, "x") == "2.0 [1.0–3.0]"
     assert report.cell(runs[:1], "x") == "3.0"
     assert report.cell([], "x") == "—"
