@@ -318,13 +318,29 @@ class AnnouncedEndpoint:
         return f"{scheme}://{shown}:{getattr(address, 'port', 0)}/publish/{stream}"
 
 
+# The kernel's queue of connections not yet accepted.  Twisted's default (50) turns an F5
+# or reconnect storm of a few thousand viewers into SYN retries of seconds; the kernel
+# caps what is asked at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+_BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix")
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=LISTEN_BACKLOG`` where it names none."""
+    kind = description.split(":", 1)[0]
+    if kind not in _BACKLOG_KINDS or "backlog=" in description:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
 def listener(
     reactor: Any, description: str, factory: IProtocolFactory, serves: str = ""
 ) -> StreamServerEndpointService:
-    """The service listening on ``description``.  It binds in privilegedStartService and,
-    as ``strports.service`` arranges, a failure to bind raises there: twistd reports it
-    and exits instead of running without the listener."""
-    listening = strports.service(description, factory, reactor)
+    """The service listening on ``description`` (with a backlog of ``LISTEN_BACKLOG``
+    unless it says otherwise).  It binds in privilegedStartService and, as
+    ``strports.service`` arranges, a failure to bind raises there: twistd reports it and
+    exits instead of running without the listener."""
+    listening = strports.service(with_backlog(description), factory, reactor)
     listening.endpoint = AnnouncedEndpoint(listening.endpoint, description, serves)
     return listening
 

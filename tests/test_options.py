@@ -671,3 +671,21 @@ def test_connections_capped_by_the_hard_descriptor_limit(
     allowed, fake = _fit(monkeypatch, EPollReactor(), 10000, soft=512, hard=4096)
     assert fake.limits == (4096, 4096)
     assert 0 < allowed < 4096
+
+
+@pytest.mark.parametrize(
+    ("given", "bound"),
+    [
+        ("tcp:8080", "tcp:8080:backlog=4096"),
+        ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=4096"),
+        ("tcp:8080:backlog=16", "tcp:8080:backlog=16"),
+        ("unix:/run/relay.sock", "unix:/run/relay.sock:backlog=4096"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_listeners_get_a_deep_backlog_unless_they_name_one(given: str, bound: str) -> None:
+    """A reconnect storm must not wait on Twisted's default backlog of 50: endpoints
+    that take a backlog get 4096 unless the description sets one."""
+    from streamrelay.tap import with_backlog
+
+    assert with_backlog(given) == bound
