@@ -37,10 +37,10 @@ buffer counts only the writes the transport kept).
 
 Segments: Autobahn turns ``TCP_NODELAY`` on for every connection, so a direct ``send``
 goes out as ``doWrite``'s would.  What differs is batching: Twisted joins the writes of
-one reactor turn into one ``send``, while direct writes make one ``send`` per message
-(a joining viewer's status, meta and cached GOP go out as separate sends until the
-socket fills or the transport holds something).  For the relay's traffic, one message
-per viewer per turn, that is the same number of sends.
+one reactor turn into one ``send``, while direct writes make one ``send`` per message.
+For the relay's traffic, one message per viewer per turn, that is the same number of
+sends; and a joining viewer's burst (status, meta, the cached GOP) still goes out
+joined, behind the 101 response that is then still in the transport's buffer.
 """
 
 from __future__ import annotations
