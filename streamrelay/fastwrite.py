@@ -31,7 +31,16 @@ pauses the producer as usual; nothing (``EAGAIN``/``EINTR``) -- all of it goes t
 ``transport.write``; any other error (``EPIPE``, ``ECONNRESET``, ...) -- all of it goes
 to ``transport.write`` too, whose own ``send`` on the next turn meets the same error and
 reports the connection lost the usual way, so the protocol sees exactly one
-``connectionLost``.
+``connectionLost``.  ``write`` returns True only when the kernel took everything: the
+viewer queue then knows nothing waits in the transport (its estimate of the transport's
+buffer counts only the writes the transport kept).
+
+Segments: Autobahn turns ``TCP_NODELAY`` on for every connection, so a direct ``send``
+goes out as ``doWrite``'s would.  What differs is batching: Twisted joins the writes of
+one reactor turn into one ``send``, while direct writes make one ``send`` per message.
+For the relay's traffic, one message per viewer per turn, that is the same number of
+sends; and a joining viewer's burst (status, meta, the cached GOP) still goes out
+joined, behind the 101 response that is then still in the transport's buffer.
 """
 
 from __future__ import annotations

@@ -185,7 +185,9 @@ class RelayProtocol(WebSocketServerProtocol):
             self.data += data
             return
         self._turn_frames = 0
-        super().dataReceived(data)
+        # Straight to Autobahn's parser: its Twisted adapter's dataReceived only adds a
+        # debug line whose arguments it formats on every read, debug logging on or off.
+        self._dataReceived(data)
 
     # -- inbound bounds ----------------------------------------------------------------
 

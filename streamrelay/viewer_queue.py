@@ -15,6 +15,9 @@ for it and O(1) bookkeeping.
 "Bytes" here are memory: each message is charged its size plus the objects kept with it
 (:data:`streamrelay.budget.MESSAGE_OVERHEAD_BYTES`), so a flood of tiny messages is
 bounded too.
+
+(Over 400 lines: the slot declarations and the state properties that keep the fast
+path's one-field summary right sit with the policy they summarise.)
 """
 
 from __future__ import annotations
