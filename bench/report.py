@@ -400,7 +400,9 @@ def plot(out: Path, stem: str, results: dict[str, Any]) -> list[Path]:
     except ImportError:
         return []
     palette = ["#d62728", "#9467bd", "#1f77b4", "#17becf", "#2ca02c", "#7f7f7f"]
+    # Servers outside SERVERS (streamrelay from --compare-tree) share one colour of their own.
     colours = dict(zip(SERVERS, palette, strict=False))
+    other = "#bcbd22"
     written = []
     fanout = results.get("fanout") or {}
     if fanout:
@@ -422,7 +424,7 @@ def plot(out: Path, stem: str, results: dict[str, Any]) -> list[Path]:
                     highs.append(max(found) - m if found else 0.0)
                 xs = [x + i * width for x in range(len(cases))]
                 axis.bar(xs, mids, width, yerr=[lows, highs], label=label(key),
-                         color=colours.get(key))
+                         color=colours.get(key, other))
             axis.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(cases))])
             axis.set_xticklabels(cases, rotation=20, fontsize=8)
             axis.set_title(title, fontsize=10)
@@ -441,7 +443,7 @@ def plot(out: Path, stem: str, results: dict[str, Any]) -> list[Path]:
             points = saturation[key]["points"]
             axis.plot([p["target_per_s"] for p in points],
                       [p["delivered_per_s"] for p in points], marker="o", label=label(key),
-                      color=colours.get(key))
+                      color=colours.get(key, other))
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("target messages/s")
@@ -463,7 +465,7 @@ def plot(out: Path, stem: str, results: dict[str, Any]) -> list[Path]:
         for axis, (name, metric, title) in zip(axes, panels, strict=True):
             keys = ordered(results[name])
             mids = [median(results[name][k], metric) or 0.0 for k in keys]
-            axis.bar(range(len(keys)), mids, color=[colours.get(k) for k in keys])
+            axis.bar(range(len(keys)), mids, color=[colours.get(k, other) for k in keys])
             axis.set_xticks(range(len(keys)))
             axis.set_xticklabels([label(k) for k in keys], rotation=25, fontsize=7)
             axis.set_title(title, fontsize=10)
