@@ -186,7 +186,10 @@ class ClusterService(service.Service):
             # Imported here: txredisapi is the optional "cluster" extra.
             from streamrelay.redis_directory import RedisStore
 
-            store = RedisStore(reactor, config.cluster, config.cluster_name)
+            store = RedisStore(
+                reactor, config.cluster, config.cluster_name,
+                password=config.cluster_password, username=config.cluster_username,
+            )
         self.directory = ClusterDirectory(
             store, reactor, advertise, takeover=config.takeover
         )

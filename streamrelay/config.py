@@ -148,6 +148,13 @@ def parse_cluster_address(text: str) -> ClusterAddress:
     return ClusterAddress(tuple(hosts), master, int(parts[0]) if parts else 0)
 
 
+def redis_username(text: str) -> str:
+    """A Redis ACL user name: printable ASCII without spaces ("": the default user)."""
+    if text and not re.fullmatch(r"[!-~]{1,128}", text):
+        raise ValueError(f"not a Redis user name: {text!r}")
+    return text
+
+
 def cluster_label(text: str) -> str:
     """Letters, digits, ``.``, ``_`` and ``-``: the key prefix of the cluster."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
@@ -490,6 +497,19 @@ class RelayConfig:
         "streamrelay",
         "Name of the cluster: the Redis key prefix, so clusters can share one server.",
         cluster_label,
+    )
+    cluster_password: bytes | None = secret_file(
+        "cluster-password-file",
+        "STREAMRELAY_CLUSTER_PASSWORD",
+        "File holding the password of the cluster's Redis server (its requirepass, or the "
+        "password of --cluster-username), or env STREAMRELAY_CLUSTER_PASSWORD. With "
+        "Sentinels, the master's password (the Sentinels themselves are asked without one).",
+    )
+    cluster_username: str = option(
+        "",
+        "Redis ACL user the cluster directory logs in as (with --cluster-password-file); "
+        "empty: the default user.",
+        redis_username,
     )
     advertise: str = option(
         "",

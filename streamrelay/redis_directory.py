@@ -117,8 +117,12 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
 class _SubscriberFactory(_Factory):
     protocol = _SubscriberProtocol
 
-    def __init__(self, channel: str, deliver: Callable[[Any], None]) -> None:
-        super().__init__(None, None, 1, isLazy=True, handler=txredisapi.ConnectionHandler)
+    def __init__(
+        self, channel: str, deliver: Callable[[Any], None], credentials: dict[str, Any]
+    ) -> None:
+        super().__init__(
+            None, None, 1, isLazy=True, handler=txredisapi.ConnectionHandler, **credentials
+        )
         self.channel = channel
         self.deliver = deliver
 
@@ -142,8 +146,23 @@ class _SentinelSubscriberFactory(_SentinelFactory):
 class RedisStore:
     """:class:`~streamrelay.directory.DirectoryStore` on one Redis server."""
 
-    def __init__(self, reactor: Any, url: str, cluster: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        cluster: str,
+        *,
+        password: bytes | None = None,
+        username: str = "",
+    ) -> None:
         address = parse_cluster_address(url)
+        # AUTH on every (re)connection, by txredisapi; the password is never logged (a
+        # refused one is reported by Redis's own error text, which does not quote it).
+        self._credentials: dict[str, Any] = {}
+        if password is not None:
+            self._credentials["password"] = password.decode("utf-8", "surrogateescape")
+            if username:
+                self._credentials["username"] = username
         self.reactor = reactor
         self.prefix = f"streamrelay:{cluster}:"
         self.channel = self.prefix + "origins"
@@ -158,12 +177,15 @@ class RedisStore:
             self._factory = _SentinelFactory(
                 sentinel_manager=self._sentinel, service_name=address.master,
                 is_master=True, uuid=None, dbid=address.db, poolsize=1, isLazy=True,
+                **self._credentials,
             )
             self._redis = self._sentinel._connect_factory_and_return_handler(self._factory)
             return
         host, port = address.hosts[0]
         self._endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT_SECONDS)
-        self._factory = _Factory(f"{host}:{port}", address.db, 1, isLazy=True)
+        self._factory = _Factory(
+            f"{host}:{port}", address.db, 1, isLazy=True, **self._credentials
+        )
         self._factory.startConnecting(self._endpoint)
         self._redis = self._factory.handler
 
@@ -236,11 +258,11 @@ class RedisStore:
             self._subscriber = _SentinelSubscriberFactory(
                 self.channel, deliver, sentinel_manager=self._sentinel,
                 service_name=self._master, is_master=True, uuid=None, dbid=None,
-                poolsize=1, isLazy=True,
+                poolsize=1, isLazy=True, **self._credentials,
             )
             self._sentinel._connect_factory_and_return_handler(self._subscriber)
             return
-        self._subscriber = _SubscriberFactory(self.channel, deliver)
+        self._subscriber = _SubscriberFactory(self.channel, deliver, self._credentials)
         self._subscriber.startConnecting(self._endpoint)
 
     def close(self) -> defer.Deferred[None]:

@@ -187,6 +187,11 @@ class Options(usage.Options):
                 "--cluster needs --advertise (the URL other nodes pull from) unless the "
                 "first --listen is a TCP port other than 0"
             )
+        if config.cluster_username and config.cluster_password is None:
+            raise usage.UsageError(
+                "--cluster-username needs --cluster-password-file (or "
+                "STREAMRELAY_CLUSTER_PASSWORD)"
+            )
         if find_spec("txredisapi") is None:
             raise usage.UsageError(f"--cluster needs txredisapi: {CLUSTER_EXTRA_HINT}")
 

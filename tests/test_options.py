@@ -144,6 +144,7 @@ _BAD_TEXT: dict[Callable[[str], Any], tuple[str, ...]] = {
         "redis://redis:99999/0",
     ),
     config_module.cluster_label: ("", "a b", "x" * 65),
+    config_module.redis_username: ("a b", "x" * 129, "caf\u00e9"),
     config_module.advertise_url: ("http://node:8080", "ws://node:8080/relay", "ws://u@node"),
     config_module.upstream_urls: (
         "http://origin:8080",
@@ -165,6 +166,7 @@ _GOOD_TEXT: dict[Callable[[str], Any], tuple[str, Any]] = {
     config_module.origin_list: (" https://a.example ,null", ("https://a.example", "null")),
     config_module.cluster_url: ("redis://10.0.0.2:6380/3", "redis://10.0.0.2:6380/3"),
     config_module.cluster_label: ("prod-eu", "prod-eu"),
+    config_module.redis_username: ("relay-node", "relay-node"),
     config_module.advertise_url: ("ws://10.0.0.5:8080/", "ws://10.0.0.5:8080"),
     config_module.upstream_urls: (
         "ws://origin:8080, wss://b.example/r/{stream}",

@@ -44,15 +44,22 @@ def free_port() -> int:
 class Redis:
     """A ``redis-server`` on loopback, no persistence, restartable on its port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian: apt install redis-server)")
         self.binary = binary
         self.directory = directory
         self.port = free_port()
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
+
+    def _hello(self) -> bytes:
+        """What the test's own connections send first: AUTH when a password is set."""
+        if self.password is None:
+            return b""
+        return f"*2\r\n$4\r\nAUTH\r\n${len(self.password)}\r\n{self.password}\r\n".encode()
 
     @property
     def url(self) -> str:
@@ -62,9 +69,12 @@ class Redis:
     def start(self) -> None:
         """Start (or restart) the server and wait until it accepts connections."""
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - kept by the child
+        # The password goes in a configuration file, as in production: never in argv.
+        conf = self.directory / "redis.conf"
+        conf.write_text(f"requirepass {self.password}\n" if self.password else "")
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+            [self.binary, str(conf), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
@@ -72,8 +82,14 @@ class Redis:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    sock.sendall(self._hello() + b"PING\r\n")
+                    answer = b""
+                    while answer.count(b"\r\n") < (2 if self.password else 1):
+                        chunk = sock.recv(64)
+                        if not chunk:
+                            break
+                        answer += chunk
+                    if answer.endswith(b"+PONG\r\n"):
                         return
             except OSError:
                 time.sleep(0.05)
@@ -89,11 +105,15 @@ class Redis:
         """KEYS ``pattern`` (the test's own look at the directory)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
             command = f"*2\r\n$4\r\nKEYS\r\n${len(pattern)}\r\n{pattern}\r\n".encode()
-            sock.sendall(command)
+            sock.sendall(self._hello() + command)
             data = b""
             sock.settimeout(2)
             while True:
                 data += sock.recv(65536)
+                if self.password is not None and data.startswith(b"+OK\r\n"):
+                    data = data[5:]
+                if not data:
+                    continue
                 lines = data.split(b"\r\n")
                 count = int(lines[0][1:])
                 if len(lines) >= 2 * count + 2:
@@ -543,6 +563,59 @@ def test_the_directory_through_sentinel(
     finally:
         sentinel.kill()
         sentinel.wait()
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_with_a_password(start_relay: StartRelay, tmp_path: Path) -> None:
+    """A Redis with ``requirepass``: nodes given ``--cluster-password-file`` register and
+    find each other (a viewer on B gets A's stream); a node with a wrong password says
+    plainly that Redis refused it and goes on serving its own streams; no log holds
+    either password."""
+    password, wrong = "redis-pass-7f3a9c", "not-the-pass-c41d"
+    server = Redis(tmp_path, password=password)
+    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+    good_file = write_secret(tmp_path, "redis.pass", password.encode())
+    wrong_file = write_secret(tmp_path, "wrong.pass", wrong.encode())
+
+    def start(password_file: Path) -> RelayProcess:
+        port = free_port()
+        return start_relay(
+            "--cluster", server.url, "--advertise", f"ws://127.0.0.1:{port}",
+            "--relay-secret-file", secret, "--cluster-password-file", str(password_file),
+            listen=f"tcp:{port}:interface=127.0.0.1",
+        )
+
+    try:
+        a, b, c = start(good_file), start(good_file), start(wrong_file)
+
+        async def scenario() -> None:
+            viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+            local = await Viewer(f"{c.ws_url}/watch/own").start()
+            publishers = [
+                await PacedPublisher(f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=100).start(),
+                await PacedPublisher(f"{c.ws_url}/publish/own", rate=50, gop=10, limit=50).start(),
+            ]
+            try:
+                await until(partial(has_at_least, viewer, 100), 15, "every message on B")
+                assert viewer.sequences() == list(range(100))
+                await until(partial(has_at_least, local, 50), 15, "C's own stream")
+                nodes = await asyncio.to_thread(server.keys, "streamrelay:*:node:*")
+                assert sorted(nodes) == sorted(
+                    f"streamrelay:streamrelay:node:{n.ws_url}" for n in (a, b)
+                )
+                await until(lambda: "could not auth" in c.log_text(), 10, "C's refusal logged")
+            finally:
+                for publisher in publishers:
+                    await publisher.close()
+                await viewer.close()
+                await local.close()
+
+        run(scenario(), 45)
+        for relay in (a, b, c):
+            log = relay.log_text()
+            assert password not in log and wrong not in log
+    finally:
+        server.kill()
 
 
 def free_port_run(count: int) -> int:
