@@ -103,21 +103,26 @@ class Redis:
 
     def keys(self, pattern: str) -> list[str]:
         """KEYS ``pattern`` (the test's own look at the directory)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            command = f"*2\r\n$4\r\nKEYS\r\n${len(pattern)}\r\n{pattern}\r\n".encode()
-            sock.sendall(self._hello() + command)
-            data = b""
-            sock.settimeout(2)
-            while True:
-                data += sock.recv(65536)
-                if self.password is not None and data.startswith(b"+OK\r\n"):
-                    data = data[5:]
-                if not data:
-                    continue
-                lines = data.split(b"\r\n")
-                count = int(lines[0][1:])
-                if len(lines) >= 2 * count + 2:
-                    return [line.decode() for line in lines[2 : 2 * count + 1 : 2]]
+        return keys_on(self.port, pattern, self._hello())
+
+
+def keys_on(port: int, pattern: str, hello: bytes = b"") -> list[str]:
+    """KEYS ``pattern`` on the redis-server at ``port`` (``hello``: an AUTH to send first)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        command = f"*2\r\n$4\r\nKEYS\r\n${len(pattern)}\r\n{pattern}\r\n".encode()
+        sock.sendall(hello + command)
+        data = b""
+        sock.settimeout(2)
+        while True:
+            data += sock.recv(65536)
+            if hello and data.startswith(b"+OK\r\n"):
+                data = data[5:]
+            if not data:
+                continue
+            lines = data.split(b"\r\n")
+            count = int(lines[0][1:])
+            if len(lines) >= 2 * count + 2:
+                return [line.decode() for line in lines[2 : 2 * count + 1 : 2]]
 
 
 @pytest.fixture
@@ -563,6 +568,105 @@ def test_the_directory_through_sentinel(
     finally:
         sentinel.kill()
         sentinel.wait()
+
+
+@pytest.mark.timeout(90)
+def test_a_sentinel_failover_costs_seconds(
+    start_relay: StartRelay, redis: Redis, tmp_path: Path
+) -> None:
+    """Redis under Sentinel, master SIGKILLed: the Sentinel promotes the replica, the
+    running pull (A → B) loses no message, the nodes find the new master by themselves
+    and register there, and a stream published after the failover is found across
+    nodes."""
+    replica_port, sentinel_port = free_port(), free_port()
+    replica_dir = tmp_path / "replica"
+    replica_dir.mkdir()
+    sentinel_conf = tmp_path / "sentinel.conf"
+    sentinel_conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor main 127.0.0.1 {redis.port} 1\n"
+        "sentinel down-after-milliseconds main 1000\n"
+        "sentinel failover-timeout main 5000\n"
+    )
+    children = []
+    with open(tmp_path / "replica.log", "ab") as log:
+        children.append(subprocess.Popen(
+            [redis.binary, "--port", str(replica_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(replica_dir),
+             "--replicaof", "127.0.0.1", str(redis.port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        ))
+
+    def replicating() -> bool:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=1) as sock:
+            sock.sendall(b"INFO replication\r\n")
+            return b"connected_slaves:1" in sock.recv(4096)
+
+    deadline = time.monotonic() + 10
+    while not replicating():
+        assert time.monotonic() < deadline, "the replica did not attach"
+        time.sleep(0.1)
+    with open(tmp_path / "sentinel.log", "ab") as log:
+        children.append(subprocess.Popen(
+            [redis.binary, str(sentinel_conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        ))
+    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+    try:
+        nodes = []
+        for _ in range(2):
+            node_port = free_port()
+            nodes.append(start_relay(
+                "--cluster", f"redis+sentinel://127.0.0.1:{sentinel_port}/main/0",
+                "--advertise", f"ws://127.0.0.1:{node_port}", "--relay-secret-file", secret,
+                listen=f"tcp:{node_port}:interface=127.0.0.1",
+            ))
+        a, b = nodes
+
+        async def scenario() -> None:
+            viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+            publisher = await PacedPublisher(
+                f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=800
+            ).start()
+            later: list[Any] = []
+            try:
+                await until(partial(has_at_least, viewer, 50), 15, "A's stream on B")
+                redis.kill()
+                # The Sentinel needs down-after (1 s) plus an election to promote.
+                await until(
+                    lambda: any(
+                        key.endswith(b.ws_url)
+                        for key in keys_on(replica_port, "streamrelay:*:node:*")
+                    ) and _is_master(replica_port),
+                    20, "the nodes registered on the promoted replica",
+                )
+                second = await PacedPublisher(
+                    f"{b.ws_url}/publish/after", rate=50, gop=10, limit=50
+                ).start()
+                later.append(second)
+                other = await Viewer(f"{a.ws_url}/watch/after").start()
+                later.append(other)
+                await until(partial(has_at_least, other, 50), 15, "a stream published after")
+                await asyncio.wait_for(publisher.done.wait(), 30)
+                await until(partial(has_at_least, viewer, 800), 10, "every message on B")
+                assert viewer.sequences() == list(range(800))
+            finally:
+                await publisher.close()
+                await viewer.close()
+                for item in later:
+                    await item.close()
+
+        run(scenario(), 75)
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def _is_master(port: int) -> bool:
+    """True when the redis-server on ``port`` reports the master role."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(b"INFO replication\r\n")
+        return b"role:master" in sock.recv(4096)
 
 
 @pytest.mark.timeout(60)
