@@ -6,10 +6,13 @@ The supervisor listens on a UNIX socket in a private temporary folder and speaks
 line-JSON protocol with its workers:
 
 - worker -> directory: ``{"op": "hello", "worker": 1, "url": "ws://127.0.0.1:P/relay/{stream}"}``
-  (the template its siblings pull from), ``{"op": "publish", "stream": S}`` and
-  ``{"op": "unpublish", "stream": S, "epoch": E}``;
+  (the template its siblings pull from), ``{"op": "publish", "stream": S, "takeover": B}``
+  and ``{"op": "unpublish", "stream": S, "epoch": E}``;
 - directory -> every worker: ``{"op": "origin", "stream": S, "url": U, "epoch": E}``, ``url``
-  null when the stream has no origin any more.
+  null when the stream has no origin any more;
+- directory -> one worker: ``{"op": "refused", "stream": S}`` when its publish came with
+  ``"takeover": false`` (``--no-takeover``) and a sibling holds ``S``: the worker closes
+  its publisher, as a cluster node does when its claim is refused.
 
 :class:`Directory` is the core (no I/O): each publish gets a new, ever growing epoch and
 the latest publish wins; an unpublish removes the entry only if it still names that
@@ -147,6 +150,11 @@ class DirectoryServerProtocol(_JsonLines):
         if self.worker is None or not isinstance(stream, str):
             return
         if op == "publish":
+            current = directory.origins.get(stream)
+            if message.get("takeover") is False and current and current.worker != self.worker:
+                # --no-takeover: a sibling holds the stream; the first publisher stays.
+                self.send({"op": "refused", "stream": stream})
+                return
             origin = directory.publish(self.worker, stream)
             if origin is not None:
                 self.factory.broadcast(origin_message(stream, origin))
@@ -203,6 +211,7 @@ class DirectoryLocator:
         self.own_epochs: dict[str, int] = {}
         self.on_change: Callable[[str], None] = lambda name: None
         self.on_superseded: Callable[[str], None] = lambda name: None
+        self.on_refused: Callable[[str], None] = lambda name: None
 
     def urls(self, name: str) -> tuple[str, ...]:
         """The origin's ``/relay/NAME`` URL, else the last known one, else the
@@ -262,7 +271,11 @@ class DirectoryClientProtocol(_JsonLines):
         client.report(client.published())
 
     def received(self, message: dict[str, Any]) -> None:
-        """An origin changed."""
+        """An origin changed, or our publish was refused (``--no-takeover``)."""
+        if message.get("op") == "refused" and isinstance(message.get("stream"), str):
+            self.factory.reported.discard(message["stream"])
+            self.factory.locator.on_refused(message["stream"])
+            return
         if message.get("op") == "origin" and isinstance(message.get("stream"), str):
             url, epoch = message.get("url"), message.get("epoch")
             self.factory.locator.update(
@@ -285,11 +298,16 @@ class DirectoryClientFactory(ReconnectingClientFactory):
     initialDelay = 0.1  # type: ignore[assignment]
 
     def __init__(
-        self, worker: int, locator: DirectoryLocator, published: Callable[[], Iterable[str]]
+        self,
+        worker: int,
+        locator: DirectoryLocator,
+        published: Callable[[], Iterable[str]],
+        takeover: bool = True,
     ) -> None:
         self.worker = worker
         self.locator = locator
         self.published = published
+        self.takeover = takeover
         self.connection: DirectoryClientProtocol | None = None
         self.reported: set[str] = set()
 
@@ -300,7 +318,7 @@ class DirectoryClientFactory(ReconnectingClientFactory):
             return
         current = set(now)
         for name in sorted(current - self.reported):
-            connection.send({"op": "publish", "stream": name})
+            connection.send({"op": "publish", "stream": name, "takeover": self.takeover})
         for name in sorted(self.reported - current):
             epoch = self.locator.own_epochs.get(name, self.locator.epochs.get(name))
             connection.send({"op": "unpublish", "stream": name, "epoch": epoch})

@@ -65,6 +65,7 @@ from zope.interface import implementer
 from streamrelay.cluster import WorkerNode
 from streamrelay.config import RelayConfig
 from streamrelay.context import RelayContext
+from streamrelay.limits import Refusal
 from streamrelay.local_directory import (
     DirectoryClientFactory,
     DirectoryLocator,
@@ -194,6 +195,28 @@ class WorkerPuller(UpstreamManager):
         self.want(name)
 
 
+class WorkerOrigins:
+    """The registry's :class:`~streamrelay.streams.Origins` for a worker of one box:
+    ``--no-takeover`` answers 409 when the directory names a sibling as the stream's
+    origin (the directory refuses a publish that raced past this check)."""
+
+    def __init__(self, locator: DirectoryLocator, takeover: bool) -> None:
+        self.locator = locator
+        self.takeover = takeover
+
+    def published(self, name: str) -> None:
+        """Nothing to do now: the periodic report registers it."""
+
+    def unpublished(self, name: str) -> None:
+        """Nothing to do now: the periodic report withdraws it."""
+
+    def check_publisher(self, name: str) -> Refusal | None:
+        """409 when ``--no-takeover`` and a sibling is ``name``'s origin."""
+        if not self.takeover and name in self.locator.current and not self.locator.is_own(name):
+            return Refusal(409, "stream already has a publisher")
+        return None
+
+
 @implementer(IReadDescriptor)
 class ParentWatch:
     """Stops the worker when its supervisor is gone: the supervisor holds the write end
@@ -251,9 +274,14 @@ class WorkerService(service.Service):
         self.locator = DirectoryLocator("", context.config.upstream)
         self.puller = WorkerPuller(context, reactor, self.locator)
         self.locator.on_superseded = context.registry.give_up
+        self.locator.on_refused = context.registry.give_up
+        takeover = context.config.takeover
         if node is None:
             context.registry.puller = self.puller
-        self.client = DirectoryClientFactory(worker.number, self.locator, self._published)
+            context.registry.origins = WorkerOrigins(self.locator, takeover)
+        self.client = DirectoryClientFactory(
+            worker.number, self.locator, self._published, takeover
+        )
         self._port: IListeningPort | None = None
         self._reporter = TimerService(REPORT_INTERVAL, self._report)
 
@@ -309,6 +337,7 @@ class WorkerService(service.Service):
             self.client.connection.transport.loseConnection()  # type: ignore[union-attr]
         if self._node is None:
             self._context.registry.puller = None
+            self._context.registry.origins = None
         pulls = self.puller.stop_all()
         if self._port is not None:
             port, self._port = self._port, None

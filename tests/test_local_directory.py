@@ -147,7 +147,7 @@ def test_client_registers_publishes_and_unpublishes_with_the_epoch() -> None:
     protocol.makeConnection(transport)
     assert lines(transport) == [
         {"op": "hello", "worker": 1, "url": T1},
-        {"op": "publish", "stream": "a"},
+        {"op": "publish", "stream": "a", "takeover": True},
     ]
     protocol.lineReceived(json.dumps(origin_message("a", None) | {"url": "u", "epoch": 7}).encode())
     published.clear()
@@ -274,3 +274,57 @@ def test_superseded_worker_closes_its_publisher_with_4409_and_pulls(monkeypatch:
     directory.publish(1, "a")
     assert not directory.unpublish(2, "a", unpublish["epoch"])
     assert directory.origins["a"].worker == 1
+
+
+def test_no_takeover_publish_on_a_sibling_is_refused_to_that_worker_only() -> None:
+    """A publish with ``takeover: false`` for a stream a sibling holds is answered with
+    ``refused`` to the sender alone and changes nothing; the holder itself may publish
+    again, and with takeover (the default) the newer publish wins as before."""
+    factory = DirectoryServerFactory()
+    one, one_out = connect_server(factory)
+    two, two_out = connect_server(factory)
+    one.lineReceived(json.dumps({"op": "hello", "worker": 1, "url": T1}).encode())
+    two.lineReceived(json.dumps({"op": "hello", "worker": 2, "url": T2}).encode())
+    one.lineReceived(b'{"op": "publish", "stream": "a", "takeover": false}')
+    lines(one_out), lines(two_out)
+    two.lineReceived(b'{"op": "publish", "stream": "a", "takeover": false}')
+    assert lines(two_out) == [{"op": "refused", "stream": "a"}]
+    assert lines(one_out) == []
+    assert factory.directory.origins["a"].worker == 1
+    one.lineReceived(b'{"op": "publish", "stream": "a", "takeover": false}')
+    assert factory.directory.origins["a"].worker == 1 and factory.directory.origins["a"].epoch == 2
+    two.lineReceived(b'{"op": "publish", "stream": "a", "takeover": true}')
+    assert factory.directory.origins["a"].worker == 2
+
+
+def test_a_refused_publish_closes_the_local_publisher_and_no_takeover_answers_409() -> None:
+    """Worker side of ``--no-takeover``: a handshake for a stream the directory puts on a
+    sibling is refused with 409; a publisher that raced past that check is closed when
+    the directory answers ``refused``, and its stream is no longer reported."""
+    from streamrelay.workers import WorkerOrigins
+    from tests.test_streams import FakePublisher
+
+    _, context, locator = worker_puller()
+    origins = WorkerOrigins(locator, takeover=False)
+    context.registry.origins = origins
+    locator.on_refused = context.registry.give_up
+    link = FakePublisher(peer_address="127.0.0.1:5000", clock=Clock())
+    context.registry.publish("a", link)  # type: ignore[arg-type]
+    published = ["a"]
+    factory = DirectoryClientFactory(2, locator, lambda: list(published), takeover=False)
+    protocol: Any = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert {"op": "publish", "stream": "a", "takeover": False} in lines(transport)
+    protocol.lineReceived(b'{"op": "refused", "stream": "a"}')
+    assert link.replaced_calls == 1
+    stream = context.registry.streams.get("a")
+    assert stream is None or not stream.local_publisher
+    assert "a" not in factory.reported
+    sibling = {"url": T1.replace("{stream}", "a"), "epoch": 3}
+    protocol.lineReceived(json.dumps(origin_message("a", None) | sibling).encode())
+    refusal = context.registry.check_publisher("a")
+    assert refusal is not None and refusal.status == 409
+    assert context.registry.check_publisher("b") is None
+    assert WorkerOrigins(locator, takeover=True).check_publisher("a") is None
+

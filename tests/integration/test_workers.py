@@ -17,7 +17,7 @@ from tests.support.http import http_json
 from tests.support.media import media_is_intact
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.waiting import run
-from tests.support.ws_client import PacedPublisher, Viewer
+from tests.support.ws_client import PacedPublisher, Viewer, refused
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.name != "posix", reason="POSIX")]
 
@@ -305,3 +305,32 @@ def test_takeover_across_workers_closes_the_old_publisher_with_4409(
             await viewer.close()
 
     run(scenario(), 50)
+
+
+@pytest.mark.timeout(60)
+def test_no_takeover_holds_across_workers(start_relay: StartRelay) -> None:
+    """``--workers 2 --no-takeover``: a publisher on worker 1 keeps its stream; a second
+    publisher of it on worker 2 is refused with 409 while a viewer on worker 2 gets the
+    first one's media; once the first leaves, worker 2 admits a publisher."""
+    relay = start_relay("--workers", "2", "--no-takeover")
+    urls = worker_urls(relay)
+    one, two = sorted(urls)
+
+    async def scenario() -> None:
+        first = await PacedPublisher(f"{ws(urls[one])}/publish/keep", rate=50, gop=10).start()
+        viewer = await Viewer(f"{ws(urls[two])}/watch/keep").start()
+        try:
+            await asyncio.wait_for(viewer.first_media.wait(), 10)
+            status, _, body = await refused(f"{ws(urls[two])}/publish/keep")
+            assert status == 409, body
+            assert first.connection is not None and first.connection.protocol.close_rcvd is None
+            await first.close()
+            await asyncio.sleep(0.5)  # worker 1's unpublish reaches the directory
+            later = await PacedPublisher(f"{ws(urls[two])}/publish/keep", rate=50, gop=10).start()
+            await later.close()
+        finally:
+            await first.close()
+            await viewer.close()
+
+    run(scenario(), 50)
+
