@@ -523,33 +523,50 @@ def test_rejoin_during_the_grace_while_the_origin_moves(
     run(scenario(), 70)
 
 
+def start_sentinel(
+    redis: Redis, folder: Path, *settings: str
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """A real ``redis-server --sentinel`` watching ``redis`` as master ``main`` (quorum
+    1), with extra ``settings`` lines; its port and process."""
+    port = free_port()
+    conf = folder / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+        f"sentinel monitor main 127.0.0.1 {redis.port} 1\n"
+        + "".join(f"{line}\n" for line in settings)
+    )
+    with open(folder / "sentinel.log", "ab") as log:
+        process = subprocess.Popen(
+            [redis.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+    return port, process
+
+
+def sentinel_nodes(
+    start_relay: StartRelay, sentinel_port: int, folder: Path, count: int = 2
+) -> list[RelayProcess]:
+    """``count`` nodes whose directory is found through the Sentinel at ``sentinel_port``."""
+    secret = str(write_secret(folder, "relay.key", RELAY_SECRET))
+    nodes = []
+    for _ in range(count):
+        node_port = free_port()
+        nodes.append(start_relay(
+            "--cluster", f"redis+sentinel://127.0.0.1:{sentinel_port}/main/0",
+            "--advertise", f"ws://127.0.0.1:{node_port}", "--relay-secret-file", secret,
+            listen=f"tcp:{node_port}:interface=127.0.0.1",
+        ))
+    return nodes
+
+
 @pytest.mark.timeout(60)
 def test_the_directory_through_sentinel(
     start_relay: StartRelay, redis: Redis, tmp_path: Path
 ) -> None:
     """``--cluster redis+sentinel://...``: the nodes find the master through a Sentinel
     (a real ``redis-server --sentinel``) and a viewer on B gets A's stream."""
-    port = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor main 127.0.0.1 {redis.port} 1\n"
-    )
-    with open(tmp_path / "sentinel.log", "ab") as log:
-        sentinel = subprocess.Popen(
-            [redis.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
-        )
-    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+    port, sentinel = start_sentinel(redis, tmp_path)
     try:
-        nodes = []
-        for _ in range(2):
-            node_port = free_port()
-            nodes.append(start_relay(
-                "--cluster", f"redis+sentinel://127.0.0.1:{port}/main/0",
-                "--advertise", f"ws://127.0.0.1:{node_port}", "--relay-secret-file", secret,
-                listen=f"tcp:{node_port}:interface=127.0.0.1",
-            ))
-        a, b = nodes
+        a, b = sentinel_nodes(start_relay, port, tmp_path)
 
         async def scenario() -> None:
             viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
@@ -578,16 +595,9 @@ def test_a_sentinel_failover_costs_seconds(
     running pull (A → B) loses no message, the nodes find the new master by themselves
     and register there, and a stream published after the failover is found across
     nodes."""
-    replica_port, sentinel_port = free_port(), free_port()
+    replica_port = free_port()
     replica_dir = tmp_path / "replica"
     replica_dir.mkdir()
-    sentinel_conf = tmp_path / "sentinel.conf"
-    sentinel_conf.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor main 127.0.0.1 {redis.port} 1\n"
-        "sentinel down-after-milliseconds main 1000\n"
-        "sentinel failover-timeout main 5000\n"
-    )
     children = []
     with open(tmp_path / "replica.log", "ab") as log:
         children.append(subprocess.Popen(
@@ -606,21 +616,13 @@ def test_a_sentinel_failover_costs_seconds(
     while not replicating():
         assert time.monotonic() < deadline, "the replica did not attach"
         time.sleep(0.1)
-    with open(tmp_path / "sentinel.log", "ab") as log:
-        children.append(subprocess.Popen(
-            [redis.binary, str(sentinel_conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
-        ))
-    secret = str(write_secret(tmp_path, "relay.key", RELAY_SECRET))
+    sentinel_port, sentinel = start_sentinel(
+        redis, tmp_path,
+        "sentinel down-after-milliseconds main 1000", "sentinel failover-timeout main 5000",
+    )
+    children.append(sentinel)
     try:
-        nodes = []
-        for _ in range(2):
-            node_port = free_port()
-            nodes.append(start_relay(
-                "--cluster", f"redis+sentinel://127.0.0.1:{sentinel_port}/main/0",
-                "--advertise", f"ws://127.0.0.1:{node_port}", "--relay-secret-file", secret,
-                listen=f"tcp:{node_port}:interface=127.0.0.1",
-            ))
-        a, b = nodes
+        a, b = sentinel_nodes(start_relay, sentinel_port, tmp_path)
 
         async def scenario() -> None:
             viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
