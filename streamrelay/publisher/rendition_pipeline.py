@@ -184,9 +184,12 @@ class RenditionPipeline(CapturePipeline):
         readiness = [sink.readiness for sink in self._sinks]
         ready = [value is Readiness.READY for value in readiness]
         for index, value in enumerate(readiness):
-            if value is Readiness.CONGESTED:
-                self.rendition_stats[index].frames_dropped += 1
+            if value is not Readiness.READY:
+                # Offline (or idle) skips the frame, congested drops it: either way the
+                # rendition's stream now has a gap and must resume at a keyframe.
                 self._waiting[index] = True
+                if value is Readiness.CONGESTED:
+                    self.rendition_stats[index].frames_dropped += 1
         if not any(ready):
             if any(value is Readiness.CONGESTED for value in readiness):
                 stats.frames_dropped += 1
