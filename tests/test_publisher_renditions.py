@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from streamrelay.publisher.arguments import parse_arguments
 from streamrelay.publisher.client import ConnectionState
 from streamrelay.publisher.rendition_publisher import RenditionPublisher
 from streamrelay.publisher.renditions import (
@@ -208,3 +209,41 @@ def test_one_stream_taken_over_stops_the_whole_set() -> None:
         connection.close(1000)
     assert all(p.state is ConnectionState.STOPPED for p in group.publishers)
     assert stopped and "replaced" in stopped[0]
+
+
+def test_the_command_line_takes_a_rendition_list() -> None:
+    """--renditions gives the set; the source is captured at the top rendition's size and
+    the options record its bitrate."""
+    options = parse_arguments(["ws://relay/publish/cam", "--renditions", THREE])
+    assert options.renditions == parse_renditions(THREE)
+    assert (options.width, options.height, options.bitrate) == (1280, 720, 2_500_000)
+    assert parse_arguments(["ws://relay/publish/cam"]).renditions == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--renditions", "640x360"], "argument --renditions: '640x360': expected"),
+        (["--renditions", "640x360@800k,480x360@500k"], "is used twice"),
+        (["--renditions", THREE, "--size", "640x360"], "drop --size and --bitrate"),
+        (["--renditions", THREE, "--bitrate", "1M"], "drop --size and --bitrate"),
+    ],
+)
+def test_bad_rendition_options_are_usage_errors(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --renditions value, or one combined with --size/--bitrate, exits with status
+    2 and a message naming the option and the problem."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["ws://relay/publish/cam", *argv])
+    assert exit_info.value.code == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_a_base_name_with_the_separator_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The URL's stream is the base name: it may not itself hold '~'."""
+    with pytest.raises(SystemExit):
+        parse_arguments(["ws://relay/publish/cam~hd", "--renditions", THREE])
+    assert "must not contain '~'" in capsys.readouterr().err
