@@ -13,9 +13,12 @@ import pytest
 from streamrelay.publisher.client import Readiness
 from streamrelay.publisher.h264 import NAL_SPS, nal_type, parse_sps, split_annexb
 from streamrelay.publisher.rendition_pipeline import RenditionEncoders, RenditionPipeline
+from streamrelay.publisher.rendition_publisher import RenditionPublisher
 from streamrelay.publisher.renditions import RenditionSet, parse_renditions
+from streamrelay.publisher.settings import PublisherSettings
 from streamrelay.publisher.sources import TestPatternSource
-from tests.test_publisher_client import ThreadedMemoryReactor
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage
+from tests.test_publisher_client import FakeRelay, ThreadedMemoryReactor
 
 RENDITIONS = parse_renditions("320x180@400k,192x108@200k,128x72@100k")
 GOP = 10
@@ -176,3 +179,62 @@ def test_every_meta_announces_the_whole_set_with_codecs(
         assert meta["bitrate"] == rendition.bitrate == entry["bitrate"]
         assert (meta["width"], meta["height"]) == (rendition.width, rendition.height)
         assert meta["codec"] == entry["codec"]
+
+
+def test_a_stalled_rendition_connection_stays_bounded_and_rejoins_at_an_aligned_key() -> None:
+    """Real connections (in-memory relays) fed by the real pipeline: while the 108p
+    connection's transport is paused, its outbox never passes its limit and its frames are
+    dropped at the source, the others get every frame; when it drains it resumes at a KEY
+    that all three renditions carry, with the same capture time."""
+    reactor, relay = ThreadedMemoryReactor(), FakeRelay()
+    group = RenditionPublisher(
+        PublisherSettings("ws://relay.test/publish/cam", ping_interval=0, open_timeout=0),
+        RENDITIONS,
+        reactor=reactor,
+        queue_bounds=lambda bitrate: (8_000, 24_000),
+        endpoint_factory=relay.endpoint,
+    )
+    encoders = RenditionEncoders(
+        RENDITIONS, fps=Fraction(30), keyframe_interval_frames=1000, preset="ultrafast"
+    )
+    pipeline = RenditionPipeline(
+        TestPatternSource(320, 180),
+        encoders,
+        group.publishers,
+        group.rendition_set,
+        reactor=reactor,
+        fps=Fraction(30),
+    )
+    group.on_keyframe_request = pipeline.request_keyframe
+    group.start()
+    for connection in relay.connections:
+        connection.accept()
+    received: list[list[Any]] = [[], [], []]
+
+    def frames(count: int, start: int) -> None:
+        for index in range(start, start + count):
+            pipeline.run_once(index, index / 30, False)
+            reactor.run_thread_calls()
+            for got, connection in zip(received, relay.connections, strict=True):
+                got.extend(m for m in connection.messages() if isinstance(m, MediaMessage))
+
+    frames(5, 0)
+    stalled = relay.connections[1].transport.producer
+    assert stalled is not None
+    stalled.pauseProducing()
+    frames(60, 5)
+    assert group.publishers[1].queued_bytes <= 24_000
+    assert pipeline.rendition_stats[1].frames_dropped > 0
+    assert group.publishers[1].readiness is Readiness.CONGESTED
+    stalled.resumeProducing()
+    frames(5, 65)
+
+    def keys(got: list[Any]) -> list[int]:
+        return [m.capture_time_us for m in got if m.flags & FLAG_KEY]
+
+    late_key = keys(received[1])[-1]
+    assert late_key > keys(received[1])[0]
+    assert late_key in keys(received[0]) and late_key in keys(received[2])
+    assert keys(received[0]) == keys(received[2])
+    assert len([m for m in received[0] if not m.flags & FLAG_CONFIG]) == 70
+    assert len([m for m in received[2] if not m.flags & FLAG_CONFIG]) == 70
