@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -136,12 +136,14 @@ class RenditionStats:
     bytes_encoded: int = 0
     frames_dropped: int = 0
     encode_seconds: float = 0.0
-    # Capture times of this rendition's keyframes, the latest few (tests, diagnostics).
-    recent_keyframes: list[int] = field(default_factory=list)
 
 
 class RenditionPipeline(CapturePipeline):
     """The capture thread for a rendition set (see the module docstring).
+
+    ``stats`` counts source frames (captured, encoded in at least one rendition, offline
+    for all) and, in ``frames_dropped``, rendition frames dropped at the source because
+    their connection was behind; ``rendition_stats`` has each rendition's own counters.
 
     ``sinks`` are the renditions' connections in the set's order (a
     :class:`~.rendition_publisher.RenditionPublisher`'s ``publishers``); ``renditions`` is
@@ -190,10 +192,9 @@ class RenditionPipeline(CapturePipeline):
                 self._waiting[index] = True
                 if value is Readiness.CONGESTED:
                     self.rendition_stats[index].frames_dropped += 1
+                    stats.frames_dropped += 1
         if not any(ready):
-            if any(value is Readiness.CONGESTED for value in readiness):
-                stats.frames_dropped += 1
-            else:
+            if not any(value is Readiness.CONGESTED for value in readiness):
                 stats.frames_offline += 1
             return True
         # A rendition back from a gap asks for a keyframe: for everyone, to stay aligned.
@@ -241,10 +242,6 @@ class RenditionPipeline(CapturePipeline):
                 continue
             if message.is_key:
                 rendition_stats.keyframes_encoded += 1
-                rendition_stats.recent_keyframes = [
-                    *rendition_stats.recent_keyframes[-15:],
-                    message.capture_time_us,
-                ]
             accepted = sink.send_frame_threadsafe(
                 message.payload, key=message.is_key, capture_time_us=message.capture_time_us
             )
