@@ -53,6 +53,21 @@ Reactor-thread API: ``start()``, ``stop() -> Deferred``, ``when_stopped() -> Def
 (:class:`ConnectionState`), ``connected``, ``viewers``, ``stats``, ``dropped``,
 ``last_error``.
 
+Renditions (several GOP-aligned encodings of one source, one connection each; the top
+one at the URL's stream, the others at ``STREAM~LABEL``)::
+
+    renditions = parse_renditions("1280x720@2500k,640x360@800k,320x180@250k")
+    publisher = RenditionPublisher(PublisherSettings(url, token=token), renditions)
+    encoders = RenditionEncoders(renditions, fps=Fraction(30), keyframe_interval_frames=60)
+    pipeline = RenditionPipeline(source, encoders, publisher.publishers,
+                                 publisher.rendition_set, reactor=reactor, fps=Fraction(30))
+    publisher.on_keyframe_request = pipeline.request_keyframe   # any connection: all
+    publisher.on_viewers = lambda total: ...                    # summed over the set
+
+An application with its own encoders sends each rendition through
+``publisher.publisher(label)`` (a :class:`Publisher`), with the meta of
+:func:`~.renditions.rendition_meta`, and keeps keyframes on the same source frames.
+
 Building blocks:
 
 - :mod:`streamrelay.wire`, the one codec of the wire protocol (re-exported here:
@@ -65,6 +80,9 @@ Building blocks:
 - :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
 - :mod:`.pipeline` (needs PyAV): :class:`CapturePipeline`, the capture/encode thread with
   drop-at-source.
+- :mod:`.renditions` (the ``--renditions`` list, the ``BASE~LABEL`` naming, the meta),
+  :mod:`.rendition_publisher` (:class:`RenditionPublisher`) and, with PyAV,
+  :mod:`.rendition_pipeline` (:class:`RenditionEncoders`, :class:`RenditionPipeline`).
 
 Inside the network side: :mod:`.settings` (the record), :mod:`.connector` (the
 connection lifecycle, a state machine in :mod:`.state`), :mod:`.connection` (the
@@ -106,11 +124,14 @@ from .h264 import (
     parse_sps,
     split_annexb,
 )
+from .rendition_publisher import RenditionPublisher
+from .renditions import Rendition, RenditionError, RenditionSet, parse_renditions
 from .settings import DEFAULT_URL, PublisherSettings
 
 if TYPE_CHECKING:
     from .encoder import EncoderSettings, H264Encoder
     from .pipeline import CapturePipeline
+    from .rendition_pipeline import RenditionEncoders, RenditionPipeline
 
 # PyAV is needed only to encode or capture: importing it lazily keeps the network side and
 # the packaging helpers usable by an application that brings its own encoder.
@@ -118,6 +139,8 @@ _LAZY = {
     "EncoderSettings": "encoder",
     "H264Encoder": "encoder",
     "CapturePipeline": "pipeline",
+    "RenditionEncoders": "rendition_pipeline",
+    "RenditionPipeline": "rendition_pipeline",
 }
 
 
@@ -150,6 +173,12 @@ __all__ = [
     "PublisherStats",
     "Readiness",
     "RelayTarget",
+    "Rendition",
+    "RenditionEncoders",
+    "RenditionError",
+    "RenditionPipeline",
+    "RenditionPublisher",
+    "RenditionSet",
     "SpsInfo",
     "WireError",
     "avcc_to_annexb",
@@ -160,6 +189,7 @@ __all__ = [
     "meta_message",
     "now_us",
     "parse_media",
+    "parse_renditions",
     "parse_sps",
     "split_annexb",
 ]

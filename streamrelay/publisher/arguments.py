@@ -14,6 +14,7 @@ from typing import Any
 
 from streamrelay.wsclient.target import parse_relay_url
 
+from .renditions import Rendition, RenditionError, base_stream_name, parse_renditions
 from .settings import DEFAULT_URL
 
 TOKEN_ENVIRONMENT_VARIABLE = "STREAMRELAY_TOKEN"
@@ -105,6 +106,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _renditions(text: str) -> tuple[Rendition, ...]:
+    try:
+        return parse_renditions(text)
+    except RenditionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``streamrelay-publish``."""
     from .encoder import PRESETS, PROFILES  # imports PyAV
@@ -168,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="H.264 profile (default baseline, i.e. constrained baseline: decodes everywhere)",
     )
     parser.add_argument(
+        "--renditions",
+        type=_renditions,
+        metavar="[LABEL=]WxH@RATE,...",
+        help="publish several GOP-aligned renditions of the source, e.g. "
+        "1280x720@2500k,640x360@800k,320x180@250k: the highest-bitrate one at the URL's "
+        "stream, each other at STREAM~LABEL (LABEL defaults to the height, e.g. 360p); "
+        "replaces --size and --bitrate",
+    )
+    parser.add_argument(
         "--token",
         help="publish token, sent as 'Authorization: Bearer ...' "
         f"(default: env {TOKEN_ENVIRONMENT_VARIABLE})",
@@ -203,6 +220,7 @@ class PublishOptions:
     quiet: bool
     verbose: bool
     duration: float | None
+    renditions: tuple[Rendition, ...] = ()
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -230,13 +248,28 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
     if token is not None and any(c in token for c in "\r\n\0"):
         parser.error("argument --token: must be a single line")
     width, height = args.size
+    renditions: tuple[Rendition, ...] = args.renditions or ()
+    if renditions:
+        if args.size != (1280, 720) or args.bitrate != 2_000_000:
+            parser.error(
+                "argument --renditions: gives each rendition's size and bitrate; "
+                "drop --size and --bitrate"
+            )
+        try:
+            base_stream_name(url)
+        except RenditionError as error:
+            parser.error(f"argument --renditions: {error}")
+        # The source is captured at the top rendition's size, the others scale it down.
+        width, height, bitrate = renditions[0].width, renditions[0].height, renditions[0].bitrate
+    else:
+        bitrate = args.bitrate
     return PublishOptions(
         url=url,
         source=source,
         width=width,
         height=height,
         fps=args.fps,
-        bitrate=args.bitrate,
+        bitrate=bitrate,
         keyframe_interval_frames=args.keyframe_interval.in_frames(args.fps),
         preset=args.preset,
         profile=args.profile,
@@ -245,4 +278,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         quiet=args.quiet,
         verbose=args.verbose,
         duration=args.duration,
+        renditions=renditions,
     )

@@ -6,6 +6,7 @@ Examples::
     streamrelay-publish ws://relay:8080/publish/desk --source screen --size 1920x1080
     streamrelay-publish wss://relay/publish/clip --source file:clip.mp4 --token "$TOKEN"
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
+    streamrelay-publish ws://relay/publish/cam --renditions 1280x720@2500k,640x360@800k,320x180@250k
 
 Exit status: 0 after SIGINT, SIGTERM or ``--duration``; 1 when PyAV is missing (it comes
 with ``pip install 'streamrelay[publisher]'``), the source fails or a newer publisher takes
@@ -25,6 +26,8 @@ from streamrelay.wire import now_us
 
 from .arguments import parse_arguments
 from .client import Publisher
+from .rendition_publisher import RenditionPublisher
+from .renditions import RenditionSet, base_stream_name, describe_renditions
 from .settings import PublisherSettings
 
 _log = Logger()
@@ -61,19 +64,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .status import StatusLine, console_observer
 
     stderr = sys.stderr
+    encoders = None
     try:
         source = open_source(options.source, options.width, options.height, options.fps)
-        encoder = H264Encoder(
-            EncoderSettings(
-                width=options.width,
-                height=options.height,
+        if options.renditions:
+            from .rendition_pipeline import RenditionEncoders
+
+            encoders = RenditionEncoders(
+                options.renditions,
                 fps=options.fps,
-                bitrate=options.bitrate,
                 keyframe_interval_frames=options.keyframe_interval_frames,
                 preset=options.preset,
                 profile=options.profile,
             )
-        )
+        else:
+            encoder = H264Encoder(
+                EncoderSettings(
+                    width=options.width,
+                    height=options.height,
+                    fps=options.fps,
+                    bitrate=options.bitrate,
+                    keyframe_interval_frames=options.keyframe_interval_frames,
+                    preset=options.preset,
+                    profile=options.profile,
+                )
+            )
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
@@ -89,11 +104,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_high_water_bytes=high_water,
         queue_limit_bytes=limit,
     )
-    publisher = Publisher(settings, reactor=reactor)
-    pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
+    publisher: Publisher | RenditionPublisher
+    if encoders is not None:
+        from .rendition_pipeline import RenditionPipeline
+
+        # One connection per rendition, each with an outbox sized for its own bitrate.
+        publisher = RenditionPublisher(
+            settings, options.renditions, reactor=reactor, queue_bounds=queue_bounds
+        )
+        pipeline: CapturePipeline = RenditionPipeline(
+            source,
+            encoders,
+            publisher.publishers,
+            publisher.rendition_set,
+            reactor=reactor,
+            fps=options.fps,
+        )
+    else:
+        publisher = Publisher(settings, reactor=reactor)
+        pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
     publisher.on_keyframe_request = pipeline.request_keyframe
 
-    status = None if options.quiet else StatusLine(reactor, publisher, pipeline, stderr)
+    status = (
+        None
+        if options.quiet
+        else StatusLine(
+            reactor, publisher, pipeline, stderr, streams=max(1, len(options.renditions))
+        )
+    )
     level = LogLevel.debug if options.verbose else LogLevel.warn if options.quiet else LogLevel.info
     globalLogBeginner.beginLoggingTo(
         [console_observer(stderr, level, status)], redirectStandardIO=False
@@ -145,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile=options.profile,
             url=publisher.target.display_url,
         )
+        if options.renditions:
+            _log.info(
+                "renditions {renditions}, one connection each: {streams}",
+                renditions=describe_renditions(options.renditions),
+                streams=", ".join(
+                    RenditionSet(base_stream_name(options.url), options.renditions).streams()
+                ),
+            )
         pipeline.when_finished().addBoth(capture_ended)
         publisher.when_stopped().addCallback(publisher_stopped)
         publisher.start()

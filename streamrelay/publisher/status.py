@@ -69,6 +69,7 @@ class StatusLine:
         *,
         interactive: bool | None = None,
         interval: float | None = None,
+        streams: int = 1,
     ) -> None:
         self._reactor = reactor
         self._publisher = publisher
@@ -79,6 +80,8 @@ class StatusLine:
             interactive = bool(isatty and isatty())
         self.interactive = interactive
         self.interval = interval if interval is not None else (0.5 if interactive else 5.0)
+        # A rendition set sends each source frame once per rendition: fps is per stream.
+        self._streams = max(1, streams)
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._last_time: float | None = None
@@ -112,7 +115,7 @@ class StatusLine:
         now = self._reactor.seconds()
         stats = self._publisher.stats
         elapsed = max(1e-6, now - (self._last_time if self._last_time is not None else now))
-        fps = (stats.frames_sent - self._last_frames) / elapsed
+        fps = (stats.frames_sent - self._last_frames) / elapsed / self._streams
         kbps = (stats.bytes_sent - self._last_bytes) * 8 / 1000 / elapsed
         self._last_time, self._last_frames, self._last_bytes = (
             now,
