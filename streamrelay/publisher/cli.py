@@ -5,6 +5,7 @@ Examples::
     streamrelay-publish                                   # test pattern to ws://127.0.0.1:8080/publish/demo
     streamrelay-publish ws://relay:8080/publish/desk --source screen --size 1920x1080
     streamrelay-publish wss://relay/publish/clip --source file:clip.mp4 --token "$TOKEN"
+    streamrelay-publish ws://relay:8080/publish/cam --source camera --on-demand   # idle unwatched
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
 
 Exit status: 0 after SIGINT, SIGTERM or ``--duration``; 1 when PyAV is missing (it comes
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         insecure=options.insecure,
         queue_high_water_bytes=high_water,
         queue_limit_bytes=limit,
+        on_demand=options.on_demand,
+        on_demand_grace=options.on_demand_grace,
     )
     publisher = Publisher(settings, reactor=reactor)
     pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
