@@ -112,6 +112,12 @@ async def _first_frames(url: str) -> tuple[dict[str, Any], list[int], float, Any
     return status, flags, elapsed, ws
 
 
+async def _drain(ws: Any) -> None:
+    """Read and discard what the viewer receives, as a player keeping up would."""
+    async for _ in ws:
+        pass
+
+
 @pytest.mark.timeout(150)
 def test_on_demand_publisher_idles_unwatched_and_wakes_for_a_viewer(
     start_relay: StartRelay, start_publisher: Any, publisher_log: Path
@@ -153,11 +159,7 @@ def test_on_demand_publisher_idles_unwatched_and_wakes_for_a_viewer(
             times.append(round(elapsed, 3))
             if sample == 0:
                 # Same run, same process: CPU while it streams to this viewer.
-                async def drain() -> None:
-                    async for _ in ws:
-                        pass
-
-                reader = asyncio.create_task(drain())
+                reader = asyncio.create_task(_drain(ws))
                 streaming_cpu = await asyncio.to_thread(_cpu_percent, publisher, CPU_WINDOW)
                 reader.cancel()
             await ws.close()
