@@ -313,8 +313,8 @@ class Stream:
         self._viewer_count_updates.request()
 
     def _request_viewer_count(self) -> None:
-        if self.publisher_idle:
-            # An idle publisher waits for exactly this count to resume: no coalescing delay.
+        if self.publisher_idle and not self._last_viewer_count_sent and self.audience:
+            # The count an idle publisher waits for to resume (0 -> N): no coalescing delay.
             self._viewer_count_updates.reset()
         self._viewer_count_updates.request()
 
