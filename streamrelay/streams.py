@@ -207,8 +207,8 @@ class Stream:
         self._broadcast_status("offline")
 
     def publish_media(self, message: MediaMessage) -> None:
-        if self.publisher_idle:
-            # Media from a publisher that said idle: it is evidently active again.
+        if self.publisher_idle and not message.is_config:
+            # A frame from a publisher that said idle: it is evidently active again.
             self.set_publisher_idle(False)
         self.messages_in += 1
         self.bytes_in += message.size

@@ -147,8 +147,8 @@ def pong(payload: bytes) -> bytes:
 
 
 def test_media_from_an_idle_publisher_means_active_and_unknown_states_are_ignored() -> None:
-    """A state this relay does not know (a later version's) changes nothing; media
-    after ``idle`` makes the stream live again; a publisher that leaves while idle
+    """A state this relay does not know (a later version's) changes nothing; a frame
+    (not a CONFIG) after ``idle`` makes the stream live again; a publisher that leaves while idle
     leaves an offline stream, and the next one starts live."""
     relay = Relay.with_options(ping_interval=100, ping_timeout=100)
     publisher = streaming_publisher(relay)
@@ -159,6 +159,8 @@ def test_media_from_an_idle_publisher_means_active_and_unknown_states_are_ignore
     assert entry(relay)["state"] == "live" and texts(viewer) == []
     state(publisher, "idle")
     assert texts(viewer) == [IDLE_STATUS]
+    publisher.send(binary_frame(media(FLAG_CONFIG, 19)))  # a CONFIG alone is no frame
+    assert entry(relay)["state"] == "available"
     publisher.send(binary_frame(media(FLAG_KEY, 20)))
     assert entry(relay)["state"] == "live"
     assert texts(viewer) == [LIVE_STATUS]

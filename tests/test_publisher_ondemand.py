@@ -121,6 +121,7 @@ def test_publisher_reports_idle_refuses_frames_and_resumes_with_config_and_key()
     assert changes == [Activity.IDLE]
     assert publisher.readiness is Readiness.IDLE and publisher.activity is Activity.IDLE
     assert publisher.send_frame(b"late", key=False, capture_time_us=12) is False
+    publisher.send_config(CONFIG, 13)  # kept for the resume, not sent while idle
     assert media_kinds(relay.last.messages()) == ["publisher-state:idle"]
     requests = recorder.keyframe_requests
     relay.last.send_text({"type": "viewers", "count": 1})

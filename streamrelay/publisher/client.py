@@ -248,7 +248,8 @@ class Publisher:
     def send_config(self, payload: bytes, capture_time_us: int | None = None) -> None:
         """Send a CONFIG (for H.264: Annex-B SPS+PPS) now and after every reconnect."""
         self._config = bytes(payload)
-        if self._connector.session is not None:
+        # Idle on demand: kept, and sent when it turns active (before the KEY).
+        if self._connector.session is not None and not self._idle:
             self._send_config(now_us() if capture_time_us is None else capture_time_us)
 
     def send_frame(self, payload: bytes, *, key: bool, capture_time_us: int | None = None) -> bool:
