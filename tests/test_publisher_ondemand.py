@@ -217,3 +217,23 @@ def test_capture_thread_sleeps_while_idle_and_restarts_at_a_keyframe() -> None:
         assert pipeline.join(5)
     assert pipeline.stats.idle_periods == 1
 
+
+
+def test_a_capture_device_is_closed_while_idle_and_reopened() -> None:
+    """A device source (here FFmpeg's lavfi test source, opened like a camera) releases
+    the device on pause, opens it again on resume and delivers frames after."""
+    from streamrelay.publisher.sources import DeviceInput, DeviceSource
+
+    device = DeviceSource(
+        DeviceInput("testsrc=size=160x96:rate=30", "lavfi", {}), 160, 96, "lavfi testsrc"
+    )
+    try:
+        assert device.read(0, 0.0).frame.width == 160
+        device.pause()
+        assert not device.opened
+        device.resume()
+        assert device.opened
+        frame = device.read(1, 0.0).frame
+        assert (frame.width, frame.height, frame.format.name) == (160, 96, "yuv420p")
+    finally:
+        device.close()

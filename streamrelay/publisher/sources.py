@@ -284,6 +284,11 @@ class DeviceSource(FrameSource):
             ) from None
         self._frames = self._container.decode(stream)
 
+    @property
+    def opened(self) -> bool:
+        """True while the device is open (it is closed while paused)."""
+        return self._container is not None
+
     def pause(self) -> None:
         """Close the device while nobody watches: a camera's light goes off, and a
         device left unread would only fill its buffers with stale pictures."""
