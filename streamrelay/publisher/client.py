@@ -173,10 +173,11 @@ class Publisher:
 
     @property
     def readiness(self) -> Readiness:
-        """READY, CONGESTED or OFFLINE: whether to encode the next frame. Any thread.
+        """READY, CONGESTED, OFFLINE or IDLE: whether to encode the next frame. Any thread.
 
         An encoder should skip raw frames unless READY (and make the next one it encodes a
-        KEY), rather than encode frames that cannot go out.
+        KEY), rather than encode frames that cannot go out; while IDLE (on demand, nobody
+        watches) it should not even capture them.
         """
         # Single attribute reads, atomic in CPython: no lock against the reactor thread.
         if self._idle:

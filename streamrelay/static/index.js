@@ -133,10 +133,12 @@
     emptyEl.hidden = shown.length > 0;
     listEl.hidden = shown.length === 0;
 
-    const live = all.filter((s) => s && s.live).length;
+    const live = all.filter((s) => s && s.live && s.state !== 'available').length;
+    const available = all.filter((s) => s && s.state === 'available').length;
     const c = (data && data.connections) || {};
     const viewers = Number(c.viewers) || 0;
     summaryEl.textContent = live + (live === 1 ? ' live stream' : ' live streams') + ' · ' +
+      (available ? available + ' available · ' : '') +
       viewers + (viewers === 1 ? ' viewer' : ' viewers');
   }
 

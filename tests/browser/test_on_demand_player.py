@@ -59,6 +59,7 @@ def test_idle_stream_is_available_in_the_index_and_starts_for_the_player(
     badge.wait_for(timeout=10_000)
     wait_until(lambda: badge.text_content() == "available", 10, 0.1)
     assert "pill-available" in (badge.get_attribute("class") or "")
+    assert index.locator("#summary").text_content().startswith("0 live streams · 1 available")
     index.context.close()
 
     page, log = open_page()
