@@ -29,6 +29,7 @@ from streamrelay.wire import parse_media
 from tests.support.figures import record_figure
 from tests.support.relay_api import api_streams, stream_entry
 from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.tokens import write_secret
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import ws_connect
 
@@ -189,3 +190,36 @@ def test_on_demand_publisher_idles_unwatched_and_wakes_for_a_viewer(
     )
     # The point of idling: far less work than streaming (a ratio, not a speed).
     assert idle_cpu < streaming_cpu / 3, (idle_cpu, streaming_cpu)
+
+
+@pytest.mark.timeout(90)
+def test_a_viewer_of_an_edge_wakes_an_idle_publisher_at_the_origin(
+    start_relay: StartRelay, start_publisher: Any, tmp_path: Path
+) -> None:
+    """The audience an idle publisher waits for includes edges' viewers: a viewer joining
+    an edge (which then pulls the stream) gets CONFIG then KEY within the bound; the origin
+    shows the stream live while it watches and available again after it leaves."""
+    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
+    origin = start_relay("--relay-secret-file", secret)
+    edge = start_relay(
+        "--relay-secret-file", secret, "--upstream", origin.ws_url, "--upstream-grace", "1"
+    )
+    start_publisher(
+        f"{origin.ws_url}/publish/{NAME}",
+        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180",
+    )
+    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
+
+    async def watch_through_the_edge() -> float:
+        status, flags, elapsed, ws = await _first_frames(f"{edge.ws_url}/watch/{NAME}")
+        # The edge's own status: offline until its pull from the origin is open (a cold
+        # pull, as for any stream), then live.
+        assert status["type"] == "status", status
+        assert flags == [2, 1], flags
+        assert await asyncio.to_thread(_in_state, origin, "live")
+        await ws.close()
+        return elapsed
+
+    elapsed = run(watch_through_the_edge(), 60)
+    wait_until(lambda: _in_state(origin, "available"), GRACE + 20)
+    record_figure("on_demand_through_an_edge", first_frame_seconds=round(elapsed, 3))
