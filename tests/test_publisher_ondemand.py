@@ -148,6 +148,42 @@ def test_idle_survives_a_reconnect_and_is_said_again() -> None:
     publisher.stop()
 
 
+def test_one_decision_can_drive_several_publishers() -> None:
+    """Without ``on_demand`` a caller may drive publishers with one :class:`OnDemand`
+    fed their summed audience (several connections, one source): idle only when the sum
+    has been 0 for the grace, and each publisher says so to its relay."""
+    first, first_relay, _, reactor = connected_publisher()
+    second, second_relay, _, _ = connected_publisher()
+    counts = {"first": 0, "second": 0}
+
+    def both(activity: Activity) -> None:
+        first.set_activity(activity)
+        second.set_activity(activity)
+
+    shared = OnDemand(reactor, 3, both)
+    shared.start()
+
+    def report(which: str) -> Any:
+        def on_viewers(count: int) -> None:
+            counts[which] = count
+            shared.update(sum(counts.values()))
+
+        return on_viewers
+
+    first.on_viewers, second.on_viewers = report("first"), report("second")
+    first_relay.last.send_text({"type": "viewers", "count": 0})
+    second_relay.last.send_text({"type": "viewers", "count": 1})
+    reactor.advance(10)
+    assert first.readiness is Readiness.READY  # the other connection has a viewer
+    second_relay.last.send_text({"type": "viewers", "count": 0})
+    reactor.advance(3)
+    assert first.readiness is Readiness.IDLE and second.readiness is Readiness.IDLE
+    for relay in (first_relay, second_relay):
+        assert media_kinds(relay.last.messages()) == ["publisher-state:idle"]
+    first_relay.last.send_text({"type": "viewers", "count": 2})
+    assert first.activity is Activity.ACTIVE and second.activity is Activity.ACTIVE
+
+
 def test_without_on_demand_nothing_changes() -> None:
     """Without the option: no state message, never IDLE, whatever the audience."""
     publisher, relay, _, reactor = connected_publisher()

@@ -54,7 +54,9 @@ refuses frames, the relay is told (``{"type": "publisher-state", "state": "idle"
 marks the stream "available". On the first viewer it turns active, sends the CONFIG again
 and asks for a KEY through ``on_keyframe_request``. Observe it with ``activity``
 (:class:`Activity`, any thread) and ``on_activity_change(activity)``; the decision itself
-is :class:`OnDemand` in :mod:`.ondemand`.
+is :class:`OnDemand` in :mod:`.ondemand`. An application that publishes several
+connections from one source leaves ``on_demand`` off, feeds one :class:`OnDemand` their
+summed ``viewers`` and applies its decision with ``Publisher.set_activity``.
 
 Reactor-thread API: ``start()``, ``stop() -> Deferred``, ``when_stopped() -> Deferred``,
 ``send_meta(dict)``, ``send_config(bytes, capture_time_us=None)``,

@@ -171,7 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr.write(
             f"streamrelay-publish: sent {stats.frames_sent} frames ({stats.keyframes_sent} "
             f"keyframes, {stats.bytes_sent * 8 / 1000 / seconds:.0f} kbit/s average) in "
-            f"{seconds:.1f} s; dropped {dropped}; connected {stats.connects} time(s)\n"
+            f"{seconds:.1f} s; dropped {dropped}; connected {stats.connects} time(s)"
+            + (
+                f"; idle on demand {publisher.on_demand.total_idle_seconds():.1f} s"
+                if publisher.on_demand is not None
+                else ""
+            )
+            + "\n"
         )
     return exit_status
 

@@ -108,8 +108,10 @@ class Publisher:
         self.on_activity_change: Callable[[Activity], None] | None = None
         # Read by the capture thread through readiness: a plain attribute, set here only.
         self._idle = False
+        # Tell the relay idle/active (on demand, or driven from outside by set_activity).
+        self._reports_activity = settings.on_demand
         self._on_demand = (
-            OnDemand(reactor, settings.on_demand_grace, self._activity_changed)
+            OnDemand(reactor, settings.on_demand_grace, self.set_activity)
             if settings.on_demand
             else None
         )
@@ -314,7 +316,7 @@ class Publisher:
             self._outbox.put(Outgoing(self._meta, Kind.TEXT))
         if self._config is not None:
             self._send_config(now_us())
-        if self._on_demand is not None:
+        if self._reports_activity:
             self._send_activity()
         # A new connection starts at a KEY: ask for one now rather than wait a whole GOP.
         self._request_keyframe()
@@ -351,14 +353,16 @@ class Publisher:
         if self._outbox.resume():
             self._request_keyframe()
 
-    def _activity_changed(self, activity: Activity) -> None:
+    def set_activity(self, activity: Activity) -> None:
+        """Go idle or active: what ``on_demand`` decides by itself, or what a caller
+        decides that publishes several connections and sums their audience (it then
+        leaves ``on_demand`` off and drives one :class:`OnDemand` for all of them)."""
+        self._reports_activity = True
+        if (activity is Activity.IDLE) == self._idle:
+            return
         self._idle = activity is Activity.IDLE
-        assert self._on_demand is not None
-        _log.info(
-            "on demand: {activity} ({why})",
-            activity=activity.value,
-            why=f"no viewers for {self._on_demand.grace:g} s" if self._idle else "a viewer came",
-        )
+        why = "nobody watches" if self._idle else "a viewer came"
+        _log.info("on demand: {activity} ({why})", activity=activity.value, why=why)
         if self._connector.session is not None:
             self._send_activity()
             if not self._idle and self._config is not None:
