@@ -405,7 +405,10 @@ class RelayConfig:
         positive_seconds,
     )
     publisher_idle_timeout: float = option(
-        20.0, "Seconds without a media message before a publisher is closed.", positive_seconds
+        20.0,
+        "Seconds without a media message before a publisher is closed (not while it says it "
+        "idles on demand: pings still bound it).",
+        positive_seconds,
     )
     viewer_stall_timeout: float = option(
         15.0, "Seconds without write progress before a viewer is closed.", positive_seconds

@@ -128,10 +128,11 @@ class GopCache(Generic[Frame]):
         head = [self._config_at_key] if self._config_at_key is not None else []
         return head + self._items
 
-    def shed(self) -> None:
-        """Empty the cached GOP until the next KEY (the global budget asks for this)."""
+    def shed(self, counted: bool = True) -> None:
+        """Empty the cached GOP until the next KEY (the global budget asks for this;
+        ``counted=False``: the publisher went idle, nothing is lost)."""
         before = self.backlog_bytes
-        self.discarded += len(self._items)
+        self.discarded += len(self._items) if counted else 0
         self._drop_items()
         self._resized(before)
 

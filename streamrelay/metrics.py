@@ -253,6 +253,11 @@ class RelayCollector:
         streams.add_metric(["live"], registry.live_streams)
         streams.add_metric(["waiting"], registry.waiting.total)
         yield streams
+        yield _gauge(
+            "streamrelay_streams_available",
+            "Live streams whose publisher is connected but idle on demand (nobody watches).",
+            registry.available_count,
+        )
         pending = 0
         cached = 0
         for stream in list(registry.streams.values()):

@@ -517,7 +517,12 @@ class PublisherProtocol(RelayProtocol):
         self._idle_call = None
         timeout = self.context.config.publisher_idle_timeout
         idle_for = self._clock.seconds() - self._last_media
-        if idle_for >= timeout:
+        if self.session is not None and self.session.idle:
+            # Idle on demand: no media is the point. Pings still prove it alive, and it
+            # holds no more than a live publisher (its stream slot); it gets the whole
+            # timeout again from when it turns active.
+            self._arm_idle_check(timeout)
+        elif idle_for >= timeout:
             self.close_with(wire.CLOSE_POLICY_VIOLATION, "publisher idle")
         else:
             self._arm_idle_check(timeout - idle_for)
@@ -543,8 +548,13 @@ class PublisherProtocol(RelayProtocol):
         except WireError as error:
             self.close_with(wire.CLOSE_INVALID_PAYLOAD, str(error))
             return
-        if parsed.get("type") == "meta":
+        kind = parsed.get("type")
+        if kind == "meta":
             self.session.meta(payload)
+        elif kind == "publisher-state" and parsed.get("state") in ("idle", "active"):
+            # Other states are a later version's: ignored, like unknown types.
+            self._last_media = self._clock.seconds()
+            self.session.publisher_state(parsed["state"] == "idle")
 
     def send_viewer_count(self, count: int) -> None:
         """Tell the publisher how many viewers watch."""

@@ -126,6 +126,16 @@ class Stream:
         )
         self._viewer_count_updates = Throttle(clock, VIEWER_COUNT_MIN_GAP, self._send_viewer_count)
         self._last_viewer_count_sent: int | None = None
+        # The publisher said it is idle (on demand, nobody watches): the stream is
+        # "available" rather than live, and sends no media until it turns active.
+        self.publisher_idle = False
+
+    @property
+    def state(self) -> str:
+        """``live``, ``available`` (a connected publisher idle on demand) or ``offline``."""
+        if self.publisher is None:
+            return "offline"
+        return "available" if self.publisher_idle else "live"
 
     @property
     def live(self) -> bool:
@@ -160,6 +170,7 @@ class Stream:
         self.pulled = pulled
         self.publisher = link
         self.publisher_since = self._registry.clock.seconds()
+        self.publisher_idle = False
         self.gop.clear()
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
@@ -186,6 +197,7 @@ class Stream:
         self.pulled = False
         self.publisher = None
         self.publisher_since = None
+        self.publisher_idle = False
         self.gop.clear()
         self.meta = None
         self._keyframe_requests.reset()
@@ -195,6 +207,9 @@ class Stream:
         self._broadcast_status("offline")
 
     def publish_media(self, message: MediaMessage) -> None:
+        if self.publisher_idle and not message.is_config:
+            # A frame from a publisher that said idle: it is evidently active again.
+            self.set_publisher_idle(False)
         self.messages_in += 1
         self.bytes_in += message.size
         if message.is_key:
@@ -211,6 +226,21 @@ class Stream:
         self.meta = (frame, len(raw))
         for queue in list(self.viewers.values()):
             queue.send_text(frame, len(raw), "meta")
+
+    def set_publisher_idle(self, idle: bool) -> None:
+        """The publisher went idle (on demand, nobody watches) or active again.
+
+        Idle: the cached GOP is let go (a joining viewer must not get minutes-old
+        pictures), the CONFIG kept. Viewers hear of it in their status message.
+        """
+        if idle == self.publisher_idle or self.publisher is None:
+            return
+        self.publisher_idle = idle
+        state = "idle" if idle else "active"
+        _log.info("Stream {stream}: publisher {state}", stream=self.name, state=state)
+        if idle:
+            self.gop.shed(counted=False)
+        self._broadcast_status("live")
 
     def _send_keyframe_request(self) -> None:
         if self.publisher is not None:
@@ -234,7 +264,7 @@ class Stream:
         """An edge pulling from here serves ``count`` viewers."""
         if sink in self.relay_counts and self.relay_counts[sink] != count:
             self.relay_counts[sink] = count
-            self._viewer_count_updates.request()
+            self._request_viewer_count()
 
     def _send_viewer_count(self) -> None:
         count = self.audience
@@ -261,14 +291,14 @@ class Stream:
         self.viewers[sink] = queue
         self._registry.budget.add_viewer(queue)
         sink.attached(queue)
-        frame, size = self._registry.status_frame("live" if self.live else "offline")
+        frame, size = self._status_frame("live" if self.live else "offline")
         queue.send_text(frame, size, "status")
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
         queue.start(self.gop.start_sequence(), self.gop.config)
         if queue.waiting_for_key:
             self.need_keyframe()
-        self._viewer_count_updates.request()
+        self._request_viewer_count()
         return queue
 
     def detach_viewer(self, sink: ViewerSink) -> None:
@@ -282,11 +312,20 @@ class Stream:
         self._registry.budget.remove(queue)
         self._viewer_count_updates.request()
 
+    def _request_viewer_count(self) -> None:
+        if self.publisher_idle and not self._last_viewer_count_sent and self.audience:
+            # The count an idle publisher waits for to resume (0 -> N): no coalescing delay.
+            self._viewer_count_updates.reset()
+        self._viewer_count_updates.request()
+
+    def _status_frame(self, state: str) -> tuple[Any, int]:
+        return self._registry.status_frame(state, idle=state == "live" and self.publisher_idle)
+
     def _count_dropped(self, count: int) -> None:
         self.dropped += count
 
     def _broadcast_status(self, state: str) -> None:
-        frame, size = self._registry.status_frame(state)
+        frame, size = self._status_frame(state)
         for queue in list(self.viewers.values()):
             queue.send_text(frame, size, "status")
 
@@ -313,6 +352,7 @@ class Stream:
         entry = {
             "name": self.name,
             "live": self.live,
+            "state": self.state,
             "viewers": len(self.viewers) - len(self.relay_counts),
             "publisher": publisher,
             "messages_in": self.messages_in,
@@ -389,6 +429,16 @@ class PublisherSession:
         """Keep and forward stream metadata (a JSON object of type ``meta``)."""
         if self.current:
             self.stream.publish_meta(raw)
+
+    def publisher_state(self, idle: bool) -> None:
+        """The publisher reported itself idle (on demand) or active."""
+        if self.current:
+            self.stream.set_publisher_idle(idle)
+
+    @property
+    def idle(self) -> bool:
+        """True while the publisher is idle on demand (it sends no media then)."""
+        return self.current and self.stream.publisher_idle
 
     def gap(self, count: int) -> None:
         """The upstream dropped ``count`` messages towards this relay (pulls only)."""
@@ -479,15 +529,19 @@ class StreamRegistry:
         self.origins: Origins | None = None
         # The counts of the streams already forgotten.
         self.retired = StreamTotals()
-        # The two status messages, framed once: every join sends one.
-        self._status_frames: dict[str, tuple[Any, int]] = {}
+        # The status messages, framed once: every join sends one.
+        self._status_frames: dict[tuple[str, bool], tuple[Any, int]] = {}
 
-    def status_frame(self, state: str) -> tuple[Any, int]:
-        """The prepared ``status`` message for ``state`` and its size."""
-        found = self._status_frames.get(state)
+    def status_frame(self, state: str, idle: bool = False) -> tuple[Any, int]:
+        """The prepared ``status`` message for ``state`` and its size; ``idle`` adds
+        ``"publisher": "idle"`` (a live stream whose publisher idles on demand)."""
+        found = self._status_frames.get((state, idle))
         if found is None:
-            raw = encode_text({"type": "status", "state": state})
-            found = self._status_frames[state] = (self.frame_factory(raw, False), len(raw))
+            message = {"type": "status", "state": state}
+            if idle:
+                message["publisher"] = "idle"
+            raw = encode_text(message)
+            found = self._status_frames[state, idle] = (self.frame_factory(raw, False), len(raw))
         return found
 
     # -- admission (answered in the HTTP handshake) -----------------------------------
@@ -643,6 +697,11 @@ class StreamRegistry:
         for stream in list(self.streams.values()):
             totals.add(stream)
         return totals
+
+    @property
+    def available_count(self) -> int:
+        """Streams whose publisher is connected but idle on demand."""
+        return sum(1 for stream in self.streams.values() if stream.publisher_idle)
 
     @property
     def publisher_count(self) -> int:

@@ -34,6 +34,7 @@ EXPECTED_FAMILIES = {
     "streamrelay_ping_timeouts",
     "streamrelay_viewer_stalls",
     "streamrelay_streams",
+    "streamrelay_streams_available",
     "streamrelay_viewer_pending_bytes",
     "streamrelay_gop_cache_bytes",
     "streamrelay_buffered_bytes",

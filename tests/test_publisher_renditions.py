@@ -4,10 +4,13 @@ summed viewers, keyframe requests from any connection) against in-memory relays.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from streamrelay.publisher.arguments import parse_arguments
-from streamrelay.publisher.client import ConnectionState
+from streamrelay.publisher.client import ConnectionState, Readiness
+from streamrelay.publisher.ondemand import Activity
 from streamrelay.publisher.rendition_publisher import RenditionPublisher
 from streamrelay.publisher.renditions import (
     Rendition,
@@ -126,11 +129,16 @@ def test_meta_announces_the_whole_set_and_the_rendition_itself() -> None:
 
 
 def make_group(
-    relay: FakeRelay, reactor: ThreadedMemoryReactor, url: str = "ws://relay.test/publish/cam"
+    relay: FakeRelay,
+    reactor: ThreadedMemoryReactor,
+    url: str = "ws://relay.test/publish/cam",
+    **settings: Any,
 ) -> RenditionPublisher:
     """A RenditionPublisher of the three-rendition set on in-memory relays."""
     return RenditionPublisher(
-        PublisherSettings(url, token="t0ken", ping_interval=0, ping_timeout=0, open_timeout=0),
+        PublisherSettings(
+            url, token="t0ken", ping_interval=0, ping_timeout=0, open_timeout=0, **settings
+        ),
         parse_renditions(THREE),
         reactor=reactor,
         queue_bounds=lambda bitrate: (bitrate // 16, bitrate // 4),
@@ -247,3 +255,32 @@ def test_a_base_name_with_the_separator_is_a_usage_error(
     with pytest.raises(SystemExit):
         parse_arguments(["ws://relay/publish/cam~hd", "--renditions", THREE])
     assert "must not contain '~'" in capsys.readouterr().err
+
+
+def test_on_demand_decides_once_for_the_whole_set() -> None:
+    """``on_demand`` with renditions: one decision fed the summed audience. Nobody on any
+    rendition for the grace: every connection says ``idle`` (the capture thread, which
+    follows the top one, stops); one viewer on the lowest rendition wakes all of them
+    (an ABR viewer may step to any), and each asks for a keyframe."""
+    relay, reactor = FakeRelay(), ThreadedMemoryReactor()
+    group = make_group(relay, reactor, on_demand=True, on_demand_grace=2)
+    requests: list[str] = []
+    group.on_keyframe_request = lambda: requests.append("key")
+    group.start()
+    for connection in relay.connections:
+        connection.accept()
+    for connection in relay.connections:
+        connection.send_text({"type": "viewers", "count": 0})
+    assert all(p.on_demand is None for p in group.publishers)
+    reactor.advance(1)
+    assert group.activity is Activity.ACTIVE
+    reactor.advance(1.5)
+    assert group.activity is Activity.IDLE and group.readiness is Readiness.IDLE
+    for connection in relay.connections:
+        assert {"type": "publisher-state", "state": "idle"} in connection.messages()
+    requests.clear()
+    relay.connections[2].send_text({"type": "viewers", "count": 1})
+    assert all(p.activity is Activity.ACTIVE for p in group.publishers)
+    assert group.readiness is Readiness.READY and requests
+    assert group.on_demand is not None and group.on_demand.idle_periods == 1
+

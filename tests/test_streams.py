@@ -625,7 +625,7 @@ def test_describe_reports_the_documented_fields() -> None:
     assert [entry["name"] for entry in entries] == ["cam", "idle-viewer"]
     cam = entries[0]
     assert set(cam) == {
-        "name", "live", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
+        "name", "live", "state", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
         "dropped", "bitrate_bps", "fps",
     }
     assert cam["live"] is True

@@ -47,6 +47,17 @@ KEY, so nothing queues without bound. Callbacks, set as attributes (``on_viewers
 ``on_keyframe_request()``, ``on_state_change(state)``), run in the reactor thread; keep
 them short (set a flag the encoder thread reads).
 
+Publishing on demand: ``PublisherSettings(url, on_demand=True, on_demand_grace=10)``
+makes the publisher go idle once nobody has watched for the grace period: ``readiness``
+is then IDLE (capture and encode nothing: close or pause the source), ``send_frame``
+refuses frames, the relay is told (``{"type": "publisher-state", "state": "idle"}``) and
+marks the stream "available". On the first viewer it turns active, sends the CONFIG again
+and asks for a KEY through ``on_keyframe_request``. Observe it with ``activity``
+(:class:`Activity`, any thread) and ``on_activity_change(activity)``; the decision itself
+is :class:`OnDemand` in :mod:`.ondemand`. An application that publishes several
+connections from one source leaves ``on_demand`` off, feeds one :class:`OnDemand` their
+summed ``viewers`` and applies its decision with ``Publisher.set_activity``.
+
 Reactor-thread API: ``start()``, ``stop() -> Deferred``, ``when_stopped() -> Deferred``,
 ``send_meta(dict)``, ``send_config(bytes, capture_time_us=None)``,
 ``send_frame(bytes, key=..., capture_time_us=None) -> bool``; state in ``state``
@@ -124,6 +135,7 @@ from .h264 import (
     parse_sps,
     split_annexb,
 )
+from .ondemand import Activity, OnDemand
 from .rendition_publisher import RenditionPublisher
 from .renditions import Rendition, RenditionError, RenditionSet, parse_renditions
 from .settings import DEFAULT_URL, PublisherSettings
@@ -156,6 +168,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_URL",
+    "Activity",
+    "OnDemand",
     "FLAG_CONFIG",
     "FLAG_KEY",
     "HEADER_SIZE",

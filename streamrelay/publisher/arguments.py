@@ -199,7 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration", type=_positive_seconds, metavar="SECONDS", help="stop after this long"
     )
+    parser.add_argument(
+        "--on-demand",
+        action="store_true",
+        help="stop capturing and encoding while nobody watches (after --on-demand-grace); "
+        "resume with a keyframe on the first viewer",
+    )
+    parser.add_argument(
+        "--on-demand-grace",
+        type=_grace_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --on-demand: how long without viewers before going idle (default 10)",
+    )
     return parser
+
+
+def _grace_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError("must be between 0 and 86400 seconds")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +244,8 @@ class PublishOptions:
     verbose: bool
     duration: float | None
     renditions: tuple[Rendition, ...] = ()
+    on_demand: bool = False
+    on_demand_grace: float = 10.0
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -279,4 +304,6 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         verbose=args.verbose,
         duration=args.duration,
         renditions=renditions,
+        on_demand=args.on_demand,
+        on_demand_grace=args.on_demand_grace,
     )

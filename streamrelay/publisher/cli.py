@@ -5,6 +5,7 @@ Examples::
     streamrelay-publish                                   # test pattern to ws://127.0.0.1:8080/publish/demo
     streamrelay-publish ws://relay:8080/publish/desk --source screen --size 1920x1080
     streamrelay-publish wss://relay/publish/clip --source file:clip.mp4 --token "$TOKEN"
+    streamrelay-publish ws://relay:8080/publish/cam --source camera --on-demand   # idle unwatched
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
     streamrelay-publish ws://relay/publish/cam --renditions 1280x720@2500k,640x360@800k,320x180@250k
 
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         insecure=options.insecure,
         queue_high_water_bytes=high_water,
         queue_limit_bytes=limit,
+        on_demand=options.on_demand,
+        on_demand_grace=options.on_demand_grace,
     )
     publisher: Publisher | RenditionPublisher
     if encoders is not None:
@@ -214,7 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr.write(
             f"streamrelay-publish: sent {stats.frames_sent} frames ({stats.keyframes_sent} "
             f"keyframes, {stats.bytes_sent * 8 / 1000 / seconds:.0f} kbit/s average) in "
-            f"{seconds:.1f} s; dropped {dropped}; connected {stats.connects} time(s)\n"
+            f"{seconds:.1f} s; dropped {dropped}; connected {stats.connects} time(s)"
+            + (
+                f"; idle on demand {publisher.on_demand.total_idle_seconds():.1f} s"
+                if publisher.on_demand is not None
+                else ""
+            )
+            + "\n"
         )
     return exit_status
 

@@ -44,6 +44,7 @@ from streamrelay.wsclient.target import RelayTarget
 
 from .connector import Connector, SessionHooks
 from .handoff import FrameHandoff
+from .ondemand import Activity, OnDemand
 from .outbox import Kind, Outbox, Outgoing, Verdict
 from .settings import PublisherSettings
 from .state import ConnectionState
@@ -57,6 +58,8 @@ class Readiness(enum.Enum):
     READY = "ready"
     CONGESTED = "congested"
     OFFLINE = "offline"
+    # On demand, nobody watches: do not capture or encode (see streamrelay.publisher.ondemand).
+    IDLE = "idle"
 
 
 @dataclass
@@ -79,7 +82,8 @@ class Publisher:
     Callbacks, set as attributes, run in the reactor thread: ``on_viewers(count)`` when
     the relay reports the viewer count; ``on_keyframe_request()`` when the next frame
     should be a KEY (the relay asked, the connection (re)opened, or frames were dropped);
-    ``on_state_change(state)`` on every :class:`ConnectionState` change.
+    ``on_state_change(state)`` on every :class:`ConnectionState` change;
+    ``on_activity_change(activity)`` when an on-demand publisher goes idle or active.
     ``endpoint_factory`` replaces the TCP/TLS endpoint (tests use in-memory ones).
     """
 
@@ -101,6 +105,16 @@ class Publisher:
         self.on_keyframe_request: Callable[[], None] | None = None
         self.stats = PublisherStats()
         self.viewers: int | None = None
+        self.on_activity_change: Callable[[Activity], None] | None = None
+        # Read by the capture thread through readiness: a plain attribute, set here only.
+        self._idle = False
+        # Tell the relay idle/active (on demand, or driven from outside by set_activity).
+        self._reports_activity = settings.on_demand
+        self._on_demand = (
+            OnDemand(reactor, settings.on_demand_grace, self.set_activity)
+            if settings.on_demand
+            else None
+        )
         self._meta: bytes | None = None
         self._config: bytes | None = None
         self._outbox = Outbox(
@@ -161,17 +175,30 @@ class Publisher:
 
     @property
     def readiness(self) -> Readiness:
-        """READY, CONGESTED or OFFLINE: whether to encode the next frame. Any thread.
+        """READY, CONGESTED, OFFLINE or IDLE: whether to encode the next frame. Any thread.
 
         An encoder should skip raw frames unless READY (and make the next one it encodes a
-        KEY), rather than encode frames that cannot go out.
+        KEY), rather than encode frames that cannot go out; while IDLE (on demand, nobody
+        watches) it should not even capture them.
         """
         # Single attribute reads, atomic in CPython: no lock against the reactor thread.
+        if self._idle:
+            return Readiness.IDLE
         if self._connector.session is None:
             return Readiness.OFFLINE
         if self._outbox.congested or self._handoff.full:
             return Readiness.CONGESTED
         return Readiness.READY
+
+    @property
+    def activity(self) -> Activity:
+        """ACTIVE, or IDLE while an on-demand publisher has nobody watching. Any thread."""
+        return Activity.IDLE if self._idle else Activity.ACTIVE
+
+    @property
+    def on_demand(self) -> OnDemand | None:
+        """The on-demand decision (its audience, idle time), None without ``on_demand``."""
+        return self._on_demand
 
     @property
     def dropped(self) -> int:
@@ -188,6 +215,8 @@ class Publisher:
     def start(self) -> None:
         """Start connecting (and keep reconnecting until :meth:`stop`)."""
         self._connector.start()
+        if self._on_demand is not None:
+            self._on_demand.start()
 
     def stop(self, reason: str = "publisher stopped") -> defer.Deferred[str]:
         """Close the connection cleanly and stop reconnecting.
@@ -195,6 +224,8 @@ class Publisher:
         Returns a Deferred that fires (with the stop reason) once the connection is closed;
         an unresponsive relay is cut off after the close timeout.
         """
+        if self._on_demand is not None:
+            self._on_demand.stop()
         return self._connector.stop(reason)
 
     def when_stopped(self) -> defer.Deferred[str]:
@@ -220,7 +251,8 @@ class Publisher:
     def send_config(self, payload: bytes, capture_time_us: int | None = None) -> None:
         """Send a CONFIG (for H.264: Annex-B SPS+PPS) now and after every reconnect."""
         self._config = bytes(payload)
-        if self._connector.session is not None:
+        # Idle on demand: kept, and sent when it turns active (before the KEY).
+        if self._connector.session is not None and not self._idle:
             self._send_config(now_us() if capture_time_us is None else capture_time_us)
 
     def send_frame(self, payload: bytes, *, key: bool, capture_time_us: int | None = None) -> bool:
@@ -231,7 +263,8 @@ class Publisher:
         keyframe is requested once the network has caught up). Raises
         :class:`~streamrelay.wire.WireError` for a capture time outside 64 unsigned bits.
         """
-        if self._connector.session is None:
+        if self._connector.session is None or self._idle:
+            # Idle on demand: the relay was told so, and no media may follow until active.
             return False
         stamp = now_us() if capture_time_us is None else capture_time_us
         message = Outgoing(
@@ -283,12 +316,16 @@ class Publisher:
             self._outbox.put(Outgoing(self._meta, Kind.TEXT))
         if self._config is not None:
             self._send_config(now_us())
+        if self._reports_activity:
+            self._send_activity()
         # A new connection starts at a KEY: ask for one now rather than wait a whole GOP.
         self._request_keyframe()
 
     def _session_closed(self) -> None:
         self.viewers = None
         self._outbox.reset()
+        if self._on_demand is not None:
+            self._on_demand.update(None)
 
     def _message_received(self, payload: bytes, is_binary: bool) -> None:
         if is_binary:
@@ -304,6 +341,8 @@ class Publisher:
             count = message.get("count")
             if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
                 self.viewers = count
+                if self._on_demand is not None:
+                    self._on_demand.update(count)
                 if self.on_viewers is not None:
                     self.on_viewers(count)
         elif kind == "keyframe-request":
@@ -313,6 +352,32 @@ class Publisher:
     def _transport_resumed(self) -> None:
         if self._outbox.resume():
             self._request_keyframe()
+
+    def set_activity(self, activity: Activity) -> None:
+        """Go idle or active: what ``on_demand`` decides by itself, or what a caller
+        decides that publishes several connections and sums their audience (it then
+        leaves ``on_demand`` off and drives one :class:`OnDemand` for all of them)."""
+        self._reports_activity = True
+        if (activity is Activity.IDLE) == self._idle:
+            return
+        self._idle = activity is Activity.IDLE
+        why = "nobody watches" if self._idle else "a viewer came"
+        _log.info("on demand: {activity} ({why})", activity=activity.value, why=why)
+        if self._connector.session is not None:
+            self._send_activity()
+            if not self._idle and self._config is not None:
+                # Viewers of the idle stream wait for CONFIG and KEY: both come first.
+                self._send_config(now_us())
+        if not self._idle:
+            # Also wakes a capture thread waiting for this (CapturePipeline.request_keyframe).
+            self._request_keyframe()
+        if self.on_activity_change is not None:
+            self.on_activity_change(activity)
+
+    def _send_activity(self) -> None:
+        state = "idle" if self._idle else "active"
+        message = encode_text({"type": "publisher-state", "state": state})
+        self._outbox.put(Outgoing(message, Kind.TEXT))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -354,4 +419,4 @@ class Publisher:
         reactor.callFromThread(function, *args)
 
 
-__all__ = ["ConnectionState", "Publisher", "PublisherStats", "Readiness"]
+__all__ = ["Activity", "ConnectionState", "Publisher", "PublisherStats", "Readiness"]

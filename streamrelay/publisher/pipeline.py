@@ -7,6 +7,9 @@ is READY. When it is CONGESTED (its outbox is over the high-water mark, or too m
 off frames still wait for the reactor) the raw frame is dropped and counted, and the next
 frame encoded is forced to be a keyframe so the stream stays decodable. While OFFLINE frames
 are skipped without encoding (not counted as drops) and the first frame after is a keyframe.
+While IDLE (on demand, nobody watches) nothing is captured or encoded: the thread pauses the
+source and sleeps until woken (:meth:`CapturePipeline.request_keyframe`, which the publisher
+calls when it turns active), then starts again from a keyframe.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage
 from .client import Readiness
 from .encoder import H264Encoder
 from .sources import FrameSource
+
+# How often an idle capture thread checks its sink when nothing wakes it.
+IDLE_RECHECK_SECONDS = 1.0
 
 
 class MediaSink(Protocol):
@@ -62,6 +68,7 @@ class PipelineStats:
     keyframes_encoded: int = 0
     bytes_encoded: int = 0
     encode_seconds: float = 0.0
+    idle_periods: int = 0
 
 
 class CapturePipeline:
@@ -86,6 +93,8 @@ class CapturePipeline:
         self._meta_extra = dict(meta_extra or {})
         self._monotonic = monotonic
         self._stop_requested = threading.Event()
+        # Set to wake an idle capture thread (a keyframe request, or stop).
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
         self.stats = PipelineStats()
@@ -101,6 +110,7 @@ class CapturePipeline:
     def stop(self) -> None:
         """Ask the capture thread to finish after the current frame. Any thread."""
         self._stop_requested.set()
+        self._wake.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the capture thread; True if it has ended."""
@@ -116,6 +126,7 @@ class CapturePipeline:
         skipped at the source leaves it pending for the next one encoded.
         """
         self._encoder.request_keyframe()
+        self._wake.set()
 
     def when_finished(self) -> defer.Deferred[None]:
         """Fires in the reactor thread when the capture thread ends (errback on failure)."""
@@ -130,7 +141,7 @@ class CapturePipeline:
         stats = self.stats
         stats.frames_captured += 1
         readiness = self._sink.readiness
-        if readiness is Readiness.OFFLINE:
+        if readiness is Readiness.OFFLINE or readiness is Readiness.IDLE:
             stats.frames_offline += 1
             return True
         if readiness is Readiness.CONGESTED:
@@ -164,6 +175,21 @@ class CapturePipeline:
             needs_keyframe = needs_keyframe or not accepted
         return needs_keyframe
 
+    def _wait_while_idle(self) -> float:
+        """Sleep while the sink is IDLE, the source paused; return the seconds slept."""
+        started = self._monotonic()
+        self.stats.idle_periods += 1
+        self._source.pause()
+        while not self._stop_requested.is_set():
+            self._wake.clear()  # before the check: a wake-up after it is not lost
+            if self._sink.readiness is not Readiness.IDLE:
+                break
+            # Woken at once when the publisher turns active; the timeout is a safety net.
+            self._wake.wait(IDLE_RECHECK_SECONDS)
+        if not self._stop_requested.is_set():
+            self._source.resume()
+        return self._monotonic() - started
+
     def _run(self) -> None:
         interval = self._frame_interval
         started = self._monotonic()
@@ -173,6 +199,12 @@ class CapturePipeline:
         outcome: Failure | None = None
         try:
             while not self._stop_requested.is_set():
+                if self._sink.readiness is Readiness.IDLE:
+                    # The stream's clock stops too: a file resumes where it paused.
+                    started += self._wait_while_idle()
+                    next_due = self._monotonic()
+                    force_keyframe = True
+                    continue
                 if not self._source.live:
                     delay = next_due - self._monotonic()
                     if delay > 0:

@@ -34,6 +34,7 @@ from streamrelay.wsclient.endpoint import EndpointFactory
 from streamrelay.wsclient.target import RelayTarget
 
 from .client import ConnectionState, Publisher, PublisherStats, Readiness
+from .ondemand import Activity, OnDemand
 from .renditions import Rendition, RenditionSet, base_stream_name, rendition_url
 from .settings import PublisherSettings
 
@@ -75,10 +76,18 @@ class RenditionPublisher:
         self.on_state_change: Callable[[ConnectionState], None] | None = None
         self._stopping = False
         self._shown_state = ConnectionState.IDLE
+        # On demand, one decision for the set, fed the summed audience: a rendition nobody
+        # watches is still encoded while another is watched (an ABR viewer may step to it).
+        self._on_demand = (
+            OnDemand(reactor, settings.on_demand_grace, self._set_activity)
+            if settings.on_demand
+            else None
+        )
         publishers: list[Publisher] = []
         for rendition in self.rendition_set.renditions:
             changes: dict[str, Any] = {
-                "url": rendition_url(settings.url, self.rendition_set.stream_name(rendition))
+                "url": rendition_url(settings.url, self.rendition_set.stream_name(rendition)),
+                "on_demand": False,
             }
             if queue_bounds is not None:
                 high_water, limit = queue_bounds(rendition.bitrate)
@@ -155,6 +164,16 @@ class RenditionPublisher:
         return next(state for state in _STATE_PRECEDENCE if state in states)
 
     @property
+    def on_demand(self) -> OnDemand | None:
+        """The set's on-demand decision (its audience, idle time), None without it."""
+        return self._on_demand
+
+    @property
+    def activity(self) -> Activity:
+        """IDLE while the on-demand set has nobody watching any rendition, else ACTIVE."""
+        return self.publishers[0].activity
+
+    @property
     def connected(self) -> bool:
         """True while every connection is open."""
         return all(publisher.connected for publisher in self.publishers)
@@ -166,6 +185,8 @@ class RenditionPublisher:
         values = [publisher.readiness for publisher in self.publishers]
         if all(value is Readiness.OFFLINE for value in values):
             return Readiness.OFFLINE
+        if all(value is Readiness.IDLE for value in values):
+            return Readiness.IDLE
         if any(value is Readiness.CONGESTED for value in values):
             return Readiness.CONGESTED
         return Readiness.READY
@@ -184,10 +205,14 @@ class RenditionPublisher:
         """Start every connection."""
         for publisher in self.publishers:
             publisher.start()
+        if self._on_demand is not None:
+            self._on_demand.start()
 
     def stop(self, reason: str = "publisher stopped") -> defer.Deferred[str]:
         """Close every connection cleanly; fires with ``reason`` once all are closed."""
         self._stopping = True
+        if self._on_demand is not None:
+            self._on_demand.stop()
         stops = [publisher.stop(reason) for publisher in self.publishers]
         return defer.gatherResults(stops).addCallback(lambda _: reason)
 
@@ -207,14 +232,24 @@ class RenditionPublisher:
 
     def _viewers_reported(self, count: int) -> None:
         total = self.viewers
+        if self._on_demand is not None:
+            self._on_demand.update(total)
         if total is not None and self.on_viewers is not None:
             self.on_viewers(total)
+
+    def _set_activity(self, activity: Activity) -> None:
+        # Every rendition together: they share one source and one capture thread.
+        for publisher in self.publishers:
+            publisher.set_activity(activity)
 
     def _keyframe_requested(self) -> None:
         if self.on_keyframe_request is not None:
             self.on_keyframe_request()
 
     def _state_changed(self, state: ConnectionState) -> None:
+        if self._on_demand is not None:
+            # A connection lost forgets its count: the audience is what the rest report.
+            self._on_demand.update(self.viewers)
         shown = self.state
         if shown is not self._shown_state:
             self._shown_state = shown

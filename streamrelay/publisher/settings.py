@@ -26,6 +26,9 @@ class PublisherSettings:
     closing handshake timeouts, and how long a connection must hold before the reconnect
     backoff starts again from its shortest delay. A publisher replaced by a newer one
     (close code 4409) stops, unless ``reconnect_when_replaced``.
+
+    ``on_demand``: stop capturing and encoding once nobody has watched for
+    ``on_demand_grace`` seconds, and resume on the first viewer (:mod:`.ondemand`).
     """
 
     url: str = field(default=DEFAULT_URL, repr=False)
@@ -40,6 +43,8 @@ class PublisherSettings:
     close_timeout: float = 2.0
     stable_after: float = 5.0
     reconnect_when_replaced: bool = False
+    on_demand: bool = False
+    on_demand_grace: float = 10.0
     target: RelayTarget = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +54,8 @@ class PublisherSettings:
             raise ValueError("need 0 < queue_high_water_bytes <= queue_limit_bytes")
         if self.max_pending_threadsafe_calls < 1:
             raise ValueError("max_pending_threadsafe_calls must be at least 1")
+        if not 0 <= self.on_demand_grace <= 86_400:
+            raise ValueError("on_demand_grace must be between 0 and 86400 seconds")
         # Frozen: the parsed URL is set once, here.
         object.__setattr__(self, "target", parse_relay_url(self.url))
 

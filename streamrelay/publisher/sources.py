@@ -148,6 +148,12 @@ class FrameSource(ABC):
     def close(self) -> None:  # noqa: B027 (optional hook: not every source holds resources)
         """Release the source's resources."""
 
+    def pause(self) -> None:  # noqa: B027 (optional hook: most sources just stop being read)
+        """No frames are wanted for a while (on demand, nobody watches)."""
+
+    def resume(self) -> None:  # noqa: B027 (optional hook, as pause)
+        """Frames are wanted again after :meth:`pause`."""
+
     def _fit(self, frame: av.VideoFrame) -> av.VideoFrame:
         """Scale and convert a picture to the output size and yuv420p."""
         if (frame.width, frame.height, frame.format.name) == (self.width, self.height, "yuv420p"):
@@ -262,14 +268,36 @@ class DeviceSource(FrameSource):
 
     def __init__(self, device: DeviceInput, width: int, height: int, description: str) -> None:
         super().__init__(width, height, description)
+        self._device = device
+        self._container: Any = None
+        self._frames: Iterator[av.VideoFrame] = iter(())
+        self._open()
+
+    def _open(self) -> None:
+        device = self._device
         try:
-            self._container: Any = av.open(device.url, format=device.format, options=device.options)
+            self._container = av.open(device.url, format=device.format, options=device.options)
             stream = self._container.streams.video[0]
         except (av.FFmpegError, IndexError, ValueError) as error:
             raise SourceError(
-                f"cannot open {description} ({device.format} {device.url!r}): {error}"
+                f"cannot open {self.description} ({device.format} {device.url!r}): {error}"
             ) from None
-        self._frames: Iterator[av.VideoFrame] = self._container.decode(stream)
+        self._frames = self._container.decode(stream)
+
+    @property
+    def opened(self) -> bool:
+        """True while the device is open (it is closed while paused)."""
+        return self._container is not None
+
+    def pause(self) -> None:
+        """Close the device while nobody watches: a camera's light goes off, and a
+        device left unread would only fill its buffers with stale pictures."""
+        self.close()
+
+    def resume(self) -> None:
+        """Open the device again."""
+        if self._container is None:
+            self._open()
 
     def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
         """Block until the device delivers its next picture."""

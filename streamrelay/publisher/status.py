@@ -126,6 +126,8 @@ class StatusLine:
         state = publisher.state.value
         if publisher.state is ConnectionState.LIVE and publisher.readiness is Readiness.CONGESTED:
             state = "live, network behind"
+        elif publisher.state is ConnectionState.LIVE and publisher.readiness is Readiness.IDLE:
+            state = "live, idle: nobody watches"
         elif publisher.state is not ConnectionState.LIVE and publisher.last_error:
             state = f"{state}: {publisher.last_error[:60]}"
         viewers = "-" if publisher.viewers is None else str(publisher.viewers)

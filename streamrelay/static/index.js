@@ -88,18 +88,23 @@
   }
 
   function updateRow(row, s) {
-    const live = !!s.live;
-    row.li.classList.toggle('stream-offline', !live);
-    row.badge.className = 'pill ' + (live ? 'pill-live' : 'pill-offline');
-    setText(row.badge, live ? 'live' : 'offline');
+    // "available": the publisher is connected but idles on demand until someone watches.
+    const available = s.state === 'available';
+    const live = !!s.live && !available;
+    row.li.classList.toggle('stream-offline', !live && !available);
+    const state = available ? 'available' : live ? 'live' : 'offline';
+    row.badge.className = 'pill pill-' + state;
+    setText(row.badge, state);
     const v = Number(s.viewers) || 0;
     setText(row.viewers, v + (v === 1 ? ' viewer' : ' viewers'));
     setText(row.bitrate, live ? formatBitrate(s.bitrate_bps) : '');
     setText(row.fps, live ? formatFps(s.fps) : '');
-    setText(row.since, live ? (s.publisher ? formatSince(s.publisher.since) : '') : 'waiting for a publisher');
-    row.a.title = live
-      ? 'Watch ' + s.name + (s.dropped ? ' (' + s.dropped + ' messages dropped to slow viewers)' : '')
-      : s.name + ' is offline; its viewers wait for a publisher';
+    setText(row.since, available ? 'starts when watched'
+      : live ? (s.publisher ? formatSince(s.publisher.since) : '') : 'waiting for a publisher');
+    row.a.title = available ? 'Watch ' + s.name + ' (its publisher starts sending when you do)'
+      : live
+        ? 'Watch ' + s.name + (s.dropped ? ' (' + s.dropped + ' messages dropped to slow viewers)' : '')
+        : s.name + ' is offline; its viewers wait for a publisher';
   }
 
   function render(data) {
@@ -128,10 +133,12 @@
     emptyEl.hidden = shown.length > 0;
     listEl.hidden = shown.length === 0;
 
-    const live = all.filter((s) => s && s.live).length;
+    const live = all.filter((s) => s && s.live && s.state !== 'available').length;
+    const available = all.filter((s) => s && s.state === 'available').length;
     const c = (data && data.connections) || {};
     const viewers = Number(c.viewers) || 0;
     summaryEl.textContent = live + (live === 1 ? ' live stream' : ' live streams') + ' · ' +
+      (available ? available + ' available · ' : '') +
       viewers + (viewers === 1 ? ' viewer' : ' viewers');
   }
 

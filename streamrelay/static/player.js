@@ -24,7 +24,7 @@ import { parseControl, parseMedia, streamNameFromPath, watchUrl } from './wire.j
 const STATS_INTERVAL_MS = 1000;
 
 /** What the relay said about the stream on the current socket. */
-const Relay = Object.freeze({ UNKNOWN: 'unknown', LIVE: 'live', OFFLINE: 'offline' });
+const Relay = Object.freeze({ UNKNOWN: 'unknown', LIVE: 'live', OFFLINE: 'offline', STARTING: 'starting' });
 
 class Player {
   constructor(doc, loc) {
@@ -55,6 +55,7 @@ class Player {
     switch (link ? link.phase : Link.IDLE) {
       case Link.OPEN:
         if (this.relay === Relay.LIVE) return State.LIVE;
+        if (this.relay === Relay.STARTING) return State.STARTING;
         return this.relay === Relay.OFFLINE ? State.OFFLINE : State.CONNECTING;
       case Link.BACKOFF:
         return State.RECONNECTING;
@@ -167,7 +168,11 @@ class Player {
     if (!msg) return;
     switch (msg.type) {
       case 'status':
-        if (msg.state === 'live') {
+        if (msg.state === 'live' && msg.publisher === 'idle') {
+          // On demand: the publisher is connected but idle; our arrival wakes it up.
+          this.relay = Relay.STARTING;
+          this.hint.reset();
+        } else if (msg.state === 'live') {
           if (this.relay !== Relay.LIVE) this.hint.arm();
           this.relay = Relay.LIVE;
         } else if (msg.state === 'offline') {
@@ -191,8 +196,8 @@ class Player {
   }
 
   onMedia(buf) {
-    if (this.relay === Relay.UNKNOWN) {
-      // Media before any status message: the stream is evidently live.
+    if (this.relay === Relay.UNKNOWN || this.relay === Relay.STARTING) {
+      // Media before any (or after an idle) status message: the stream is evidently live.
       this.relay = Relay.LIVE;
       this.hint.arm();
       this.refresh();

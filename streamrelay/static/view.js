@@ -6,6 +6,7 @@ export const State = Object.freeze({
   CONNECTING: 'connecting',     // opening a socket, or open and the relay has not said more
   LIVE: 'live',                 // the relay says a publisher is sending
   OFFLINE: 'offline',           // the relay says nobody publishes this name now
+  STARTING: 'starting',         // the publisher idles on demand and is waking up for us
   RECONNECTING: 'reconnecting', // the socket went away; another attempt is due or under way
   ERROR: 'error',               // this stream cannot play here (see the message)
   UNSUPPORTED: 'unsupported',   // this browser has no WebCodecs (or not on this page)
@@ -193,6 +194,11 @@ export function messageFor(s) {
       return {
         title: 'Stream offline',
         detail: 'No publisher is sending “' + s.streamName + '” right now. Video starts by itself when it does.',
+      };
+    case State.STARTING:
+      return {
+        title: 'Starting…',
+        detail: 'The publisher of “' + s.streamName + '” sends only while someone watches; it is starting now.',
       };
     case State.LIVE:
       if (s.waiting) return { title: 'Waiting for video…', detail: s.hidden ? '' : 'Waiting for the next keyframe.' };

@@ -1,0 +1,187 @@
+"""The relay's side of publishing on demand, through the real protocol on a Clock: the
+``publisher-state`` message, the "available" stream, the status viewers get, the idle
+timeout that spares an idle publisher but not a silent one, and the immediate viewer
+count and keyframe request for the first viewer of an idle stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
+from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
+
+
+@pytest.fixture(autouse=True)
+def log() -> Iterator[LogCapture]:
+    """No test here may log an unhandled error."""
+    with captured_log() as capture:
+        yield capture
+    assert not capture.failures, capture.describe_failures()
+
+
+def media(flags: int, tag: int) -> bytes:
+    return encode_media(flags, tag, bytes([tag % 256]) * 20)
+
+
+def state(peer: Peer, value: str) -> None:
+    peer.send(text_frame({"type": "publisher-state", "state": value}))
+
+
+def texts(peer: Peer) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in peer.messages(("text",))]
+
+
+def entry(relay: Relay, name: str = "cam") -> dict[str, Any]:
+    [found] = [e for e in relay.context.registry.describe(True) if e["name"] == name]
+    return found
+
+
+def streaming_publisher(relay: Relay) -> Peer:
+    """A publisher that has sent a CONFIG and a GOP (KEY + two deltas)."""
+    publisher = relay.publisher()
+    publisher.send(
+        binary_frame(media(FLAG_CONFIG, 1))
+        + binary_frame(media(FLAG_KEY, 2))
+        + binary_frame(media(0, 3))
+        + binary_frame(media(0, 4))
+    )
+    return publisher
+
+
+IDLE_STATUS = {"type": "status", "state": "live", "publisher": "idle"}
+LIVE_STATUS = {"type": "status", "state": "live"}
+
+
+def test_an_idle_publisher_makes_the_stream_available_and_a_viewer_wakes_it() -> None:
+    """After ``idle`` the stream is "available" (still ``live: true`` for v1 readers) and
+    its stale GOP is gone (the CONFIG kept); the first viewer gets the idle status, the
+    publisher hears the count and a keyframe request at once; once it is active again the
+    viewer gets the plain live status, then CONFIG and KEY first, nothing stale."""
+    relay = Relay.with_options(ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(relay)
+    assert entry(relay)["state"] == "live"
+    publisher.messages()
+    state(publisher, "idle")
+    described = entry(relay)
+    assert (described["state"], described["live"]) == ("available", True)
+    stream = relay.context.registry.streams["cam"]
+    assert not stream.gop.has_keyframe and stream.gop.config is not None
+    assert stream.gop.discarded == 0  # nothing was lost: the publisher chose to idle
+    assert relay.context.registry.available_count == 1
+
+    viewer = relay.viewer()
+    # Only the status: no minutes-old pictures.
+    assert [m.json for m in viewer.messages()] == [IDLE_STATUS]
+    to_publisher = texts(publisher)
+    assert {"type": "viewers", "count": 1} in to_publisher
+    assert {"type": "keyframe-request"} in to_publisher
+
+    state(publisher, "active")
+    publisher.send(binary_frame(media(FLAG_CONFIG, 10)) + binary_frame(media(FLAG_KEY, 11)))
+    publisher.send(binary_frame(media(0, 12)))
+    assert [m.json if m.kind == "text" else m.payload for m in viewer.messages()] == [
+        LIVE_STATUS, media(FLAG_CONFIG, 10), media(FLAG_KEY, 11), media(0, 12)
+    ]
+    assert entry(relay)["state"] == "live"
+    assert relay.context.registry.available_count == 0
+
+
+def test_the_first_viewer_of_an_idle_stream_is_counted_without_coalescing() -> None:
+    """Viewer counts are coalesced to one per 0.25 s; the count that wakes an idle
+    publisher is not held back: it goes out at the join, even right after another."""
+    relay = Relay.with_options(ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(relay)
+    first = relay.viewer()
+    first.lose()
+    relay.clock.advance(0.3)
+    state(publisher, "idle")
+    publisher.messages()
+    relay.viewer()
+    assert {"type": "viewers", "count": 1} in texts(publisher)
+    # The same join on a stream that is live waits for the end of the interval.
+    state(publisher, "active")
+    other = relay.viewer()
+    assert texts(publisher) == []
+    relay.clock.advance(0.25)
+    assert texts(publisher) == [{"type": "viewers", "count": 2}]
+    other.lose()
+
+
+def test_an_idle_publisher_outlives_the_idle_timeout_but_not_silence() -> None:
+    """--publisher-idle-timeout spares a publisher that said ``idle`` (no media is the
+    point) and applies again in full from when it turns ``active``; pings still bound
+    an idle publisher that stops answering."""
+    relay = Relay.with_options(publisher_idle_timeout=20, ping_interval=10, ping_timeout=10)
+    publisher = streaming_publisher(relay)
+    state(publisher, "idle")
+    for _ in range(20):  # 200 s idle, answering every ping
+        relay.tick(10)
+        for ping in publisher.messages(("ping",)):
+            publisher.send(pong(ping.payload))
+    assert publisher.close_codes() == [] and not publisher.aborted
+    state(publisher, "active")
+    relay.tick(9)
+    for ping in publisher.messages(("ping",)):
+        publisher.send(pong(ping.payload))
+    relay.tick(10)
+    for ping in publisher.messages(("ping",)):
+        publisher.send(pong(ping.payload))
+    assert publisher.close_codes() == []
+    relay.tick(1.2)
+    assert publisher.close_codes() == [1008]
+
+    silent = relay.publisher("quiet")
+    state(silent, "idle")
+    relay.tick(25)  # never answers a ping: aborted within interval + timeout
+    assert silent.aborted
+    relay.settle()
+
+
+def pong(payload: bytes) -> bytes:
+    return client_frame(OP_PONG, payload)
+
+
+def test_media_from_an_idle_publisher_means_active_and_unknown_states_are_ignored() -> None:
+    """A state this relay does not know (a later version's) changes nothing; a frame
+    (not a CONFIG) after ``idle`` makes the stream live again; a publisher that leaves while idle
+    leaves an offline stream, and the next one starts live."""
+    relay = Relay.with_options(ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(relay)
+    viewer = relay.viewer()
+    viewer.messages()
+    state(publisher, "sleeping")
+    publisher.send(text_frame({"type": "publisher-state", "state": 3}))
+    assert entry(relay)["state"] == "live" and texts(viewer) == []
+    state(publisher, "idle")
+    assert texts(viewer) == [IDLE_STATUS]
+    publisher.send(binary_frame(media(FLAG_CONFIG, 19)))  # a CONFIG alone is no frame
+    assert entry(relay)["state"] == "available"
+    publisher.send(binary_frame(media(FLAG_KEY, 20)))
+    assert entry(relay)["state"] == "live"
+    assert texts(viewer) == [LIVE_STATUS]
+    state(publisher, "idle")
+    publisher.lose()
+    assert texts(viewer)[-1] == {"type": "status", "state": "offline"}
+    assert entry(relay)["state"] == "offline"
+    relay.publisher()
+    assert texts(viewer) == [LIVE_STATUS]
+    assert entry(relay)["state"] == "live"
+
+
+def test_metrics_count_available_streams() -> None:
+    """``streamrelay_streams_available`` counts the streams of idle publishers (which
+    ``streamrelay_streams{state="live"}`` still counts as live)."""
+    relay = Relay.with_options(ping_interval=100, ping_timeout=100)
+    streaming_publisher(relay)
+    idle = relay.publisher("idle-cam")
+    state(idle, "idle")
+    response = relay.connect().request("GET", "/metrics", {"Host": HOST})
+    assert response.status == 200
+    lines = response.body.decode().splitlines()
+    assert "streamrelay_streams_available 1.0" in lines
+    assert 'streamrelay_streams{state="live"} 2.0' in lines
