@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="H.264 profile (default baseline, i.e. constrained baseline: decodes everywhere)",
     )
     parser.add_argument(
+        "--codec",
+        choices=("h264", "vp9", "av1"),
+        default="h264",
+        help="video codec: h264 (libx264, default: plays everywhere), vp9 (libvpx-vp9) or "
+        "av1 (SVT-AV1); --preset and --profile apply to h264 only",
+    )
+    parser.add_argument(
         "--token",
         help="publish token, sent as 'Authorization: Bearer ...' "
         f"(default: env {TOKEN_ENVIRONMENT_VARIABLE})",
@@ -203,6 +210,7 @@ class PublishOptions:
     quiet: bool
     verbose: bool
     duration: float | None
+    codec: str = "h264"
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -245,4 +253,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         quiet=args.quiet,
         verbose=args.verbose,
         duration=args.duration,
+        codec=args.codec,
     )

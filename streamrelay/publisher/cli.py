@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     options = parse_arguments(argv)
 
-    from .encoder import EncoderSettings, H264Encoder
+    from .codecs import create_encoder
+    from .encoder import EncoderSettings
     from .pipeline import CapturePipeline
     from .sources import SourceError, open_source
     from .status import StatusLine, console_observer
@@ -63,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr = sys.stderr
     try:
         source = open_source(options.source, options.width, options.height, options.fps)
-        encoder = H264Encoder(
+        encoder = create_encoder(
+            options.codec,
             EncoderSettings(
                 width=options.width,
                 height=options.height,
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keyframe_interval_frames=options.keyframe_interval_frames,
                 preset=options.preset,
                 profile=options.profile,
-            )
+            ),
         )
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")

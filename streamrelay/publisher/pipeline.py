@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from streamrelay.wire import HEADER_SIZE, MediaMessage
 
 from .client import Readiness
-from .encoder import H264Encoder
+from .codecs import VideoEncoder
 from .sources import FrameSource
 
 
@@ -70,7 +70,7 @@ class CapturePipeline:
     def __init__(
         self,
         source: FrameSource,
-        encoder: H264Encoder,
+        encoder: VideoEncoder,
         sink: MediaSink,
         *,
         reactor: Any,
