@@ -160,8 +160,16 @@ def parse_frame_header(frame: bytes) -> Vp9FrameInfo:
     width = bits.read(16) + 1
     height = bits.read(16) + 1
     return Vp9FrameInfo(
-        profile, False, True, show_frame, bit_depth, color_space, full_range, subsampling,
-        width, height,
+        profile,
+        False,
+        True,
+        show_frame,
+        bit_depth,
+        color_space,
+        full_range,
+        subsampling,
+        width,
+        height,
     )
 
 
