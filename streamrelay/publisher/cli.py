@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fps=float(options.fps),
             bitrate=options.bitrate // 1000,
             gop=options.keyframe_interval_frames,
-            profile=options.profile,
+            profile=options.profile if options.codec == "h264" else options.codec,
             url=publisher.target.display_url,
         )
         pipeline.when_finished().addBoth(capture_ended)
