@@ -106,7 +106,8 @@ export class Decoder {
       return;
     }
     if (m.isKey) this._learnSps(m.payload);
-    if (this._held.length > 0 || (m.isKey && this._checkSupport(this._wantedCodec()) === 'pending')) {
+    const asking = m.isKey && this._checkSupport(this._wantedCodec()) === 'pending';
+    if (asking || this._held.length > 0) {
       // The browser is still asked whether it can decode this codec: hold the media until it
       // answers (bounded; an overflow waits for the next KEY instead).
       if (this._held.length >= MAX_DECODE_QUEUE) {
@@ -175,6 +176,7 @@ export class Decoder {
     if (!codec) return true; // nothing to ask about: _ensureDecoder says what is missing
     const known = this._support.get(codec);
     if (known !== undefined) return known;
+    if (this._support.size >= 64) this._support.clear(); // a publisher cycling codec strings
     this._support.set(codec, 'pending');
     const answered = (supported) => {
       this._support.set(codec, supported);
