@@ -218,3 +218,30 @@ def test_unsupported_hevc_stream_shows_a_plain_message(
     assert stats["codec"] is None, stats
     assert page.evaluate("() => document.body.dataset.state") == "error"
     assert not log.page_errors, log.page_errors
+
+
+def test_unsupported_message_clears_when_a_playable_publisher_takes_over(
+    relay: RelayProcess,
+    open_page: Callable[..., Any],
+    start_publisher: Callable[..., Any],
+    hevc_refused: str,
+) -> None:
+    """A viewer shown "cannot play HEVC" keeps its page; when a VP9 publisher takes the
+    stream over, the message goes and the same player decodes VP9 (a new meta codec is a
+    new chance, not a sticky error)."""
+    with RawPublisher(f"{relay.ws_url}/publish/swap", hevc_refused):
+        wait_live(relay, "swap")
+        page, log = open_page(f"{relay.http_url}/view/swap")
+        wait_page(page, lambda p: p.get("state") == "error", 30.0, "the unsupported-codec state")
+        start_publisher(f"{relay.ws_url}/publish/swap", "--codec", "vp9", "--size", "640x360")
+        wait_page(
+            page,
+            lambda p: p.get("framesDecoded", 0) > DECODED_AT_LEAST,
+            40.0,
+            "VP9 frames decoded after the takeover",
+        )
+    stats = player(page)
+    assert stats["state"] == "live" and stats["error"] is None, stats
+    assert stats["codec"].startswith("vp09."), stats
+    assert page.evaluate(MESSAGE)["hidden"], page.evaluate(MESSAGE)
+    assert not log.page_errors, log.page_errors
