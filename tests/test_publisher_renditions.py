@@ -284,3 +284,13 @@ def test_on_demand_decides_once_for_the_whole_set() -> None:
     assert group.readiness is Readiness.READY and requests
     assert group.on_demand is not None and group.on_demand.idle_periods == 1
 
+
+def test_renditions_with_another_codec_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--renditions`` encodes H.264: with ``--codec vp9`` the command line says so."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["ws://relay/publish/cam", "--renditions", THREE, "--codec", "vp9"])
+    assert exit_info.value.code == 2
+    assert "H.264 only" in capsys.readouterr().err
+

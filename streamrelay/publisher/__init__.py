@@ -88,6 +88,9 @@ Building blocks:
   ``parse_sps``/``codec_string_from_sps``, ``avcc_to_annexb``, :class:`H264Packager`;
 - :mod:`.encoder` (needs PyAV): :class:`H264Encoder` and :class:`EncoderSettings`: libx264
   with zerolatency, no B-frames, in-band SPS/PPS, forced IDRs on request;
+- :mod:`.vp9`, :mod:`.av1`: the VP9 and AV1 v1 profiles (codec strings, CONFIG,
+  :class:`~.vp9.Vp9Packager`, :class:`~.av1.Av1Packager`); :mod:`.codecs` (needs PyAV):
+  ``create_encoder("h264"|"vp9"|"av1", settings)``, libvpx-vp9 and SVT-AV1 set for live;
 - :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
 - :mod:`.pipeline` (needs PyAV): :class:`CapturePipeline`, the capture/encode thread with
   drop-at-source.

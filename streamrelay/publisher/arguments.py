@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces --size and --bitrate",
     )
     parser.add_argument(
+        "--codec",
+        choices=("h264", "vp9", "av1"),
+        default="h264",
+        help="video codec: h264 (libx264, default: plays everywhere), vp9 (libvpx-vp9) or "
+        "av1 (SVT-AV1); --preset and --profile apply to h264 only",
+    )
+    parser.add_argument(
         "--token",
         help="publish token, sent as 'Authorization: Bearer ...' "
         f"(default: env {TOKEN_ENVIRONMENT_VARIABLE})",
@@ -246,6 +253,7 @@ class PublishOptions:
     renditions: tuple[Rendition, ...] = ()
     on_demand: bool = False
     on_demand_grace: float = 10.0
+    codec: str = "h264"
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -280,6 +288,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
                 "argument --renditions: gives each rendition's size and bitrate; "
                 "drop --size and --bitrate"
             )
+        if args.codec != "h264":
+            # The renditions' codec strings are learned from a probe frame of libx264.
+            parser.error("argument --renditions: H.264 only for now; drop --codec")
         try:
             base_stream_name(url)
         except RenditionError as error:
@@ -306,4 +317,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         renditions=renditions,
         on_demand=args.on_demand,
         on_demand_grace=args.on_demand_grace,
+        codec=args.codec,
     )

@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     options = parse_arguments(argv)
 
-    from .encoder import EncoderSettings, H264Encoder
+    from .codecs import create_encoder
+    from .encoder import EncoderSettings
     from .pipeline import CapturePipeline
     from .sources import SourceError, open_source
     from .status import StatusLine, console_observer
@@ -79,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile=options.profile,
             )
         else:
-            encoder = H264Encoder(
+            encoder = create_encoder(
+                options.codec,
                 EncoderSettings(
                     width=options.width,
                     height=options.height,
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     keyframe_interval_frames=options.keyframe_interval_frames,
                     preset=options.preset,
                     profile=options.profile,
-                )
+                ),
             )
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
@@ -183,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fps=float(options.fps),
             bitrate=options.bitrate // 1000,
             gop=options.keyframe_interval_frames,
-            profile=options.profile,
+            profile=options.profile if options.codec == "h264" else options.codec,
             url=publisher.target.display_url,
         )
         if options.renditions:

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from streamrelay.wire import HEADER_SIZE, MediaMessage
 
 from .client import Readiness
-from .encoder import H264Encoder
+from .codecs import VideoEncoder
 from .sources import FrameSource
 
 # How often an idle capture thread checks its sink when nothing wakes it.
@@ -77,7 +77,7 @@ class CapturePipeline:
     def __init__(
         self,
         source: FrameSource,
-        encoder: H264Encoder,
+        encoder: VideoEncoder,
         sink: MediaSink,
         *,
         reactor: Any,

@@ -2,10 +2,14 @@
  *
  * The decoder is configured with the codec string only (every KEY carries SPS/PPS in-band, so
  * no `description`): the codec from the latest meta message, else the one derived from the SPS.
+ * VP9 and AV1 need no `description` either (docs/protocol.md, their v1 profiles). Before the
+ * first configuration for a codec, VideoDecoder.isConfigSupported is asked (media is held
+ * meanwhile); a codec this browser cannot decode is said plainly on the page.
  * Decoding starts, and restarts after any trouble, at a KEY; while waiting for one, media is
  * dropped and a keyframe is asked for. The backlog handed to the decoder is bounded. */
 
 import { codecFromAnnexB } from './wire.js';
+import { unsupportedCodecMessage } from './view.js';
 
 const KEYFRAME_REREQUEST_MS = 4000; // still waiting for a KEY while deltas flow: ask again
 // A joining viewer gets the relay's cached GOP in one burst: that is fine (it decodes far
@@ -14,6 +18,11 @@ const KEYFRAME_REREQUEST_MS = 4000; // still waiting for a KEY while deltas flow
 // until the next KEY (and ask for one).
 const MAX_BEHIND_MS = 1500;
 const MAX_DECODE_QUEUE = 300;
+
+/** Whether `codec` names H.264 (whose Annex-B payloads carry an SPS to learn the codec from). */
+function isAvc(codec) {
+  return /^avc[13]\./.test(codec);
+}
 
 export class Decoder {
   /**
@@ -37,6 +46,8 @@ export class Decoder {
     this._unsupportedCodec = null;
     this._waitingKeySince = 0;
     this._inDecoder = [];          // [captureUs, handedAtMs] of chunks in the decoder, oldest first
+    this._support = new Map();     // codec -> true | false | 'pending' (isConfigSupported)
+    this._held = [];               // media waiting for the support check of their codec
   }
 
   /** The codec to show: the configured one, else the announced one. */
@@ -61,6 +72,7 @@ export class Decoder {
     }
     this.configuredCodec = null;
     this._inDecoder = [];
+    this._held = [];
     this.waitForKey();
   }
 
@@ -70,6 +82,7 @@ export class Decoder {
     this._metaCodec = typeof msg.codec === 'string' && msg.codec ? msg.codec : null;
     const newCodec = this._wantedCodec();
     if (newCodec === oldCodec) return;
+    if (newCodec) this._checkSupport(newCodec); // ask early: the KEY follows at once
     if (this._unsupportedCodec && newCodec !== this._unsupportedCodec) {
       this._unsupportedCodec = null;
       this._setFatal(null);
@@ -93,6 +106,24 @@ export class Decoder {
       return;
     }
     if (m.isKey) this._learnSps(m.payload);
+    const asking = m.isKey && this._checkSupport(this._wantedCodec()) === 'pending';
+    if (asking || this._held.length > 0) {
+      // The browser is still asked whether it can decode this codec: hold the media until it
+      // answers (bounded; an overflow waits for the next KEY instead).
+      if (this._held.length >= MAX_DECODE_QUEUE) {
+        stats.framesDropped += this._held.length + 1;
+        this._held = [];
+        this.waitForKey();
+        return;
+      }
+      this._held.push(m);
+      return;
+    }
+    this._feed(m, now);
+  }
+
+  _feed(m, now) {
+    const stats = this._stats;
     if (this.needKey && !m.isKey) {
       stats.framesDropped++;
       if (now - this._waitingKeySince > KEYFRAME_REREQUEST_MS &&
@@ -140,7 +171,37 @@ export class Decoder {
     }
   }
 
+  /** Ask the browser (once per codec) whether it can decode `codec`; the answer so far. */
+  _checkSupport(codec) {
+    if (!codec) return true; // nothing to ask about: _ensureDecoder says what is missing
+    const known = this._support.get(codec);
+    if (known !== undefined) return known;
+    if (this._support.size >= 64) this._support.clear(); // a publisher cycling codec strings
+    this._support.set(codec, 'pending');
+    const answered = (supported) => {
+      this._support.set(codec, supported);
+      if (!supported && codec === this._wantedCodec()) this._unsupported(codec);
+      const held = this._held;
+      this._held = [];
+      const now = performance.now();
+      for (const m of held) this._feed(m, now);
+    };
+    VideoDecoder.isConfigSupported({ codec: codec, optimizeForLatency: true }).then(
+      (result) => answered(Boolean(result && result.supported)),
+      () => answered(false)); // TypeError: not even a valid codec string
+    return 'pending';
+  }
+
+  // This browser cannot decode `codec`: say so plainly, ask for nothing more.
+  _unsupported(codec) {
+    this._unsupportedCodec = codec;
+    this._setFatal(unsupportedCodecMessage(codec));
+  }
+
   _learnSps(payload) {
+    // Only H.264 payloads are Annex-B with an SPS: elsewhere a start-code-like byte run
+    // would yield a bogus avc1 string.
+    if (this._metaCodec && !isAvc(this._metaCodec)) return;
     const codec = codecFromAnnexB(payload);
     if (codec) this._spsCodec = codec;
   }
@@ -182,12 +243,7 @@ export class Decoder {
     console.warn('streamrelay: decoder error:', err && err.name, err && err.message);
     if (err && err.name === 'NotSupportedError') {
       // The codec itself is not supported: asking for keyframes would not help.
-      this._unsupportedCodec = this._wantedCodec();
-      this._setFatal({
-        title: 'This browser cannot decode this stream',
-        detail: 'Codec ' + this._unsupportedCodec + ' is not supported by this browser\'s ' +
-          'WebCodecs VideoDecoder (' + (err.message || err.name) + ').',
-      });
+      this._unsupported(this._wantedCodec());
       return;
     }
     this.waitForKey();
@@ -197,6 +253,10 @@ export class Decoder {
   // A decoder configured for `codec`, or null if that cannot be done.
   _ensureDecoder(codec) {
     if (!codec || codec === this._unsupportedCodec) return null;
+    if (this._support.get(codec) === false) {
+      this._unsupported(codec);
+      return null;
+    }
     if (!this._decoder || this._decoder.state === 'closed') {
       const dec = new VideoDecoder({
         output: (frame) => this._output(frame),

@@ -174,6 +174,29 @@ export class WaitingHint {
   }
 }
 
+// Codec string prefix -> the name viewers know the codec by.
+const CODEC_NAMES = [
+  [/^avc[13]\./, 'H.264'],
+  [/^(hvc1|hev1)\./, 'HEVC (H.265)'],
+  [/^vp09\./, 'VP9'],
+  [/^vp8$/, 'VP8'],
+  [/^av01\./, 'AV1'],
+];
+
+/** The message panel's words when this browser cannot decode `codec` (a WebCodecs string). */
+export function unsupportedCodecMessage(codec) {
+  const found = CODEC_NAMES.find(([pattern]) => pattern.test(codec));
+  const name = found ? found[1] : 'this stream\'s';
+  let hint = 'Try another browser, or ask the publisher to send H.264 (streamrelay-publish --codec h264), which every browser with WebCodecs plays.';
+  if (found && found[1].startsWith('HEVC')) {
+    hint = 'Browsers decode HEVC only where the platform provides a decoder (usually the graphics hardware). ' + hint;
+  }
+  return {
+    title: 'This browser cannot play ' + name + ' video (' + codec + ')',
+    detail: 'Its WebCodecs video decoder does not support the stream\'s codec ' + codec + '. ' + hint,
+  };
+}
+
 /**
  * The message panel's words for a state, or null for none.
  * @param {object} s - {state, fatal, url, streamName, hidden, waiting, closeInfo, attempt,

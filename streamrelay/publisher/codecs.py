@@ -1,0 +1,234 @@
+"""The publisher's codecs: H.264 (libx264), VP9 (libvpx-vp9) and AV1 (SVT-AV1), one interface.
+
+:func:`create_encoder` makes the encoder ``--codec`` names. VP9 and AV1 share
+:class:`_PacketEncoder`: PyAV encodes, the codec's packager (:mod:`.vp9`, :mod:`.av1`)
+turns each packet into v1 messages, with the KEY flag taken from PyAV's
+``packet.is_keyframe`` (and checked against the bitstream by the packager).
+
+Both are set for live streaming as libx264 is (see :class:`.encoder.H264Encoder`): one
+packet out per frame in, at once (no lookahead, no frame reordering, no hidden alt-ref
+frames), a fixed GOP without scene-cut keyframes, and a forced keyframe on request.
+
+- VP9: libvpx-vp9 with ``deadline=realtime``, ``cpu-used=8`` (its fastest realtime speed),
+  ``lag-in-frames=0``, ``auto-alt-ref=0``, row multithreading, CBR with a one-second buffer.
+- AV1: libsvtav1, the only AV1 encoder in PyAV's bundled FFmpeg (no libaom-av1 or
+  librav1e there), in its real-time mode (``rtc=1``: low-delay prediction, CBR) at preset
+  10, without scene-change detection.  SVT-AV1's own log goes to stderr; it is quietened
+  to errors unless ``SVT_LOG`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from fractions import Fraction
+from typing import Any, Final, Protocol
+
+import av
+import av.video.frame
+
+from streamrelay.wire import MediaMessage, meta_message
+
+from .av1 import Av1Packager
+from .encoder import EncoderSettings, H264Encoder
+from .vp9 import Vp9Packager
+
+CODECS: Final = ("h264", "vp9", "av1")
+
+VP9_ENCODER: Final = "libvpx-vp9"
+AV1_ENCODER: Final = "libsvtav1"
+AV1_PRESET: Final = 10
+
+
+class VideoEncoder(Protocol):
+    """What the capture pipeline needs of an encoder (every class here has it)."""
+
+    settings: EncoderSettings
+
+    def meta(self, **extra: Any) -> dict[str, Any] | None:
+        """The ``meta`` message, once the codec string is known."""
+        ...
+
+    def request_keyframe(self) -> None:
+        """Make the next encoded frame a KEY. Any thread."""
+        ...
+
+    def encode(
+        self, frame: av.VideoFrame, capture_time_us: int, *, force_keyframe: bool = False
+    ) -> list[MediaMessage]:
+        """Encode one picture; return its messages (CONFIG first when it changed)."""
+        ...
+
+    def close(self) -> None:
+        """Release the codec context."""
+        ...
+
+
+class _Packager(Protocol):
+    @property
+    def codec_string(self) -> str | None: ...
+
+    @property
+    def config_payload(self) -> bytes | None: ...
+
+    def package(self, data: bytes, key: bool, capture_time_us: int) -> list[MediaMessage]: ...
+
+
+class _PacketEncoder:
+    """A PyAV encoder whose packets a packager turns into v1 messages.
+
+    Not thread-safe, except :meth:`request_keyframe`; use one encoder from one thread.
+    """
+
+    codec_name: str = ""
+
+    def __init__(self, settings: EncoderSettings) -> None:
+        self.settings = settings
+        self._keyframe_requested = threading.Event()
+        self._next_pts = 0
+        self._packager = self._make_packager(settings)
+        self._context: Any = self._open_context(settings)
+
+    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+        raise NotImplementedError
+
+    def _options(self, settings: EncoderSettings) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _open_context(self, settings: EncoderSettings) -> Any:
+        context: Any = av.CodecContext.create(self.codec_name, "w")
+        context.width = settings.width
+        context.height = settings.height
+        context.pix_fmt = "yuv420p"
+        context.time_base = Fraction(settings.fps.denominator, settings.fps.numerator)
+        context.framerate = settings.fps
+        context.bit_rate = settings.bitrate
+        context.gop_size = settings.keyframe_interval_frames
+        context.max_b_frames = 0
+        context.thread_count = settings.threads
+        context.options = self._options(settings)
+        context.open()
+        return context
+
+    @property
+    def codec_string(self) -> str | None:
+        """The WebCodecs codec string, known after the first keyframe."""
+        return self._packager.codec_string
+
+    @property
+    def config_payload(self) -> bytes | None:
+        """The current CONFIG payload, known after the first keyframe."""
+        return self._packager.config_payload
+
+    def meta(self, **extra: Any) -> dict[str, Any] | None:
+        """The ``meta`` message for this stream, once the codec string is known."""
+        codec = self.codec_string
+        if codec is None:
+            return None
+        settings = self.settings
+        return meta_message(codec, settings.width, settings.height, float(settings.fps), **extra)
+
+    def request_keyframe(self) -> None:
+        """Make the next encoded frame a keyframe (a v1 KEY). Safe to call from any thread."""
+        self._keyframe_requested.set()
+
+    def encode(
+        self, frame: av.VideoFrame, capture_time_us: int, *, force_keyframe: bool = False
+    ) -> list[MediaMessage]:
+        """Encode one picture; return its messages (CONFIG first when it changed).
+
+        ``frame`` is converted to the configured size and yuv420p when it differs.
+        """
+        settings = self.settings
+        if (frame.width, frame.height, frame.format.name) != (
+            settings.width,
+            settings.height,
+            "yuv420p",
+        ):
+            frame = frame.reformat(settings.width, settings.height, "yuv420p")
+        if self._keyframe_requested.is_set():
+            self._keyframe_requested.clear()
+            force_keyframe = True
+        # Always set: a decoded source frame still carries its own I/P type.
+        frame.pict_type = (
+            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
+        )
+        frame.pts = self._next_pts
+        frame.time_base = self._context.time_base
+        self._next_pts += 1
+        messages: list[MediaMessage] = []
+        for packet in self._context.encode(frame):
+            messages.extend(
+                self._packager.package(bytes(packet), packet.is_keyframe, capture_time_us)
+            )
+        return messages
+
+    def close(self) -> None:
+        """Release the codec context."""
+        self._context = None
+
+
+class Vp9Encoder(_PacketEncoder):
+    """libvpx-vp9 through PyAV, producing v1 VP9 profile messages (see :mod:`.vp9`)."""
+
+    codec_name = VP9_ENCODER
+
+    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+        return Vp9Packager(settings.width, settings.height, settings.fps)
+
+    def _options(self, settings: EncoderSettings) -> dict[str, str]:
+        return {
+            "deadline": "realtime",
+            "cpu-used": "8",
+            # One packet per frame, at once, and never an invisible (alt-ref) frame.
+            "lag-in-frames": "0",
+            "auto-alt-ref": "0",
+            "row-mt": "1",
+            "keyint_min": str(settings.keyframe_interval_frames),
+            "maxrate": str(settings.bitrate),
+            "minrate": str(settings.bitrate),
+            "bufsize": str(settings.bitrate),
+        }
+
+
+class Av1Encoder(_PacketEncoder):
+    """SVT-AV1 through PyAV, producing v1 AV1 profile messages (see :mod:`.av1`)."""
+
+    codec_name = AV1_ENCODER
+
+    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+        return Av1Packager()
+
+    def _open_context(self, settings: EncoderSettings) -> Any:
+        # SVT-AV1 logs its banner and warnings to stderr; keep errors only.
+        os.environ.setdefault("SVT_LOG", "1")
+        return super()._open_context(settings)
+
+    def _options(self, settings: EncoderSettings) -> dict[str, str]:
+        return {
+            "preset": str(AV1_PRESET),
+            # rtc: real-time mode (low-delay prediction, no lookahead); rc=2: CBR;
+            # scd=0: keyframes only at GOP boundaries and on request.
+            "svtav1-params": "rtc=1:rc=2:pred-struct=1:scd=0",
+        }
+
+    def close(self) -> None:
+        """Drain and release the codec context (SVT-AV1 wants an end of stream first)."""
+        context = self._context
+        self._context = None
+        if context is not None:
+            try:
+                context.encode(None)
+            except av.FFmpegError:
+                pass  # closing anyway
+
+
+def create_encoder(codec: str, settings: EncoderSettings) -> VideoEncoder:
+    """The encoder for ``codec`` (one of :data:`CODECS`)."""
+    if codec == "h264":
+        return H264Encoder(settings)
+    if codec == "vp9":
+        return Vp9Encoder(settings)
+    if codec == "av1":
+        return Av1Encoder(settings)
+    raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
