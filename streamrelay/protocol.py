@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import logs, wire
+from streamrelay.adaptive import watch_adaptive
 from streamrelay.context import RelayContext
 from streamrelay.fastwrite import FrameWriter, writer_for
 from streamrelay.inbound import (
@@ -579,6 +580,8 @@ class ViewerProtocol(RelayProtocol):
     """``/watch/{stream}``: status, meta and media out; keyframe requests in."""
 
     role = Role.VIEWER
+    # ``?abr=1`` (set by the web gate): adaptive delivery (streamrelay.adaptive).
+    abr = False
 
     # What write_frame reads for every message, kept beside the object's header rather
     # than in its (large) attribute dict; ``state`` is Autobahn's, whose assignments
@@ -603,9 +606,12 @@ class ViewerProtocol(RelayProtocol):
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         if self._perMessageCompress is None:
             self._write = writer_for(self.transport)
-        result = self.context.registry.watch(
-            self.stream_name, self, self.client_host or peer_host(self.transport.getPeer())
-        )
+        registry = self.context.registry
+        address = self.client_host or peer_host(self.transport.getPeer())
+        if self.abr:
+            result = watch_adaptive(registry, self.stream_name, self, address)
+        else:
+            result = registry.watch(self.stream_name, self, address)
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return

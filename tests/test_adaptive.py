@@ -1,0 +1,292 @@
+"""Switching an adaptive viewer between renditions (streamrelay.adaptive) on the
+network-free core: a Clock, fake publishers and viewers, no sockets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from streamrelay.adaptive import AdaptiveSession, watch_adaptive
+from streamrelay.streams import PublisherSession, ViewerSession
+from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, encode_media, parse_media
+from tests.test_abr import SET
+from tests.test_streams import Core, FakePublisher, FakeViewer
+
+STREAMS = ["cam", "cam~360p", "cam~180p"]
+LIMIT = 400_000
+SETTINGS = AdaptiveSession.settings
+
+
+def message(flags: int, rendition: int, number: int, size: int = 200) -> MediaMessage:
+    """A media message whose capture time tells its rendition and number."""
+    tag = rendition * 1_000_000 + number
+    return parse_media(encode_media(flags, tag, bytes([rendition]) * (size - 9)))
+
+
+def rendition_of(tag: int) -> int:
+    return tag // 1_000_000
+
+
+class Renditions:
+    """Three GOP-aligned rendition publishers on one core, and adaptive viewers."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.core = Core(viewer_queue_bytes=LIMIT, **overrides)
+        self.publishers: list[tuple[PublisherSession, FakePublisher]] = [
+            self.core.publish(name) for name in STREAMS
+        ]
+        self.frame = 0
+        for index, (session, _) in enumerate(self.publishers):
+            meta = {"type": "meta", "width": SET[index]["width"], "rendition": SET[index]["name"],
+                    "renditions": SET}  # fmt: skip
+            session.meta(json.dumps(meta).encode())
+        self.frames(key=True)
+
+    def frames(self, key: bool = False, sizes: tuple[int, ...] = (6000, 2000, 700)) -> None:
+        """One source frame in every rendition (CONFIG first when ``key``)."""
+        self.frame += 1
+        for index, (session, _) in enumerate(self.publishers):
+            if key:
+                session.media(message(FLAG_CONFIG, index, self.frame, 40))
+                session.media(message(FLAG_KEY, index, self.frame, sizes[index] * 3))
+            else:
+                session.media(message(0, index, self.frame, sizes[index]))
+
+    def watch(self, name: str = "cam") -> tuple[ViewerSession, FakeViewer]:
+        sink = FakeViewer()
+        session = watch_adaptive(self.core.registry, name, sink, "10.0.0.1")
+        assert isinstance(session, ViewerSession), session
+        return session, sink
+
+    def viewers_of(self, name: str) -> int:
+        stream = self.core.registry.streams.get(name)
+        return len(stream.viewers) if stream is not None else 0
+
+    def tick(self, seconds: float, fps: int = 20, gop: int | None = None) -> None:
+        """``seconds`` of source frames at ``fps``, the clock advancing between them; a
+        KEY in every rendition each ``gop`` frames (None: none)."""
+        for _ in range(round(seconds * fps)):
+            self.core.clock.advance(1 / fps)
+            self.frames(key=gop is not None and self.frame % gop == 0)
+
+
+def renditions_seen(viewer: FakeViewer) -> list[int]:
+    """The rendition of every media message received, in order."""
+    return [rendition_of(tag) for tag in viewer.media()]
+
+
+def announcements(viewer: FakeViewer) -> list[dict[str, Any]]:
+    return [text for text in viewer.texts() if text.get("type") == "rendition"]
+
+
+def assert_clean_switches(viewer: FakeViewer) -> None:
+    """Never a P-frame of one rendition after a KEY of another; every rendition change
+    begins with that rendition's CONFIG, then its KEY, announced before."""
+    current = None
+    announced = None
+    for is_binary, payload in viewer.frames:
+        if not is_binary:
+            text = json.loads(payload)
+            if text.get("type") == "rendition":
+                announced = STREAMS.index(text["stream"])
+            continue
+        media = parse_media(payload)
+        rendition = rendition_of(media.capture_time_us)
+        if media.is_config:
+            assert current is None or rendition == current or rendition == announced
+            if rendition != current:
+                assert rendition == announced, "a CONFIG of a rendition not announced"
+                current = rendition
+                awaiting_key = True
+            continue
+        assert rendition == current, f"media of {rendition} while on {current}"
+        if media.is_key:
+            awaiting_key = False
+        assert not awaiting_key, "a P-frame before the new rendition's KEY"
+
+
+def back_up(session: ViewerSession, renditions: Renditions, seconds: float) -> None:
+    """The viewer's transport is full for ``seconds`` of frames."""
+    session.queue.pause_producing()
+    renditions.tick(seconds)
+
+
+def test_an_adaptive_viewer_starts_on_the_top_rendition_and_is_told() -> None:
+    """``rendition`` (reason start) comes before the meta and the first CONFIG."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    assert isinstance(session, AdaptiveSession)
+    texts = viewer.texts()
+    assert texts[0] == {"type": "status", "state": "live"}
+    assert texts[1]["type"] == "rendition" and texts[1]["reason"] == "start"
+    assert texts[1]["stream"] == "cam" and texts[1]["width"] == 1280
+    assert texts[2]["type"] == "meta"
+    assert renditions_seen(viewer) == [0, 0]
+
+
+def test_a_viewer_that_falls_behind_steps_down_at_a_key_before_any_drop() -> None:
+    """Backed up: the relay asks the lower rendition for a KEY, switches there, and the
+    viewer gets the old backlog, then rendition/meta/CONFIG/KEY of the new one; no drop
+    episode, no P-frame of the old one after the new KEY; the counts follow."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    requests_before = len(renditions.publishers[1][1].keyframe_requests) + len(
+        renditions.publishers[2][1].keyframe_requests
+    )
+    back_up(session, renditions, 2.0)
+    assert session.stream.name == "cam"  # waiting for the target's KEY
+    requests_after = len(renditions.publishers[1][1].keyframe_requests) + len(
+        renditions.publishers[2][1].keyframe_requests
+    )
+    assert requests_after > requests_before
+    renditions.frames(key=True)
+    assert session.stream.name != "cam"
+    assert renditions.viewers_of("cam") == 0
+    assert renditions.viewers_of(session.stream.name) == 1
+    session.queue.resume_producing()
+    renditions.tick(1.0)
+    assert session.queue.dropped_total == 0
+    assert session.queue.skip_episodes == 0
+    assert not any(text.get("type") == "dropped" for text in viewer.texts())
+    assert_clean_switches(viewer)
+    down = announcements(viewer)[-1]
+    assert down["reason"] == "down" and down["stream"] == session.stream.name
+    assert set(renditions_seen(viewer)) == {0, STREAMS.index(session.stream.name)}
+
+
+def test_after_headroom_the_viewer_steps_back_up_one_rendition_at_a_time() -> None:
+    """On the lowest rendition with nothing queued for the up hold (and no recent
+    capacity measurement holding it down), the viewer steps up at the next natural KEY."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    back_up(session, renditions, 2.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    reached = session.stream.name
+    assert reached != "cam"
+    # Calm long enough for the hold and for the old measurement to expire, with a
+    # natural KEY every two seconds.
+    renditions.tick(SETTINGS.estimate_ttl + SETTINGS.up_hold + 2, gop=40)
+    assert STREAMS.index(session.stream.name) == STREAMS.index(reached) - 1
+    assert announcements(viewer)[-1]["reason"] == "up"
+    renditions.tick(0.5)
+    assert_clean_switches(viewer)
+    assert session.queue.skip_episodes == 0
+
+
+def test_a_plain_viewer_is_not_adaptive_and_sees_only_its_stream() -> None:
+    """Without abr: a plain session, no ``rendition`` message, only its own stream's
+    media, and a drop to keyframe as before when it backs up."""
+    renditions = Renditions()
+    session, viewer = renditions.core.watch("cam")
+    assert type(session) is ViewerSession
+    back_up(session, renditions, 6.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    renditions.frames(key=True)
+    assert session.stream.name == "cam"
+    assert announcements(viewer) == []
+    assert set(renditions_seen(viewer)) == {0}
+    assert session.queue.skip_episodes == 1
+
+
+def test_abr_on_a_rendition_name_watches_it_plainly() -> None:
+    """``/watch/cam~180p?abr=1``: that stream, not adaptive."""
+    renditions = Renditions()
+    session, viewer = renditions.watch("cam~180p")
+    assert type(session) is ViewerSession
+    assert set(renditions_seen(viewer)) == {2}
+
+
+def test_on_the_lowest_rendition_the_drop_to_keyframe_applies_unchanged() -> None:
+    """Nothing lower to go to: the viewer skips to the next KEY with ``dropped``."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    session.queue.pause_producing()
+    renditions.tick(8.0, gop=40)
+    assert session.stream.name == "cam~180p"
+    back_up(session, renditions, 30.0)
+    assert session.queue.skipping
+    session.queue.resume_producing()
+    renditions.frames(key=True)
+    assert any(text.get("type") == "dropped" for text in viewer.texts())
+    assert session.stream.name == "cam~180p"
+    assert_clean_switches(viewer)
+
+
+def test_a_stream_without_renditions_keeps_an_adaptive_viewer_on_it() -> None:
+    """abr on a stream whose meta announces no set: a plain v1 viewer in effect."""
+    core = Core(viewer_queue_bytes=LIMIT)
+    publisher, _ = core.publish("solo")
+    publisher.meta(b'{"type":"meta","width":640}')
+    sink = FakeViewer()
+    session = watch_adaptive(core.registry, "solo", sink, None)
+    assert isinstance(session, AdaptiveSession)
+    publisher.media(message(FLAG_CONFIG, 0, 1, 40))
+    publisher.media(message(FLAG_KEY, 0, 1, 3000))
+    session.queue.pause_producing()
+    for number in range(2, 200):
+        core.clock.advance(0.05)
+        publisher.media(message(0, 0, number, 3000))
+    assert session.stream.name == "solo"
+    assert not any(text.get("type") == "rendition" for text in sink.texts())
+
+
+def test_a_malformed_set_leaves_the_stream_plain() -> None:
+    """A meta whose set is malformed is ignored: no renditions, no crash."""
+    core = Core()
+    publisher, _ = core.publish("cam")
+    bad = [dict(entry) for entry in SET]
+    bad[1]["bitrate"] = -1
+    publisher.meta(json.dumps({"type": "meta", "renditions": bad}).encode())
+    assert core.registry.streams["cam"].renditions is None
+    publisher.meta(json.dumps({"type": "meta", "renditions": SET}).encode())
+    assert core.registry.streams["cam"].renditions is not None
+
+
+def test_a_switch_whose_target_sends_no_key_is_given_up() -> None:
+    """No KEY on the target within the switch timeout: the viewer stays, the target no
+    longer holds it, and a later decision may try again."""
+    renditions = Renditions()
+    session, _viewer = renditions.watch()
+    back_up(session, renditions, 1.5)
+    target = next(
+        stream for stream in renditions.core.registry.streams.values() if stream.switchers
+    )
+    renditions.tick(SETTINGS.switch_timeout + 0.5)
+    assert not target.switchers or session.stream.name == "cam"
+    assert session.stream.name == "cam"
+
+
+def test_closing_during_a_switch_leaves_nothing_behind() -> None:
+    """A viewer gone while waiting for the target's KEY: no switcher, no viewer, no
+    timer left."""
+    renditions = Renditions()
+    session, _viewer = renditions.watch()
+    back_up(session, renditions, 2.0)
+    registry = renditions.core.registry
+    assert any(stream.switchers for stream in registry.streams.values())
+    session.close()
+    assert not any(stream.switchers for stream in registry.streams.values())
+    assert registry.viewer_count == 0
+    assert renditions.core.clock.getDelayedCalls() == [] or all(
+        not call.active() or call.func.__qualname__.startswith("Throttle")
+        for call in renditions.core.clock.getDelayedCalls()
+    )
+
+
+def test_the_viewer_counts_sent_to_each_rendition_follow_the_viewer() -> None:
+    """The publisher of the rendition the viewer is on is told 1, the others 0: the
+    publisher's sum stays right."""
+    renditions = Renditions()
+    session, _viewer = renditions.watch()
+    renditions.tick(0.5)
+    assert renditions.publishers[0][1].counts[-1][1] == 1
+    back_up(session, renditions, 2.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    renditions.tick(0.5)
+    on = STREAMS.index(session.stream.name)
+    counts = [publisher.counts[-1][1] if publisher.counts else 0
+              for _, publisher in renditions.publishers]  # fmt: skip
+    assert counts[on] == 1 and sum(counts) == 1
