@@ -124,8 +124,10 @@ class AbrSettings:
     # After a switch, no step down for this long unless urgent (the previous
     # rendition's backlog drains first).
     down_hold: float = 1.5
-    # Seconds with nothing queued before a step up (doubled by each failed probe, up to
-    # the maximum).
+    # Less backlog than this many seconds of the current rendition is headroom.
+    calm_seconds: float = 0.2
+    # Seconds of headroom before a step up (doubled by each failed probe, up to the
+    # maximum).
     up_hold: float = 6.0
     up_hold_max: float = 96.0
     up_margin: float = 1.25
@@ -144,8 +146,11 @@ class Observation:
     """One look at a viewer's queue."""
 
     now: float
-    queued: int  # bytes the relay holds for the viewer (its transport is full)
-    sent: int  # bytes handed to the transport so far
+    # Bytes held for the viewer and not sent yet: in its queue, in the transport's
+    # buffer and in the kernel's send buffer.
+    queued: int
+    # Bytes that left towards the viewer so far (handed over minus still held).
+    sent: int
     skipping: bool  # in a drop episode
 
 
@@ -205,7 +210,9 @@ class AbrPolicy:
     def observe(self, seen: Observation) -> Decision | None:
         """Take one observation; the switch to start now, if any."""
         self._measure(seen)
-        if seen.queued == 0 and not seen.skipping:
+        rendition = self.rendition
+        calm_bytes = rendition.bitrate / 8 * self.settings.calm_seconds if rendition else 0
+        if seen.queued <= calm_bytes and not seen.skipping:
             if self._headroom_since is None:
                 self._headroom_since = seen.now
         else:

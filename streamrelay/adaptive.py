@@ -15,6 +15,7 @@ it is on.  On an edge relay a target that is not pulled yet is pulled for the sw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -34,7 +35,7 @@ class AdaptiveSession(ViewerSession):
     """A viewer's handle that follows the rendition the policy chooses; ``stream`` is
     the rendition it is on."""
 
-    __slots__ = ("_base", "_pending", "_policy", "_ticker", "_timeout", "announced")
+    __slots__ = ("_base", "_pending", "_policy", "_ticker", "_timeout", "_unsent", "announced")
 
     # Tests may replace the policy's thresholds.
     settings = AbrSettings()
@@ -51,6 +52,9 @@ class AdaptiveSession(ViewerSession):
         self._pending: tuple[Stream, Decision] | None = None
         self._timeout: IDelayedCall | None = None
         self._ticker: IDelayedCall | None = None
+        # The bytes the viewer's kernel socket holds unsent, where the sink can tell: a
+        # backlog that the queue alone cannot see (a send buffer grows to megabytes).
+        self._unsent: Callable[[], int] | None = getattr(sink, "unsent_bytes", None)
         intro = None
         if stream.renditions and self._policy.set_renditions(stream.renditions, stream.name):
             intro = self._announcement(self._policy.renditions[0], "start", registry)
@@ -103,8 +107,15 @@ class AdaptiveSession(ViewerSession):
             return
         self._learn_renditions()
         queue = self.queue
+        # Beyond the queue: the transport's buffer (estimated) and the kernel's.
+        below = queue.backlog_bytes - queue.queued_bytes
+        if self._unsent is not None:
+            below += self._unsent()
         seen = Observation(
-            self._registry.clock.seconds(), queue.queued_bytes, queue.bytes_sent, queue.skipping
+            self._registry.clock.seconds(),
+            queue.queued_bytes + below,
+            queue.bytes_sent - below,
+            queue.skipping,
         )
         decision = self._policy.observe(seen)
         if decision is not None:

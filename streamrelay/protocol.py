@@ -22,6 +22,7 @@ hook into Autobahn's parser here, next to the other Autobahn overrides.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from types import FunctionType
 from typing import Any, cast
@@ -66,6 +67,31 @@ from streamrelay.wire import WireError
 _log = Logger(observer=logs.limited)
 
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the kernel's send queue is not read
+    fcntl = None  # type: ignore[assignment]
+
+# Linux's ioctl for the bytes a socket holds and has not sent yet (linux/sockios.h).
+_SIOCOUTQNSD = 0x894B
+
+
+def kernel_unsent_bytes(transport: Any) -> int:
+    """Bytes the kernel holds for the peer and has not sent yet (0 where unknown: not
+    Linux, not a socket).  A TLS transport is read through the TCP transport it wraps."""
+    if fcntl is None:
+        return 0
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if candidate is None:
+            continue
+        try:
+            fileno = candidate.getHandle().fileno()
+            raw = fcntl.ioctl(fileno, _SIOCOUTQNSD, b"\0\0\0\0")
+        except Exception:  # noqa: BLE001 - no socket to ask: try the next, or none
+            continue
+        return max(0, int(struct.unpack("i", raw)[0]))
+    return 0
 
 # What Autobahn's server handshake stores on the protocol and never reads after it.
 _HANDSHAKE_LEFTOVERS = (
@@ -646,6 +672,11 @@ class ViewerProtocol(RelayProtocol):
                 return writer.write(payload)
             self.sendPreparedMessage(frame)
         return None
+
+    def unsent_bytes(self) -> int:
+        """What the kernel holds for this viewer unsent (read by adaptive sessions only,
+        a few times a second)."""
+        return kernel_unsent_bytes(self.transport) if self.transport is not None else 0
 
     def stalled(self) -> None:
         """No write progress for the stall timeout: close with 1008."""

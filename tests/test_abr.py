@@ -92,9 +92,8 @@ def _with(index: int, **changes: Any) -> list[dict[str, Any]]:
         "not a list",
         [],
         SET[:1],  # one rendition is no set
-        [dict(SET[0])] + [
-            {**SET[1], "name": f"r{i}", "stream": f"cam~r{i}"} for i in range(MAX_RENDITIONS)
-        ],
+        [dict(SET[0])]
+        + [{**SET[1], "name": f"r{i}", "stream": f"cam~r{i}"} for i in range(MAX_RENDITIONS)],
         _with(1, stream="other~360p"),  # another base's rendition
         _with(1, stream="cam~bad.label"),
         _with(1, name="bad name"),

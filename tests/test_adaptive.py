@@ -269,10 +269,8 @@ def test_closing_during_a_switch_leaves_nothing_behind() -> None:
     session.close()
     assert not any(stream.switchers for stream in registry.streams.values())
     assert registry.viewer_count == 0
-    assert renditions.core.clock.getDelayedCalls() == [] or all(
-        not call.active() or call.func.__qualname__.startswith("Throttle")
-        for call in renditions.core.clock.getDelayedCalls()
-    )
+    # The session's own timers (observation, switch timeout) are gone.
+    assert session._ticker is None and session._timeout is None  # type: ignore[attr-defined]
 
 
 def test_the_viewer_counts_sent_to_each_rendition_follow_the_viewer() -> None:
@@ -290,3 +288,30 @@ def test_the_viewer_counts_sent_to_each_rendition_follow_the_viewer() -> None:
     counts = [publisher.counts[-1][1] if publisher.counts else 0
               for _, publisher in renditions.publishers]  # fmt: skip
     assert counts[on] == 1 and sum(counts) == 1
+
+
+class KernelHeldViewer(FakeViewer):
+    """A viewer whose kernel send buffer holds ``unsent`` bytes (the queue sees none)."""
+
+    unsent = 0
+
+    def unsent_bytes(self) -> int:
+        return self.unsent
+
+
+def test_a_backlog_held_in_the_kernel_steps_down_too() -> None:
+    """The queue is empty but the socket's send buffer grows (a kernel that buffers
+    megabytes): the session reads it from the sink and steps down all the same."""
+    renditions = Renditions()
+    sink = KernelHeldViewer()
+    session = watch_adaptive(renditions.core.registry, "cam", sink, None)
+    assert isinstance(session, AdaptiveSession)
+    for _ in range(60):
+        sink.unsent += 4000  # 80 kB/s more than the link takes
+        renditions.tick(0.05, gop=None)
+        if any(stream.switchers for stream in renditions.core.registry.streams.values()):
+            break
+    assert session.queue.queued_bytes == 0
+    renditions.frames(key=True)
+    assert session.stream.name != "cam"
+    assert announcements(sink)[-1]["reason"] == "down"
