@@ -60,7 +60,19 @@ class AdaptiveSession(ViewerSession):
             intro = self._announcement(self._policy.renditions[0], "start", registry)
         self.announced = intro is not None
         super().__init__(registry, stream, sink, address, intro=intro)
-        self._schedule()
+        if self.announced:
+            self._schedule()
+        else:
+            self._wait_for_a_set()
+
+    def _wait_for_a_set(self) -> None:
+        # No timer while the base announces no set: a plain stream costs nothing more.
+        self.stream.set_listeners[self._sink] = self._set_known
+
+    def _set_known(self) -> None:
+        if not self.closed and self._ticker is None:
+            self._learn_renditions()
+            self._schedule()
 
     @staticmethod
     def _announcement(
@@ -85,7 +97,10 @@ class AdaptiveSession(ViewerSession):
         try:
             self._observe()
         finally:
-            self._schedule()
+            if self._policy.renditions:
+                self._schedule()
+            elif not self.closed:
+                self._wait_for_a_set()
 
     def _learn_renditions(self) -> None:
         base = self._registry.streams.get(self._base)
@@ -106,6 +121,8 @@ class AdaptiveSession(ViewerSession):
         if self.closed:
             return
         self._learn_renditions()
+        if not self._policy.renditions:
+            return
         queue = self.queue
         # Beyond the queue: the transport's buffer (estimated) and the kernel's.
         below = queue.backlog_bytes - queue.queued_bytes
@@ -172,9 +189,13 @@ class AdaptiveSession(ViewerSession):
         pending = self._pending
         if pending is None or pending[0] is not target or self.closed:
             return
+        old = self.stream
+        if key.capture_time_us < old.latest_capture_us:
+            # An older KEY (an edge's new pull starts with its upstream's cached GOP):
+            # the viewer would go back in time; the next one will do.
+            return
         decision = pending[1]
         self._end_wait()
-        old = self.stream
         queue = old.release_viewer(self._sink)
         if queue is None:
             return
@@ -205,6 +226,7 @@ class AdaptiveSession(ViewerSession):
         if self._ticker is not None and self._ticker.active():
             self._ticker.cancel()
         self._ticker = None
+        self.stream.set_listeners.pop(self._sink, None)
         target = self._end_wait()
         self.closed = True
         registry = self._registry

@@ -133,6 +133,10 @@ class Stream:
         # and the adaptive viewers waiting for this stream's next KEY to switch to it.
         self.renditions: tuple[Rendition, ...] | None = None
         self.switchers: dict[ViewerSink, SwitchAtKey] = {}
+        # Adaptive viewers idle until this base stream announces a set (called once).
+        self.set_listeners: dict[ViewerSink, Callable[[], None]] = {}
+        # The capture time of the latest media message (a switch never goes back in time).
+        self.latest_capture_us = 0
         self.messages_in = 0
         self.bytes_in = 0
         self.keyframes = 0
@@ -195,7 +199,7 @@ class Stream:
         else:
             self._broadcast_status("live")
         self._viewer_count_updates.request()
-        if any(queue.waiting_for_key for queue in self.viewers.values()):
+        if self.switchers or any(queue.waiting_for_key for queue in self.viewers.values()):
             self.need_keyframe()
 
     def detach_publisher(self, link: PublisherLink) -> None:
@@ -218,6 +222,7 @@ class Stream:
         self._broadcast_status("offline")
 
     def publish_media(self, message: MediaMessage) -> None:
+        self.latest_capture_us = message.capture_time_us
         self.messages_in += 1
         self.bytes_in += message.size
         if message.is_key:
@@ -238,6 +243,10 @@ class Stream:
         self.meta = (frame, len(raw))
         if base_name(self.name) == self.name:
             self.renditions = renditions_of(raw, self.name)
+            if self.renditions is not None and self.set_listeners:
+                listeners, self.set_listeners = self.set_listeners, {}
+                for listener in listeners.values():
+                    listener()
         for queue in list(self.viewers.values()):
             queue.send_text(frame, len(raw), "meta")
 

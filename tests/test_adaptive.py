@@ -18,13 +18,13 @@ SETTINGS = AdaptiveSession.settings
 
 
 def message(flags: int, rendition: int, number: int, size: int = 200) -> MediaMessage:
-    """A media message whose capture time tells its rendition and number."""
-    tag = rendition * 1_000_000 + number
-    return parse_media(encode_media(flags, tag, bytes([rendition]) * (size - 9)))
+    """A media message of source frame ``number`` (its capture time, the same in every
+    rendition, as the renditions contract says) whose payload bytes tell its rendition."""
+    return parse_media(encode_media(flags, number, bytes([rendition]) * (size - 9)))
 
 
-def rendition_of(tag: int) -> int:
-    return tag // 1_000_000
+def rendition_of(media: MediaMessage) -> int:
+    return media.data[9]
 
 
 class Renditions:
@@ -72,7 +72,7 @@ class Renditions:
 
 def renditions_seen(viewer: FakeViewer) -> list[int]:
     """The rendition of every media message received, in order."""
-    return [rendition_of(tag) for tag in viewer.media()]
+    return [rendition_of(parse_media(payload)) for is_binary, payload in viewer.frames if is_binary]
 
 
 def announcements(viewer: FakeViewer) -> list[dict[str, Any]]:
@@ -84,6 +84,7 @@ def assert_clean_switches(viewer: FakeViewer) -> None:
     begins with that rendition's CONFIG, then its KEY, announced before."""
     current = None
     announced = None
+    latest = 0
     for is_binary, payload in viewer.frames:
         if not is_binary:
             text = json.loads(payload)
@@ -91,7 +92,9 @@ def assert_clean_switches(viewer: FakeViewer) -> None:
                 announced = STREAMS.index(text["stream"])
             continue
         media = parse_media(payload)
-        rendition = rendition_of(media.capture_time_us)
+        rendition = rendition_of(media)
+        assert media.capture_time_us >= latest, "a switch went back in time"
+        latest = media.capture_time_us
         if media.is_config:
             assert current is None or rendition == current or rendition == announced
             if rendition != current:
@@ -230,6 +233,26 @@ def test_a_stream_without_renditions_keeps_an_adaptive_viewer_on_it() -> None:
         publisher.media(message(0, 0, number, 3000))
     assert session.stream.name == "solo"
     assert not any(text.get("type") == "rendition" for text in sink.texts())
+    # No observation timer while no set is announced: it costs a plain viewer's nothing.
+    assert session._ticker is None  # type: ignore[attr-defined]
+
+
+def test_a_set_announced_later_starts_adaptation() -> None:
+    """An adaptive viewer that joined before the set was known is told its rendition
+    (start) when the base's meta announces one, and is observed from then on."""
+    core = Core(viewer_queue_bytes=LIMIT)
+    publisher, _ = core.publish("cam")
+    sink = FakeViewer()
+    session = watch_adaptive(core.registry, "cam", sink, None)
+    assert isinstance(session, AdaptiveSession)
+    assert session._ticker is None  # type: ignore[attr-defined]
+    publisher.meta(json.dumps({"type": "meta", "renditions": SET}).encode())
+    starts = announcements(sink)
+    assert [s["reason"] for s in starts] == ["start"] and starts[0]["stream"] == "cam"
+    assert session._ticker is not None  # type: ignore[attr-defined]
+    assert session.rendition is not None and session.rendition.stream == "cam"
+    session.close()
+    assert session._ticker is None  # type: ignore[attr-defined]
 
 
 def test_a_malformed_set_leaves_the_stream_plain() -> None:
@@ -315,3 +338,25 @@ def test_a_backlog_held_in_the_kernel_steps_down_too() -> None:
     renditions.frames(key=True)
     assert session.stream.name != "cam"
     assert announcements(sink)[-1]["reason"] == "down"
+
+
+def test_a_key_older_than_what_the_viewer_saw_does_not_switch_it() -> None:
+    """A target KEY captured before the latest frame of the viewer's rendition (an edge's
+    fresh pull replays its upstream's cached GOP) is passed over; the next live KEY
+    switches."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    back_up(session, renditions, 2.0)
+    target_name = next(
+        name for name, stream in renditions.core.registry.streams.items() if stream.switchers
+    )
+    target = renditions.core.registry.streams[target_name]
+    index = STREAMS.index(target_name)
+    target_session = renditions.publishers[index][0]
+    target_session.media(message(FLAG_KEY, index, renditions.frame - 5, 900))
+    assert session.stream.name == "cam"
+    renditions.frames(key=True)
+    assert session.stream is target
+    session.queue.resume_producing()
+    renditions.tick(0.5)
+    assert_clean_switches(viewer)
