@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import av
@@ -24,6 +25,7 @@ from tests.support.renditions import (
     encode_renditions,
 )
 from tests.support.throttle import Throttle
+from tests.support.tokens import write_secret
 from tests.support.waiting import run
 from tests.support.ws_client import SUBPROTOCOL, ws_connect
 
@@ -128,6 +130,25 @@ def test_a_throttled_adaptive_viewer_steps_down_keeps_its_picture_and_steps_back
     steps back up.  Figures: time to step down, time to step up, frames lost around
     each switch."""
     relay: RelayProcess = start_relay(*RELAY_ARGUMENTS)
+    throttled_viewer(relay, relay, "renditions_throttled_viewer")
+
+
+@pytest.mark.timeout(240)
+def test_an_adaptive_viewer_of_an_edge_switches_between_renditions_it_pulls(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """The same through an edge relay (``--upstream``): the publisher on the origin, the
+    viewer on the edge, which pulls each rendition as its own stream when the viewer
+    switches to it; the switch is as clean as on the origin."""
+    secret = str(write_secret(tmp_path, "relay.key", b"renditions-test-relay-secret"))
+    origin = start_relay("--relay-secret-file", secret, *RELAY_ARGUMENTS)
+    edge = start_relay("--relay-secret-file", secret, "--upstream", origin.ws_url, *RELAY_ARGUMENTS)
+    throttled_viewer(origin, edge, "renditions_throttled_viewer_on_an_edge")
+
+
+def throttled_viewer(origin: RelayProcess, relay: RelayProcess, figure: str) -> None:
+    """Publish three renditions to ``origin``, watch adaptively from ``relay`` through a
+    throttle, and check the step down, the picture, the step up (see above)."""
     renditions = encode_renditions("cam", SPECS, 4 * GOP, FPS, GOP)
     top, middle = renditions[0].bitrate, renditions[1].bitrate
     # Between the middle rendition (with the policy's margin) and the top one.
@@ -138,7 +159,7 @@ def test_a_throttled_adaptive_viewer_steps_down_keeps_its_picture_and_steps_back
                                "limit_bps": limit_bps}  # fmt: skip
 
     async def scenario() -> None:
-        publisher = await RenditionPublisher(relay.ws_url, renditions, FPS, GOP).start()
+        publisher = await RenditionPublisher(origin.ws_url, renditions, FPS, GOP).start()
         captures = publisher.captures
         throttle = await Throttle(relay.port, None).start()
         received = Received()
@@ -200,7 +221,7 @@ def test_a_throttled_adaptive_viewer_steps_down_keeps_its_picture_and_steps_back
         assert all(count == 0 for count in lost), lost
 
     run(scenario(), timeout=200)
-    print(record_figure("renditions_throttled_viewer", **figures))
+    print(record_figure(figure, **figures))
 
 
 def _switches(
