@@ -123,6 +123,13 @@ class AdaptiveSession(ViewerSession):
         self._learn_renditions()
         if not self._policy.renditions:
             return
+        if not self.stream.live and self._pending is None:
+            # The rendition's own publisher left (the others may still be live): move
+            # to the nearest live one rather than wait on an offline stream.
+            refuge = self._live_refuge()
+            if refuge is not None:
+                self._begin(refuge, urgent=True)
+            return
         queue = self.queue
         # Beyond the queue: the transport's buffer (estimated) and the kernel's.
         below = queue.backlog_bytes - queue.queued_bytes
@@ -138,9 +145,21 @@ class AdaptiveSession(ViewerSession):
         if decision is not None:
             self._begin(decision)
 
+    def _live_refuge(self) -> Decision | None:
+        """The nearest rendition live here, lower ones first, or None."""
+        policy = self._policy
+        streams = self._registry.streams
+        order = list(range(policy.current + 1, len(policy.renditions)))
+        order += list(range(policy.current - 1, -1, -1))
+        for index in order:
+            stream = streams.get(policy.renditions[index].stream)
+            if stream is not None and stream.live:
+                return Decision(index, "down" if index > policy.current else "up")
+        return None
+
     # -- switching -------------------------------------------------------------------
 
-    def _begin(self, decision: Decision) -> None:
+    def _begin(self, decision: Decision, urgent: bool = False) -> None:
         registry = self._registry
         rendition = self._policy.renditions[decision.index]
         if rendition.stream == self.stream.name:
@@ -155,7 +174,7 @@ class AdaptiveSession(ViewerSession):
         self._pending = (target, decision)
         target.switchers[self._sink] = self._at_key
         registry._want_pull(target)
-        if decision.reason == "down":
+        if decision.reason == "down" or urgent:
             # Renditions are GOP-aligned: the KEY asked for comes in every rendition.
             target.need_keyframe()
         self._timeout = registry.clock.callLater(self.settings.switch_timeout, self._give_up)
@@ -200,7 +219,12 @@ class AdaptiveSession(ViewerSession):
         if queue is None:
             return
         rendition = self._policy.renditions[decision.index]
-        frame_size = self._announcement(rendition, decision.reason, self._registry)
+        registry = self._registry
+        if not old.live:
+            # The viewer was told its rendition went offline: the new one is live.
+            status, status_size = registry.status_frame("live")
+            queue.send_text(status, status_size, "status")
+        frame_size = self._announcement(rendition, decision.reason, registry)
         queue.send_text(frame_size[0], frame_size[1], "rendition")
         if target.meta is not None:
             queue.send_text(target.meta[0], target.meta[1], "meta")

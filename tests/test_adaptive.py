@@ -360,3 +360,27 @@ def test_a_key_older_than_what_the_viewer_saw_does_not_switch_it() -> None:
     session.queue.resume_producing()
     renditions.tick(0.5)
     assert_clean_switches(viewer)
+
+
+def test_a_viewer_whose_rendition_goes_offline_moves_to_a_live_one() -> None:
+    """The lower rendition's publisher leaves while the others stay: the viewer, told
+    ``offline``, is moved to the nearest live rendition at once (a KEY is asked for) and
+    told ``live`` again before the switch."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    back_up(session, renditions, 2.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    on = STREAMS.index(session.stream.name)
+    assert on > 0
+    renditions.publishers[on][0].close()
+    live = [(index, pair) for index, pair in enumerate(renditions.publishers) if index != on]
+    asked = sum(len(link.keyframe_requests) for _, (_, link) in live)
+    renditions.core.clock.advance(SETTINGS.interval * 2)
+    assert sum(len(link.keyframe_requests) for _, (_, link) in live) > asked
+    for index, (publisher, _) in live:
+        publisher.media(message(FLAG_KEY, index, renditions.frame + 1, 900))
+    assert session.stream.live and session.stream.name != STREAMS[on]
+    states = [text["state"] for text in viewer.texts() if text["type"] == "status"]
+    assert states[-2:] == ["offline", "live"]
+    assert_clean_switches(viewer)
