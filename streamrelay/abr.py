@@ -112,8 +112,10 @@ def parse_renditions(meta: Mapping[str, Any], base: str) -> tuple[Rendition, ...
 class AbrSettings:
     """The policy's thresholds (seconds, fractions, factors)."""
 
-    # How often a viewer's queue is observed.
-    interval: float = 0.25
+    # How often a viewer's queue is observed.  One observation costs ~4 us, its ioctl
+    # included, plus its timer (measured on CPython 3.11): 10,000 adaptive viewers at
+    # 2 Hz take roughly a tenth of a core.
+    interval: float = 0.5
     # Queued bytes over this fraction of the queue bound: step down at once (the drop
     # to keyframe fires at the whole bound).
     down_fraction: float = 0.25

@@ -56,8 +56,10 @@ class AdaptiveSession(ViewerSession):
         # backlog that the queue alone cannot see (a send buffer grows to megabytes).
         self._unsent: Callable[[], int] | None = getattr(sink, "unsent_bytes", None)
         intro = None
-        if stream.renditions and self._policy.set_renditions(stream.renditions, stream.name):
-            intro = self._announcement(self._policy.renditions[0], "start", registry)
+        policy = self._policy
+        if stream.renditions and policy.set_renditions(stream.renditions, stream.name):
+            assert policy.rendition is not None
+            intro = self._announcement(policy.rendition, "start", registry)
         self.announced = intro is not None
         super().__init__(registry, stream, sink, address, intro=intro)
         if self.announced:
