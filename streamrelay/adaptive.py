@@ -179,7 +179,18 @@ class AdaptiveSession(ViewerSession):
         if decision.reason == "down" or urgent:
             # Renditions are GOP-aligned: the KEY asked for comes in every rendition.
             target.need_keyframe()
-        self._timeout = registry.clock.callLater(self.settings.switch_timeout, self._give_up)
+        # A step up waits for a natural KEY, but not longer than half the switch
+        # timeout (a long GOP): then it asks for one.
+        half = self.settings.switch_timeout / 2
+        self._timeout = registry.clock.callLater(half, self._waited_half, target)
+
+    def _waited_half(self, target: Stream) -> None:
+        self._timeout = None
+        if self._pending is None or self._pending[0] is not target:
+            return
+        target.need_keyframe()
+        half = self.settings.switch_timeout / 2
+        self._timeout = self._registry.clock.callLater(half, self._give_up)
 
     def _end_wait(self) -> Stream | None:
         pending, self._pending = self._pending, None

@@ -384,3 +384,28 @@ def test_a_viewer_whose_rendition_goes_offline_moves_to_a_live_one() -> None:
     states = [text["state"] for text in viewer.texts() if text["type"] == "status"]
     assert states[-2:] == ["offline", "live"]
     assert_clean_switches(viewer)
+
+
+def test_a_step_up_on_a_long_gop_asks_for_a_key_after_half_the_switch_timeout() -> None:
+    """No natural KEY within half the switch timeout (a long GOP): the target is asked
+    for one, and the switch happens when it comes."""
+    renditions = Renditions()
+    session, viewer = renditions.watch()
+    back_up(session, renditions, 2.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    low = STREAMS.index(session.stream.name)
+    higher = renditions.publishers[low - 1][1]
+    # Calm, no KEY at all, until the step up is decided and has waited half the timeout.
+    asked = len(higher.keyframe_requests)
+    waited = 0.0
+    while len(higher.keyframe_requests) == asked:
+        renditions.tick(0.1)
+        waited += 0.1
+        assert waited < SETTINGS.estimate_ttl + SETTINGS.up_hold + SETTINGS.switch_timeout
+    assert session.stream.name == STREAMS[low]
+    switching = renditions.core.registry.streams[STREAMS[low - 1]].switchers
+    assert switching  # the step up is under way, waiting for its KEY
+    renditions.frames(key=True)
+    assert session.stream.name == STREAMS[low - 1]
+    assert_clean_switches(viewer)
