@@ -160,6 +160,7 @@ class Player {
   onOpen() {
     // Until the relay says "live" or "offline", we are connected but know nothing.
     this.relay = Relay.UNKNOWN;
+    this.rendition = null; // the relay says again which one, if any
     this.hint.reset();
     this.decoder.reset(); // start from the relay's CONFIG + KEY
   }
