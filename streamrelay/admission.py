@@ -44,7 +44,7 @@ from streamrelay.context import RelayContext
 from streamrelay.edge_protocol import EdgeProtocol
 from streamrelay.limits import Refusal
 from streamrelay.logs import autobahn_logger, relay_logger
-from streamrelay.names import is_valid_stream_name
+from streamrelay.names import base_name, is_valid_stream_name
 from streamrelay.peers import peer_host
 from streamrelay.protocol import (
     EchoProtocol,
@@ -225,7 +225,8 @@ def path_names_the_endpoint(handshake: Handshake) -> Refusal | None:
 
 
 def stream_name_is_valid(handshake: Handshake) -> Refusal | None:
-    """400: a stream name must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``."""
+    """400: a stream name must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``, optionally
+    followed by a rendition label (``~[A-Za-z0-9][A-Za-z0-9_-]{0,15}``)."""
     if handshake.endpoint.named and not is_valid_stream_name(handshake.stream):
         return Refusal(400, "invalid stream name")
     return None
@@ -301,17 +302,27 @@ def endpoint_has_its_secret(handshake: Handshake) -> Refusal | None:
 
 
 def token_is_valid(handshake: Handshake) -> Refusal | None:
-    """401: with a secret, a token for this role and stream that has not expired."""
+    """401: with a secret, a token for this role and stream that has not expired; a
+    token for a base stream admits its renditions (``BASE~LABEL``) too."""
     secret = handshake.endpoint.secret
     if secret is None:
         return None
     token = handshake.token()
     if token is None:
         return Refusal(401, "token required")
+    stream = handshake.stream
+    role = handshake.endpoint.role
+    now = time.time()
     try:
-        verify_token(secret, token, handshake.endpoint.role, handshake.stream, time.time())
+        verify_token(secret, token, role, stream, now)
     except TokenError as error:
-        return Refusal(401, str(error))
+        base = base_name(stream)
+        if base == stream:
+            return Refusal(401, str(error))
+        try:
+            verify_token(secret, token, role, base, now)
+        except TokenError as base_error:
+            return Refusal(401, str(base_error))
     return None
 
 
@@ -413,11 +424,19 @@ def auth_request(handshake: Handshake) -> AuthRequest:
     return AuthRequest(
         role=handshake.endpoint.role.value,
         stream=handshake.stream,
+        base=base_name(handshake.stream),
         client=peer_host(request.getClientAddress()),
         token=handshake.token(),
         query=query,
         headers=headers,
     )
+
+
+def wants_abr(request: server.Request) -> bool:
+    """``?abr=1``: the viewer asks for adaptive delivery (docs/protocol.md,
+    "Renditions").  Any other value is ignored, as unknown query parameters are."""
+    values = (request.args or {}).get(b"abr") or [b""]
+    return bool(values[0] == b"1")
 
 
 # -- the resource ------------------------------------------------------------------------
@@ -491,6 +510,8 @@ class StreamGate(resource.Resource):
         client = request.getClientAddress()
         protocol: Any = self.endpoint.factory.build(client, handshake.stream)
         protocol.client_host = peer_host(client)
+        if self.endpoint.role is Role.VIEWER and wants_abr(request):
+            protocol.abr = True
         protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,

@@ -51,12 +51,15 @@ class AuthRequest:
     token: str | None = None
     query: dict[str, list[str]] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    # The base stream (``cam`` for the rendition ``cam~360p``; the stream itself else).
+    base: str = ""
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the POST."""
         return {
             "role": self.role,
             "stream": self.stream,
+            "base": self.base or self.stream,
             "client": self.client,
             "token": self.token,
             "query": self.query,

@@ -22,6 +22,7 @@ hook into Autobahn's parser here, next to the other Autobahn overrides.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from types import FunctionType
 from typing import Any, cast
@@ -45,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from streamrelay import logs, wire
+from streamrelay.adaptive import watch_adaptive
 from streamrelay.context import RelayContext
 from streamrelay.fastwrite import FrameWriter, writer_for
 from streamrelay.inbound import (
@@ -65,6 +67,31 @@ from streamrelay.wire import WireError
 _log = Logger(observer=logs.limited)
 
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the kernel's send queue is not read
+    fcntl = None  # type: ignore[assignment]
+
+# Linux's ioctl for the bytes a socket holds and has not sent yet (linux/sockios.h).
+_SIOCOUTQNSD = 0x894B
+
+
+def kernel_unsent_bytes(transport: Any) -> int:
+    """Bytes the kernel holds for the peer and has not sent yet (0 where unknown: not
+    Linux, not a socket).  A TLS transport is read through the TCP transport it wraps."""
+    if fcntl is None:
+        return 0
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if candidate is None:
+            continue
+        try:
+            fileno = candidate.getHandle().fileno()
+            raw = fcntl.ioctl(fileno, _SIOCOUTQNSD, b"\0\0\0\0")
+        except Exception:  # noqa: BLE001 - no socket to ask: try the next, or none
+            continue
+        return max(0, int(struct.unpack("i", raw)[0]))
+    return 0
 
 # What Autobahn's server handshake stores on the protocol and never reads after it.
 _HANDSHAKE_LEFTOVERS = (
@@ -589,6 +616,8 @@ class ViewerProtocol(RelayProtocol):
     """``/watch/{stream}``: status, meta and media out; keyframe requests in."""
 
     role = Role.VIEWER
+    # ``?abr=1`` (set by the web gate): adaptive delivery (streamrelay.adaptive).
+    abr = False
 
     # What write_frame reads for every message, kept beside the object's header rather
     # than in its (large) attribute dict; ``state`` is Autobahn's, whose assignments
@@ -613,9 +642,12 @@ class ViewerProtocol(RelayProtocol):
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         if self._perMessageCompress is None:
             self._write = writer_for(self.transport)
-        result = self.context.registry.watch(
-            self.stream_name, self, self.client_host or peer_host(self.transport.getPeer())
-        )
+        registry = self.context.registry
+        address = self.client_host or peer_host(self.transport.getPeer())
+        if self.abr:
+            result = watch_adaptive(registry, self.stream_name, self, address)
+        else:
+            result = registry.watch(self.stream_name, self, address)
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return
@@ -650,6 +682,11 @@ class ViewerProtocol(RelayProtocol):
                 return writer.write(payload)
             self.sendPreparedMessage(frame)
         return None
+
+    def unsent_bytes(self) -> int:
+        """What the kernel holds for this viewer unsent (read by adaptive sessions only,
+        a few times a second)."""
+        return kernel_unsent_bytes(self.transport) if self.transport is not None else 0
 
     def stalled(self) -> None:
         """No write progress for the stall timeout: close with 1008."""

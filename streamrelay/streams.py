@@ -20,19 +20,22 @@ together, relay-to-relay hooks included; the rate window and the throttle live i
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
+from streamrelay.abr import Rendition, parse_renditions
 from streamrelay.budget import BufferBudget
 from streamrelay.config import RelayConfig
 from streamrelay.gop import GopCache
 from streamrelay.limits import Refusal, WaitingStreams
 from streamrelay.logs import relay_logger
+from streamrelay.names import base_name
 from streamrelay.rates import RateWindow, Throttle
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
-from streamrelay.wire import MediaMessage, encode_text
+from streamrelay.wire import MediaInfo, MediaMessage, WireError, encode_text, parse_text
 
 _log = relay_logger(__name__)
 
@@ -92,6 +95,20 @@ class Origins(Protocol):
         """Why a publisher of ``name`` must be refused cluster-wide (``--no-takeover``)."""
 
 
+# A rendition switch waiting for a stream's next KEY (streamrelay.adaptive): called
+# with the stream, the KEY and its prepared frame.
+SwitchAtKey = Callable[["Stream", MediaInfo, Any], None]
+
+
+def renditions_of(raw: bytes, base: str) -> tuple[Rendition, ...] | None:
+    """The rendition set announced by a ``meta`` of base stream ``base``, or None (no
+    set, or a malformed one: ignored, the stream stays a plain v1 stream)."""
+    try:
+        return parse_renditions(parse_text(raw), base)
+    except WireError:
+        return None
+
+
 class Stream:
     """One named stream: at most one publisher, any number of viewers, a GOP cache."""
 
@@ -112,6 +129,14 @@ class Stream:
         )
         registry.budget.add_cache(self.gop)
         self.meta: tuple[Any, int] | None = None
+        # A base stream's rendition set, from its meta (docs/protocol.md "Renditions"),
+        # and the adaptive viewers waiting for this stream's next KEY to switch to it.
+        self.renditions: tuple[Rendition, ...] | None = None
+        self.switchers: dict[ViewerSink, SwitchAtKey] = {}
+        # Adaptive viewers idle until this base stream announces a set (called once).
+        self.set_listeners: dict[ViewerSink, Callable[[], None]] = {}
+        # The capture time of the latest media message (a switch never goes back in time).
+        self.latest_capture_us = 0
         self.messages_in = 0
         self.bytes_in = 0
         self.keyframes = 0
@@ -156,7 +181,7 @@ class Stream:
     @property
     def idle(self) -> bool:
         """True when nothing holds the stream: it is then removed."""
-        return self.publisher is None and not self.viewers
+        return self.publisher is None and not self.viewers and not self.switchers
 
     # -- publisher side ---------------------------------------------------------------
 
@@ -178,13 +203,14 @@ class Stream:
         if previous is not None:
             _log.info("Stream {stream}: publisher replaced", stream=self.name)
             self.meta = None
+            self.renditions = None
             for queue in self.viewers.values():
                 queue.expect_new_source()
             previous.replaced()
         else:
             self._broadcast_status("live")
         self._viewer_count_updates.request()
-        if any(queue.waiting_for_key for queue in self.viewers.values()):
+        if self.switchers or any(queue.waiting_for_key for queue in self.viewers.values()):
             self.need_keyframe()
 
     def detach_publisher(self, link: PublisherLink) -> None:
@@ -200,6 +226,7 @@ class Stream:
         self.publisher_idle = False
         self.gop.clear()
         self.meta = None
+        self.renditions = None
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
         for queue in self.viewers.values():
@@ -210,6 +237,7 @@ class Stream:
         if self.publisher_idle and not message.is_config:
             # A frame from a publisher that said idle: it is evidently active again.
             self.set_publisher_idle(False)
+        self.latest_capture_us = message.capture_time_us
         self.messages_in += 1
         self.bytes_in += message.size
         if message.is_key:
@@ -220,10 +248,20 @@ class Stream:
         self.gop.add(info, frame)
         for queue in list(self.viewers.values()):
             queue.send_media(info, frame)
+        if self.switchers and info.is_key:
+            # After the viewers: a switcher moves into them and sends this KEY itself.
+            for switch in list(self.switchers.values()):
+                switch(self, info, frame)
 
     def publish_meta(self, raw: bytes) -> None:
         frame = self._registry.frame_factory(raw, False)
         self.meta = (frame, len(raw))
+        if base_name(self.name) == self.name:
+            self.renditions = renditions_of(raw, self.name)
+            if self.renditions is not None and self.set_listeners:
+                listeners, self.set_listeners = self.set_listeners, {}
+                for listener in listeners.values():
+                    listener()
         for queue in list(self.viewers.values()):
             queue.send_text(frame, len(raw), "meta")
 
@@ -274,7 +312,9 @@ class Stream:
 
     # -- viewer side ------------------------------------------------------------------
 
-    def attach_viewer(self, sink: ViewerSink, *, relay: bool = False) -> ViewerQueue:
+    def attach_viewer(
+        self, sink: ViewerSink, *, relay: bool = False, intro: tuple[Any, int] | None = None
+    ) -> ViewerQueue:
         config = self._registry.config
         if relay:
             self.relay_counts[sink] = 0
@@ -293,6 +333,8 @@ class Stream:
         sink.attached(queue)
         frame, size = self._status_frame("live" if self.live else "offline")
         queue.send_text(frame, size, "status")
+        if intro is not None:
+            queue.send_text(intro[0], intro[1], "rendition")
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
         queue.start(self.gop.start_sequence(), self.gop.config)
@@ -320,6 +362,19 @@ class Stream:
 
     def _status_frame(self, state: str) -> tuple[Any, int]:
         return self._registry.status_frame(state, idle=state == "live" and self.publisher_idle)
+
+    def release_viewer(self, sink: ViewerSink) -> ViewerQueue | None:
+        """Let a viewer go without closing its queue (it moves to another rendition)."""
+        queue = self.viewers.pop(sink, None)
+        if queue is not None:
+            self._viewer_count_updates.request()
+        return queue
+
+    def adopt_viewer(self, sink: ViewerSink, queue: ViewerQueue) -> None:
+        """Take over a viewer's queue from another rendition: it counts here from now."""
+        queue.rebind(self._count_dropped, self.need_keyframe)
+        self.viewers[sink] = queue
+        self._request_viewer_count()
 
     def _count_dropped(self, count: int) -> None:
         self.dropped += count
@@ -470,6 +525,7 @@ class ViewerSession:
         sink: ViewerSink,
         address: str | None,
         relay: bool = False,
+        intro: tuple[Any, int] | None = None,
     ) -> None:
         self._registry = registry
         self.stream = stream
@@ -477,7 +533,7 @@ class ViewerSession:
         self._address = address
         if registry.waiting.is_waiting(stream.name):
             registry.waiting.hold(stream.name, address)
-        self.queue = stream.attach_viewer(sink, relay=relay)
+        self.queue = stream.attach_viewer(sink, relay=relay, intro=intro)
         self.closed = False
 
     def report_viewers(self, count: int) -> None:
@@ -606,17 +662,22 @@ class StreamRegistry:
         return PublisherSession(self, stream, link)
 
     def watch(
-        self, name: str, sink: ViewerSink, address: str | None = None
+        self,
+        name: str,
+        sink: ViewerSink,
+        address: str | None = None,
+        session_type: Callable[..., ViewerSession] = ViewerSession,
     ) -> ViewerSession | Refusal:
         """Attach a viewer from ``address`` (see :meth:`check_viewer`) to ``name``; it
         gets status, meta, CONFIG and the cached GOP.  A name nobody publishes yet
-        waits for its publisher, within the waiting-stream bounds."""
+        waits for its publisher, within the waiting-stream bounds.  ``session_type``
+        builds the session (an adaptive one: :mod:`streamrelay.adaptive`)."""
         refusal = self.check_viewer(name, address)
         if refusal is not None:
             return refusal
         if name not in self.streams:
             self.waiting.add(name)
-        session = ViewerSession(self, self._stream(name), sink, address)
+        session = session_type(self, self._stream(name), sink, address)
         return self._pull_for(session)
 
     # -- relay to relay ---------------------------------------------------------------
@@ -671,7 +732,11 @@ class StreamRegistry:
         return session
 
     def _want_pull(self, stream: Stream) -> None:
-        if self.puller is not None and stream.viewers and not stream.local_publisher:
+        if (
+            self.puller is not None
+            and (stream.viewers or stream.switchers)
+            and not stream.local_publisher
+        ):
             self.puller.want(stream.name)
 
     def _forget_if_idle(self, stream: Stream) -> None:

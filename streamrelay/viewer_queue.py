@@ -227,6 +227,12 @@ class ViewerQueue(_FanOutFields):
         return sum(item.size for item in self._queue if item.message is not None)
 
     @property
+    def queued_bytes(self) -> int:
+        """Memory held here, waiting for the paused transport (the transport's own
+        buffer not counted)."""
+        return self._queued_bytes
+
+    @property
     def backlog_bytes(self) -> int:
         """Memory pending towards this viewer: queued here plus estimated in the transport."""
         return self._queued_bytes + self._transport_bytes
@@ -255,6 +261,28 @@ class ViewerQueue(_FanOutFields):
         self.waiting_for_key = True
         self._latest_config = None
         self._config_sent = None
+
+    def switch_source(
+        self, config: tuple[MediaInfo, Any] | None, key: MediaInfo, frame: Any
+    ) -> None:
+        """Another stream feeds this queue from its KEY ``key`` on (a rendition switch,
+        :mod:`streamrelay.adaptive`): what is queued still goes first, then that stream's
+        CONFIG (always: the decoder is reconfigured) and the KEY, as a viewer resuming
+        after a drop; a drop episode under way ends with its ``dropped`` notice."""
+        if self.closed:
+            return
+        self._latest_config = config
+        self._config_sent = None
+        if not self.skipping:
+            self.waiting_for_key = True
+        self.send_media(key, frame)
+
+    def rebind(
+        self, on_dropped: Callable[[int], None], on_need_keyframe: Callable[[], None]
+    ) -> None:
+        """Report drops and keyframe needs to another stream (the viewer moved)."""
+        self._on_dropped = on_dropped
+        self._on_need_keyframe = on_need_keyframe
 
     def send_text(self, frame: Any, size: int, kind: str) -> None:
         """Queue a text message of ``size`` bytes; an unsent older one of the same kind

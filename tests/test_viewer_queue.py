@@ -677,3 +677,51 @@ def _check_output(sent: list[Any], writes: list[Out]) -> None:
         if not message.is_config:
             notice_pending = False
         last_position = here
+
+
+# -- rendition switches (streamrelay.adaptive) -------------------------------------------
+
+
+def _pair(message: MediaInfo) -> tuple[MediaInfo, Out]:
+    return message, Out("media", message.capture_time_us, message.flags, message.size)
+
+
+def test_a_switch_sends_what_is_queued_then_the_new_config_and_key() -> None:
+    """``switch_source``: the old source's queued media goes first, then the new
+    source's CONFIG (even when a CONFIG was sent before) and its KEY; no drop episode."""
+    harness = started()
+    harness.queue.pause_producing()
+    harness.send(media(0, 3), media(0, 4))
+    key = media(FLAG_KEY, 102)
+    harness.queue.switch_source(_pair(media(FLAG_CONFIG, 101, 40)), key, _pair(key)[1])
+    harness.send(media(0, 103))
+    harness.sink.resume()
+    assert harness.written() == [1, 2, 3, 4, 101, 102, 103]
+    assert harness.queue.skip_episodes == 0 and not harness.queue.skipping
+
+
+def test_a_switch_during_a_drop_episode_ends_it_with_its_notice() -> None:
+    """A viewer skipping when its switch comes resumes at the new KEY: ``dropped``, the
+    new CONFIG, the KEY."""
+    harness = started()
+    harness.queue.pause_producing()
+    harness.send(*(media(0, tag, 300) for tag in range(3, 8)))
+    assert harness.queue.skipping
+    harness.sink.resume()
+    key = media(FLAG_KEY, 102)
+    harness.queue.switch_source(_pair(media(FLAG_CONFIG, 101, 40)), key, _pair(key)[1])
+    assert harness.written() == [1, 2, ("dropped", 5), 101, 102]
+    assert not harness.queue.skipping
+
+
+def test_rebind_reports_to_the_new_stream() -> None:
+    """After ``rebind`` drops and keyframe needs go to the new callbacks."""
+    harness = started()
+    needs: list[int] = []
+    drops: list[int] = []
+    harness.queue.rebind(drops.append, lambda: needs.append(1))
+    harness.queue.request_keyframe()
+    harness.queue.shed()
+    harness.send(media(0, 3))
+    assert needs and sum(drops) == 1
+    assert harness.keyframe_needs == 0 and harness.dropped_reported == 0

@@ -76,6 +76,13 @@ export class Decoder {
     this.waitForKey();
   }
 
+  /** The relay switches to another rendition: its CONFIG and KEY come next. The decoder is
+   * configured afresh at that KEY (a new codec string, a new resolution), after the chunks of
+   * the previous rendition it still holds: no reset, so no frame of either is discarded. */
+  renditionChanged() {
+    this.configuredCodec = null;
+  }
+
   /** A meta message: a new codec means a new decoder configuration (and maybe a new chance). */
   meta(msg) {
     const oldCodec = this._wantedCodec();

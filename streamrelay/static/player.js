@@ -12,7 +12,12 @@
  * For automated tests the page exposes a read-only live view of its counters:
  *   window.streamrelayPlayer = {state, streamName, framesReceived, framesDecoded, framesDropped,
  *     serverDropped, bytesReceived, lastLatencyMs, latencySamplesMs, decoderErrors, reconnects,
- *     keyframeRequests, codec, width, height, error}
+ *     keyframeRequests, codec, width, height, error, rendition, renditionSwitches}
+ *
+ * Renditions (docs/protocol.md): the player asks for adaptive delivery (?abr=1) unless the page
+ * URL says ?abr=0; a relay ignores it for streams without renditions. A {"type":"rendition"}
+ * message says which rendition follows; its CONFIG and KEY come next, and the decoder is
+ * reconfigured at that KEY without discarding what it still decodes of the previous one.
  */
 
 import { Connection, KeyframeRequester, Link } from './connection.js';
@@ -30,7 +35,10 @@ class Player {
   constructor(doc, loc) {
     this.doc = doc;
     this.streamName = streamNameFromPath(loc.pathname);
-    this.url = watchUrl(loc, this.streamName, new URLSearchParams(loc.search).get('token'));
+    const params = new URLSearchParams(loc.search);
+    this.url = withAbr(watchUrl(loc, this.streamName, params.get('token')), params.get('abr') !== '0');
+    this.rendition = null; // the latest {"type":"rendition"} message
+    this.renditionSwitches = 0;
     this.stats = new Stats();
     this.view = new View(doc, this.streamName);
     this.overlay = new StatsOverlay(doc, this.stats, performance.now());
@@ -145,6 +153,7 @@ class Player {
       width: this.view.width,
       height: this.view.height,
       codec: this.decoder ? this.decoder.codecLabel : '',
+      rendition: this.rendition ? this.rendition.name : '',
     });
     if (state === State.RECONNECTING) this.refresh(); // the countdown
   }
@@ -152,6 +161,7 @@ class Player {
   onOpen() {
     // Until the relay says "live" or "offline", we are connected but know nothing.
     this.relay = Relay.UNKNOWN;
+    this.rendition = null; // the relay says again which one, if any
     this.hint.reset();
     this.decoder.reset(); // start from the relay's CONFIG + KEY
   }
@@ -186,6 +196,14 @@ class Player {
         this.decoder.meta(msg);
         if (this.stats.framesDecoded === 0) this.view.presize(Number(msg.width), Number(msg.height));
         break;
+      case 'rendition':
+        // The relay switches us: that rendition's meta, CONFIG and KEY follow.
+        if (typeof msg.name === 'string') {
+          if (this.rendition && msg.reason !== 'start') this.renditionSwitches++;
+          this.rendition = msg;
+          this.decoder.renditionChanged();
+        }
+        break;
       case 'dropped':
         if (Number.isFinite(Number(msg.messages))) this.stats.serverDropped += Number(msg.messages);
         this.decoder.waitForKey(); // the relay resumes us at a KEY (after CONFIG if it changed)
@@ -216,6 +234,12 @@ class Player {
   }
 }
 
+/** `url` asking for adaptive delivery (a v1 relay ignores the parameter). */
+function withAbr(url, abr) {
+  if (!abr) return url;
+  return url + (url.includes('?') ? '&' : '?') + 'abr=1';
+}
+
 /** The read-only live view of the player's counters that the tests read. */
 function exposeForTests(win, player) {
   const stats = player.stats;
@@ -236,6 +260,8 @@ function exposeForTests(win, player) {
     width: () => player.view.width,
     height: () => player.view.height,
     error: () => (player.fatal ? player.fatal.title : null),
+    rendition: () => (player.rendition ? player.rendition.name : null),
+    renditionSwitches: () => player.renditionSwitches,
   };
   const api = {};
   for (const name of Object.keys(fields)) {

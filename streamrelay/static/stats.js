@@ -70,7 +70,7 @@ export class StatsOverlay {
   }
 
   /** Refresh from the counters; `live` says whether a missing latency sample means "–". */
-  tick(now, { live, width, height, codec }) {
+  tick(now, { live, width, height, codec, rendition }) {
     const s = this._stats;
     const dt = (now - this._lastTick) / 1000;
     if (dt <= 0) return;
@@ -90,6 +90,8 @@ export class StatsOverlay {
     } else if (!live) {
       this._latency.textContent = '–';
     }
-    this._video.textContent = width + '×' + height + (codec ? ' ' + codec : '');
+    this._video.textContent = width + '×' + height + (codec ? ' ' + codec : '') +
+      (rendition ? ' · ' + rendition : '');
+    this._video.title = rendition ? 'rendition ' + rendition + ' (adaptive)' : '';
   }
 }

@@ -1,9 +1,6 @@
 """``streamrelay-publish --renditions`` end to end: the real publisher process against the
 real ``twistd streamrelay`` relay, watched by independent ``websockets`` viewers, one per
 rendition stream (``cam``, ``cam~360p``, ``cam~180p``).
-
-Needs a relay that accepts ``BASE~LABEL`` stream names (the relay side of renditions);
-against one that refuses them the test is skipped and says so (it is not a pass).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from typing import Any
 import av
 import pytest
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from streamrelay.publisher.h264 import NAL_SPS, nal_type, parse_sps, split_annexb
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, parse_media
@@ -127,15 +124,6 @@ def decoded_size(config: bytes, key: bytes) -> tuple[int, int]:
     return pictures[0].width, pictures[0].height
 
 
-async def relay_takes_rendition_names(relay: RelayProcess) -> bool:
-    """Whether this relay accepts a ``BASE~LABEL`` stream name at all."""
-    try:
-        async with ws_connect(f"{relay.ws_url}/watch/probe~360p", subprotocols=[SUBPROTOCOL]):
-            return True
-    except InvalidStatus:
-        return False
-
-
 @pytest.mark.timeout(120)
 def test_three_renditions_are_live_aligned_and_announced(
     relay: RelayProcess, tmp_path: Path
@@ -145,8 +133,6 @@ def test_three_renditions_are_live_aligned_and_announced(
     and a decoded KEY), each announcing the whole set in its meta with its own label and
     bitrate; their KEYs carry identical capture times, and a keyframe request from a viewer
     of one rendition yields a KEY with one and the same capture time in all three."""
-    if not run(relay_takes_rendition_names(relay), 20):
-        pytest.skip("this relay refuses BASE~LABEL stream names (the relay side, abr branch)")
     log = tmp_path / "publisher.log"
     publisher = start_publisher(relay, log)
     watched = [Watched(stream) for stream, *_ in EXPECTED]
