@@ -31,12 +31,16 @@ from streamrelay.gop import GopCache
 from streamrelay.limits import Refusal, WaitingStreams
 from streamrelay.logs import relay_logger
 from streamrelay.rates import RateWindow, Throttle
+from streamrelay.reports import ReportWindow, ViewerReport
+from streamrelay.thumbnails import ThumbnailSlot
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
 from streamrelay.wire import MediaMessage, encode_text
 
 _log = relay_logger(__name__)
 
 VIEWER_COUNT_MIN_GAP = 0.25
+# How often a publisher gets the summary of its viewers' reports while there are any.
+VIEWER_REPORT_INTERVAL = 5.0
 
 
 class PublisherLink(Protocol):
@@ -126,6 +130,10 @@ class Stream:
         )
         self._viewer_count_updates = Throttle(clock, VIEWER_COUNT_MIN_GAP, self._send_viewer_count)
         self._last_viewer_count_sent: int | None = None
+        # The publisher's latest thumbnail and the viewers' reports (docs/protocol.md).
+        self.thumbnail = ThumbnailSlot(clock, registry.budget.adjust)
+        self.reports = ReportWindow(clock)
+        self._report_call: Any = None
 
     @property
     def live(self) -> bool:
@@ -161,6 +169,8 @@ class Stream:
         self.publisher = link
         self.publisher_since = self._registry.clock.seconds()
         self.gop.clear()
+        self.thumbnail.clear()
+        self.reports.clear()
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
         self._last_viewer_count_sent = None
@@ -187,6 +197,7 @@ class Stream:
         self.publisher = None
         self.publisher_since = None
         self.gop.clear()
+        self.thumbnail.clear()
         self.meta = None
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
@@ -235,6 +246,29 @@ class Stream:
         if sink in self.relay_counts and self.relay_counts[sink] != count:
             self.relay_counts[sink] = count
             self._viewer_count_updates.request()
+
+    def viewer_report(self, report: ViewerReport) -> None:
+        """A viewer reported its playback; the publisher hears the summary within
+        :data:`VIEWER_REPORT_INTERVAL`."""
+        self.reports.add(report)
+        if self._report_call is None:
+            self._report_call = self._registry.clock.callLater(
+                VIEWER_REPORT_INTERVAL, self._send_viewer_report
+            )
+
+    def _send_viewer_report(self) -> None:
+        # Every interval while the window holds reports, and once more when it empties
+        # (the publisher then shows none); no timer runs for a stream nobody reports on.
+        self._report_call = None
+        summary = self.reports.summary()
+        # Only a local publisher hears it: a pull from the upstream has no use for it.
+        send = getattr(self.publisher, "send_viewer_report", None)
+        if send is not None and not self.pulled:
+            send(summary)
+        if summary["reports"]:
+            self._report_call = self._registry.clock.callLater(
+                VIEWER_REPORT_INTERVAL, self._send_viewer_report
+            )
 
     def _send_viewer_count(self) -> None:
         count = self.audience
@@ -296,6 +330,10 @@ class Stream:
         self._viewer_count_updates.cancel()
         self.gop.clear()
         self._registry.budget.remove(self.gop)
+        self.thumbnail.clear()
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+        self._report_call = None
 
     def describe(self, show_peer: bool) -> dict[str, Any]:
         """The stream's entry in ``/api/streams``; a relay with ``--upstream`` adds the
@@ -321,6 +359,12 @@ class Stream:
             "dropped": self.dropped,
             "bitrate_bps": bitrate,
             "fps": fps,
+            "thumbnail": (
+                {"etag": thumb.etag, "bytes": len(thumb.jpeg)}
+                if (thumb := self.thumbnail.current) is not None
+                else None
+            ),
+            "viewer_reports": self.reports.summary(),
         }
         config = self._registry.config
         if config.upstream:
@@ -390,6 +434,11 @@ class PublisherSession:
         if self.current:
             self.stream.publish_meta(raw)
 
+    def thumbnail(self, message: dict[str, Any]) -> bool:
+        """Keep the stream's thumbnail (a ``thumbnail`` text message); False when
+        ignored by the rate limit.  Raises :class:`~streamrelay.wire.WireError`."""
+        return self.current and self.stream.thumbnail.offer(message)
+
     def gap(self, count: int) -> None:
         """The upstream dropped ``count`` messages towards this relay (pulls only)."""
         if self.current:
@@ -434,6 +483,16 @@ class ViewerSession:
         """The edge on the other end serves ``count`` viewers (relay sessions only)."""
         if not self.closed:
             self.stream.report_relay_viewers(self._sink, count)
+
+    def send_text(self, raw: bytes) -> None:
+        """Send the viewer a text message of its own (an answer), in order with media."""
+        if not self.closed:
+            self.queue.send_text(self._registry.frame_factory(raw, False), len(raw), "answer")
+
+    def report(self, report: ViewerReport) -> None:
+        """The viewer reported its playback (validated and rate-limited already)."""
+        if not self.closed:
+            self.stream.viewer_report(report)
 
     def request_keyframe(self) -> None:
         """The viewer asked for a keyframe."""

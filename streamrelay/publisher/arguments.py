@@ -182,7 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration", type=_positive_seconds, metavar="SECONDS", help="stop after this long"
     )
+    parser.add_argument(
+        "--thumbnail-interval",
+        type=_thumbnail_interval,
+        default=5.0,
+        metavar="SECONDS",
+        help="send the relay a small JPEG of the picture this often, for its stream list "
+        "(default 5; 0: never)",
+    )
     return parser
+
+
+def _thumbnail_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value <= 3600 or (0 < value < 1):
+        raise argparse.ArgumentTypeError("must be 0 (off) or from 1 to 3600 seconds")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +221,7 @@ class PublishOptions:
     quiet: bool
     verbose: bool
     duration: float | None
+    thumbnail_interval: float = 5.0
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -245,4 +264,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         quiet=args.quiet,
         verbose=args.verbose,
         duration=args.duration,
+        thumbnail_interval=args.thumbnail_interval,
     )

@@ -90,7 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_limit_bytes=limit,
     )
     publisher = Publisher(settings, reactor=reactor)
-    pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
+    thumbnails = None
+    if options.thumbnail_interval > 0:
+        from .thumbnail import ThumbnailMaker
+
+        thumbnails = ThumbnailMaker(interval=options.thumbnail_interval)
+    pipeline = CapturePipeline(
+        source,
+        encoder,
+        publisher,
+        reactor=reactor,
+        fps=options.fps,
+        thumbnails=thumbnails,
+        send_thumbnail=publisher.send_thumbnail_threadsafe,
+    )
     publisher.on_keyframe_request = pipeline.request_keyframe
 
     status = None if options.quiet else StatusLine(reactor, publisher, pipeline, stderr)

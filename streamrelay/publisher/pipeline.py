@@ -26,6 +26,7 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage
 from .client import Readiness
 from .encoder import H264Encoder
 from .sources import FrameSource
+from .thumbnail import ThumbnailMaker
 
 
 class MediaSink(Protocol):
@@ -77,6 +78,8 @@ class CapturePipeline:
         fps: Fraction,
         meta_extra: Mapping[str, Any] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        thumbnails: ThumbnailMaker | None = None,
+        send_thumbnail: Callable[[bytes], None] | None = None,
     ) -> None:
         self._source = source
         self._encoder = encoder
@@ -89,6 +92,9 @@ class CapturePipeline:
         self._thread: threading.Thread | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
         self.stats = PipelineStats()
+        # A JPEG of the picture every few seconds, made here on the capture thread.
+        self.thumbnails = thumbnails if send_thumbnail is not None else None
+        self._send_thumbnail = send_thumbnail
 
     def start(self) -> None:
         """Start the capture thread."""
@@ -136,6 +142,10 @@ class CapturePipeline:
         if readiness is Readiness.CONGESTED:
             stats.frames_dropped += 1
             return True
+        if self.thumbnails is not None and self._send_thumbnail is not None:
+            jpeg = self.thumbnails.maybe_make(captured.frame)
+            if jpeg is not None:
+                self._send_thumbnail(jpeg)
         started = time.perf_counter()
         messages = self._encoder.encode(
             captured.frame, captured.capture_time_us, force_keyframe=force_keyframe

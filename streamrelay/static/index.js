@@ -30,6 +30,26 @@
     return '/view/' + encodeURIComponent(name);
   }
 
+  // The thumbnail (GET /api/streams/NAME/thumbnail.jpg): reloaded only when the listing shows a
+  // new ETag (the publisher sends one every few seconds), hidden while there is none or it
+  // cannot be had (a relay with viewer tokens answers 401).
+  function thumbnailHref(name, etag) {
+    return '/api/streams/' + encodeURIComponent(name) + '/thumbnail.jpg?v=' +
+      encodeURIComponent(String(etag).replace(/"/g, '').slice(0, 16));
+  }
+
+  function updateThumbnail(row, s) {
+    const etag = s.live && s.thumbnail && typeof s.thumbnail.etag === 'string' ? s.thumbnail.etag : null;
+    if (etag === row.thumbEtag) return;
+    row.thumbEtag = etag;
+    if (etag === null) {
+      row.thumb.hidden = true;
+      row.thumb.removeAttribute('src');
+      return;
+    }
+    row.thumb.src = thumbnailHref(s.name, etag);
+  }
+
   function formatBitrate(bps) {
     const n = Number(bps) || 0;
     if (n >= 1e6) return (n / 1e6).toFixed(n >= 1e7 ? 0 : 1) + ' Mbit/s';
@@ -66,6 +86,13 @@
     const li = el('li', 'stream');
     const a = el('a', 'stream-link');
     a.href = viewHref(name);
+    const thumb = el('img', 'stream-thumb');
+    thumb.alt = '';
+    thumb.hidden = true;
+    thumb.decoding = 'async';
+    thumb.addEventListener('load', () => { thumb.hidden = false; });
+    thumb.addEventListener('error', () => { thumb.hidden = true; });
+    a.append(thumb);
     const top = el('span', 'stream-top');
     const badge = el('span', 'pill');
     const title = el('span', 'stream-title', name);
@@ -78,7 +105,7 @@
     info.append(viewers, bitrate, fps, since);
     a.append(top, info);
     li.append(a);
-    const row = { li, a, badge, viewers, bitrate, fps, since };
+    const row = { li, a, badge, viewers, bitrate, fps, since, thumb, thumbEtag: null };
     rows.set(name, row);
     return row;
   }
@@ -90,6 +117,7 @@
   function updateRow(row, s) {
     const live = !!s.live;
     row.li.classList.toggle('stream-offline', !live);
+    updateThumbnail(row, s);
     row.badge.className = 'pill ' + (live ? 'pill-live' : 'pill-offline');
     setText(row.badge, live ? 'live' : 'offline');
     const v = Number(s.viewers) || 0;

@@ -8,6 +8,7 @@
  *   decoder.js     media -> VideoDecoder: waiting for KEYs, backlog bounds, error recovery
  *   view.js        canvas, status pill, message panel
  *   stats.js       counters, latency estimate, stats overlay
+ *   reports.js     clock offset to the relay, and the viewer reports sent to it
  *
  * For automated tests the page exposes a read-only live view of its counters:
  *   window.streamrelayPlayer = {state, streamName, framesReceived, framesDecoded, framesDropped,
@@ -17,6 +18,7 @@
 
 import { Connection, KeyframeRequester, Link } from './connection.js';
 import { Decoder } from './decoder.js';
+import { ClockSync, Reporter } from './reports.js';
 import { Stats, StatsOverlay } from './stats.js';
 import { State, View, WaitingHint, messageFor } from './view.js';
 import { parseControl, parseMedia, streamNameFromPath, watchUrl } from './wire.js';
@@ -41,6 +43,8 @@ class Player {
     this.connection = null;
     this.keyframes = null;
     this.decoder = null;
+    this.clockSync = null;
+    this.reporter = null;
   }
 
   get fatal() {
@@ -109,6 +113,8 @@ class Player {
       fatal: () => this.refresh(),
     });
     this.connection = connection;
+    this.clockSync = new ClockSync(connection);
+    this.reporter = new Reporter(connection, this.stats, this.clockSync);
     this.listen(win);
     connection.start();
   }
@@ -146,6 +152,9 @@ class Player {
       codec: this.decoder ? this.decoder.codecLabel : '',
     });
     if (state === State.RECONNECTING) this.refresh(); // the countdown
+    if (this.reporter) {
+      this.reporter.tick(performance.now(), state === State.LIVE && this.doc.visibilityState !== 'hidden');
+    }
   }
 
   onOpen() {
@@ -153,6 +162,7 @@ class Player {
     this.relay = Relay.UNKNOWN;
     this.hint.reset();
     this.decoder.reset(); // start from the relay's CONFIG + KEY
+    this.clockSync.onOpen();
   }
 
   onGone() {
@@ -180,6 +190,9 @@ class Player {
       case 'meta':
         this.decoder.meta(msg);
         if (this.stats.framesDecoded === 0) this.view.presize(Number(msg.width), Number(msg.height));
+        break;
+      case 'time':
+        this.clockSync.onAnswer(msg);
         break;
       case 'dropped':
         if (Number.isFinite(Number(msg.messages))) this.stats.serverDropped += Number(msg.messages);
@@ -231,6 +244,11 @@ function exposeForTests(win, player) {
     width: () => player.view.width,
     height: () => player.view.height,
     error: () => (player.fatal ? player.fatal.title : null),
+    stalls: () => stats.stalls,
+    clockOffsetMs: () => (player.clockSync ? player.clockSync.offsetMs : null),
+    clockRttMs: () => (player.clockSync ? player.clockSync.rttMs : null),
+    reportsSent: () => (player.reporter ? player.reporter.sent : 0),
+    lastReport: () => (player.reporter && player.reporter.last ? { ...player.reporter.last } : null),
   };
   const api = {};
   for (const name of Object.keys(fields)) {

@@ -17,6 +17,8 @@ export class Stats {
     this._ring = new Float64Array(LATENCY_SAMPLES_MAX);
     this._count = 0;           // total samples ever written
     this._interval = [];       // samples since the overlay last showed them
+    this.stalls = 0;           // episodes without a decoded frame while live (reports.js)
+    this._reportLatencies = []; // samples since the last viewer report (reports.js)
   }
 
   /** Latency estimate of one decoded frame: this computer's clock now minus the publisher's
@@ -27,6 +29,14 @@ export class Stats {
     this._ring[this._count % LATENCY_SAMPLES_MAX] = this.lastLatencyMs;
     this._count++;
     if (this._interval.length < LATENCY_SAMPLES_MAX) this._interval.push(latencyMs);
+    if (this._reportLatencies.length < LATENCY_SAMPLES_MAX) this._reportLatencies.push(latencyMs);
+  }
+
+  /** The latency samples (this clock, uncorrected) since the last call, for a viewer report. */
+  takeReportLatencies() {
+    const samples = this._reportLatencies;
+    this._reportLatencies = [];
+    return samples;
   }
 
   /** The last (up to LATENCY_SAMPLES_MAX) latency samples, oldest first. */

@@ -1,0 +1,211 @@
+"""What viewers report about their playback, and the clock exchange that makes their
+latency estimate comparable: validation, per-connection rate limits and the per-stream
+summary over the last minute.  Network-free; the clock is injected.
+
+A player sends (docs/protocol.md, "Viewer reports"):
+
+- ``{"type": "time", "t0": T}``: the relay answers ``{"type": "time", "t0": T,
+  "server_us": S}`` so the player can estimate its clock's offset from the relay's, NTP
+  style, from the round trip.  At most :data:`TIME_BURST` answers at once, then one per
+  :data:`TIME_INTERVAL_SECONDS`; requests beyond that get no answer.
+- ``{"type": "report", "latency_ms": ..., "fps": ..., "dropped": ..., "stalls": ...,
+  "clock_offset_ms": ...}`` every few seconds: at most one per
+  :data:`REPORT_MIN_INTERVAL_SECONDS` per connection is counted, the rest are ignored; a
+  report with any member missing, of the wrong type, not finite or out of range is
+  ignored as a whole (:func:`parse_report` says why, for the counters).
+
+Each stream keeps the reports of the last :data:`WINDOW_SECONDS` in a ring of at most
+:data:`MAX_REPORTS` entries (the newest win), so its memory is bounded however many
+viewers report; the summary gives p50/p95 of the reported latencies, p50 of the fps, and
+the stalls and drops summed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from twisted.internet.interfaces import IReactorTime
+
+WINDOW_SECONDS: Final = 60.0
+MAX_REPORTS: Final = 1024
+REPORT_MIN_INTERVAL_SECONDS: Final = 2.0
+TIME_BURST: Final = 4
+TIME_INTERVAL_SECONDS: Final = 5.0
+
+# Ranges a sane player stays in; a value outside one makes the report invalid.
+MAX_LATENCY_MS: Final = 600_000.0  # ten minutes
+MAX_FPS: Final = 1_000.0
+MAX_COUNT: Final = 1_000_000  # dropped frames in one report
+MAX_STALLS: Final = 10_000
+MAX_CLOCK_OFFSET_MS: Final = 86_400_000.0  # a day
+# A ``time`` request's t0 is the player's own number, echoed: any finite number whose
+# JSON stays short.
+MAX_T0: Final = 1e16
+
+
+class InvalidReport(ValueError):
+    """Why a report is ignored."""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewerReport:
+    """One validated report (``latency_ms`` None: no frame decoded in its interval)."""
+
+    latency_ms: float | None
+    fps: float
+    dropped: int
+    stalls: int
+    clock_offset_ms: float | None
+
+
+def _number(message: Mapping[str, Any], name: str, low: float, high: float) -> float:
+    value = message.get(name)
+    # bool is an int to Python, never a number on the wire.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidReport(f"{name} is not a number")
+    number = float(value)
+    if not math.isfinite(number) or not low <= number <= high:
+        raise InvalidReport(f"{name} out of range")
+    return number
+
+
+def _optional(message: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    if message.get(name, None) is None:
+        return None
+    return _number(message, name, low, high)
+
+
+def _count(message: Mapping[str, Any], name: str, high: int) -> int:
+    value = message.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise InvalidReport(f"{name} is not a whole number from 0 to {high}")
+    return value
+
+
+def parse_report(message: Mapping[str, Any]) -> ViewerReport:
+    """The report in ``message`` (a parsed ``report`` text message), or
+    :class:`InvalidReport`."""
+    return ViewerReport(
+        latency_ms=_optional(message, "latency_ms", 0.0, MAX_LATENCY_MS),
+        fps=_number(message, "fps", 0.0, MAX_FPS),
+        dropped=_count(message, "dropped", MAX_COUNT),
+        stalls=_count(message, "stalls", MAX_STALLS),
+        clock_offset_ms=_optional(
+            message, "clock_offset_ms", -MAX_CLOCK_OFFSET_MS, MAX_CLOCK_OFFSET_MS
+        ),
+    )
+
+
+def parse_time_request(message: Mapping[str, Any]) -> float | int | None:
+    """The ``t0`` of a ``time`` request to echo, or None when it is not a finite number
+    of at most :data:`MAX_T0` in size (the request is then ignored)."""
+    t0 = message.get("t0")
+    if isinstance(t0, bool) or not isinstance(t0, (int, float)):
+        return None
+    if not math.isfinite(t0) or abs(t0) > MAX_T0:
+        return None
+    return t0
+
+
+class ViewerInputGate:
+    """One viewer connection's allowance of counted reports and answered time requests."""
+
+    __slots__ = ("_clock", "_last_report", "_time_tokens", "_time_updated")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._last_report: float | None = None
+        self._time_tokens = float(TIME_BURST)
+        self._time_updated = clock.seconds()
+
+    def allow_report(self) -> bool:
+        """True when a report arriving now is counted (one per minimum interval)."""
+        now = self._clock.seconds()
+        if self._last_report is not None and now - self._last_report < REPORT_MIN_INTERVAL_SECONDS:
+            return False
+        self._last_report = now
+        return True
+
+    def allow_time(self) -> bool:
+        """True when a time request arriving now is answered (a small token bucket)."""
+        now = self._clock.seconds()
+        tokens = min(
+            float(TIME_BURST),
+            self._time_tokens + (now - self._time_updated) / TIME_INTERVAL_SECONDS,
+        )
+        self._time_updated = now
+        if tokens < 1.0:
+            self._time_tokens = tokens
+            return False
+        self._time_tokens = tokens - 1.0
+        return True
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of non-empty ``sorted_values``."""
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+class ReportWindow:
+    """A stream's viewer reports over the last :data:`WINDOW_SECONDS` (at most
+    :data:`MAX_REPORTS` of them)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        window: float = WINDOW_SECONDS,
+        max_reports: int = MAX_REPORTS,
+    ) -> None:
+        self._clock = clock
+        self._window = window
+        self._entries: deque[tuple[float, ViewerReport]] = deque(maxlen=max_reports)
+        self.total = 0
+        self.invalid = 0
+
+    def add(self, report: ViewerReport) -> None:
+        """Count one report, received now."""
+        self._entries.append((self._clock.seconds(), report))
+        self.total += 1
+
+    def _prune(self) -> None:
+        horizon = self._clock.seconds() - self._window
+        entries = self._entries
+        while entries and entries[0][0] < horizon:
+            entries.popleft()
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._entries)
+
+    def summary(self) -> dict[str, Any]:
+        """The last minute: ``reports``, ``latency_ms`` (``p50``, ``p95``; null without a
+        latency), ``fps`` (``p50``; null without reports), ``stalls``, ``dropped``,
+        ``window_seconds``."""
+        self._prune()
+        reports = [report for _, report in self._entries]
+        latencies = sorted(r.latency_ms for r in reports if r.latency_ms is not None)
+        rates = sorted(r.fps for r in reports)
+        return {
+            "reports": len(reports),
+            "window_seconds": self._window,
+            "latency_ms": (
+                {
+                    "p50": round(percentile(latencies, 0.50), 1),
+                    "p95": round(percentile(latencies, 0.95), 1),
+                }
+                if latencies
+                else None
+            ),
+            "fps": {"p50": round(percentile(rates, 0.50), 1)} if rates else None,
+            "stalls": sum(r.stalls for r in reports),
+            "dropped": sum(r.dropped for r in reports),
+        }
+
+    def clear(self) -> None:
+        """Forget every report (a new publisher: a new picture, a new latency)."""
+        self._entries.clear()
