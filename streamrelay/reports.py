@@ -67,7 +67,10 @@ def _number(message: Mapping[str, Any], name: str, low: float, high: float) -> f
     # bool is an int to Python, never a number on the wire.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidReport(f"{name} is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        raise InvalidReport(f"{name} out of range") from None
     if not math.isfinite(number) or not low <= number <= high:
         raise InvalidReport(f"{name} out of range")
     return number

@@ -223,10 +223,9 @@ class ThumbnailApi(HttpResource):
 
         def answered(refusal: Refusal | None) -> None:
             body = self._answer(request, name, refusal)
-            if request.method == b"HEAD":
-                request.setHeader(b"content-length", b"%d" % len(body))
-                body = b""
-            _finish(request, body)
+            # Written later than render: say the length, or twisted.web would chunk it.
+            request.setHeader(b"content-length", b"%d" % len(body))
+            _finish(request, b"" if request.method == b"HEAD" else body)
 
         def failed(failure: Failure) -> None:
             if not failure.check(CancelledError):
