@@ -142,17 +142,19 @@ class CapturePipeline:
         if readiness is Readiness.CONGESTED:
             stats.frames_dropped += 1
             return True
-        if self.thumbnails is not None and self._send_thumbnail is not None:
-            jpeg = self.thumbnails.maybe_make(captured.frame)
-            if jpeg is not None:
-                self._send_thumbnail(jpeg)
         started = time.perf_counter()
         messages = self._encoder.encode(
             captured.frame, captured.capture_time_us, force_keyframe=force_keyframe
         )
         stats.encode_seconds += time.perf_counter() - started
         stats.frames_encoded += 1
-        return self._hand_off(messages)
+        needs_keyframe = self._hand_off(messages)
+        # After the frame is on its way: the thumbnail never delays a frame.
+        if self.thumbnails is not None and self._send_thumbnail is not None:
+            jpeg = self.thumbnails.maybe_make(captured.frame)
+            if jpeg is not None:
+                self._send_thumbnail(jpeg)
+        return needs_keyframe
 
     def _hand_off(self, messages: list[MediaMessage]) -> bool:
         """Pass encoded messages to the sink; True if a frame was refused (KEY needed)."""
