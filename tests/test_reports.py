@@ -149,7 +149,8 @@ def test_the_players_messages_fit_the_viewer_inbound_budget_with_margin() -> Non
         limits.bytes_per_second / 2, limits.byte_burst / 2,
     )
     budget = InboundBudget(clock, half)
-    big_report = len(encode_text({**GOOD, "latency_ms": 599_999.9, "clock_offset_ms": -86_399_999.9}))
+    longest = {**GOOD, "latency_ms": 599_999.9, "clock_offset_ms": -86_399_999.9}
+    big_report = len(encode_text(longest))
     time_request = len(encode_text({"type": "time", "t0": 1_700_000_000_123.456}))
     keyframe = len(encode_text({"type": "keyframe-request"}))
     for _ in range(3):

@@ -209,7 +209,8 @@ def test_with_a_view_secret_a_view_token_is_needed_even_from_loopback() -> None:
     expires = int(time.time()) + 60
     assert get(relay, PATH).status == 401
     assert get(relay, PATH + "?token=" + make_token(SECRET, "view", "other", expires)).status == 401
-    assert get(relay, PATH + "?token=" + make_token(SECRET, "publish", "cam", expires)).status == 401
+    publish_token = make_token(SECRET, "publish", "cam", expires)
+    assert get(relay, PATH + "?token=" + publish_token).status == 401
     good = make_token(SECRET, "view", "cam", expires)
     assert get(relay, PATH + "?token=" + good).body == JPEG
     assert get(relay, PATH, {"Authorization": f"Bearer {good}"}).status == 200
@@ -226,7 +227,8 @@ def test_auth_url_decides_for_thumbnails_as_for_watching(monkeypatch: pytest.Mon
     monkeypatch.setattr(admission, "treq_post", lambda _reactor: post)
     relay = Relay.with_options(auth_url="http://auth.test/check")
     publisher = relay.connect()
-    publisher.send(request_head("GET", "/publish/cam", upgrade_headers("streamrelay.v1", host=HOST)))
+    handshake = upgrade_headers("streamrelay.v1", host=HOST)
+    publisher.send(request_head("GET", "/publish/cam", handshake))
     post.answer(200)
     assert publisher.response().status == 101
     publisher.send(text_frame(message()))
