@@ -210,5 +210,8 @@ class ReportWindow:
         }
 
     def clear(self) -> None:
-        """Forget every report (a new publisher: a new picture, a new latency)."""
+        """Forget every report and the counts (a new publisher: a new picture, a new
+        latency)."""
         self._entries.clear()
+        self.total = 0
+        self.invalid = 0

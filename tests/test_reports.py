@@ -303,3 +303,16 @@ def test_a_new_publisher_starts_with_no_reports() -> None:
     viewer.send(text_frame(GOOD))
     relay.publisher()
     assert viewer_reports(relay)["reports"] == 0
+
+
+def test_per_stream_metrics_export_the_reported_latency() -> None:
+    """With --stream-metrics, /metrics has the last minute's p50/p95 in seconds and the
+    reports counted, per live stream."""
+    relay = Relay.with_options(stream_metrics=True)
+    publisher = relay.publisher()
+    publisher.send(binary_frame(encode_media(FLAG_KEY, 1, b"\x00\x00\x00\x01\x65")))
+    viewer = relay.viewer()
+    viewer.send(text_frame(GOOD))
+    body = relay.connect().request("GET", "/metrics", {"Host": "relay.test"}).body.decode()
+    assert 'streamrelay_stream_viewer_latency_seconds{quantile="0.5",stream="cam"} 0.1805' in body
+    assert 'streamrelay_stream_viewer_reports_total{stream="cam"} 1.0' in body
