@@ -34,7 +34,7 @@ from streamrelay.rates import RateWindow, Throttle
 from streamrelay.reports import ReportWindow, ViewerReport
 from streamrelay.thumbnails import ThumbnailSlot
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
-from streamrelay.wire import MediaMessage, encode_text
+from streamrelay.wire import MediaMessage, encode_text, thumbnail_message
 
 _log = relay_logger(__name__)
 
@@ -247,6 +247,21 @@ class Stream:
             self.relay_counts[sink] = count
             self._viewer_count_updates.request()
 
+    def thumbnail_to_edges(self, sink: ViewerSink | None = None) -> None:
+        """Pass the current thumbnail on to the edges pulling the stream (``sink``: that
+        one only, which just attached), so that they serve it too.  Disposable, as from
+        the publisher: an edge whose transport is full skips it and gets a later one."""
+        thumb = self.thumbnail.current
+        sinks = list(self.relay_counts) if sink is None else [sink]
+        if thumb is None or not sinks:
+            return
+        raw = encode_text(thumbnail_message(thumb.jpeg))
+        frame = self._registry.frame_factory(raw, False)
+        for edge in sinks:
+            queue = self.viewers.get(edge)
+            if queue is not None and not queue.paused:
+                queue.send_text(frame, len(raw), "thumbnail")
+
     def viewer_report(self, report: ViewerReport) -> None:
         """A viewer reported its playback; the publisher hears the summary within
         :data:`VIEWER_REPORT_INTERVAL`."""
@@ -300,6 +315,8 @@ class Stream:
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
         queue.start(self.gop.start_sequence(), self.gop.config)
+        if relay:
+            self.thumbnail_to_edges(sink)
         if queue.waiting_for_key:
             self.need_keyframe()
         self._viewer_count_updates.request()
@@ -437,7 +454,10 @@ class PublisherSession:
     def thumbnail(self, message: dict[str, Any]) -> bool:
         """Keep the stream's thumbnail (a ``thumbnail`` text message); False when
         ignored by the rate limit.  Raises :class:`~streamrelay.wire.WireError`."""
-        return self.current and self.stream.thumbnail.offer(message)
+        accepted = self.current and self.stream.thumbnail.offer(message)
+        if accepted:
+            self.stream.thumbnail_to_edges()
+        return accepted
 
     def gap(self, count: int) -> None:
         """The upstream dropped ``count`` messages towards this relay (pulls only)."""

@@ -56,7 +56,7 @@ from streamrelay.logs import relay_logger
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, StreamRegistry
 from streamrelay.tokens import make_token
-from streamrelay.wire import MediaMessage
+from streamrelay.wire import MediaMessage, WireError
 from streamrelay.wsclient.backoff import Backoff
 from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
 
@@ -237,6 +237,15 @@ class Pull(StreamListener):
         """The upstream dropped messages towards this relay: viewers see the gap."""
         if self.session is not None:
             self.session.gap(count)
+
+    def text(self, message: dict[str, Any]) -> None:
+        """A ``thumbnail`` from the upstream is kept as the publisher's would be (never
+        forwarded to viewers); one that breaks the rules is dropped, not fatal."""
+        if self.session is not None and message.get("type") == "thumbnail":
+            try:
+                self.session.thumbnail(message)
+            except WireError:
+                pass
 
     def closed(self, why: str) -> None:
         """The upstream connection is gone: viewers see ``offline`` and stay."""

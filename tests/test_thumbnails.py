@@ -242,3 +242,32 @@ def test_auth_url_decides_for_thumbnails_as_for_watching(monkeypatch: pytest.Mon
     peer2.send(request_head("GET", PATH + "?token=def", {"Host": "relay.test"}))
     post.answer(200)
     assert peer2.response().body == JPEG
+
+
+# -- relay to relay ---------------------------------------------------------------------------
+
+
+def test_edges_pulling_a_stream_serve_its_thumbnail_and_viewers_never_see_it() -> None:
+    """The origin passes its thumbnail to an edge when the edge attaches and whenever a
+    new one comes; the edge serves it at its own thumbnail.jpg; no viewer, at the origin
+    or the edge, ever gets a thumbnail message."""
+    from tests.support.relay_links import Network
+    from tests.test_upstream import ORIGIN, seen
+
+    net = Network()
+    origin = net.relay(ORIGIN)
+    publisher = origin.publisher("cam")
+    publisher.send(binary_frame(encode_media(FLAG_KEY, 1, b"\x00\x00\x00\x01\x65")))
+    publisher.send(text_frame(message()))
+    net.flush()
+    edge, _manager = net.edge("edge:8080", ORIGIN)
+    viewer = edge.viewer("cam")
+    net.flush()
+    assert "thumbnail" not in seen(viewer)
+    assert get(edge, PATH).body == JPEG
+    net.tick(MIN_INTERVAL_SECONDS)
+    publisher.send(text_frame(message(JPEG + b"\x01")))
+    net.flush()
+    assert get(edge, PATH).body == JPEG + b"\x01"
+    assert get(origin, PATH).body == JPEG + b"\x01"
+    assert "thumbnail" not in seen(viewer)
