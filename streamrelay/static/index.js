@@ -102,10 +102,11 @@
     const bitrate = el('span', 'stat');
     const fps = el('span', 'stat');
     const since = el('span', 'stat stat-muted');
-    info.append(viewers, bitrate, fps, since);
+    const latency = el('span', 'stat');
+    info.append(viewers, bitrate, fps, latency, since);
     a.append(top, info);
     li.append(a);
-    const row = { li, a, badge, viewers, bitrate, fps, since, thumb, thumbEtag: null };
+    const row = { li, a, badge, viewers, bitrate, fps, latency, since, thumb, thumbEtag: null };
     rows.set(name, row);
     return row;
   }
@@ -124,6 +125,15 @@
     setText(row.viewers, v + (v === 1 ? ' viewer' : ' viewers'));
     setText(row.bitrate, live ? formatBitrate(s.bitrate_bps) : '');
     setText(row.fps, live ? formatFps(s.fps) : '');
+    // What the players report (last minute): the latency viewers really see.
+    const reported = s.viewer_reports && s.viewer_reports.latency_ms;
+    const p50 = reported ? Number(reported.p50) : NaN;
+    setText(row.latency, live && Number.isFinite(p50) ? Math.round(p50) + ' ms latency' : '');
+    row.latency.title = reported
+      ? 'Glass-to-glass latency the players reported over the last minute: median ' +
+        Math.round(p50) + ' ms, 95th percentile ' + Math.round(Number(reported.p95)) + ' ms, ' +
+        (Number(s.viewer_reports.stalls) || 0) + ' stalls'
+      : '';
     setText(row.since, live ? (s.publisher ? formatSince(s.publisher.since) : '') : 'waiting for a publisher');
     row.a.title = live
       ? 'Watch ' + s.name + (s.dropped ? ' (' + s.dropped + ' messages dropped to slow viewers)' : '')

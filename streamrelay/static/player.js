@@ -103,7 +103,7 @@ class Player {
     const connection = new Connection(this.url, this.stats, {
       change: () => this.refresh(),
       open: () => this.onOpen(),
-      text: (text) => this.onText(text),
+      text: (text, receivedAt) => this.onText(text, receivedAt),
       media: (buf) => this.onMedia(buf),
       gone: () => this.onGone(),
     }, () => this.relay === Relay.LIVE);
@@ -172,7 +172,7 @@ class Player {
     this.hint.reset();
   }
 
-  onText(text) {
+  onText(text, receivedAt) {
     const msg = parseControl(text);
     if (!msg) return;
     switch (msg.type) {
@@ -192,7 +192,7 @@ class Player {
         if (this.stats.framesDecoded === 0) this.view.presize(Number(msg.width), Number(msg.height));
         break;
       case 'time':
-        this.clockSync.onAnswer(msg);
+        this.clockSync.onAnswer(msg, receivedAt);
         break;
       case 'dropped':
         if (Number.isFinite(Number(msg.messages))) this.stats.serverDropped += Number(msg.messages);

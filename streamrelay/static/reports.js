@@ -4,8 +4,10 @@
  * ClockSync estimates how far this computer's clock is from the relay's: it sends
  * {"type":"time","t0":T} and the relay answers with its own clock (server_us); from the round
  * trip, NTP style, offset = server - (t0 + t1) / 2, trusting the sample with the shortest round
- * trip. Three exchanges at each connection, then one every 30 s: far inside the relay's allowance
- * (a burst of 4, then one per 5 s) and the viewer's inbound budget (5 frames/s, 4 KiB/s).
+ * trip (t1 is when the answer reached the page, not when its handler ran behind queued media).
+ * Three exchanges at each connection, then one every 10 s, the best of the last 8 kept: inside
+ * the relay's allowance (a burst of 4, then one per 5 s) and far inside the viewer's inbound
+ * budget (5 frames/s, 4 KiB/s).
  *
  * Reporter sends {"type":"report", latency_ms, fps, dropped, stalls, clock_offset_ms} every 5 s
  * while the stream plays: latency_ms is the median glass-to-glass estimate of the frames decoded
@@ -17,7 +19,7 @@
 export const REPORT_INTERVAL_MS = 5000;
 const STALL_MS = 1000;
 const SYNC_SAMPLES_AT_OPEN = 3;
-const SYNC_EVERY_MS = 30000;
+const SYNC_EVERY_MS = 10000;
 const SYNC_TIMEOUT_MS = 3000;
 const SYNC_KEEP = 8;
 
@@ -69,9 +71,10 @@ export class ClockSync {
     }, SYNC_TIMEOUT_MS);
   }
 
-  /** The relay's {"type":"time"} answer. */
-  onAnswer(msg) {
-    const t1 = epochNowMs();
+  /** The relay's {"type":"time"} answer, received at `receivedAt` (performance.now() scale). */
+  onAnswer(msg, receivedAt) {
+    const t1 = Number.isFinite(receivedAt) && receivedAt > 0
+      ? performance.timeOrigin + receivedAt : epochNowMs();
     const t0 = Number(msg.t0);
     const serverMs = Number(msg.server_us) / 1000;
     if (this._pending === null || t0 !== this._pending || !Number.isFinite(serverMs)) return;

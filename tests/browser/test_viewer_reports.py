@@ -108,7 +108,7 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
     within its round trip's bound (same host: the true offset is 0), sends reports whose
     latency is close to what the pictured capture clock shows on its canvas, and
     ``/api/streams`` shows p50/p95 from both; the index page shows the stream's thumbnail,
-    loaded (naturalWidth > 0)."""
+    loaded (naturalWidth > 0), and the reported latency."""
     relay = start_relay()
     start_publisher(
         f"{relay.ws_url}/publish/reports",
@@ -203,5 +203,14 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
 
     natural_width = wait_until(thumbnail_loaded, 20, 0.2)
     assert natural_width == 320
+    # ...and the latency the players report.
+    shown = wait_until(
+        lambda: index.evaluate(
+            "() => [...document.querySelectorAll('.stream-info .stat')]"
+            ".map((e) => e.textContent).find((t) => t.endsWith('ms latency')) || null"
+        ),
+        10, 0.2,
+    )
+    assert int(shown.split()[0]) >= 0
     assert index.evaluate("() => window.__streamrelayTest.cspViolations") == []
     assert log.errors() == []
