@@ -12,6 +12,7 @@ known moment of the page's clock (same host, so the same clock as the publisher'
 from __future__ import annotations
 
 import datetime
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -122,9 +123,12 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
 
     wait_until(live, 30, 0.2)
     pages = [open_page(f"{relay.http_url}/view/reports")[0] for _ in range(2)]
+
+    def decoding(page: Any) -> bool:
+        return bool((page.evaluate(READ_PLAYER) or {}).get("framesDecoded", 0) > 30)
+
     for page in pages:
-        wait_until(lambda page=page: (page.evaluate(READ_PLAYER) or {}).get("framesDecoded", 0) > 30,
-                   30, 0.2)
+        wait_until(functools.partial(decoding, page), 30, 0.2)
 
     # Film the clock: read the pictured capture time off the canvas, many times.
     pattern = TestPattern(WIDTH, HEIGHT)
@@ -161,7 +165,7 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
         assert report["fps"] > 0 and report["dropped"] >= 0 and report["stalls"] >= 0
 
     reported = [r["latency_ms"] for r in with_latency]
-    summary = {}
+    summary: dict[str, Any] = {}
 
     def summarised() -> bool:
         nonlocal summary
