@@ -23,6 +23,7 @@ the stalls and drops summed.
 from __future__ import annotations
 
 import math
+import struct
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ MAX_FPS: Final = 1_000.0
 MAX_COUNT: Final = 1_000_000  # dropped frames in one report
 MAX_STALLS: Final = 10_000
 MAX_CLOCK_OFFSET_MS: Final = 86_400_000.0  # a day
+# A summary is reused for this long unless a report came meanwhile.
+SUMMARY_MAX_AGE_SECONDS: Final = 1.0
+# A kept report: when it came, latency (NaN: none), fps (float64), dropped, stalls.
+_PACKED: Final = struct.Struct("<dddIH")
+_RECEIVED: Final = struct.Struct("<d")
 # A ``time`` request's t0 is the player's own number, echoed: any finite number whose
 # JSON stays short.
 MAX_T0: Final = 1e16
@@ -156,7 +162,11 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 class ReportWindow:
     """A stream's viewer reports over the last :data:`WINDOW_SECONDS` (at most
-    :data:`MAX_REPORTS` of them)."""
+    :data:`MAX_REPORTS` of them).
+
+    Each report is kept packed (:data:`_PACKED`, about 70 bytes with its slot), so a
+    full window costs about 75 KB; the summary is computed again only after a new report
+    or a second, so a busy listing does not sort the window on every request."""
 
     def __init__(
         self,
@@ -166,20 +176,27 @@ class ReportWindow:
     ) -> None:
         self._clock = clock
         self._window = window
-        self._entries: deque[tuple[float, ViewerReport]] = deque(maxlen=max_reports)
+        self._entries: deque[bytes] = deque(maxlen=max_reports)
+        self._summary: dict[str, Any] | None = None
+        self._summarised_at = 0.0
         self.total = 0
         self.invalid = 0
 
     def add(self, report: ViewerReport) -> None:
         """Count one report, received now."""
-        self._entries.append((self._clock.seconds(), report))
+        latency = math.nan if report.latency_ms is None else report.latency_ms
+        self._entries.append(
+            _PACKED.pack(self._clock.seconds(), latency, report.fps, report.dropped, report.stalls)
+        )
+        self._summary = None
         self.total += 1
 
     def _prune(self) -> None:
         horizon = self._clock.seconds() - self._window
         entries = self._entries
-        while entries and entries[0][0] < horizon:
+        while entries and _RECEIVED.unpack_from(entries[0])[0] < horizon:
             entries.popleft()
+            self._summary = None
 
     def __len__(self) -> int:
         self._prune()
@@ -189,12 +206,15 @@ class ReportWindow:
         """The last minute: ``reports``, ``latency_ms`` (``p50``, ``p95``; null without a
         latency), ``fps`` (``p50``; null without reports), ``stalls``, ``dropped``,
         ``window_seconds``."""
+        now = self._clock.seconds()
+        if self._summary is not None and now - self._summarised_at < SUMMARY_MAX_AGE_SECONDS:
+            return dict(self._summary)
         self._prune()
-        reports = [report for _, report in self._entries]
-        latencies = sorted(r.latency_ms for r in reports if r.latency_ms is not None)
-        rates = sorted(r.fps for r in reports)
-        return {
-            "reports": len(reports),
+        rows = [_PACKED.unpack(entry) for entry in self._entries]
+        latencies = sorted(row[1] for row in rows if not math.isnan(row[1]))
+        rates = sorted(row[2] for row in rows)
+        self._summary = {
+            "reports": len(rows),
             "window_seconds": self._window,
             "latency_ms": (
                 {
@@ -205,13 +225,16 @@ class ReportWindow:
                 else None
             ),
             "fps": {"p50": round(percentile(rates, 0.50), 1)} if rates else None,
-            "stalls": sum(r.stalls for r in reports),
-            "dropped": sum(r.dropped for r in reports),
+            "stalls": sum(row[4] for row in rows),
+            "dropped": sum(row[3] for row in rows),
         }
+        self._summarised_at = now
+        return dict(self._summary)
 
     def clear(self) -> None:
         """Forget every report and the counts (a new publisher: a new picture, a new
         latency)."""
         self._entries.clear()
+        self._summary = None
         self.total = 0
         self.invalid = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -218,3 +219,43 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
     assert int(shown.split()[0]) >= 0
     assert index.evaluate("() => window.__streamrelayTest.cspViolations") == []
     assert log.errors() == []
+
+
+def test_a_publisher_that_freezes_shows_as_a_stall_in_the_reports(
+    start_relay: StartRelay,
+    start_publisher: Callable[..., Any],
+    open_page: Callable[..., Any],
+) -> None:
+    """The publisher process is stopped (SIGSTOP) for 3 s while a player watches: the
+    stream stays live but no frame comes, so the player counts a stall, its next
+    report carries it, and /api/streams sums it up; afterwards playback goes on."""
+    relay = start_relay()
+    process = start_publisher(
+        f"{relay.ws_url}/publish/freeze",
+        "--size", "320x180", "--fps", "30", "--preset", "ultrafast", "--bitrate", "300k",
+    )
+    page, _ = open_page(f"{relay.http_url}/view/freeze")
+    wait_until(lambda: (page.evaluate(READ_PLAYER) or {}).get("reportsSent", 0) >= 1, 40, 0.2)
+    before = page.evaluate(READ_PLAYER)
+    assert before["stalls"] == 0, before
+    process.send_signal(signal.SIGSTOP)
+    try:
+        page.wait_for_timeout(3000)
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+    def reported_stall() -> dict[str, Any] | None:
+        state = page.evaluate(READ_PLAYER) or {}
+        last = state.get("lastReport") or {}
+        return state if last.get("stalls", 0) >= 1 else None
+
+    state = wait_until(reported_stall, 20, 0.2)
+    assert state["stalls"] >= 1, state
+
+    def summed() -> bool:
+        entry = stream_entry(api_streams(relay), "freeze") or {}
+        return bool((entry.get("viewer_reports") or {}).get("stalls", 0) >= 1)
+
+    wait_until(summed, 15, 0.5)
+    decoded = page.evaluate(READ_PLAYER)["framesDecoded"]
+    wait_until(lambda: page.evaluate(READ_PLAYER)["framesDecoded"] > decoded + 10, 15, 0.2)
