@@ -150,6 +150,7 @@ class Player {
       width: this.view.width,
       height: this.view.height,
       codec: this.decoder ? this.decoder.codecLabel : '',
+      clockOffsetMs: this.clockSync ? this.clockSync.offsetMs : null,
     });
     if (state === State.RECONNECTING) this.refresh(); // the countdown
     if (this.reporter) {

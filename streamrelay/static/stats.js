@@ -79,8 +79,9 @@ export class StatsOverlay {
     this._root.hidden = true;
   }
 
-  /** Refresh from the counters; `live` says whether a missing latency sample means "–". */
-  tick(now, { live, width, height, codec }) {
+  /** Refresh from the counters; `live` says whether a missing latency sample means "–";
+   * `clockOffsetMs` (relay clock minus this one, reports.js) corrects the latency when known. */
+  tick(now, { live, width, height, codec, clockOffsetMs }) {
     const s = this._stats;
     const dt = (now - this._lastTick) / 1000;
     if (dt <= 0) return;
@@ -96,7 +97,12 @@ export class StatsOverlay {
       s.framesDropped + ' here (waiting for a keyframe, hidden tab, decoder)';
     const median = s.takeIntervalMedian();
     if (median !== null) {
-      this._latency.textContent = Math.round(median) + ' ms';
+      const corrected = Number.isFinite(clockOffsetMs);
+      this._latency.textContent = Math.round(median + (corrected ? clockOffsetMs : 0)) + ' ms';
+      this._latency.title = corrected
+        ? 'Capture to decode, on the relay\'s clock (this computer\'s is ' +
+          Math.round(-clockOffsetMs) + ' ms ahead of it)'
+        : 'Capture to decode, on this computer\'s clock';
     } else if (!live) {
       this._latency.textContent = '–';
     }
