@@ -43,6 +43,10 @@ MAX_FPS: Final = 1_000.0
 MAX_COUNT: Final = 1_000_000  # dropped frames in one report
 MAX_STALLS: Final = 10_000
 MAX_CLOCK_OFFSET_MS: Final = 86_400_000.0  # a day
+# An edge passes its viewers' reports on to its upstream, at most this many per message
+# (the newest: beyond ~100 viewers an edge forwards a sample); a message of that many
+# stays under the 4 KiB an edge may send.
+MAX_FORWARDED: Final = 100
 # A summary is reused for this long unless a report came meanwhile.
 SUMMARY_MAX_AGE_SECONDS: Final = 1.0
 # A kept report: when it came, latency (NaN: none), fps (float64), dropped, stalls.
@@ -107,6 +111,29 @@ def parse_report(message: Mapping[str, Any]) -> ViewerReport:
             message, "clock_offset_ms", -MAX_CLOCK_OFFSET_MS, MAX_CLOCK_OFFSET_MS
         ),
     )
+
+
+def parse_forwarded(message: Mapping[str, Any]) -> tuple[list[ViewerReport], int]:
+    """The reports of an edge's ``reports`` message and how many rows were invalid
+    (skipped); raises :class:`InvalidReport` when ``reports`` is not a list of at most
+    :data:`MAX_FORWARDED` rows."""
+    rows = message.get("reports")
+    if not isinstance(rows, list) or len(rows) > MAX_FORWARDED:
+        raise InvalidReport(f"reports is not a list of at most {MAX_FORWARDED} rows")
+    reports = []
+    invalid = 0
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 4:
+            invalid += 1
+            continue
+        latency, fps, dropped, stalls = row
+        try:
+            reports.append(parse_report(
+                {"latency_ms": latency, "fps": fps, "dropped": dropped, "stalls": stalls}
+            ))
+        except InvalidReport:
+            invalid += 1
+    return reports, invalid
 
 
 def parse_time_request(message: Mapping[str, Any]) -> float | int | None:
@@ -181,6 +208,9 @@ class ReportWindow:
         self._summarised_at = 0.0
         self.total = 0
         self.invalid = 0
+        # On an edge (the stream is pulled): reports not yet passed on upstream.
+        self.forwarding = False
+        self._new: deque[ViewerReport] = deque(maxlen=MAX_FORWARDED)
 
     def add(self, report: ViewerReport) -> None:
         """Count one report, received now."""
@@ -190,6 +220,17 @@ class ReportWindow:
         )
         self._summary = None
         self.total += 1
+        if self.forwarding:
+            self._new.append(report)
+
+    def take_new(self) -> list[list[float | int | None]]:
+        """The reports added since the last call (at most :data:`MAX_FORWARDED`, the
+        newest), as ``[latency_ms, fps, dropped, stalls]`` rows for the upstream."""
+        rows: list[list[float | int | None]] = [
+            [r.latency_ms, r.fps, r.dropped, r.stalls] for r in self._new
+        ]
+        self._new.clear()
+        return rows
 
     def _prune(self) -> None:
         horizon = self._clock.seconds() - self._window
@@ -235,6 +276,7 @@ class ReportWindow:
         """Forget every report and the counts (a new publisher: a new picture, a new
         latency)."""
         self._entries.clear()
+        self._new.clear()
         self._summary = None
         self.total = 0
         self.invalid = 0

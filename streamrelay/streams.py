@@ -171,6 +171,8 @@ class Stream:
         self.gop.clear()
         self.thumbnail.clear()
         self.reports.clear()
+        # An edge passes its viewers' reports on to the upstream it pulls from.
+        self.reports.forwarding = pulled
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
         self._last_viewer_count_sent = None
@@ -198,6 +200,7 @@ class Stream:
         self.publisher_since = None
         self.gop.clear()
         self.thumbnail.clear()
+        self.reports.forwarding = False
         self.meta = None
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
@@ -276,10 +279,16 @@ class Stream:
         # (the publisher then shows none); no timer runs for a stream nobody reports on.
         self._report_call = None
         summary = self.reports.summary()
-        # Only a local publisher hears it: a pull from the upstream has no use for it.
-        send = getattr(self.publisher, "send_viewer_report", None)
-        if send is not None and not self.pulled:
-            send(summary)
+        if self.pulled:
+            # On an edge: the reports themselves go upstream, to the publisher's relay.
+            rows = self.reports.take_new()
+            forward = getattr(self.publisher, "forward_viewer_reports", None)
+            if rows and forward is not None:
+                forward(rows)
+        else:
+            send = getattr(self.publisher, "send_viewer_report", None)
+            if send is not None:
+                send(summary)
         if summary["reports"]:
             self._report_call = self._registry.clock.callLater(
                 VIEWER_REPORT_INTERVAL, self._send_viewer_report

@@ -262,6 +262,11 @@ class Pull(StreamListener):
         """Report this relay's audience of the stream upstream (``viewers``)."""
         self.client.send_json({"type": "viewers", "count": count})
 
+    def forward_viewer_reports(self, rows: list[list[float | int | None]]) -> None:
+        """Pass this relay's viewers' reports on upstream (``reports``), so that the
+        publisher's relay sums up the whole audience; lost while disconnected."""
+        self.client.send_json({"type": "reports", "reports": rows})
+
     def send_keyframe_request(self) -> None:
         """A local viewer needs a KEY the cache cannot give: ask upstream, now or (the
         connection being down) as soon as it is open again: a request is never lost."""

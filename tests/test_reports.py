@@ -316,3 +316,77 @@ def test_per_stream_metrics_export_the_reported_latency() -> None:
     body = relay.connect().request("GET", "/metrics", {"Host": "relay.test"}).body.decode()
     assert 'streamrelay_stream_viewer_latency_seconds{quantile="0.5",stream="cam"} 0.1805' in body
     assert 'streamrelay_stream_viewer_reports_total{stream="cam"} 1.0' in body
+
+
+# -- relay to relay ---------------------------------------------------------------------------
+
+
+def test_an_edge_passes_its_viewers_reports_upstream_to_the_publishers_relay() -> None:
+    """A viewer of an edge reports: the edge sums it up itself and passes it on, so the
+    origin's /api/streams and its publisher's ``viewer-report`` count it too; the edge's
+    viewers never see the ``reports`` message."""
+    from tests.support.relay_links import Network
+    from tests.test_upstream import ORIGIN, seen, tick_answering
+
+    net = Network()
+    origin = net.relay(ORIGIN)
+    publisher = origin.publisher("cam")
+    publisher.send(binary_frame(encode_media(FLAG_KEY, 1, b"\x00\x00\x00\x01\x65")))
+    net.flush()
+    edge, _manager = net.edge("edge:8080", ORIGIN)
+    viewer = edge.viewer("cam")
+    net.flush()
+    viewer.send(text_frame(GOOD))
+    assert viewer_reports(edge)["reports"] == 1
+    assert viewer_reports(origin)["reports"] == 0
+    tick_answering(net, VIEWER_REPORT_INTERVAL + 0.5, viewer, publisher)
+    at_origin = viewer_reports(origin)
+    assert at_origin["reports"] == 1
+    assert at_origin["latency_ms"] == {"p50": 180.5, "p95": 180.5}
+    tick_answering(net, VIEWER_REPORT_INTERVAL, viewer, publisher)
+    heard = [m for m in publisher.json_messages() if m["type"] == "viewer-report"]
+    assert heard and heard[-1]["reports"] == 1 and heard[-1]["stalls"] == 1
+    assert "reports" not in seen(viewer)
+    # Passed on once, not again at every interval.
+    tick_answering(net, 2 * VIEWER_REPORT_INTERVAL, viewer, publisher)
+    assert viewer_reports(origin)["reports"] == 1
+
+
+def test_forwarded_reports_are_validated_row_by_row_and_rate_limited() -> None:
+    """An edge's ``reports``: bad rows are skipped (counted invalid), more than 100 rows
+    or no list is ignored as a whole, and one message per 2 s is counted."""
+    from streamrelay.reports import MAX_FORWARDED, parse_forwarded
+
+    good = [180.5, 30, 0, 0]
+    reports, invalid = parse_forwarded(
+        {"reports": [good, [None, 25.0, 1, 0], [1, 2, 3], "x", [-5, 30, 0, 0], good]}
+    )
+    assert [r.latency_ms for r in reports] == [180.5, None, 180.5] and invalid == 3
+    for bad in ({"reports": [good] * (MAX_FORWARDED + 1)}, {"reports": "x"}, {}):
+        with pytest.raises(InvalidReport):
+            parse_forwarded(bad)
+    longest = {"type": "reports", "reports": [[599_999.9, 999.9, 999_999, 9_999]] * MAX_FORWARDED}
+    assert len(encode_text(longest)) < 4096
+
+
+def test_an_edge_connection_gets_one_reports_message_counted_per_interval() -> None:
+    """Over /relay/: a valid ``reports`` message counts its rows; a second within 2 s is
+    ignored; a malformed one is ignored without closing the edge."""
+    from tests.test_upstream import SECRET, relay_token
+
+    relay = Relay(config=RelayConfig(relay_secret=SECRET))
+    publisher = relay.publisher()
+    publisher.send(binary_frame(encode_media(FLAG_KEY, 1, b"\x00\x00\x00\x01\x65")))
+    edge = relay.connect()
+    bearer = {"Authorization": f"Bearer {relay_token('cam')}"}
+    assert edge.upgrade("/relay/cam", bearer).status == 101
+    rows = [[100.0, 30, 0, 0], [200.0, 30, 0, 1], [None, 0, 5, 1]]
+    edge.send(text_frame({"type": "reports", "reports": rows}))
+    edge.send(text_frame({"type": "reports", "reports": rows}))
+    summary = viewer_reports(relay)
+    assert summary["reports"] == 3 and summary["stalls"] == 2 and summary["dropped"] == 5
+    relay.clock.advance(REPORT_MIN_INTERVAL_SECONDS)
+    edge.send(text_frame({"type": "reports", "reports": {"not": "a list"}}))
+    edge.send(text_frame({"type": "reports", "reports": rows[:1]}))
+    assert viewer_reports(relay)["reports"] == 4
+    assert not edge.closing
