@@ -1,6 +1,7 @@
 """Viewer reports end to end over real sockets: a viewer asks the real relay for its
 clock and reports its playback; ``/api/streams`` sums the reports up, and the real
-publisher process shows the relay's summary in its status line."""
+publisher process shows the relay's summary in its status line.  Across relays, an edge
+passes its viewers' reports on to the origin and serves the origin's thumbnail."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.frames import OP_TEXT, FrameParser, client_frame
-from tests.support.http import http_json
+from tests.support.http import http_get, http_json
 from tests.support.raw_ws import ws_open
 from tests.support.relay_process import StartRelay
+from tests.support.tokens import write_secret
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,6 +71,57 @@ def test_reports_reach_the_listing_and_the_publishers_status_line(
             return "latency p50 150 ms p95 250 ms, 2 stalls" in log_path.read_text()
 
         wait_until(status_shows_it, 20, 0.5)
+        viewer.close()
+    finally:
+        publisher.send_signal(signal.SIGTERM)
+        try:
+            publisher.wait(15)
+        except subprocess.TimeoutExpired:
+            publisher.kill()
+            publisher.wait()
+
+
+def test_an_edges_viewers_reach_the_origin_and_the_edge_serves_the_thumbnail(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Origin and edge as real relays (``--upstream``): the real publisher on the origin,
+    a viewer on the edge that reports; the edge serves the publisher's thumbnail and
+    counts the report, and passes it on so the origin counts it too."""
+    secret = write_secret(tmp_path, "relay.key", b"reports-chain-relay-secret")
+    origin = start_relay("--relay-secret-file", str(secret))
+    edge = start_relay("--relay-secret-file", str(secret), "--upstream", origin.ws_url)
+    log_path = tmp_path / "publisher.log"
+    with open(log_path, "ab") as log:
+        publisher = subprocess.Popen(
+            [sys.executable, "-m", "streamrelay.publisher", f"{origin.ws_url}/publish/far",
+             "--quiet", "--size", "320x180", "--fps", "15", "--preset", "ultrafast",
+             "--bitrate", "300k", "--thumbnail-interval", "1"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        viewer, response = ws_open(edge.port, "/watch/far")
+        assert response.status == 101
+
+        def edge_thumbnail() -> bytes | None:
+            answer = http_get(edge.http_url, "/api/streams/far/thumbnail.jpg")
+            return answer.body if answer.status == 200 else None
+
+        assert wait_until(edge_thumbnail, 30, 0.3).startswith(b"\xff\xd8\xff")
+        report = {"type": "report", "latency_ms": 321.0, "fps": 15, "dropped": 0,
+                  "stalls": 0, "clock_offset_ms": None}
+        viewer.sendall(client_frame(OP_TEXT, json.dumps(report).encode()))
+
+        def reports_at(relay_url: str) -> int:
+            for entry in http_json(relay_url, "/api/streams")["streams"]:
+                if entry["name"] == "far":
+                    return int(entry["viewer_reports"]["reports"])
+            return 0
+
+        wait_until(lambda: reports_at(edge.http_url) == 1, 10, 0.2)
+        wait_until(lambda: reports_at(origin.http_url) == 1, 20, 0.3)
+        entry = next(e for e in http_json(origin.http_url, "/api/streams")["streams"]
+                     if e["name"] == "far")
+        assert entry["viewer_reports"]["latency_ms"] == {"p50": 321.0, "p95": 321.0}
         viewer.close()
     finally:
         publisher.send_signal(signal.SIGTERM)
