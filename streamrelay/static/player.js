@@ -115,6 +115,7 @@ class Player {
     this.connection = connection;
     this.clockSync = new ClockSync(connection);
     this.reporter = new Reporter(connection, this.stats, this.clockSync);
+    this.view.onPainted = (captureUs) => this.stats.recordPaint(captureUs, Date.now());
     this.listen(win);
     connection.start();
   }

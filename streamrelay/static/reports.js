@@ -10,9 +10,10 @@
  * budget (5 frames/s, 4 KiB/s).
  *
  * Reporter sends {"type":"report", latency_ms, fps, dropped, stalls, clock_offset_ms} every 5 s
- * while the stream plays: latency_ms is the median glass-to-glass estimate of the frames decoded
- * in the interval (decode time on this clock, corrected to the relay's clock, minus the capture
- * time in the frame's header; null until the clock offset is known), fps the frames decoded per
+ * while the stream plays: latency_ms is the median glass-to-glass estimate of the frames painted
+ * in the interval (the moment the frame was drawn on the page, on this clock corrected to the
+ * relay's, minus the capture time in the frame's header; null until the clock offset is known:
+ * the display's own refresh, at most a frame more, is not seen by a page), fps the frames decoded per
  * second, dropped and stalls the counts since the previous report. A stall is an episode of at
  * least STALL_MS without a decoded frame while the stream is live and the page visible. */
 

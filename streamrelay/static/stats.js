@@ -29,10 +29,17 @@ export class Stats {
     this._ring[this._count % LATENCY_SAMPLES_MAX] = this.lastLatencyMs;
     this._count++;
     if (this._interval.length < LATENCY_SAMPLES_MAX) this._interval.push(latencyMs);
-    if (this._reportLatencies.length < LATENCY_SAMPLES_MAX) this._reportLatencies.push(latencyMs);
   }
 
-  /** The latency samples (this clock, uncorrected) since the last call, for a viewer report. */
+  /** Latency of one frame painted on the page (capture to canvas, this clock): what the viewer
+   * reports (reports.js), nearer the glass than the decode time. */
+  recordPaint(captureUs, nowEpochMs) {
+    if (this._reportLatencies.length < LATENCY_SAMPLES_MAX) {
+      this._reportLatencies.push(nowEpochMs - captureUs / 1000);
+    }
+  }
+
+  /** The paint latency samples (this clock, uncorrected) since the last call, for a report. */
   takeReportLatencies() {
     const samples = this._reportLatencies;
     this._reportLatencies = [];

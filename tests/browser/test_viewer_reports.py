@@ -184,6 +184,9 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
         "pictured_clock_latency_ms": {
             "p50": round(pictured_p50, 1), "samples": len(pictured), "unreadable": unreadable,
             "min": round(min(pictured), 1), "max": round(max(pictured), 1),
+            # A frame stays on the canvas for a frame interval and is read at a random
+            # moment of it: on average half an interval after it was shown.
+            "p50_at_display_start": round(pictured_p50 - 1000 / 30 / 2, 1),
         },
         "clock_offsets_ms": sorted({r["clock_offset_ms"] for r in with_latency}),
     }
@@ -191,8 +194,8 @@ def test_players_report_latency_close_to_the_pictured_clock_and_index_shows_thum
           f"(relay: p50 {summary['latency_ms']['p50']} ms, p95 {summary['latency_ms']['p95']} ms, "
           f"{summary['reports']} reports); pictured clock on the canvas p50 {pictured_p50:.1f} ms")
     figures["viewer_reports"] = result
-    # Both measure capture-to-picture; the canvas reading adds the paint and the time a
-    # frame stays shown (up to a frame interval), so it reads a little more.
+    # Both measure capture-to-picture; the canvas reading adds the time a frame stays
+    # shown (up to a frame interval, 33 ms), so it reads a little more.
     assert pictured_p50 > 0 and reported_p50 > 0, result
     assert abs(pictured_p50 - reported_p50) < max(150.0, 0.5 * pictured_p50), result
     assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p95"]
