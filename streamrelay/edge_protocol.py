@@ -4,16 +4,20 @@ The edge is one viewer of the stream with its own, larger queue
 (``--relay-queue-bytes``): it gets status, meta and media exactly as a viewer does, and
 when it cannot keep up it loses whole groups of pictures as a viewer does.  Besides a
 viewer's ``keyframe-request`` it sends ``{"type": "viewers", "count": N}``, how many
-viewers it serves, which this relay adds to the count its publisher hears
-(``docs/protocol.md``, "Relay to relay").  Admission (a ``relay`` token signed with
+viewers it serves, which this relay adds to the count its publisher hears, and
+``{"type": "reports", ...}``, its viewers' playback reports, counted here as this relay's
+own viewers' (``docs/protocol.md``, "Relay to relay").  Admission (a ``relay`` token signed with
 ``--relay-secret-file``; refused outright without that secret) is the web gate's.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from streamrelay import wire
 from streamrelay.logs import relay_logger
 from streamrelay.protocol import ViewerProtocol, format_peer
+from streamrelay.reports import InvalidReport, ViewerInputGate, parse_forwarded
 from streamrelay.roles import Role
 from streamrelay.streams import ViewerSession
 from streamrelay.wire import WireError
@@ -58,6 +62,9 @@ class EdgeProtocol(ViewerProtocol):
             parsed = wire.parse_text(payload)
         except WireError:
             return
+        if parsed.get("type") == "reports":
+            self._forwarded_reports(parsed)
+            return
         if parsed.get("type") != "viewers":
             super().message_received(payload, is_binary)
             return
@@ -71,6 +78,24 @@ class EdgeProtocol(ViewerProtocol):
             return
         if self.session is not None:
             self.session.report_viewers(count)
+
+    def _forwarded_reports(self, parsed: dict[str, Any]) -> None:
+        """The edge's viewers' reports: counted here as this relay's own viewers'
+        would be (one message per 2 s; bad rows skipped, a bad message ignored)."""
+        if self.session is None:
+            return
+        if self._gate is None:
+            self._gate = ViewerInputGate(self._clock)
+        window = self.session.stream.reports
+        try:
+            reports, invalid = parse_forwarded(parsed)
+        except InvalidReport:
+            window.invalid += 1
+            return
+        window.invalid += invalid
+        if self._gate.allow_report():
+            for report in reports:
+                self.session.report(report)
 
     def closed(self) -> None:
         """Leave the stream; its reported viewers go with it."""

@@ -476,6 +476,34 @@ class RelayCollector:
             for stream in live:
                 family.add_metric([stream.name], value(stream))
             yield family
+        yield from _viewer_reports(live)
+
+
+def _viewer_reports(live: list[Any]) -> Iterator[Metric]:
+    """What the viewers of each live stream report (docs/protocol.md, "Viewer reports"):
+    the latency percentiles of the last minute, and the reports counted."""
+    latency = GaugeMetricFamily(
+        "streamrelay_stream_viewer_latency_seconds",
+        "Glass-to-glass latency the viewers of a live stream reported over the last "
+        "minute, by quantile (0.5, 0.95); absent without reports.",
+        labels=["stream", "quantile"],
+    )
+    reports = CounterMetricFamily(
+        "streamrelay_stream_viewer_reports",
+        "Viewer reports counted for a live stream (since its publisher started).",
+        labels=["stream"],
+    )
+    for stream in live:
+        window = getattr(stream, "reports", None)
+        if window is None:
+            continue
+        reports.add_metric([stream.name], window.total)
+        summary = window.summary()["latency_ms"]
+        if summary is not None:
+            latency.add_metric([stream.name, "0.5"], summary["p50"] / 1000)
+            latency.add_metric([stream.name, "0.95"], summary["p95"] / 1000)
+    yield latency
+    yield reports
 
 
 def _edges(stream: Any) -> dict[Any, int]:

@@ -58,8 +58,10 @@ from streamrelay.inbound import (
 )
 from streamrelay.liveness import Liveness
 from streamrelay.peers import peer_host
+from streamrelay.reports import InvalidReport, ViewerInputGate, parse_report, parse_time_request
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, ViewerSession
+from streamrelay.thumbnails import ThumbnailTooBig
 from streamrelay.viewer_queue import ViewerQueue
 from streamrelay.wire import WireError
 
@@ -582,6 +584,17 @@ class PublisherProtocol(RelayProtocol):
             # Other states are a later version's: ignored, like unknown types.
             self._last_media = self._clock.seconds()
             self.session.publisher_state(parsed["state"] == "idle")
+        elif kind == "thumbnail":
+            self._thumbnail(parsed)
+
+    def _thumbnail(self, parsed: dict[str, Any]) -> None:
+        assert self.session is not None
+        try:
+            self.session.thumbnail(parsed)
+        except ThumbnailTooBig as error:
+            self.close_with(wire.CLOSE_MESSAGE_TOO_BIG, str(error))
+        except WireError as error:
+            self.close_with(wire.CLOSE_INVALID_PAYLOAD, str(error))
 
     def send_viewer_count(self, count: int) -> None:
         """Tell the publisher how many viewers watch."""
@@ -590,6 +603,10 @@ class PublisherProtocol(RelayProtocol):
     def send_keyframe_request(self) -> None:
         """Ask the publisher for a keyframe."""
         self._send_json({"type": "keyframe-request"})
+
+    def send_viewer_report(self, summary: dict[str, Any]) -> None:
+        """Tell the publisher what its viewers report (the last minute's summary)."""
+        self._send_json({"type": "viewer-report", **summary})
 
     def _send_json(self, message: dict[str, Any]) -> None:
         if self.state == WebSocketServerProtocol.STATE_OPEN:
@@ -631,6 +648,8 @@ class ViewerProtocol(RelayProtocol):
         # How prepared frames reach the transport (streamrelay.fastwrite), once open;
         # None: Autobahn's own path (compression negotiated, or not open yet).
         self._write: FrameWriter | None = None
+        # Reports and time requests allowed (made at the first of them).
+        self._gate: ViewerInputGate | None = None
 
     def attached(self, queue: ViewerQueue) -> None:
         """Route the transport's pause and resume to the new queue, before it sends."""
@@ -707,8 +726,33 @@ class ViewerProtocol(RelayProtocol):
             parsed = wire.parse_text(payload)
         except WireError:
             return
-        if parsed.get("type") == "keyframe-request" and self.session is not None:
+        kind = parsed.get("type")
+        if kind == "keyframe-request" and self.session is not None:
             self.session.request_keyframe()
+        elif kind == "time" or kind == "report":
+            self._viewer_input(kind, parsed)
+
+    def _viewer_input(self, kind: str, parsed: dict[str, Any]) -> None:
+        """A clock request (answered within its rate) or a playback report (counted
+        within its rate when valid); everything else about them is ignored."""
+        if self.session is None:
+            return
+        if self._gate is None:
+            self._gate = ViewerInputGate(self._clock)
+        if kind == "time":
+            t0 = parse_time_request(parsed)
+            if t0 is not None and self._gate.allow_time() and self.state == _STATE_OPEN:
+                server_us = int(self._clock.seconds() * 1_000_000)
+                # A text message like status: queued in order, never dropped.
+                self.session.send_text(wire.encode_text(wire.time_answer(t0, server_us)))
+            return
+        try:
+            report = parse_report(parsed)
+        except InvalidReport:
+            self.session.stream.reports.invalid += 1
+            return
+        if self._gate.allow_report():
+            self.session.report(report)
 
     def closed(self) -> None:
         """Leave the stream and give back every queued byte."""

@@ -1,4 +1,5 @@
 """The plain HTTP resources: ``/healthz``, ``/metrics``, ``/api/streams``,
+``/api/streams/{stream}/thumbnail.jpg``,
 ``/api/internals`` (with ``--api-internals``), the index page, the player and its static
 files, and the 404 for everything else."""
 
@@ -6,15 +7,23 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from importlib import resources
 from typing import Any
 
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from streamrelay.addresses import is_direct_loopback
+from streamrelay.auth_url import FORWARDED_HEADERS, AuthRequest, UrlAuthorizer, unavailable
 from streamrelay.channel import REASONS, channel_of
 from streamrelay.context import RelayContext
+from streamrelay.limits import Refusal
 from streamrelay.names import is_valid_stream_name
+from streamrelay.peers import peer_host
+from streamrelay.roles import Role
+from streamrelay.tokens import TokenError, verify_token
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -172,6 +181,152 @@ def _finish(request: server.Request, body: bytes) -> None:
     if not request.finished and not getattr(request, "_disconnected", False):
         request.write(body)
         request.finish()
+
+
+class ThumbnailApi(HttpResource):
+    """``/api/streams/{stream}/thumbnail.jpg``: the latest JPEG the stream's publisher
+    sent (:mod:`streamrelay.thumbnails`), admitted as a viewer of the stream would be: a
+    ``view`` token (``Authorization: Bearer`` or ``?token=``) when the relay has a view
+    secret, and ``--auth-url`` asked as for a ``/watch/`` handshake, composed by
+    ``--auth-combine`` the same way.  Answers carry an ETag and ``Last-Modified`` with
+    ``Cache-Control: private, no-cache``; a matching ``If-None-Match`` gets 304."""
+
+    def __init__(self, context: RelayContext, authorizer: UrlAuthorizer | None = None) -> None:
+        super().__init__(context)
+        self._authorizer = authorizer
+
+    @staticmethod
+    def _stream_name(request: server.Request) -> str | None:
+        segments = postpath(request)
+        if len(segments) != 2 or segments[1] != b"thumbnail.jpg":
+            return None
+        return segments[0].decode("utf-8", "replace")
+
+    def render(self, request: server.Request) -> bytes | int:  # type: ignore[override]
+        """As any resource, unless ``--auth-url`` must be asked: then the answer waits
+        for it (a client that leaves cancels the call)."""
+        name = self._stream_name(request)
+        channel = channel_of(request)
+        if (
+            name is None
+            or not is_valid_stream_name(name)
+            or request.method not in (b"GET", b"HEAD")
+            or (channel is not None and channel.refusal is not None)
+        ):
+            return super().render(request)
+        verdict = self._credentials(request, name)
+        if verdict != "ask":
+            return super().render(request)
+        assert self._authorizer is not None
+        asking = self._authorizer.check(self._auth_request(request, name))
+        request.notifyFinish().addErrback(lambda _failure: asking.cancel())
+
+        def answered(refusal: Refusal | None) -> None:
+            body = self._answer(request, name, refusal)
+            # Written later than render: say the length, or twisted.web would chunk it.
+            request.setHeader(b"content-length", b"%d" % len(body))
+            _finish(request, b"" if request.method == b"HEAD" else body)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                answered(unavailable("authorisation check failed"))
+
+        asking.addCallback(answered).addErrback(failed)
+        return server.NOT_DONE_YET
+
+    def serve(self, request: server.Request) -> bytes:
+        """Check the path and the credentials, then answer."""
+        name = self._stream_name(request)
+        if name is None:
+            return plain(request, 404, "not found")
+        if not is_valid_stream_name(name):
+            return plain(request, 400, "invalid stream name")
+        verdict = self._credentials(request, name)
+        # "ask" never reaches here: render() waited for the endpoint's answer.
+        return self._answer(request, name, verdict if isinstance(verdict, Refusal) else None)
+
+    def _credentials(self, request: server.Request, name: str) -> Refusal | None | str:
+        """A refusal, None (admitted), or "ask" (the ``--auth-url`` endpoint decides)."""
+        secret = self.context.config.view_secret
+        authorizer = self._authorizer
+        if secret is None:
+            return None if authorizer is None else "ask"
+        token = _token(request)
+        refusal: Refusal | None = None
+        if token is None:
+            refusal = Refusal(401, "token required")
+        else:
+            try:
+                verify_token(secret, token, Role.VIEWER, name, time.time())
+            except TokenError as error:
+                refusal = Refusal(401, str(error))
+        if authorizer is None:
+            return refusal
+        combine = self.context.config.auth_combine
+        if combine == "either":
+            return None if refusal is None else "ask"
+        return refusal if refusal is not None else "ask"
+
+    def _auth_request(self, request: server.Request, name: str) -> AuthRequest:
+        query = {
+            key.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
+            for key, values in request.args.items()
+        }
+        headers = {}
+        for header in FORWARDED_HEADERS:
+            value = request.getHeader(header)
+            if value is not None:
+                headers[header] = value
+        return AuthRequest(
+            role=Role.VIEWER.value,
+            stream=name,
+            client=peer_host(request.getClientAddress()),
+            token=_token(request),
+            query=query,
+            headers=headers,
+        )
+
+    def _answer(self, request: server.Request, name: str, refusal: Refusal | None) -> bytes:
+        if refusal is not None:
+            return plain(request, refusal.status, refusal.reason, refusal.retry_after)
+        stream = self.context.registry.streams.get(name)
+        thumbnail = stream.thumbnail.current if stream is not None else None
+        if thumbnail is None:
+            return plain(request, 404, "no thumbnail for this stream")
+        request.setHeader(b"etag", thumbnail.etag.encode("ascii"))
+        request.setHeader(b"last-modified", thumbnail.last_modified.encode("ascii"))
+        # Tokens may guard it: private; revalidated on every use, cheaply by ETag.
+        request.setHeader(b"cache-control", b"private, no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        if _etag_matches(request.getHeader("if-none-match"), thumbnail.etag):
+            request.setResponseCode(304)
+            return b""
+        request.setHeader(b"content-type", b"image/jpeg")
+        return thumbnail.jpeg
+
+
+def _token(request: server.Request) -> str | None:
+    """The token from ``Authorization: Bearer`` or else from ``?token=``."""
+    authorization = request.getHeader("authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    values = request.args.get(b"token")
+    if values:
+        return values[0].decode("utf-8", "replace")
+    return None
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, or ``*``)."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
 
 
 class Internals(HttpResource):

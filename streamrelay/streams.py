@@ -34,12 +34,23 @@ from streamrelay.limits import Refusal, WaitingStreams
 from streamrelay.logs import relay_logger
 from streamrelay.names import base_name
 from streamrelay.rates import RateWindow, Throttle
+from streamrelay.reports import ReportWindow, ViewerReport
+from streamrelay.thumbnails import ThumbnailSlot
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
-from streamrelay.wire import MediaInfo, MediaMessage, WireError, encode_text, parse_text
+from streamrelay.wire import (
+    MediaInfo,
+    MediaMessage,
+    WireError,
+    encode_text,
+    parse_text,
+    thumbnail_message,
+)
 
 _log = relay_logger(__name__)
 
 VIEWER_COUNT_MIN_GAP = 0.25
+# How often a publisher gets the summary of its viewers' reports while there are any.
+VIEWER_REPORT_INTERVAL = 5.0
 
 
 class PublisherLink(Protocol):
@@ -154,6 +165,10 @@ class Stream:
         # The publisher said it is idle (on demand, nobody watches): the stream is
         # "available" rather than live, and sends no media until it turns active.
         self.publisher_idle = False
+        # The publisher's latest thumbnail and the viewers' reports (docs/protocol.md).
+        self.thumbnail = ThumbnailSlot(clock, registry.budget.adjust)
+        self.reports = ReportWindow(clock)
+        self._report_call: Any = None
 
     @property
     def state(self) -> str:
@@ -197,6 +212,10 @@ class Stream:
         self.publisher_since = self._registry.clock.seconds()
         self.publisher_idle = False
         self.gop.clear()
+        self.thumbnail.clear()
+        self.reports.clear()
+        # An edge passes its viewers' reports on to the upstream it pulls from.
+        self.reports.forwarding = pulled
         self._keyframe_requests.reset()
         self._viewer_count_updates.reset()
         self._last_viewer_count_sent = None
@@ -225,6 +244,8 @@ class Stream:
         self.publisher_since = None
         self.publisher_idle = False
         self.gop.clear()
+        self.thumbnail.clear()
+        self.reports.forwarding = False
         self.meta = None
         self.renditions = None
         self._keyframe_requests.reset()
@@ -304,6 +325,50 @@ class Stream:
             self.relay_counts[sink] = count
             self._request_viewer_count()
 
+    def thumbnail_to_edges(self, sink: ViewerSink | None = None) -> None:
+        """Pass the current thumbnail on to the edges pulling the stream (``sink``: that
+        one only, which just attached), so that they serve it too.  Disposable, as from
+        the publisher: an edge whose transport is full skips it and gets a later one."""
+        thumb = self.thumbnail.current
+        sinks = list(self.relay_counts) if sink is None else [sink]
+        if thumb is None or not sinks:
+            return
+        raw = encode_text(thumbnail_message(thumb.jpeg))
+        frame = self._registry.frame_factory(raw, False)
+        for edge in sinks:
+            queue = self.viewers.get(edge)
+            if queue is not None and not queue.paused:
+                queue.send_text(frame, len(raw), "thumbnail")
+
+    def viewer_report(self, report: ViewerReport) -> None:
+        """A viewer reported its playback; the publisher hears the summary within
+        :data:`VIEWER_REPORT_INTERVAL`."""
+        self.reports.add(report)
+        if self._report_call is None:
+            self._report_call = self._registry.clock.callLater(
+                VIEWER_REPORT_INTERVAL, self._send_viewer_report
+            )
+
+    def _send_viewer_report(self) -> None:
+        # Every interval while the window holds reports, and once more when it empties
+        # (the publisher then shows none); no timer runs for a stream nobody reports on.
+        self._report_call = None
+        summary = self.reports.summary()
+        if self.pulled:
+            # On an edge: the reports themselves go upstream, to the publisher's relay.
+            rows = self.reports.take_new()
+            forward = getattr(self.publisher, "forward_viewer_reports", None)
+            if rows and forward is not None:
+                forward(rows)
+        else:
+            send = getattr(self.publisher, "send_viewer_report", None)
+            if send is not None:
+                send(summary)
+        if summary["reports"]:
+            self._report_call = self._registry.clock.callLater(
+                VIEWER_REPORT_INTERVAL, self._send_viewer_report
+            )
+
     def _send_viewer_count(self) -> None:
         count = self.audience
         if self.publisher is not None and count != self._last_viewer_count_sent:
@@ -338,6 +403,8 @@ class Stream:
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
         queue.start(self.gop.start_sequence(), self.gop.config)
+        if relay:
+            self.thumbnail_to_edges(sink)
         if queue.waiting_for_key:
             self.need_keyframe()
         self._request_viewer_count()
@@ -390,6 +457,10 @@ class Stream:
         self._viewer_count_updates.cancel()
         self.gop.clear()
         self._registry.budget.remove(self.gop)
+        self.thumbnail.clear()
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+        self._report_call = None
 
     def describe(self, show_peer: bool) -> dict[str, Any]:
         """The stream's entry in ``/api/streams``; a relay with ``--upstream`` adds the
@@ -416,6 +487,12 @@ class Stream:
             "dropped": self.dropped,
             "bitrate_bps": bitrate,
             "fps": fps,
+            "thumbnail": (
+                {"etag": thumb.etag, "bytes": len(thumb.jpeg)}
+                if (thumb := self.thumbnail.current) is not None
+                else None
+            ),
+            "viewer_reports": self.reports.summary(),
         }
         config = self._registry.config
         if config.upstream:
@@ -494,6 +571,13 @@ class PublisherSession:
     def idle(self) -> bool:
         """True while the publisher is idle on demand (it sends no media then)."""
         return self.current and self.stream.publisher_idle
+    def thumbnail(self, message: dict[str, Any]) -> bool:
+        """Keep the stream's thumbnail (a ``thumbnail`` text message); False when
+        ignored by the rate limit.  Raises :class:`~streamrelay.wire.WireError`."""
+        accepted = self.current and self.stream.thumbnail.offer(message)
+        if accepted:
+            self.stream.thumbnail_to_edges()
+        return accepted
 
     def gap(self, count: int) -> None:
         """The upstream dropped ``count`` messages towards this relay (pulls only)."""
@@ -540,6 +624,16 @@ class ViewerSession:
         """The edge on the other end serves ``count`` viewers (relay sessions only)."""
         if not self.closed:
             self.stream.report_relay_viewers(self._sink, count)
+
+    def send_text(self, raw: bytes) -> None:
+        """Send the viewer a text message of its own (an answer), in order with media."""
+        if not self.closed:
+            self.queue.send_text(self._registry.frame_factory(raw, False), len(raw), "answer")
+
+    def report(self, report: ViewerReport) -> None:
+        """The viewer reported its playback (validated and rate-limited already)."""
+        if not self.closed:
+            self.stream.viewer_report(report)
 
     def request_keyframe(self) -> None:
         """The viewer asked for a keyframe."""

@@ -56,7 +56,7 @@ from streamrelay.logs import relay_logger
 from streamrelay.roles import Role
 from streamrelay.streams import PublisherSession, StreamRegistry
 from streamrelay.tokens import make_token
-from streamrelay.wire import MediaMessage
+from streamrelay.wire import MediaMessage, WireError
 from streamrelay.wsclient.backoff import Backoff
 from streamrelay.wsclient.endpoint import EndpointFactory, default_endpoint
 
@@ -238,6 +238,15 @@ class Pull(StreamListener):
         if self.session is not None:
             self.session.gap(count)
 
+    def text(self, message: dict[str, Any]) -> None:
+        """A ``thumbnail`` from the upstream is kept as the publisher's would be (never
+        forwarded to viewers); one that breaks the rules is dropped, not fatal."""
+        if self.session is not None and message.get("type") == "thumbnail":
+            try:
+                self.session.thumbnail(message)
+            except WireError:
+                pass
+
     def closed(self, why: str) -> None:
         """The upstream connection is gone: viewers see ``offline`` and stay."""
         self._detach()
@@ -252,6 +261,11 @@ class Pull(StreamListener):
     def send_viewer_count(self, count: int) -> None:
         """Report this relay's audience of the stream upstream (``viewers``)."""
         self.client.send_json({"type": "viewers", "count": count})
+
+    def forward_viewer_reports(self, rows: list[list[float | int | None]]) -> None:
+        """Pass this relay's viewers' reports on upstream (``reports``), so that the
+        publisher's relay sums up the whole audience; lost while disconnected."""
+        self.client.send_json({"type": "reports", "reports": rows})
 
     def send_keyframe_request(self) -> None:
         """A local viewer needs a KEY the cache cannot give: ask upstream, now or (the

@@ -35,6 +35,7 @@ from streamrelay.resources import (
     PlayerPage,
     StaticPage,
     StreamsApi,
+    ThumbnailApi,
     load_static_files,
     postpath,
 )
@@ -67,9 +68,12 @@ class Root(resource.Resource):
             b"static": StaticPage(context, files, None),
             b"view": PlayerPage(context, files),
         }
+        viewer_authorizer = None
         for endpoint in endpoints(context):
             self._routes[endpoint.path] = StreamGate(context, endpoint)
-        self._api = _ApiFolder(context)
+            if endpoint.path == b"watch":
+                viewer_authorizer = endpoint.authorizer
+        self._api = _ApiFolder(context, viewer_authorizer)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
         """Pick the resource for the first segment; 404 for anything unknown."""
@@ -83,9 +87,11 @@ class Root(resource.Resource):
 
 
 class _ApiFolder(resource.Resource):
-    def __init__(self, context: RelayContext) -> None:
+    def __init__(self, context: RelayContext, viewer_authorizer: Any = None) -> None:
         super().__init__()
         self._children: dict[bytes, resource.Resource] = {b"streams": StreamsApi(context)}
+        # /api/streams/{stream}/thumbnail.jpg, admitted as a viewer of the stream.
+        self._thumbnails = ThumbnailApi(context, viewer_authorizer)
         if context.config.api_internals:
             self._children[b"internals"] = Internals(context)
         self._not_found = NotFound(context)
@@ -98,6 +104,8 @@ class _ApiFolder(resource.Resource):
         child = self._children.get(path)
         if child is not None and postpath(request) in ([], [b""]):
             return child
+        if path == b"streams" and len(postpath(request)) == 2:
+            return self._thumbnails
         return self._not_found
 
 

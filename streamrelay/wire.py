@@ -13,6 +13,7 @@ I/O.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import time
@@ -188,3 +189,21 @@ def meta_message(codec: str, width: int, height: int, fps: float, **extra: Any) 
 def now_us(clock_ns: Callable[[], int] = time.time_ns) -> int:
     """The wall-clock time in microseconds since the Unix epoch: a capture time."""
     return clock_ns() // 1000
+
+
+# -- thumbnails, clock exchange and viewer reports (v1 extensions, docs/protocol.md) ------
+
+# The decoded JPEG of a ``thumbnail`` message; its text message is under MAX_META_BYTES
+# anyway (base64 of this many bytes plus the JSON around it).
+MAX_THUMBNAIL_BYTES: Final = 46 * 1024
+JPEG_SOI: Final = b"\xff\xd8\xff"
+
+
+def thumbnail_message(jpeg: bytes) -> dict[str, Any]:
+    """A publisher's ``thumbnail`` text message: the JPEG, standard base64 with padding."""
+    return {"type": "thumbnail", "jpeg": base64.b64encode(jpeg).decode("ascii")}
+
+
+def time_answer(t0: float | int, server_us: int) -> dict[str, Any]:
+    """The relay's answer to a viewer's ``time`` request: ``t0`` echoed, its clock added."""
+    return {"type": "time", "t0": t0, "server_us": server_us}

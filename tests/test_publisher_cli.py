@@ -154,6 +154,10 @@ class StandInRelay:
         connection: ServerConnection, timeout: float = 10.0
     ) -> dict[str, Any] | MediaMessage:
         message = connection.recv(timeout=timeout)
+        while isinstance(message, str) and json.loads(message).get("type") == "thumbnail":
+            # Thumbnails come every few seconds, between frames: not what these scripts
+            # check (tests/test_publisher_thumbnail.py does).
+            message = connection.recv(timeout=timeout)
         if isinstance(message, str):
             decoded: dict[str, Any] = json.loads(message)
             return decoded

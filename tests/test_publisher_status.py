@@ -30,6 +30,7 @@ class FakePublisher:
     readiness: Readiness = Readiness.OFFLINE
     last_error: str | None = None
     viewers: int | None = None
+    viewer_report: dict[str, Any] | None = None
 
     @property
     def dropped(self) -> int:

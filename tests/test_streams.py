@@ -627,6 +627,7 @@ def test_describe_reports_the_documented_fields() -> None:
     assert set(cam) == {
         "name", "live", "state", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
         "dropped", "bitrate_bps", "fps",
+        "thumbnail", "viewer_reports",
     }
     assert cam["live"] is True
     assert cam["viewers"] == 1

@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --on-demand: how long without viewers before going idle (default 10)",
     )
+    parser.add_argument(
+        "--thumbnail-interval",
+        type=_thumbnail_interval,
+        default=5.0,
+        metavar="SECONDS",
+        help="send the relay a small JPEG of the picture this often, for its stream list "
+        "(default 5; 0: never)",
+    )
     return parser
 
 
@@ -229,6 +237,16 @@ def _grace_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not 0 <= value <= 86_400:
         raise argparse.ArgumentTypeError("must be between 0 and 86400 seconds")
+    return value
+
+
+def _thumbnail_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value <= 3600 or (0 < value < 1):
+        raise argparse.ArgumentTypeError("must be 0 (off) or from 1 to 3600 seconds")
     return value
 
 
@@ -254,6 +272,7 @@ class PublishOptions:
     on_demand: bool = False
     on_demand_grace: float = 10.0
     codec: str = "h264"
+    thumbnail_interval: float = 5.0
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -318,4 +337,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         on_demand=args.on_demand,
         on_demand_grace=args.on_demand_grace,
         codec=args.codec,
+        thumbnail_interval=args.thumbnail_interval,
     )

@@ -109,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_demand=options.on_demand,
         on_demand_grace=options.on_demand_grace,
     )
+    thumbnails = None
+    if options.thumbnail_interval > 0:
+        from .thumbnail import ThumbnailMaker
+
+        thumbnails = ThumbnailMaker(interval=options.thumbnail_interval)
     publisher: Publisher | RenditionPublisher
     if encoders is not None:
         from .rendition_pipeline import RenditionPipeline
@@ -124,10 +129,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             publisher.rendition_set,
             reactor=reactor,
             fps=options.fps,
+            # The listing shows the base stream: its connection carries the thumbnail.
+            thumbnails=thumbnails,
+            send_thumbnail=publisher.publishers[0].send_thumbnail_threadsafe,
         )
     else:
         publisher = Publisher(settings, reactor=reactor)
-        pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
+        pipeline = CapturePipeline(
+            source,
+            encoder,
+            publisher,
+            reactor=reactor,
+            fps=options.fps,
+            thumbnails=thumbnails,
+            send_thumbnail=publisher.send_thumbnail_threadsafe,
+        )
     publisher.on_keyframe_request = pipeline.request_keyframe
 
     status = (

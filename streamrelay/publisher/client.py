@@ -36,6 +36,7 @@ from streamrelay.wire import (
     encode_text,
     now_us,
     parse_text,
+    thumbnail_message,
 )
 from streamrelay.wsclient.backoff import Backoff
 from streamrelay.wsclient.connection import RelayConnection
@@ -115,6 +116,9 @@ class Publisher:
             if settings.on_demand
             else None
         )
+        # The relay's latest summary of the viewers' reports (a ``viewer-report``).
+        self.viewer_report: dict[str, Any] | None = None
+        self.thumbnails_sent = 0
         self._meta: bytes | None = None
         self._config: bytes | None = None
         self._outbox = Outbox(
@@ -275,7 +279,20 @@ class Publisher:
             self.stats.frames_dropped += 1
         return verdict is Verdict.SENT
 
+    def send_thumbnail(self, jpeg: bytes) -> bool:
+        """Send a JPEG of the picture as a ``thumbnail`` message; True if it went out.
+        Disposable: dropped while not connected or while the network is behind."""
+        if self._connector.session is None or self._outbox.backlogged:
+            return False
+        self._outbox.put(Outgoing(encode_text(thumbnail_message(jpeg)), Kind.TEXT))
+        self.thumbnails_sent += 1
+        return True
+
     # -- sending (any thread) --------------------------------------------------------------
+
+    def send_thumbnail_threadsafe(self, jpeg: bytes) -> None:
+        """:meth:`send_thumbnail` from any thread."""
+        self._reactor_call(self.send_thumbnail, bytes(jpeg))
 
     def send_meta_threadsafe(self, meta: Mapping[str, Any]) -> None:
         """:meth:`send_meta` from any thread."""
@@ -323,6 +340,7 @@ class Publisher:
 
     def _session_closed(self) -> None:
         self.viewers = None
+        self.viewer_report = None
         self._outbox.reset()
         if self._on_demand is not None:
             self._on_demand.update(None)
@@ -348,6 +366,8 @@ class Publisher:
         elif kind == "keyframe-request":
             self.stats.keyframe_requests += 1
             self._request_keyframe()
+        elif kind == "viewer-report":
+            self.viewer_report = message
 
     def _transport_resumed(self) -> None:
         if self._outbox.resume():

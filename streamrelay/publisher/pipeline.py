@@ -29,6 +29,7 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage
 from .client import Readiness
 from .codecs import VideoEncoder
 from .sources import FrameSource
+from .thumbnail import ThumbnailMaker
 
 # How often an idle capture thread checks its sink when nothing wakes it.
 IDLE_RECHECK_SECONDS = 1.0
@@ -84,6 +85,8 @@ class CapturePipeline:
         fps: Fraction,
         meta_extra: Mapping[str, Any] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        thumbnails: ThumbnailMaker | None = None,
+        send_thumbnail: Callable[[bytes], None] | None = None,
     ) -> None:
         self._source = source
         self._encoder = encoder
@@ -98,6 +101,9 @@ class CapturePipeline:
         self._thread: threading.Thread | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
         self.stats = PipelineStats()
+        # A JPEG of the picture every few seconds, made here on the capture thread.
+        self.thumbnails = thumbnails if send_thumbnail is not None else None
+        self._send_thumbnail = send_thumbnail
 
     def start(self) -> None:
         """Start the capture thread."""
@@ -153,7 +159,17 @@ class CapturePipeline:
         )
         stats.encode_seconds += time.perf_counter() - started
         stats.frames_encoded += 1
-        return self._hand_off(messages)
+        needs_keyframe = self._hand_off(messages)
+        self._offer_thumbnail(captured.frame)
+        return needs_keyframe
+
+    def _offer_thumbnail(self, frame: Any) -> None:
+        """Make and send a thumbnail of ``frame`` when one is due; called after the frame
+        is on its way, so the thumbnail never delays a frame."""
+        if self.thumbnails is not None and self._send_thumbnail is not None:
+            jpeg = self.thumbnails.maybe_make(frame)
+            if jpeg is not None:
+                self._send_thumbnail(jpeg)
 
     def _hand_off(self, messages: list[MediaMessage]) -> bool:
         """Pass encoded messages to the sink; True if a frame was refused (KEY needed)."""

@@ -36,6 +36,7 @@ from .encoder import EncoderSettings, H264Encoder
 from .pipeline import CapturePipeline, MediaSink
 from .renditions import Rendition, RenditionSet, rendition_meta
 from .sources import FrameSource
+from .thumbnail import ThumbnailMaker
 
 
 def probe_codec_string(settings: EncoderSettings) -> str:
@@ -160,12 +161,21 @@ class RenditionPipeline(CapturePipeline):
         reactor: Any,
         fps: Fraction,
         monotonic: Callable[[], float] = time.monotonic,
+        thumbnails: ThumbnailMaker | None = None,
+        send_thumbnail: Callable[[bytes], None] | None = None,
     ) -> None:
         if len(sinks) != len(encoders.encoders):
             raise ValueError("need one sink per rendition")
         # The base class closes "its" encoder when the thread ends: give it the set.
         super().__init__(
-            source, encoders.encoders[0], sinks[0], reactor=reactor, fps=fps, monotonic=monotonic
+            source,
+            encoders.encoders[0],
+            sinks[0],
+            reactor=reactor,
+            fps=fps,
+            monotonic=monotonic,
+            thumbnails=thumbnails,
+            send_thumbnail=send_thumbnail,
         )
         self._encoder_set = encoders
         self._sinks = tuple(sinks)
@@ -216,6 +226,7 @@ class RenditionPipeline(CapturePipeline):
         stats.frames_encoded += 1
         if key:
             stats.keyframes_encoded += 1
+        self._offer_thumbnail(captured.frame)
         return False
 
     def _hand_off_rendition(

@@ -164,6 +164,15 @@ class RenditionPublisher:
         return next(state for state in _STATE_PRECEDENCE if state in states)
 
     @property
+    def viewer_report(self) -> dict[str, Any] | None:
+        """The relay's latest summary of the viewers' reports: the top rendition's (the
+        base stream's), else the first rendition that has one."""
+        for publisher in self.publishers:
+            if publisher.viewer_report is not None:
+                return publisher.viewer_report
+        return None
+
+    @property
     def on_demand(self) -> OnDemand | None:
         """The set's on-demand decision (its audience, idle time), None without it."""
         return self._on_demand

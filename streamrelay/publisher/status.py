@@ -52,6 +52,10 @@ class PublisherView(Protocol):
     def dropped(self) -> int:
         """Frames the network side dropped."""
 
+    @property
+    def viewer_report(self) -> dict[str, Any] | None:
+        """The relay's latest summary of what the viewers report."""
+
 
 class StatusLine:
     """fps, kbit/s, viewers, dropped frames and connection state, on one line.
@@ -133,7 +137,7 @@ class StatusLine:
         viewers = "-" if publisher.viewers is None else str(publisher.viewers)
         return (
             f"{fps:5.1f} fps {kbps:7.0f} kbit/s  viewers {viewers}  "
-            f"dropped {self.dropped()}  [{state}]"
+            f"dropped {self.dropped()}{viewer_report_text(publisher.viewer_report)}  [{state}]"
         )
 
     def _tick(self) -> None:
@@ -154,6 +158,25 @@ class StatusLine:
             self._shown = False
         self._stream.write(text if text.endswith("\n") else text + "\n")
         self._stream.flush()
+
+
+def viewer_report_text(report: dict[str, Any] | None) -> str:
+    """What the viewers report (the relay's ``viewer-report``), for the status line:
+    ``  latency p50 120 ms p95 180 ms, 0 stalls (4 reports/min)``; empty without one."""
+    if not report or not report.get("reports"):
+        return ""
+    latency = report.get("latency_ms")
+    parts = []
+    if isinstance(latency, dict):
+        p50, p95 = _number(latency.get("p50")), _number(latency.get("p95"))
+        parts.append(f"latency p50 {p50:.0f} ms p95 {p95:.0f} ms")
+    parts.append(f"{_number(report.get('stalls')):.0f} stalls")
+    return f"  {', '.join(parts)} ({_number(report.get('reports')):.0f} reports/min)"
+
+
+def _number(value: Any) -> float:
+    # The relay's word, shown but never trusted to be well formed.
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def console_observer(

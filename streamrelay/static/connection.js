@@ -131,7 +131,8 @@ export class Connection {
       this._lastReceiveAt = performance.now();
       if (typeof ev.data === 'string') {
         this._stats.bytesReceived += ev.data.length;
-        this._on.text(ev.data);
+        // When the message arrived (not when this handler ran): the clock exchange needs it.
+        this._on.text(ev.data, ev.timeStamp);
       } else {
         this._stats.bytesReceived += ev.data.byteLength;
         this._on.media(ev.data);

@@ -30,6 +30,26 @@
     return '/view/' + encodeURIComponent(name);
   }
 
+  // The thumbnail (GET /api/streams/NAME/thumbnail.jpg): reloaded only when the listing shows a
+  // new ETag (the publisher sends one every few seconds), hidden while there is none or it
+  // cannot be had (a relay with viewer tokens answers 401).
+  function thumbnailHref(name, etag) {
+    return '/api/streams/' + encodeURIComponent(name) + '/thumbnail.jpg?v=' +
+      encodeURIComponent(String(etag).replace(/"/g, '').slice(0, 16));
+  }
+
+  function updateThumbnail(row, s) {
+    const etag = s.live && s.thumbnail && typeof s.thumbnail.etag === 'string' ? s.thumbnail.etag : null;
+    if (etag === row.thumbEtag) return;
+    row.thumbEtag = etag;
+    if (etag === null) {
+      row.thumb.hidden = true;
+      row.thumb.removeAttribute('src');
+      return;
+    }
+    row.thumb.src = thumbnailHref(s.name, etag);
+  }
+
   function formatBitrate(bps) {
     const n = Number(bps) || 0;
     if (n >= 1e6) return (n / 1e6).toFixed(n >= 1e7 ? 0 : 1) + ' Mbit/s';
@@ -66,6 +86,13 @@
     const li = el('li', 'stream');
     const a = el('a', 'stream-link');
     a.href = viewHref(name);
+    const thumb = el('img', 'stream-thumb');
+    thumb.alt = '';
+    thumb.hidden = true;
+    thumb.decoding = 'async';
+    thumb.addEventListener('load', () => { thumb.hidden = false; });
+    thumb.addEventListener('error', () => { thumb.hidden = true; });
+    a.append(thumb);
     const top = el('span', 'stream-top');
     const badge = el('span', 'pill');
     const title = el('span', 'stream-title', name);
@@ -75,10 +102,11 @@
     const bitrate = el('span', 'stat');
     const fps = el('span', 'stat');
     const since = el('span', 'stat stat-muted');
-    info.append(viewers, bitrate, fps, since);
+    const latency = el('span', 'stat');
+    info.append(viewers, bitrate, fps, latency, since);
     a.append(top, info);
     li.append(a);
-    const row = { li, a, badge, viewers, bitrate, fps, since };
+    const row = { li, a, badge, viewers, bitrate, fps, latency, since, thumb, thumbEtag: null };
     rows.set(name, row);
     return row;
   }
@@ -92,6 +120,7 @@
     const available = s.state === 'available';
     const live = !!s.live && !available;
     row.li.classList.toggle('stream-offline', !live && !available);
+    updateThumbnail(row, s);
     const state = available ? 'available' : live ? 'live' : 'offline';
     row.badge.className = 'pill pill-' + state;
     setText(row.badge, state);
@@ -99,6 +128,15 @@
     setText(row.viewers, v + (v === 1 ? ' viewer' : ' viewers'));
     setText(row.bitrate, live ? formatBitrate(s.bitrate_bps) : '');
     setText(row.fps, live ? formatFps(s.fps) : '');
+    // What the players report (last minute): the latency viewers really see.
+    const reported = s.viewer_reports && s.viewer_reports.latency_ms;
+    const p50 = reported ? Number(reported.p50) : NaN;
+    setText(row.latency, live && Number.isFinite(p50) ? Math.round(p50) + ' ms latency' : '');
+    row.latency.title = reported
+      ? 'Glass-to-glass latency the players reported over the last minute: median ' +
+        Math.round(p50) + ' ms, 95th percentile ' + Math.round(Number(reported.p95)) + ' ms, ' +
+        (Number(s.viewer_reports.stalls) || 0) + ' stalls'
+      : '';
     setText(row.since, available ? 'starts when watched'
       : live ? (s.publisher ? formatSince(s.publisher.since) : '') : 'waiting for a publisher');
     row.a.title = available ? 'Watch ' + s.name + ' (its publisher starts sending when you do)'

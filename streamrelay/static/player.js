@@ -8,6 +8,7 @@
  *   decoder.js     media -> VideoDecoder: waiting for KEYs, backlog bounds, error recovery
  *   view.js        canvas, status pill, message panel
  *   stats.js       counters, latency estimate, stats overlay
+ *   reports.js     clock offset to the relay, and the viewer reports sent to it
  *
  * For automated tests the page exposes a read-only live view of its counters:
  *   window.streamrelayPlayer = {state, streamName, framesReceived, framesDecoded, framesDropped,
@@ -22,6 +23,7 @@
 
 import { Connection, KeyframeRequester, Link } from './connection.js';
 import { Decoder } from './decoder.js';
+import { ClockSync, Reporter } from './reports.js';
 import { Stats, StatsOverlay } from './stats.js';
 import { State, View, WaitingHint, messageFor } from './view.js';
 import { parseControl, parseMedia, streamNameFromPath, watchUrl } from './wire.js';
@@ -49,6 +51,8 @@ class Player {
     this.connection = null;
     this.keyframes = null;
     this.decoder = null;
+    this.clockSync = null;
+    this.reporter = null;
   }
 
   get fatal() {
@@ -108,7 +112,7 @@ class Player {
     const connection = new Connection(this.url, this.stats, {
       change: () => this.refresh(),
       open: () => this.onOpen(),
-      text: (text) => this.onText(text),
+      text: (text, receivedAt) => this.onText(text, receivedAt),
       media: (buf) => this.onMedia(buf),
       gone: () => this.onGone(),
     }, () => this.relay === Relay.LIVE);
@@ -118,6 +122,9 @@ class Player {
       fatal: () => this.refresh(),
     });
     this.connection = connection;
+    this.clockSync = new ClockSync(connection);
+    this.reporter = new Reporter(connection, this.stats, this.clockSync);
+    this.view.onPainted = (captureUs) => this.stats.recordPaint(captureUs, Date.now());
     this.listen(win);
     connection.start();
   }
@@ -154,8 +161,12 @@ class Player {
       height: this.view.height,
       codec: this.decoder ? this.decoder.codecLabel : '',
       rendition: this.rendition ? this.rendition.name : '',
+      clockOffsetMs: this.clockSync ? this.clockSync.offsetMs : null,
     });
     if (state === State.RECONNECTING) this.refresh(); // the countdown
+    if (this.reporter) {
+      this.reporter.tick(performance.now(), state === State.LIVE && this.doc.visibilityState !== 'hidden');
+    }
   }
 
   onOpen() {
@@ -164,6 +175,7 @@ class Player {
     this.rendition = null; // the relay says again which one, if any
     this.hint.reset();
     this.decoder.reset(); // start from the relay's CONFIG + KEY
+    this.clockSync.onOpen();
   }
 
   onGone() {
@@ -173,7 +185,7 @@ class Player {
     this.hint.reset();
   }
 
-  onText(text) {
+  onText(text, receivedAt) {
     const msg = parseControl(text);
     if (!msg) return;
     switch (msg.type) {
@@ -203,6 +215,9 @@ class Player {
           this.rendition = msg;
           this.decoder.renditionChanged();
         }
+        break;
+      case 'time':
+        this.clockSync.onAnswer(msg, receivedAt);
         break;
       case 'dropped':
         if (Number.isFinite(Number(msg.messages))) this.stats.serverDropped += Number(msg.messages);
@@ -262,6 +277,11 @@ function exposeForTests(win, player) {
     error: () => (player.fatal ? player.fatal.title : null),
     rendition: () => (player.rendition ? player.rendition.name : null),
     renditionSwitches: () => player.renditionSwitches,
+    stalls: () => stats.stalls,
+    clockOffsetMs: () => (player.clockSync ? player.clockSync.offsetMs : null),
+    clockRttMs: () => (player.clockSync ? player.clockSync.rttMs : null),
+    reportsSent: () => (player.reporter ? player.reporter.sent : 0),
+    lastReport: () => (player.reporter && player.reporter.last ? { ...player.reporter.last } : null),
   };
   const api = {};
   for (const name of Object.keys(fields)) {

@@ -17,6 +17,8 @@ export class Stats {
     this._ring = new Float64Array(LATENCY_SAMPLES_MAX);
     this._count = 0;           // total samples ever written
     this._interval = [];       // samples since the overlay last showed them
+    this.stalls = 0;           // episodes without a decoded frame while live (reports.js)
+    this._reportLatencies = []; // samples since the last viewer report (reports.js)
   }
 
   /** Latency estimate of one decoded frame: this computer's clock now minus the publisher's
@@ -27,6 +29,21 @@ export class Stats {
     this._ring[this._count % LATENCY_SAMPLES_MAX] = this.lastLatencyMs;
     this._count++;
     if (this._interval.length < LATENCY_SAMPLES_MAX) this._interval.push(latencyMs);
+  }
+
+  /** Latency of one frame painted on the page (capture to canvas, this clock): what the viewer
+   * reports (reports.js), nearer the glass than the decode time. */
+  recordPaint(captureUs, nowEpochMs) {
+    if (this._reportLatencies.length < LATENCY_SAMPLES_MAX) {
+      this._reportLatencies.push(nowEpochMs - captureUs / 1000);
+    }
+  }
+
+  /** The paint latency samples (this clock, uncorrected) since the last call, for a report. */
+  takeReportLatencies() {
+    const samples = this._reportLatencies;
+    this._reportLatencies = [];
+    return samples;
   }
 
   /** The last (up to LATENCY_SAMPLES_MAX) latency samples, oldest first. */
@@ -69,8 +86,10 @@ export class StatsOverlay {
     this._root.hidden = true;
   }
 
-  /** Refresh from the counters; `live` says whether a missing latency sample means "–". */
-  tick(now, { live, width, height, codec, rendition }) {
+  /** Refresh from the counters; `live` says whether a missing latency sample means "–";
+   * `clockOffsetMs` (relay clock minus this one, reports.js) corrects the latency when known;
+   * `rendition` names the rendition an adaptive viewer is on. */
+  tick(now, { live, width, height, codec, rendition, clockOffsetMs }) {
     const s = this._stats;
     const dt = (now - this._lastTick) / 1000;
     if (dt <= 0) return;
@@ -86,7 +105,12 @@ export class StatsOverlay {
       s.framesDropped + ' here (waiting for a keyframe, hidden tab, decoder)';
     const median = s.takeIntervalMedian();
     if (median !== null) {
-      this._latency.textContent = Math.round(median) + ' ms';
+      const corrected = Number.isFinite(clockOffsetMs);
+      this._latency.textContent = Math.round(median + (corrected ? clockOffsetMs : 0)) + ' ms';
+      this._latency.title = corrected
+        ? 'Capture to decode, on the relay\'s clock (this computer\'s is ' +
+          Math.round(-clockOffsetMs) + ' ms ahead of it)'
+        : 'Capture to decode, on this computer\'s clock';
     } else if (!live) {
       this._latency.textContent = '–';
     }

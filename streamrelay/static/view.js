@@ -27,6 +27,7 @@ export class View {
     this._state = null;
     this._pending = null; // newest decoded frame not yet painted
     this._paintScheduled = false;
+    this.onPainted = null; // (captureUs) => void, after each frame is drawn
     doc.title = (streamName || '?') + ' · streamrelay';
     $('stream-name').textContent = streamName || '(no stream)';
     const stage = $('stage');
@@ -130,6 +131,8 @@ export class View {
         this._canvas.height = h;
       }
       this._ctx2d.drawImage(frame, 0, 0, w, h);
+      // The frame is on the page now: its capture time, for the viewer reports (reports.js).
+      if (this.onPainted) this.onPainted(frame.timestamp);
     } finally {
       frame.close();
     }

@@ -24,7 +24,7 @@ _ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$
 def _check_entry_types(entry: dict[str, Any]) -> None:
     assert set(entry) == {
         "name", "live", "state", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
-        "dropped", "bitrate_bps", "fps",
+        "dropped", "bitrate_bps", "fps", "thumbnail", "viewer_reports",
     }, sorted(entry)
     assert isinstance(entry["name"], str)
     assert isinstance(entry["live"], bool)
