@@ -491,6 +491,8 @@ class StreamGate(resource.Resource):
         client = request.getClientAddress()
         protocol: Any = self.endpoint.factory.build(client, handshake.stream)
         protocol.client_host = peer_host(client)
+        # Audio only for viewers that ask (docs/protocol.md, "Audio").
+        protocol.wants_audio = request.args.get(b"audio", [b""])[-1] in (b"1", b"true")
         protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,

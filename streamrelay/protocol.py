@@ -128,6 +128,8 @@ class RelayProtocol(WebSocketServerProtocol):
         # The client's address as the web gate judged it (X-Forwarded-For hops with
         # --trust-proxy); empty: the TCP peer's.
         self.client_host = ""
+        # A viewer that asked for audio (``?audio=1``, set by the web gate).
+        self.wants_audio = False
         self._last_heard = 0.0
         self._liveness: Liveness | None = None
         self._close_deadline: IDelayedCall | None = None
@@ -604,7 +606,10 @@ class ViewerProtocol(RelayProtocol):
         if self._perMessageCompress is None:
             self._write = writer_for(self.transport)
         result = self.context.registry.watch(
-            self.stream_name, self, self.client_host or peer_host(self.transport.getPeer())
+            self.stream_name,
+            self,
+            self.client_host or peer_host(self.transport.getPeer()),
+            audio=self.wants_audio,
         )
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)

@@ -32,7 +32,7 @@ from streamrelay.limits import Refusal, WaitingStreams
 from streamrelay.logs import relay_logger
 from streamrelay.rates import RateWindow, Throttle
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
-from streamrelay.wire import MediaMessage, encode_text
+from streamrelay.wire import FLAG_AUDIO, MediaMessage, encode_text
 
 _log = relay_logger(__name__)
 
@@ -103,6 +103,10 @@ class Stream:
         self.publisher: PublisherLink | None = None
         self.publisher_since: float | None = None
         self.viewers: dict[ViewerSink, ViewerQueue] = {}
+        # The viewers (edges included) that take audio: audio goes to them alone, so a
+        # viewer without audio costs nothing per audio message.
+        self.audio_viewers: dict[ViewerSink, ViewerQueue] = {}
+        self.audio_in = 0
         # The publisher is a pull from the upstream, not a local connection.
         self.pulled = False
         # Edges pulling this stream from here, with the viewers each reports.
@@ -195,6 +199,9 @@ class Stream:
         self._broadcast_status("offline")
 
     def publish_media(self, message: MediaMessage) -> None:
+        if message.flags & FLAG_AUDIO:
+            self._publish_audio(message)
+            return
         self.messages_in += 1
         self.bytes_in += message.size
         if message.is_key:
@@ -205,6 +212,23 @@ class Stream:
         self.gop.add(info, frame)
         for queue in list(self.viewers.values()):
             queue.send_media(info, frame)
+
+    def _publish_audio(self, message: MediaMessage) -> None:
+        self.messages_in += 1
+        self.bytes_in += message.size
+        self.audio_in += 1
+        self.rate.add(message.size, 0)
+        frame = self._registry.frame_factory(message.data, True)
+        info = message.info()
+        self.gop.add(info, frame)
+        for queue in list(self.audio_viewers.values()):
+            queue.send_audio(info, frame)
+
+    def upstream_audio_gap(self, count: int) -> None:
+        """The upstream dropped ``count`` audio messages on their way here: every audio
+        viewer's next audio is preceded by a ``dropped`` notice counting them."""
+        for queue in list(self.audio_viewers.values()):
+            queue.audio_gap(count)
 
     def publish_meta(self, raw: bytes) -> None:
         frame = self._registry.frame_factory(raw, False)
@@ -244,7 +268,9 @@ class Stream:
 
     # -- viewer side ------------------------------------------------------------------
 
-    def attach_viewer(self, sink: ViewerSink, *, relay: bool = False) -> ViewerQueue:
+    def attach_viewer(
+        self, sink: ViewerSink, *, relay: bool = False, audio: bool = False
+    ) -> ViewerQueue:
         config = self._registry.config
         if relay:
             self.relay_counts[sink] = 0
@@ -259,13 +285,17 @@ class Stream:
             on_need_keyframe=self.need_keyframe,
         )
         self.viewers[sink] = queue
+        # An edge always takes audio: it may serve viewers that do.
+        audio = audio or relay
+        if audio:
+            self.audio_viewers[sink] = queue
         self._registry.budget.add_viewer(queue)
         sink.attached(queue)
         frame, size = self._registry.status_frame("live" if self.live else "offline")
         queue.send_text(frame, size, "status")
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
-        queue.start(self.gop.start_sequence(), self.gop.config)
+        queue.start(self.gop.start_sequence(audio), self.gop.config)
         if queue.waiting_for_key:
             self.need_keyframe()
         self._viewer_count_updates.request()
@@ -274,6 +304,7 @@ class Stream:
     def detach_viewer(self, sink: ViewerSink) -> None:
         queue = self.viewers.pop(sink, None)
         self.relay_counts.pop(sink, None)
+        self.audio_viewers.pop(sink, None)
         if queue is None:
             return
         queue.close()
@@ -395,6 +426,11 @@ class PublisherSession:
         if self.current:
             self.stream.upstream_gap(count)
 
+    def audio_gap(self, count: int) -> None:
+        """The upstream dropped ``count`` audio messages towards this relay (pulls only)."""
+        if self.current:
+            self.stream.upstream_audio_gap(count)
+
     def close(self) -> None:
         """The publisher connection is gone."""
         if self.closed:
@@ -420,6 +456,7 @@ class ViewerSession:
         sink: ViewerSink,
         address: str | None,
         relay: bool = False,
+        audio: bool = False,
     ) -> None:
         self._registry = registry
         self.stream = stream
@@ -427,7 +464,7 @@ class ViewerSession:
         self._address = address
         if registry.waiting.is_waiting(stream.name):
             registry.waiting.hold(stream.name, address)
-        self.queue = stream.attach_viewer(sink, relay=relay)
+        self.queue = stream.attach_viewer(sink, relay=relay, audio=audio)
         self.closed = False
 
     def report_viewers(self, count: int) -> None:
@@ -552,17 +589,18 @@ class StreamRegistry:
         return PublisherSession(self, stream, link)
 
     def watch(
-        self, name: str, sink: ViewerSink, address: str | None = None
+        self, name: str, sink: ViewerSink, address: str | None = None, audio: bool = False
     ) -> ViewerSession | Refusal:
         """Attach a viewer from ``address`` (see :meth:`check_viewer`) to ``name``; it
-        gets status, meta, CONFIG and the cached GOP.  A name nobody publishes yet
-        waits for its publisher, within the waiting-stream bounds."""
+        gets status, meta, CONFIG and the cached GOP (with its audio when it takes
+        ``audio``).  A name nobody publishes yet waits for its publisher, within the
+        waiting-stream bounds."""
         refusal = self.check_viewer(name, address)
         if refusal is not None:
             return refusal
         if name not in self.streams:
             self.waiting.add(name)
-        session = ViewerSession(self, self._stream(name), sink, address)
+        session = ViewerSession(self, self._stream(name), sink, address, audio=audio)
         return self._pull_for(session)
 
     # -- relay to relay ---------------------------------------------------------------
