@@ -7,10 +7,11 @@ next KEY.  Each message is charged its memory cost, its bytes plus
 
 Audio (docs/protocol.md, "Audio") is cached with the GOP, in arrival order, and counts in
 both bounds like video.  A joiner that takes audio gets it from its KEY's capture time on:
-audio captured at or after a KEY but sent before it (the video encoder is slower than the
+audio captured at or after a KEY but sent before it (a video encoder slower than the
 audio one) is carried over to the KEY's GOP, from the old GOP's tail or, while the cache
-has no KEY, from a small bounded list of recent audio.  A joiner that does not take audio
-gets the GOP without it.
+has no KEY, from a small bounded list of recent audio; audio captured before the KEY but
+sent after it (audio capture buffers more than video) is not cached.  A joiner that does
+not take audio gets the GOP without it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class GopCache(Generic[Frame]):
         self._config_in_items = False
         # Audio: how many of the items are audio, and what waits for a KEY.
         self._audio_items = 0
+        self._key_time_us = 0
         self._pending_audio: deque[tuple[MediaInfo, Frame]] = deque()
         self._pending_audio_bytes = 0
         self.emptied = 0
@@ -109,6 +111,7 @@ class GopCache(Generic[Frame]):
             self._audio_items = 0
             self._config_in_items = False
             self._config_at_key = self.config
+            self._key_time_us = message.capture_time_us
             self._append(message, frame)
             for item in carried:
                 self._append(*item)
@@ -128,6 +131,8 @@ class GopCache(Generic[Frame]):
     def _add_audio(self, message: MediaInfo, frame: Frame) -> None:
         before = self.backlog_bytes
         if self._items:
+            if message.capture_time_us < self._key_time_us:
+                return  # the previous GOP's, which is gone
             self._append(message, frame)
             self._audio_items += 1
             if self._items_bytes > self.limit or len(self._items) > self.max_messages:

@@ -115,6 +115,7 @@ class ViewerQueue(_FanOutFields):
         "_closed",
         "_skipping",
         "_waiting_for_key",
+        "_audio_from_us",
         "audio_dropped_in_episode",
         "audio_dropped_total",
         "dropped_in_episode",
@@ -177,6 +178,8 @@ class ViewerQueue(_FanOutFields):
         # Audio dropped since the last audio delivered, and ever (audio viewers only).
         self.audio_dropped_in_episode = 0
         self.audio_dropped_total = 0
+        # Audio captured before the KEY this viewer started from is not sent.
+        self._audio_from_us = 0
 
     # -- state ---------------------------------------------------------------------
 
@@ -260,7 +263,10 @@ class ViewerQueue(_FanOutFields):
         # With a cached GOP the CONFIG in effect at its KEY comes first, from the sequence.
         self._latest_config = None if sequence else config
         for message, frame in sequence:
-            self.send_media(message, frame)
+            if message.flags & FLAG_AUDIO:
+                self.send_audio(message, frame)
+            else:
+                self.send_media(message, frame)
 
     def expect_new_source(self) -> None:
         """The publisher changed: wait for its CONFIG and KEY; not a drop episode."""
@@ -328,6 +334,8 @@ class ViewerQueue(_FanOutFields):
         """Offer an audio message (only to viewers that take audio): written at once
         while the viewer keeps up; otherwise kept through a video drop episode while
         there is room, dropped (and counted for the next ``dropped`` notice) when not."""
+        if message.capture_time_us < self._audio_from_us:
+            return  # captured before the KEY this viewer started from
         if self._flowing:
             # As send_media's fast path.
             self.sent_messages += 1
@@ -395,6 +403,9 @@ class ViewerQueue(_FanOutFields):
                     notice_frame, self.cost(len(notice)), None, "dropped", self.dropped_in_episode
                 )
             )
+        if self._waiting_for_key:
+            # A first KEY (join, new source): its audio starts at its capture time.
+            self._audio_from_us = key.capture_time_us
         self.skipping = False
         self.waiting_for_key = False
         self.dropped_in_episode = 0

@@ -101,6 +101,16 @@ def test_gop_cache_carries_audio_captured_after_the_key_but_sent_before_it() -> 
     assert _tags(cache.start_sequence()) == [100]
 
 
+def test_gop_cache_leaves_out_audio_captured_before_its_key_but_sent_after() -> None:
+    """Audio capture buffers more than video: packets captured before a KEY may arrive
+    after it; they belong to the GOP that is gone and are not cached."""
+    cache, sizes = _cache()
+    for message in (key_msg(100), audio_msg(80), audio_msg(100), delta_msg(110), audio_msg(120)):
+        cache.add(message.info(), message.capture_time_us)
+    assert _tags(cache.start_sequence(audio=True)) == [100, 100, 110, 120]
+    assert cache.backlog_bytes == sum(sizes)
+
+
 def test_audio_before_any_key_waits_in_a_small_bounded_list() -> None:
     """With no KEY yet, audio waits within a second's packets (its memory counted); the
     first KEY takes what was captured from its capture time on."""
@@ -170,6 +180,17 @@ def test_joiner_first_audio_is_after_its_first_key() -> None:
     publisher, _link = core.publish()
     send(publisher, audio_msg(1), audio_msg(2), config_msg(3), key_msg(4), audio_msg(5))
     assert kinds(listener) == [("C", 3), ("K", 4), ("A", 5)]
+
+
+def test_live_first_key_audio_starts_at_its_capture_time() -> None:
+    """A viewer that waited for its first KEY gets no audio captured before that KEY,
+    even when it arrives after it; a viewer that kept up gets every packet."""
+    core = Core()
+    _s, waiting = audio_watch(core)
+    publisher, _link = core.publish()
+    send(publisher, key_msg(100), audio_msg(60), audio_msg(80), audio_msg(100), delta_msg(133))
+    send(publisher, key_msg(200), audio_msg(180))
+    assert kinds(waiting) == [("K", 100), ("A", 100), ("D", 133), ("K", 200), ("A", 180)]
 
 
 def test_an_edge_always_gets_audio() -> None:

@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     options = parse_arguments(argv)
 
+    from .audio import start_audio
     from .encoder import EncoderSettings, H264Encoder
     from .pipeline import CapturePipeline
     from .sources import SourceError, open_source
@@ -90,7 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_limit_bytes=limit,
     )
     publisher = Publisher(settings, reactor=reactor)
-    pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
+    try:
+        audio = start_audio(options, source, publisher, reactor)
+    except (SourceError, ValueError, av.FFmpegError) as error:
+        stderr.write(f"streamrelay-publish: {error}\n")
+        return 1
+    meta_extra = None if audio is None else {"audio": audio.meta}
+    pipeline = CapturePipeline(
+        source, encoder, publisher, reactor=reactor, fps=options.fps, meta_extra=meta_extra
+    )
     publisher.on_keyframe_request = pipeline.request_keyframe
 
     status = None if options.quiet else StatusLine(reactor, publisher, pipeline, stderr)
@@ -127,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal shutting_down
         shutting_down = True
         pipeline.stop()
+        if audio is not None:
+            audio.pipeline.stop()
         if status is not None:
             status.stop()
         return publisher.stop("publisher shutting down")
@@ -149,6 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         publisher.when_stopped().addCallback(publisher_stopped)
         publisher.start()
         pipeline.start()
+        if audio is not None:
+            # Video goes on without its audio (a microphone unplugged): say so.
+            audio.pipeline.when_finished().addErrback(
+                lambda failure: _log.error(
+                    "audio stopped: {why}", why=failure.getErrorMessage()
+                )
+            )
+            audio.pipeline.start()
         if status is not None:
             status.start()
         if options.duration is not None:

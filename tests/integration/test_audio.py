@@ -1,0 +1,216 @@
+"""Audio end to end: the real ``streamrelay-publish --audio tone`` into the real ``twistd
+streamrelay``, watched by ``websockets`` clients with and without ``?audio=1``; the Opus
+packets are decoded with PyAV and the beeps are timed against the flash frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from streamrelay.publisher.audio_sources import BEEP_LEVEL
+from streamrelay.publisher.testpattern import BEAT_FRAMES
+from streamrelay.wire import MediaMessage, parse_media
+from tests.support.relay_process import StartRelay
+
+pytestmark = pytest.mark.integration
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+WIDTH, HEIGHT = 320, 240
+
+
+@contextmanager
+def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
+    """The real publisher: test pattern with ``--audio tone``, a KEY every second."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
+    )
+    environment.pop("STREAMRELAY_TOKEN", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamrelay.publisher", url, "--size", f"{WIDTH}x{HEIGHT}",
+         "--fps", "30", "--preset", "ultrafast", "--bitrate", "300k",
+         "--keyframe-interval", "1", "--audio", "tone", "--quiet"],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+class Collector:
+    """A viewer in a thread of its own, keeping every message it gets."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.texts: list[dict[str, Any]] = []
+        self.media: list[MediaMessage] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> Collector:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        try:
+            with connect(self.url, subprotocols=["streamrelay.v1"], max_size=None) as ws:
+                while not self._stop.is_set():
+                    try:
+                        message = ws.recv(timeout=0.2)
+                    except TimeoutError:
+                        continue
+                    if isinstance(message, str):
+                        self.texts.append(json.loads(message))
+                    else:
+                        self.media.append(parse_media(message))
+        except ConnectionClosed:
+            pass
+        except BaseException as error:  # reported by the test
+            self.error = error
+
+    def wait_for(self, condition: Any, timeout: float) -> None:
+        """Wait (generously: the machine may be loaded) until ``condition()`` holds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.error is None, self.error
+            assert time.monotonic() < deadline, f"timed out waiting on {self.url}"
+            time.sleep(0.1)
+
+    def audio(self) -> list[MediaMessage]:
+        return [m for m in list(self.media) if m.is_audio]
+
+    def video(self) -> list[MediaMessage]:
+        return [m for m in list(self.media) if not m.is_audio]
+
+
+def decode_audio(messages: list[MediaMessage], channels: int) -> list[tuple[int, array[float]]]:
+    """Each packet decoded with PyAV's Opus decoder: (capture time, float samples)."""
+    decoder: Any = av.CodecContext.create("opus", "r")
+    decoder.sample_rate = 48_000
+    decoder.layout = "stereo" if channels == 2 else "mono"
+    decoded = []
+    for message in messages:
+        for frame in decoder.decode(av.Packet(message.payload)):
+            assert frame.sample_rate == 48_000
+            plane = array("f", bytes(frame.planes[0])[: frame.samples * 4])
+            decoded.append((message.capture_time_us, plane))
+    return decoded
+
+
+def beep_onsets(decoded: list[tuple[int, array[float]]]) -> list[float]:
+    """Capture times (µs) of the first loud sample after at least 0.3 s of quiet."""
+    onsets: list[float] = []
+    threshold = BEEP_LEVEL * 0.5
+    last_loud = -1e18
+    for capture_us, samples in decoded:
+        for index, value in enumerate(samples):
+            if abs(value) > threshold:
+                at = capture_us + index * 1e6 / 48_000
+                if at - last_loud > 300_000:
+                    onsets.append(at)
+                last_loud = at
+    return onsets
+
+
+def flash_times(video: list[MediaMessage]) -> list[int]:
+    """Capture times of the frames whose flash square is white (decoded with PyAV)."""
+    decoder: Any = av.CodecContext.create("h264", "r")
+    started = False
+    times: list[int] = []
+    for message in video:
+        if message.is_config:
+            continue
+        started = started or message.is_key
+        if not started:
+            continue
+        for frame in decoder.decode(av.Packet(message.payload)):
+            luma = frame.planes[0]
+            stride = luma.line_size
+            data = bytes(luma)
+            corner = [data[row * stride + col] for row in range(4, 20) for col in range(4, 20)]
+            if sum(corner) / len(corner) > 128:
+                times.append(message.capture_time_us)
+    return times
+
+
+@pytest.mark.timeout(120)
+def test_audio_viewers_get_opus_in_sync_plain_viewers_get_none(start_relay: StartRelay) -> None:
+    """Through the real launch: an audio viewer gets ``meta.audio``, then CONFIG, KEY,
+    and Opus packets (flag 0x04) that PyAV decodes into non-silent 48 kHz audio, never
+    before its first KEY's capture time; a plain viewer of the same stream gets no audio
+    at all; a joiner mid-stream gets the cached GOP with its audio from the KEY on; and
+    every beep starts at its flash frame's capture time (the offset is printed)."""
+    relay = start_relay()
+    base = f"{relay.ws_url}/watch/cam"
+    with (
+        Collector(base + "?audio=1") as listener,
+        Collector(base) as plain,
+        tone_publisher(f"{relay.ws_url}/publish/cam") as publisher,
+    ):
+        # Four beats: the machine may be loaded, so wait on what arrived, not on time.
+        listener.wait_for(lambda: len(listener.audio()) >= 250, 60)
+        with Collector(base + "?audio=1") as joiner:
+            joiner.wait_for(lambda: len(joiner.audio()) >= 10, 30)
+        assert publisher.poll() is None, publisher.stderr.read() if publisher.stderr else ""
+
+    meta = next(text for text in listener.texts if text.get("type") == "meta")
+    assert meta["audio"] == {"codec": "opus", "sample_rate": 48_000, "channels": 1}
+
+    for viewer in (listener, joiner):
+        first = viewer.media[:2]
+        assert [m.is_config for m in first] == [True, False] and first[1].is_key
+        key_time = first[1].capture_time_us
+        assert min(m.capture_time_us for m in viewer.audio()) >= key_time
+
+    assert plain.media and not any(m.is_audio for m in plain.media)
+    assert not any(t.get("audio") is not None for t in plain.texts if t.get("type") == "dropped")
+
+    audio = listener.audio()
+    decoded = decode_audio(audio, 1)
+    assert len(decoded) == len(audio)
+    assert all(len(samples) == 960 for _t, samples in decoded)
+    loudest = max(max(abs(v) for v in samples) for _t, samples in decoded)
+    assert loudest > BEEP_LEVEL * 0.8
+    quiet = sorted(max(abs(v) for v in samples) for _t, samples in decoded)[len(decoded) // 2]
+    assert quiet > 0.05, "the tone between beeps is not silence"
+
+    onsets = beep_onsets(decoded)
+    flashes = flash_times(listener.video())
+    assert len(flashes) >= 3 and len(onsets) >= 3, (flashes, onsets)
+    offsets_ms = []
+    for flash in flashes:
+        nearest = min(onsets, key=lambda onset: abs(onset - flash))
+        if abs(nearest - flash) < 500_000:
+            offsets_ms.append((nearest - flash) / 1000)
+    assert len(offsets_ms) >= 3, (flashes, onsets)
+    print(f"\nbeep minus flash capture time, ms (every {BEAT_FRAMES} frames): {offsets_ms}")
+    assert all(abs(offset) < 5 for offset in offsets_ms), offsets_ms
