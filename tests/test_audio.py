@@ -38,8 +38,13 @@ def kinds(viewer: FakeViewer) -> list[tuple[str, int]]:
         if is_binary:
             message = parse_media(payload)
             kind = (
-                "A" if message.is_audio else "K" if message.is_key else
-                "C" if message.is_config else "D"
+                "A"
+                if message.is_audio
+                else "K"
+                if message.is_key
+                else "C"
+                if message.is_config
+                else "D"
             )
             result.append((kind, message.capture_time_us))
     return result
@@ -82,8 +87,15 @@ def test_gop_cache_keeps_audio_from_the_key_in_arrival_order() -> None:
     """Audio after a KEY is cached with its GOP, interleaved in arrival order; audio of
     an older GOP goes with it; a joiner without audio gets the GOP without it."""
     cache, _ = _cache()
-    for message in (key_msg(10), audio_msg(11), delta_msg(12), key_msg(20), audio_msg(21),
-                    delta_msg(22), audio_msg(23)):
+    for message in (
+        key_msg(10),
+        audio_msg(11),
+        delta_msg(12),
+        key_msg(20),
+        audio_msg(21),
+        delta_msg(22),
+        audio_msg(23),
+    ):
         cache.add(message.info(), message.capture_time_us)
     assert _tags(cache.start_sequence(audio=True)) == [20, 21, 22, 23]
     assert _tags(cache.start_sequence()) == [20, 22]
@@ -94,8 +106,15 @@ def test_gop_cache_carries_audio_captured_after_the_key_but_sent_before_it() -> 
     that arrived before it belongs to the KEY's GOP (after the KEY, never before it);
     older audio does not."""
     cache, _ = _cache()
-    for message in (key_msg(10), audio_msg(95), delta_msg(90), audio_msg(100),
-                    audio_msg(105), key_msg(100), audio_msg(110)):
+    for message in (
+        key_msg(10),
+        audio_msg(95),
+        delta_msg(90),
+        audio_msg(100),
+        audio_msg(105),
+        key_msg(100),
+        audio_msg(110),
+    ):
         cache.add(message.info(), message.capture_time_us)
     assert _tags(cache.start_sequence(audio=True)) == [100, 100, 105, 110]
     assert _tags(cache.start_sequence()) == [100]
@@ -168,7 +187,14 @@ def test_plain_viewers_never_get_audio() -> None:
     send(publisher, audio_msg(6), delta_msg(7), audio_msg(8))
     assert kinds(plain) == [("C", 1), ("K", 2), ("D", 4), ("D", 7)]
     assert kinds(listener) == [
-        ("C", 1), ("K", 2), ("A", 3), ("D", 4), ("A", 5), ("A", 6), ("D", 7), ("A", 8)
+        ("C", 1),
+        ("K", 2),
+        ("A", 3),
+        ("D", 4),
+        ("A", 5),
+        ("A", 6),
+        ("D", 7),
+        ("A", 8),
     ]
 
 
@@ -239,7 +265,13 @@ def test_audio_goes_on_while_video_drops() -> None:
     session.queue.resume_producing()
     send(publisher, audio_msg(9), delta_msg(10), key_msg(11), audio_msg(12))
     assert kinds(listener) == [
-        ("K", 1), ("A", 2), ("A", 4), ("A", 7), ("A", 9), ("K", 11), ("A", 12)
+        ("K", 1),
+        ("A", 2),
+        ("A", 4),
+        ("A", 7),
+        ("A", 9),
+        ("K", 11),
+        ("A", 12),
     ]
     dropped = [t for t in listener.texts() if t.get("type") == "dropped"]
     assert dropped == [{"type": "dropped", "messages": 5}]

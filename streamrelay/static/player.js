@@ -8,6 +8,8 @@
  *   decoder.js     media -> VideoDecoder: waiting for KEYs, backlog bounds, error recovery
  *   view.js        canvas, status pill, message panel
  *   stats.js       counters, latency estimate, stats overlay
+ *   audio.js       audio: AudioDecoder -> Web Audio in sync with the video, unmute control
+ *     (window.streamrelayAudio: its counters and the measured A/V offset)
  *
  * For automated tests the page exposes a read-only live view of its counters:
  *   window.streamrelayPlayer = {state, streamName, framesReceived, framesDecoded, framesDropped,
@@ -15,6 +17,7 @@
  *     keyframeRequests, codec, width, height, error}
  */
 
+import { AudioPlayer } from './audio.js';
 import { Connection, KeyframeRequester, Link } from './connection.js';
 import { Decoder } from './decoder.js';
 import { Stats, StatsOverlay } from './stats.js';
@@ -30,7 +33,8 @@ class Player {
   constructor(doc, loc) {
     this.doc = doc;
     this.streamName = streamNameFromPath(loc.pathname);
-    this.url = watchUrl(loc, this.streamName, new URLSearchParams(loc.search).get('token'));
+    this.audio = new AudioPlayer(doc, window);
+    this.url = this.audio.url(watchUrl(loc, this.streamName, new URLSearchParams(loc.search).get('token')));
     this.stats = new Stats();
     this.view = new View(doc, this.streamName);
     this.overlay = new StatsOverlay(doc, this.stats, performance.now());
@@ -157,6 +161,7 @@ class Player {
 
   onGone() {
     this.relay = Relay.UNKNOWN;
+    this.audio.reset();
     this.decoder.reset();
     this.view.dropFrame();
     this.hint.reset();
@@ -173,15 +178,21 @@ class Player {
         } else if (msg.state === 'offline') {
           this.relay = Relay.OFFLINE;
           this.hint.reset();
+          this.audio.reset();
           this.decoder.waitForKey(); // a new publisher starts with CONFIG and KEY
         }
         this.refresh();
         break;
       case 'meta':
+        this.audio.meta(msg);
         this.decoder.meta(msg);
         if (this.stats.framesDecoded === 0) this.view.presize(Number(msg.width), Number(msg.height));
         break;
       case 'dropped':
+        if (msg.messages === undefined && Number.isFinite(Number(msg.audio))) {
+          this.audio.dropped(Number(msg.audio)); // audio only: the video goes on
+          break;
+        }
         if (Number.isFinite(Number(msg.messages))) this.stats.serverDropped += Number(msg.messages);
         this.decoder.waitForKey(); // the relay resumes us at a KEY (after CONFIG if it changed)
         break;
@@ -197,6 +208,7 @@ class Player {
       this.hint.arm();
       this.refresh();
     }
+    if (this.audio.media(buf)) return;
     const m = parseMedia(buf);
     if (m) this.decoder.media(m);
   }
@@ -207,7 +219,7 @@ class Player {
       frame.close();
       return;
     }
-    this.view.show(frame);
+    this.audio.present(frame, (f) => this.view.show(f));
   }
 }
 
@@ -241,4 +253,5 @@ function exposeForTests(win, player) {
 
 const player = new Player(document, location);
 exposeForTests(window, player);
+player.audio.expose(window);
 player.run(window);

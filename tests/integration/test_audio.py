@@ -20,6 +20,7 @@ import av
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from streamrelay.publisher.audio_sources import BEEP_LEVEL
 from streamrelay.publisher.testpattern import BEAT_FRAMES
@@ -41,9 +42,25 @@ def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
     )
     environment.pop("STREAMRELAY_TOKEN", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamrelay.publisher", url, "--size", f"{WIDTH}x{HEIGHT}",
-         "--fps", "30", "--preset", "ultrafast", "--bitrate", "300k",
-         "--keyframe-interval", "1", "--audio", "tone", "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "streamrelay.publisher",
+            url,
+            "--size",
+            f"{WIDTH}x{HEIGHT}",
+            "--fps",
+            "30",
+            "--preset",
+            "ultrafast",
+            "--bitrate",
+            "300k",
+            "--keyframe-interval",
+            "1",
+            "--audio",
+            "tone",
+            "--quiet",
+        ],
         env=environment,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -82,7 +99,8 @@ class Collector:
 
     def _run(self) -> None:
         try:
-            with connect(self.url, subprotocols=["streamrelay.v1"], max_size=None) as ws:
+            protocols = [Subprotocol("streamrelay.v1")]
+            with connect(self.url, subprotocols=protocols, max_size=None) as ws:
                 while not self._stop.is_set():
                     try:
                         message = ws.recv(timeout=0.2)
