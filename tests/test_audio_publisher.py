@@ -25,6 +25,7 @@ from streamrelay.publisher.audio_sources import (
     BEEP_LEVEL,
     FRAME_SAMPLES,
     FRAME_US,
+    SOURCE_LATENCY,
     TONE_LEVEL,
     AudioBlock,
     ToneSource,
@@ -135,7 +136,7 @@ def test_tone_is_paced_by_the_clock_and_stops() -> None:
     second = tone.read(stop)
     assert first is not None and second is not None
     assert second.capture_time_us - first.capture_time_us == FRAME_US
-    assert waits[0] == pytest.approx(0.06)
+    assert waits[0] == pytest.approx(FRAME_US / 1e6 + SOURCE_LATENCY)
     assert waits[1] == pytest.approx(0.02)
     stop.set()
     assert tone.read(stop) is None

@@ -25,9 +25,9 @@ from .sources import DeviceInput, SourceError
 SAMPLE_RATE = 48_000
 FRAME_SAMPLES = 960  # 20 ms
 FRAME_US = FRAME_SAMPLES * 1_000_000 // SAMPLE_RATE
-# A generated or file source releases a block this long after its last sample is due,
-# as a microphone's buffer would: a beat mark from the video thread is in by then.
-SOURCE_LATENCY = 0.04
+# A generated or file source releases a block this long after its last sample is due
+# (as a microphone's buffer would): a beat mark from the video thread is in by then.
+SOURCE_LATENCY = 0.02
 TONE_HZ = 440
 TONE_LEVEL = 0.1
 BEEP_HZ = 1000

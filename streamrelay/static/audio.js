@@ -6,14 +6,15 @@
  * time plus the playout delay. The playout delay is the same for audio and video: the larger
  * of what the audio needs (its arrival latency plus a safety margin) and the video's decode
  * latency; decoded video frames wait (at most MAX_VIDEO_HOLD_MS) until their capture time plus
- * that delay, so picture and sound that were captured together are presented together. Both
+ * that delay, less the time the page takes to paint a frame it is given (measured), so picture
+ * and sound that were captured together are painted and heard together. Both
  * use this computer's clock (Date.now) against the publisher's capture clock, so clock skew
  * between the hosts cancels out.
  *
  * The browser may refuse to start sound without a user gesture (the AudioContext stays
  * 'suspended'): audio is then decoded but not played, and the unmute button says so; clicking
  * it starts (and later mutes and unmutes) the sound. The measured A/V offset (how much later
- * the sound is heard than the picture of the same capture time is presented; 0 is perfect
+ * the sound is heard than the picture of the same capture time is painted; 0 is perfect
  * sync) shows in the stats overlay; tests read window.streamrelayAudio. */
 
 export const FLAG_AUDIO = 0x04;
@@ -70,6 +71,7 @@ export class AudioPlayer {
     this._offsets = [];
     this._arrivals = [];        // decode-time latency of audio (ms after its capture)
     this._videoLatencies = [];  // decode-time latency of video frames
+    this._paintDelays = [];     // from handing a frame to the view to the frame it is painted in
     this._plannedAt = 0;
     this._lastLoudCapture = -1e18;
     this._config = null;        // {codec, sampleRate, numberOfChannels} from meta
@@ -155,7 +157,8 @@ export class AudioPlayer {
     const latency = now - frame.timestamp / 1000;
     push(this._videoLatencies, latency, WINDOW);
     const delay = this.playoutMs;
-    const hold = this.state === 'playing' && delay !== null ? delay - latency : 0;
+    const paint = median(this._paintDelays) || 0;
+    const hold = this.state === 'playing' && delay !== null ? delay - latency - paint : 0;
     if (hold <= 1 || hold > MAX_VIDEO_HOLD_MS || this._held.length >= MAX_HELD_FRAMES) {
       this._flushHeld(true);
       this._shown(frame, now);
@@ -254,7 +257,7 @@ export class AudioPlayer {
       const channels = data.numberOfChannels;
       const captureMs = data.timestamp / 1000;
       const now = Date.now();
-      push(this._arrivals, now - captureMs + (frames * 1000) / data.sampleRate, WINDOW);
+      push(this._arrivals, now - captureMs, WINDOW);
       const planes = [];
       for (let c = 0; c < channels; c++) {
         const plane = new Float32Array(frames);
@@ -290,7 +293,10 @@ export class AudioPlayer {
 
   // The playout delay: what the audio needs, or the video's latency when that is larger.
   _plan(now) {
-    const needed = quantile(this._arrivals, 0.9) + SAFETY_MS;
+    // The sound card's own delay comes on top (what is scheduled now is heard that late).
+    const ctx = this._ctx;
+    const output = ctx ? (ctx.outputLatency || ctx.baseLatency || 0) * 1000 : 0;
+    const needed = quantile(this._arrivals, 0.9) + SAFETY_MS + output;
     const video = median(this._videoLatencies);
     const target = Math.max(needed, video === null ? needed : video);
     if (this.playoutMs === null ||
@@ -362,13 +368,20 @@ export class AudioPlayer {
     }
   }
 
-  // A frame is presented now: how much later its sound is heard.
+  // A frame is handed to the view now, which paints it at the next animation frame: a
+  // callback queued after the view's runs right after that paint, and measures how much
+  // later than the picture its sound is heard.
   _shown(frame, now) {
     if (this.state !== 'playing' || this.playoutMs === null) return;
-    const pictureLatency = now - frame.timestamp / 1000;
-    push(this._offsets, this.playoutMs - pictureLatency, OFFSET_SAMPLES);
-    this.avOffsetMs = Math.round(median(this._offsets) * 10) / 10;
-    if (this._offsetLabel) this._offsetLabel.textContent = this.avOffsetMs.toFixed(0) + ' ms';
+    const captureMs = frame.timestamp / 1000;
+    requestAnimationFrame(() => {
+      const painted = Date.now();
+      push(this._paintDelays, painted - now, WINDOW);
+      if (this.playoutMs === null) return;
+      push(this._offsets, this.playoutMs - (painted - captureMs), OFFSET_SAMPLES);
+      this.avOffsetMs = Math.round(median(this._offsets) * 10) / 10;
+      if (this._offsetLabel) this._offsetLabel.textContent = this.avOffsetMs.toFixed(0) + ' ms';
+    });
   }
 
   /** The read-only view the tests read (window.streamrelayAudio). */

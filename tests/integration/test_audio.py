@@ -26,6 +26,7 @@ from streamrelay.publisher.audio_sources import BEEP_LEVEL
 from streamrelay.publisher.testpattern import BEAT_FRAMES
 from streamrelay.wire import MediaMessage, parse_media
 from tests.support.relay_process import StartRelay
+from tests.support.tokens import write_secret
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +233,34 @@ def test_audio_viewers_get_opus_in_sync_plain_viewers_get_none(start_relay: Star
     assert len(offsets_ms) >= 3, (flashes, onsets)
     print(f"\nbeep minus flash capture time, ms (every {BEAT_FRAMES} frames): {offsets_ms}")
     assert all(abs(offset) < 5 for offset in offsets_ms), offsets_ms
+
+
+@pytest.mark.timeout(120)
+def test_an_edge_pulls_the_audio_for_its_audio_viewers(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Relay to relay through real processes: ``/relay/`` always carries the audio, so an
+    edge serves its ``?audio=1`` viewers the origin's Opus packets byte for byte (they
+    decode), and its plain viewers none."""
+    secret = str(write_secret(tmp_path, "relay.key", b"audio-chain-secret"))
+    origin = start_relay("--relay-secret-file", secret)
+    edge = start_relay("--relay-secret-file", secret, "--upstream", origin.ws_url)
+    with (
+        Collector(f"{origin.ws_url}/watch/cam?audio=1") as at_origin,
+        tone_publisher(f"{origin.ws_url}/publish/cam"),
+    ):
+        at_origin.wait_for(lambda: len(at_origin.audio()) >= 5, 60)
+        with (
+            Collector(f"{edge.ws_url}/watch/cam?audio=1") as listener,
+            Collector(f"{edge.ws_url}/watch/cam") as plain,
+        ):
+            listener.wait_for(lambda: len(listener.audio()) >= 60, 60)
+            plain.wait_for(lambda: len(plain.video()) >= 30, 30)
+    edge_audio = listener.audio()
+    origin_audio = {m.data for m in at_origin.audio()}
+    assert all(m.data in origin_audio for m in edge_audio[:-10])
+    assert len(decode_audio(edge_audio, 1)) == len(edge_audio)
+    first = listener.media[:2]
+    assert first[0].is_config and first[1].is_key
+    assert min(m.capture_time_us for m in edge_audio) >= first[1].capture_time_us
+    assert not any(m.is_audio for m in plain.media)
