@@ -20,8 +20,9 @@ Audio (docs/protocol.md, "Audio") is offered only to the queues of viewers that 
 it (:meth:`ViewerQueue.send_audio`; the stream keeps them apart), so a viewer without
 audio pays nothing for it.  Audio survives a video drop episode: queued audio is kept
 when queued video is discarded, and new audio is delivered while the backlog stays
-under half the bound (the other half is the resuming KEY's); past that, audio is dropped
-too and resumes with ``{"type": "dropped", "audio": N}``.
+within the bound (it drains before the resuming KEY is taken: that KEY needs only the
+transport to have drained); past that, audio is dropped too and resumes with
+``{"type": "dropped", "audio": N}``.
 
 (Over 400 lines: the slot declarations and the state properties that keep the fast
 path's one-field summary right sit with the policy they summarise.)
@@ -356,8 +357,7 @@ class ViewerQueue(_FanOutFields):
             # Over the bound: the video goes first, queued audio stays.
             self._enter_skipping()
             pending = self.backlog_bytes
-        room = self.limit // 2 if self._skipping else self.limit
-        if pending and pending + cost > room:
+        if pending and pending + cost > self.limit:
             self.audio_dropped_in_episode += 1
             self.audio_dropped_total += 1
             self._on_dropped(1)
