@@ -281,3 +281,71 @@ def test_pattern_flashes_and_marks_every_beat_frame() -> None:
     flashing = [index for index, value in enumerate(corners) if value > 128]
     assert flashing == [0, BEAT_FRAMES, 2 * BEAT_FRAMES]
     assert TestPattern(320, 240).box_size >= 8
+
+
+# -- files and devices -----------------------------------------------------------------------
+
+
+def write_clip(path: Any, seconds: float, audio: bool) -> None:
+    """A short Matroska clip: H.264 video, and a 440 Hz Opus track when ``audio``."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=30)
+        video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        sound = container.add_stream("libopus", rate=48_000) if audio else None
+        pattern = TestPattern(96, 64)
+        for index in range(int(seconds * 30)):
+            frame = pattern.render(index, index / 30)
+            frame.pts = index
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        if sound is not None:
+            tone = ToneSource()
+            for index in range(int(seconds * 50)):
+                block = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+                block.planes[0].update(tone.block(index * FRAME_SAMPLES, 0))
+                block.sample_rate = 48_000
+                block.pts = index * FRAME_SAMPLES
+                container.mux(sound.encode(block))
+            container.mux(sound.encode(None))
+
+
+def test_file_audio_is_read_paced_and_looped(tmp_path: Any) -> None:
+    """``--audio file``: the file's track comes out as 20 ms blocks of 48 kHz (stereo
+    here), not silence, with capture times 20 ms apart, past the file's end (it loops)."""
+    from streamrelay.publisher.audio_sources import FileAudioSource, file_has_audio
+
+    clip = tmp_path / "clip.mkv"
+    write_clip(clip, 0.3, audio=True)
+    assert file_has_audio(str(clip))
+    source = FileAudioSource(str(clip), 2)
+    stop = threading.Event()
+    blocks = [source.read(stop) for _ in range(25)]  # 0.5 s: past the end of 0.3 s
+    source.close()
+    assert all(block is not None for block in blocks)
+    times = [block.capture_time_us for block in blocks if block is not None]
+    assert [b - a for a, b in zip(times, times[1:], strict=False)] == [FRAME_US] * 24
+    for block in blocks:
+        assert block is not None and len(block.samples) == 4 * FRAME_SAMPLES
+    loud = [max(abs(v) for v in samples_of(b.samples)) for b in blocks if b is not None]
+    assert sum(peak > 0.05 * 32767 for peak in loud) >= 20
+
+
+def test_file_without_audio_has_none_by_default(tmp_path: Any) -> None:
+    """A file source without an audio track publishes no audio by default; asking for
+    its audio is a usage error."""
+    clip = tmp_path / "silent.mkv"
+    write_clip(clip, 0.2, audio=False)
+    assert parse_arguments(["--source", f"file:{clip}"]).audio is None
+    with pytest.raises(SystemExit):
+        parse_arguments(["--source", f"file:{clip}", "--audio", "file"])
+    with_audio = tmp_path / "sound.mkv"
+    write_clip(with_audio, 0.2, audio=True)
+    assert parse_arguments(["--source", f"file:{with_audio}"]).audio == AudioSpec("file")
+
+
+def test_a_missing_audio_device_is_a_clear_error() -> None:
+    """A device FFmpeg cannot open is refused with the device named."""
+    from streamrelay.publisher.audio import open_audio_source
+
+    with pytest.raises(SourceError, match="no-such-card"):
+        open_audio_source(AudioSpec("device", "no-such-card"), 2, None)

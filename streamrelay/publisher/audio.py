@@ -253,6 +253,7 @@ class PublisherAudio:
 
     pipeline: AudioPipeline
     meta: dict[str, Any]
+    description: str
 
 
 def start_audio(
@@ -273,5 +274,7 @@ def start_audio(
         video_source.on_beat = source.mark
     encoder = OpusEncoder(channels, 64_000 if channels == 1 else 96_000)
     return PublisherAudio(
-        AudioPipeline(source, encoder, sink, reactor=reactor), audio_meta(channels)
+        AudioPipeline(source, encoder, sink, reactor=reactor),
+        audio_meta(channels),
+        f"{source.description}, Opus 48 kHz {'mono' if channels == 1 else 'stereo'}",
     )

@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         publisher.start()
         pipeline.start()
         if audio is not None:
+            _log.info("with audio: {audio}", audio=audio.description)
             # Video goes on without its audio (a microphone unplugged): say so.
             audio.pipeline.when_finished().addErrback(
                 lambda failure: _log.error(
@@ -187,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr.write(
             f"streamrelay-publish: sent {stats.frames_sent} frames ({stats.keyframes_sent} "
             f"keyframes, {stats.bytes_sent * 8 / 1000 / seconds:.0f} kbit/s average) in "
-            f"{seconds:.1f} s; dropped {dropped}; connected {stats.connects} time(s)\n"
+            f"{seconds:.1f} s; dropped {dropped}; connected {stats.connects} time(s)"
+            + (f"; {stats.audio_sent} audio packets" if audio is not None else "")
+            + "\n"
         )
     return exit_status
 
