@@ -349,3 +349,23 @@ def test_a_missing_audio_device_is_a_clear_error() -> None:
 
     with pytest.raises(SourceError, match="no-such-card"):
         open_audio_source(AudioSpec("device", "no-such-card"), 2, None)
+
+
+def test_fan_out_sends_one_track_to_every_connection_that_takes_audio() -> None:
+    """Renditions carry the same audio: each packet goes to every connection that sends
+    media now; the fan-out is READY while one of them is."""
+    from streamrelay.publisher.audio import FanOutAudioSink
+
+    ready, offline, congested = (
+        FakeSink(Readiness.READY),
+        FakeSink(Readiness.OFFLINE),
+        FakeSink(Readiness.CONGESTED),
+    )
+    fan_out = FanOutAudioSink([offline, ready, congested])
+    assert fan_out.readiness is Readiness.READY
+    assert fan_out.send_audio_threadsafe(b"p", 7)
+    assert ready.sent == congested.sent == [(b"p", 7)] and offline.sent == []
+    assert FanOutAudioSink([offline]).readiness is Readiness.OFFLINE
+    assert not FanOutAudioSink([offline]).send_audio_threadsafe(b"p", 8)
+    with pytest.raises(ValueError):
+        FanOutAudioSink([])

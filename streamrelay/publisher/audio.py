@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
@@ -143,6 +144,39 @@ class OpusEncoder:
         """Nothing to flush: a live stream's last 20 ms do not matter."""
 
 
+def _sending(readiness: Readiness) -> bool:
+    # Audio goes out while the video does, and while the video is congested too (audio
+    # is small, and the outbox drops it alone when full).
+    return readiness is Readiness.READY or readiness is Readiness.CONGESTED
+
+
+class FanOutAudioSink:
+    """One audio track for several connections (renditions of one picture each carry the
+    same audio, so a viewer's audio follows whichever rendition it is on)."""
+
+    def __init__(self, sinks: Sequence[AudioSink]) -> None:
+        if not sinks:
+            raise ValueError("need at least one sink")
+        self._sinks = tuple(sinks)
+
+    @property
+    def readiness(self) -> Readiness:
+        """READY when any connection takes audio now, else the first one's state."""
+        for sink in self._sinks:
+            readiness = sink.readiness
+            if _sending(readiness):
+                return Readiness.READY
+        return self._sinks[0].readiness
+
+    def send_audio_threadsafe(self, payload: bytes, capture_time_us: int) -> bool:
+        """Send to every connection that takes audio now; True when one accepted it."""
+        accepted = False
+        for sink in self._sinks:
+            if _sending(sink.readiness):
+                accepted = sink.send_audio_threadsafe(payload, capture_time_us) or accepted
+        return accepted
+
+
 class AudioSink(Protocol):
     """What the audio thread needs from the network side (a Publisher has it)."""
 
@@ -213,7 +247,8 @@ class AudioPipeline:
             return False
         stats = self.stats
         stats.blocks += 1
-        if self._sink.readiness is Readiness.OFFLINE:
+        if not _sending(self._sink.readiness):
+            # Offline, or any state in which no media goes out (idle on demand).
             stats.offline += 1
             return True
         for payload, capture_time_us in self._encoder.encode(block):
