@@ -24,6 +24,7 @@ const REPLAN_MS = 30;          // the playout delay moves when its target moved 
 const REPLAN_EVERY_MS = 1000;
 const MAX_VIDEO_HOLD_MS = 500; // a frame never waits longer than this for its sound
 const MAX_HELD_FRAMES = 30;
+const MAX_DECODE_QUEUE = 50;   // packets (one second) waiting in the decoder: drop past this
 const WINDOW = 50;             // latency samples kept for the playout plan
 const OFFSET_SAMPLES = 120;    // A/V offset samples kept
 const LOUD = 0.25;             // a beep of the test tone: louder than this
@@ -121,6 +122,10 @@ export class AudioPlayer {
     this.packets++;
     const decoder = this._ensureDecoder();
     if (!decoder) return true;
+    if (decoder.decodeQueueSize > MAX_DECODE_QUEUE) {
+      this.late++; // it would be too late to play anyway
+      return true;
+    }
     const captureUs = Number(new DataView(buf).getBigUint64(1));
     try {
       decoder.decode(new EncodedAudioChunk({
