@@ -68,7 +68,7 @@ export class AudioPlayer {
     this.decoderErrors = 0;
     this.playoutMs = null;      // capture -> heard, this computer's clock minus the publisher's
     this.avOffsetMs = null;     // median of (sound heard) - (picture presented), same capture time
-    this.beeps = [];            // Date.now() times when the test tone's beeps are heard
+    this.beeps = [];            // Date.now() times when the test tone's beeps are heard (scheduled)
     this._offsets = [];
     this._arrivals = [];        // decode-time latency of audio (ms after its capture)
     this._videoLatencies = [];  // decode-time latency of video frames
@@ -269,15 +269,17 @@ export class AudioPlayer {
         data.copyTo(plane, { planeIndex: c, format: 'f32-planar' });
         planes.push(plane);
       }
-      this._inspect(planes[0], captureMs, data.sampleRate);
+      const loudAt = this._inspect(planes[0], captureMs, data.sampleRate);
       this._plan(now);
-      this._schedule(planes, captureMs, data.sampleRate);
+      if (this._schedule(planes, captureMs, data.sampleRate) && loudAt !== null) {
+        push(this.beeps, loudAt + this.playoutMs, 64); // when this beep is heard
+      }
     } finally {
       data.close();
     }
   }
 
-  // Counts non-silent packets; notes when each beep of the test tone will be heard.
+  // Counts non-silent packets; the capture time of a test-tone beep that starts here, or null.
   _inspect(samples, captureMs, rate) {
     let peak = 0;
     let loudAt = -1;
@@ -287,13 +289,11 @@ export class AudioPlayer {
       if (loudAt < 0 && v > LOUD) loudAt = i;
     }
     if (peak > 0.01) this.nonSilent++;
-    if (loudAt >= 0) {
-      const at = captureMs + (loudAt * 1000) / rate;
-      if (at - this._lastLoudCapture > QUIET_GAP_MS && this.playoutMs !== null) {
-        push(this.beeps, at + this.playoutMs, 64);
-      }
-      this._lastLoudCapture = captureMs + (samples.length * 1000) / rate;
-    }
+    if (loudAt < 0) return null;
+    const at = captureMs + (loudAt * 1000) / rate;
+    const onset = at - this._lastLoudCapture > QUIET_GAP_MS;
+    this._lastLoudCapture = captureMs + (samples.length * 1000) / rate;
+    return onset ? at : null;
   }
 
   // The playout delay: what the audio needs, or the video's latency when that is larger.
@@ -324,12 +324,12 @@ export class AudioPlayer {
 
   _schedule(planes, captureMs, rate) {
     const ctx = this._ctx;
-    if (!ctx || ctx.state !== 'running' || this.playoutMs === null) return;
+    if (!ctx || ctx.state !== 'running' || this.playoutMs === null) return false;
     const when = this._contextTime(captureMs + this.playoutMs);
     if (when < ctx.currentTime + 0.005) {
       this.late++;
       if (this.late % 5 === 0) this._plannedAt = 0; // replan at the next packet
-      return;
+      return false;
     }
     const buffer = ctx.createBuffer(planes.length, planes[0].length, rate);
     planes.forEach((plane, c) => buffer.copyToChannel(plane, c));
@@ -340,6 +340,7 @@ export class AudioPlayer {
     this._sources.add(source);
     source.start(when);
     this.scheduled++;
+    return true;
   }
 
   _armHold() {

@@ -2,19 +2,25 @@
 the player in headless Chromium decoding Opus with WebCodecs ``AudioDecoder`` and playing
 it through Web Audio in sync with the video.
 
-The test unmutes with a real click on the player's unmute control (a user gesture, which
-every autoplay policy accepts), then checks the decoder's output (how many AudioData, and
-that they are not silence), the A/V offset the player measures, and the offset between
-when each beep is heard and when its flash frame is painted (read from the canvas)."""
+Headless Chromium lets every AudioContext run, whatever ``--autoplay-policy`` says, so
+the page gets the policy of a desktop browser for a page the user has not touched from
+an init script (as the suite's probe script, not subject to the page's CSP): a real
+AudioContext that starts suspended and may resume only after a user activation
+(``navigator.userActivation``).  The player must then start muted, keep decoding, and
+show its unmute control.  The test unmutes with a real click (a user gesture), and
+checks the decoder's output (how many AudioData, and that they are not silence), the A/V
+offset the player measures, and the offset between when each beep is heard and when its
+flash frame is painted (read from the canvas)."""
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from tests.browser.conftest import PROBE_SCRIPT
 from tests.support.relay_process import StartRelay
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
@@ -56,6 +62,51 @@ WATCH_FLASH = """
 """
 
 
+# A desktop browser's autoplay policy for Web Audio, on the real AudioContext: it does
+# not run (suspended again whenever it starts) until resume() is called once the page has
+# had a user activation.
+AUTOPLAY_POLICY = """
+(() => {
+  const Native = window.AudioContext;
+  window.AudioContext = class extends Native {
+    constructor(...args) {
+      super(...args);
+      this.__allowed = false;
+      const hold = () => {
+        if (!this.__allowed && this.state === 'running') Native.prototype.suspend.call(this);
+      };
+      this.addEventListener('statechange', hold);
+      hold();
+    }
+    resume() {
+      if (!navigator.userActivation.hasBeenActive) {
+        return Promise.reject(new DOMException('no user gesture yet', 'NotAllowedError'));
+      }
+      this.__allowed = true;
+      return super.resume();
+    }
+  };
+})();
+"""
+
+
+@pytest.fixture
+def strict_page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
+    """A page where sound needs a user gesture, with the suite's probe script, and the
+    console errors and page errors it reports."""
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    try:
+        context.add_init_script(PROBE_SCRIPT)
+        context.add_init_script(AUTOPLAY_POLICY)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        yield page, errors
+    finally:
+        context.close()
+
+
 def audio_state(page: Any) -> dict[str, Any]:
     """The player's audio counters now ({} before player.js ran)."""
     return page.evaluate(READ_AUDIO, AUDIO_FIELDS) or {}
@@ -76,13 +127,14 @@ def wait_page(page: Any, check: Callable[[], Any], timeout: float, what: str) ->
 def test_player_decodes_and_plays_audio_in_sync(
     start_relay: StartRelay,
     start_publisher: Callable[..., Any],
-    open_page: Callable[..., Any],
+    strict_page: tuple[Any, list[str]],
     figures: dict[str, Any],
 ) -> None:
-    """The player asks for audio, decodes the Opus packets into non-silent AudioData,
-    starts playing after a click on its unmute control, keeps the video playing, and
-    measures an A/V offset near 0; each beep is heard within a frame or two of when its
-    flash frame is painted (the figures are printed)."""
+    """The player asks for audio and decodes the Opus packets into non-silent AudioData;
+    where sound needs a gesture it starts muted with its unmute control showing (video
+    playing, audio decoded, nothing scheduled); after a click it plays, keeps the video
+    playing, and measures an A/V offset near 0; each beep is heard within a frame or two
+    of when its flash frame is painted (the figures are printed)."""
     relay = start_relay()
     publisher = start_publisher(
         f"{relay.ws_url}/publish/cam",
@@ -99,13 +151,22 @@ def test_player_decodes_and_plays_audio_in_sync(
         "--bitrate",
         "600k",
     )
-    page, log = open_page(f"{relay.http_url}/view/cam")
+    page, errors = strict_page
+    page.goto(f"{relay.http_url}/view/cam", wait_until="load")
     page.evaluate(WATCH_FLASH)
-    wait_page(page, lambda: audio_state(page).get("decoded", 0) > 10, 30, "decoded audio")
+    wait_page(page, lambda: audio_state(page).get("decoded", 0) > 50, 30, "decoded audio")
     button = page.locator("#unmute")
     button.wait_for(state="visible", timeout=10_000)
-    if audio_state(page)["state"] != "playing":
-        button.click()
+    wait_page(page, lambda: audio_state(page).get("state") == "muted", 10, "audio muted")
+    muted = audio_state(page)
+    page.wait_for_timeout(1000)
+    still = audio_state(page)
+    assert (still["state"], still["contextState"]) == ("muted", "suspended"), still
+    assert still["decoded"] > muted["decoded"], "decoding stopped while muted"
+    assert still["scheduled"] == muted["scheduled"], "audio scheduled while muted"
+    assert button.text_content() == "Unmute (sound is off)"
+    assert page.evaluate("() => window.streamrelayPlayer.framesDecoded") > 0
+    button.click()
     wait_page(page, lambda: audio_state(page).get("state") == "playing", 10, "audio playing")
     assert button.text_content() == "Mute"
 
@@ -145,5 +206,5 @@ def test_player_decodes_and_plays_audio_in_sync(
         f"{[round(o, 1) for o in offsets]} ms, median {beep_vs_flash:.1f} ms"
     )
     assert abs(beep_vs_flash) < 60, offsets
-    assert log.errors() == [], log.errors()
+    assert errors == [], errors
     assert page.evaluate("() => window.__streamrelayTest.cspViolations") == []
