@@ -35,7 +35,9 @@ class AdaptiveSession(ViewerSession):
     """A viewer's handle that follows the rendition the policy chooses; ``stream`` is
     the rendition it is on."""
 
-    __slots__ = ("_base", "_pending", "_policy", "_ticker", "_timeout", "_unsent", "announced")
+    __slots__ = (
+        "_audio", "_base", "_pending", "_policy", "_ticker", "_timeout", "_unsent", "announced"
+    )
 
     # Tests may replace the policy's thresholds.
     settings = AbrSettings()
@@ -46,8 +48,10 @@ class AdaptiveSession(ViewerSession):
         stream: Stream,
         sink: ViewerSink,
         address: str | None,
+        audio: bool = False,
     ) -> None:
         self._base = stream.name
+        self._audio = audio
         self._policy = AbrPolicy(registry.config.viewer_queue_bytes, self.settings)
         self._pending: tuple[Stream, Decision] | None = None
         self._timeout: IDelayedCall | None = None
@@ -61,7 +65,7 @@ class AdaptiveSession(ViewerSession):
             assert policy.rendition is not None
             intro = self._announcement(policy.rendition, "start", registry)
         self.announced = intro is not None
-        super().__init__(registry, stream, sink, address, intro=intro)
+        super().__init__(registry, stream, sink, address, intro=intro, audio=audio)
         if self.announced:
             self._schedule()
         else:
@@ -241,7 +245,7 @@ class AdaptiveSession(ViewerSession):
         queue.send_text(frame_size[0], frame_size[1], "rendition")
         if target.meta is not None:
             queue.send_text(target.meta[0], target.meta[1], "meta")
-        target.adopt_viewer(self._sink, queue)
+        target.adopt_viewer(self._sink, queue, audio=self._audio)
         queue.switch_source(target.gop.config, key, frame)
         self.stream = target
         self._policy.switched(decision.index, decision.reason, self._registry.clock.seconds())
@@ -275,10 +279,14 @@ class AdaptiveSession(ViewerSession):
 
 
 def watch_adaptive(
-    registry: StreamRegistry, name: str, sink: ViewerSink, address: str | None
+    registry: StreamRegistry,
+    name: str,
+    sink: ViewerSink,
+    address: str | None,
+    audio: bool = False,
 ) -> ViewerSession | Refusal:
     """Attach a viewer that asked for ``abr=1``: adaptive on a base stream; a
     rendition's own name is watched as a plain stream."""
     if base_name(name) != name:
-        return registry.watch(name, sink, address)
-    return registry.watch(name, sink, address, session_type=AdaptiveSession)
+        return registry.watch(name, sink, address, audio=audio)
+    return registry.watch(name, sink, address, session_type=AdaptiveSession, audio=audio)

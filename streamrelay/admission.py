@@ -512,6 +512,8 @@ class StreamGate(resource.Resource):
         protocol.client_host = peer_host(client)
         if self.endpoint.role is Role.VIEWER and wants_abr(request):
             protocol.abr = True
+        # Audio only for viewers that ask (docs/protocol.md, "Audio").
+        protocol.wants_audio = request.args.get(b"audio", [b""])[-1] in (b"1", b"true")
         protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,

@@ -136,6 +136,10 @@ class StreamListener:
     def dropped(self, count: int) -> None:
         """``count`` messages were dropped; the next media starts at a CONFIG or KEY."""
 
+    def audio_dropped(self, count: int) -> None:
+        """``count`` audio messages were dropped (``{"type": "dropped", "audio": N}``,
+        only on connections that take audio); audio resumes with the next one."""
+
     def text(self, message: dict[str, Any]) -> None:
         """Any other text message (for types a later version may add)."""
 
@@ -152,6 +156,7 @@ class ClientStats:
     bytes: int = 0
     keyframes: int = 0
     dropped: int = 0
+    audio_dropped: int = 0
 
 
 class _WatchConnection(RelayConnection):
@@ -425,6 +430,10 @@ class StreamClient:
             count = int(parsed["messages"])
             self.stats.dropped += count
             self.listener.dropped(count)
+        elif kind == "dropped" and _count(parsed.get("audio")) is not None:
+            count = int(parsed["audio"])
+            self.stats.audio_dropped += count
+            self.listener.audio_dropped(count)
         else:
             self.listener.text(parsed)
 

@@ -157,6 +157,8 @@ class RelayProtocol(WebSocketServerProtocol):
         # The client's address as the web gate judged it (X-Forwarded-For hops with
         # --trust-proxy); empty: the TCP peer's.
         self.client_host = ""
+        # A viewer that asked for audio (``?audio=1``, set by the web gate).
+        self.wants_audio = False
         self._last_heard = 0.0
         self._liveness: Liveness | None = None
         self._close_deadline: IDelayedCall | None = None
@@ -664,9 +666,11 @@ class ViewerProtocol(RelayProtocol):
         registry = self.context.registry
         address = self.client_host or peer_host(self.transport.getPeer())
         if self.abr:
-            result = watch_adaptive(registry, self.stream_name, self, address)
+            result = watch_adaptive(
+                registry, self.stream_name, self, address, audio=self.wants_audio
+            )
         else:
-            result = registry.watch(self.stream_name, self, address)
+            result = registry.watch(self.stream_name, self, address, audio=self.wants_audio)
         if not isinstance(result, ViewerSession):
             self.close_with(wire.CLOSE_TRY_AGAIN_LATER, result.reason)
             return

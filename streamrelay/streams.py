@@ -38,6 +38,7 @@ from streamrelay.reports import ReportWindow, ViewerReport
 from streamrelay.thumbnails import ThumbnailSlot
 from streamrelay.viewer_queue import FrameFactory, ViewerQueue, ViewerSink
 from streamrelay.wire import (
+    FLAG_AUDIO,
     MediaInfo,
     MediaMessage,
     WireError,
@@ -131,6 +132,10 @@ class Stream:
         self.publisher: PublisherLink | None = None
         self.publisher_since: float | None = None
         self.viewers: dict[ViewerSink, ViewerQueue] = {}
+        # The viewers (edges included) that take audio: audio goes to them alone, so a
+        # viewer without audio costs nothing per audio message.
+        self.audio_viewers: dict[ViewerSink, ViewerQueue] = {}
+        self.audio_in = 0
         # The publisher is a pull from the upstream, not a local connection.
         self.pulled = False
         # Edges pulling this stream from here, with the viewers each reports.
@@ -255,6 +260,9 @@ class Stream:
         self._broadcast_status("offline")
 
     def publish_media(self, message: MediaMessage) -> None:
+        if message.flags & FLAG_AUDIO:
+            self._publish_audio(message)
+            return
         if self.publisher_idle and not message.is_config:
             # A frame from a publisher that said idle: it is evidently active again.
             self.set_publisher_idle(False)
@@ -273,6 +281,23 @@ class Stream:
             # After the viewers: a switcher moves into them and sends this KEY itself.
             for switch in list(self.switchers.values()):
                 switch(self, info, frame)
+
+    def _publish_audio(self, message: MediaMessage) -> None:
+        self.messages_in += 1
+        self.bytes_in += message.size
+        self.audio_in += 1
+        self.rate.add(message.size, 0)
+        frame = self._registry.frame_factory(message.data, True)
+        info = message.info()
+        self.gop.add(info, frame)
+        for queue in list(self.audio_viewers.values()):
+            queue.send_audio(info, frame)
+
+    def upstream_audio_gap(self, count: int) -> None:
+        """The upstream dropped ``count`` audio messages on their way here: every audio
+        viewer's next audio is preceded by a ``dropped`` notice counting them."""
+        for queue in list(self.audio_viewers.values()):
+            queue.audio_gap(count)
 
     def publish_meta(self, raw: bytes) -> None:
         frame = self._registry.frame_factory(raw, False)
@@ -378,7 +403,12 @@ class Stream:
     # -- viewer side ------------------------------------------------------------------
 
     def attach_viewer(
-        self, sink: ViewerSink, *, relay: bool = False, intro: tuple[Any, int] | None = None
+        self,
+        sink: ViewerSink,
+        *,
+        relay: bool = False,
+        intro: tuple[Any, int] | None = None,
+        audio: bool = False,
     ) -> ViewerQueue:
         config = self._registry.config
         if relay:
@@ -394,6 +424,10 @@ class Stream:
             on_need_keyframe=self.need_keyframe,
         )
         self.viewers[sink] = queue
+        # An edge always takes audio: it may serve viewers that do.
+        audio = audio or relay
+        if audio:
+            self.audio_viewers[sink] = queue
         self._registry.budget.add_viewer(queue)
         sink.attached(queue)
         frame, size = self._status_frame("live" if self.live else "offline")
@@ -402,7 +436,7 @@ class Stream:
             queue.send_text(intro[0], intro[1], "rendition")
         if self.meta is not None:
             queue.send_text(self.meta[0], self.meta[1], "meta")
-        queue.start(self.gop.start_sequence(), self.gop.config)
+        queue.start(self.gop.start_sequence(audio), self.gop.config)
         if relay:
             self.thumbnail_to_edges(sink)
         if queue.waiting_for_key:
@@ -413,6 +447,7 @@ class Stream:
     def detach_viewer(self, sink: ViewerSink) -> None:
         queue = self.viewers.pop(sink, None)
         self.relay_counts.pop(sink, None)
+        self.audio_viewers.pop(sink, None)
         if queue is None:
             return
         queue.close()
@@ -433,14 +468,18 @@ class Stream:
     def release_viewer(self, sink: ViewerSink) -> ViewerQueue | None:
         """Let a viewer go without closing its queue (it moves to another rendition)."""
         queue = self.viewers.pop(sink, None)
+        self.audio_viewers.pop(sink, None)
         if queue is not None:
             self._viewer_count_updates.request()
         return queue
 
-    def adopt_viewer(self, sink: ViewerSink, queue: ViewerQueue) -> None:
-        """Take over a viewer's queue from another rendition: it counts here from now."""
+    def adopt_viewer(self, sink: ViewerSink, queue: ViewerQueue, audio: bool = False) -> None:
+        """Take over a viewer's queue from another rendition: it counts here from now
+        (and takes this rendition's audio when ``audio``: every rendition carries it)."""
         queue.rebind(self._count_dropped, self.need_keyframe)
         self.viewers[sink] = queue
+        if audio:
+            self.audio_viewers[sink] = queue
         self._request_viewer_count()
 
     def _count_dropped(self, count: int) -> None:
@@ -584,6 +623,11 @@ class PublisherSession:
         if self.current:
             self.stream.upstream_gap(count)
 
+    def audio_gap(self, count: int) -> None:
+        """The upstream dropped ``count`` audio messages towards this relay (pulls only)."""
+        if self.current:
+            self.stream.upstream_audio_gap(count)
+
     def close(self) -> None:
         """The publisher connection is gone."""
         if self.closed:
@@ -610,6 +654,7 @@ class ViewerSession:
         address: str | None,
         relay: bool = False,
         intro: tuple[Any, int] | None = None,
+        audio: bool = False,
     ) -> None:
         self._registry = registry
         self.stream = stream
@@ -617,7 +662,7 @@ class ViewerSession:
         self._address = address
         if registry.waiting.is_waiting(stream.name):
             registry.waiting.hold(stream.name, address)
-        self.queue = stream.attach_viewer(sink, relay=relay, intro=intro)
+        self.queue = stream.attach_viewer(sink, relay=relay, intro=intro, audio=audio)
         self.closed = False
 
     def report_viewers(self, count: int) -> None:
@@ -761,17 +806,19 @@ class StreamRegistry:
         sink: ViewerSink,
         address: str | None = None,
         session_type: Callable[..., ViewerSession] = ViewerSession,
+        audio: bool = False,
     ) -> ViewerSession | Refusal:
         """Attach a viewer from ``address`` (see :meth:`check_viewer`) to ``name``; it
-        gets status, meta, CONFIG and the cached GOP.  A name nobody publishes yet
-        waits for its publisher, within the waiting-stream bounds.  ``session_type``
-        builds the session (an adaptive one: :mod:`streamrelay.adaptive`)."""
+        gets status, meta, CONFIG and the cached GOP (with its audio when it takes
+        ``audio``).  A name nobody publishes yet waits for its publisher, within the
+        waiting-stream bounds.  ``session_type`` builds the session (an adaptive one:
+        :mod:`streamrelay.adaptive`)."""
         refusal = self.check_viewer(name, address)
         if refusal is not None:
             return refusal
         if name not in self.streams:
             self.waiting.add(name)
-        session = session_type(self, self._stream(name), sink, address)
+        session = session_type(self, self._stream(name), sink, address, audio=audio)
         return self._pull_for(session)
 
     # -- relay to relay ---------------------------------------------------------------

@@ -246,6 +246,10 @@ class Pull(StreamListener):
                 self.session.thumbnail(message)
             except WireError:
                 pass
+    def audio_dropped(self, count: int) -> None:
+        """The upstream dropped audio towards this relay: audio viewers see the gap."""
+        if self.session is not None:
+            self.session.audio_gap(count)
 
     def closed(self, why: str) -> None:
         """The upstream connection is gone: viewers see ``offline`` and stay."""

@@ -16,6 +16,14 @@ for it and O(1) bookkeeping.
 (:data:`streamrelay.budget.MESSAGE_OVERHEAD_BYTES`), so a flood of tiny messages is
 bounded too.
 
+Audio (docs/protocol.md, "Audio") is offered only to the queues of viewers that asked for
+it (:meth:`ViewerQueue.send_audio`; the stream keeps them apart), so a viewer without
+audio pays nothing for it.  Audio survives a video drop episode: queued audio is kept
+when queued video is discarded, and new audio is delivered while the backlog stays
+within the bound (it drains before the resuming KEY is taken: that KEY needs only the
+transport to have drained); past that, audio is dropped too and resumes with
+``{"type": "dropped", "audio": N}``.
+
 (Over 400 lines: the slot declarations and the state properties that keep the fast
 path's one-field summary right sit with the policy they summarise.)
 """
@@ -31,7 +39,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
-from streamrelay.wire import FLAG_CONFIG, MediaInfo, encode_text
+from streamrelay.wire import FLAG_AUDIO, FLAG_CONFIG, MediaInfo, encode_text
 
 # What a transport may hold before it pauses its producer (Twisted's FileDescriptor
 # bufferSize).  Public APIs do not expose the transport's buffer, so bytes handed over
@@ -108,6 +116,9 @@ class ViewerQueue(_FanOutFields):
         "_closed",
         "_skipping",
         "_waiting_for_key",
+        "_audio_from_us",
+        "audio_dropped_in_episode",
+        "audio_dropped_total",
         "dropped_in_episode",
         "dropped_total",
         "limit",
@@ -165,6 +176,11 @@ class ViewerQueue(_FanOutFields):
         self.bytes_sent = 0
         self._latest_config: tuple[MediaInfo, Any] | None = None
         self._config_sent: MediaInfo | None = None
+        # Audio dropped since the last audio delivered, and ever (audio viewers only).
+        self.audio_dropped_in_episode = 0
+        self.audio_dropped_total = 0
+        # Audio captured before the KEY this viewer started from is not sent.
+        self._audio_from_us = 0
 
     # -- state ---------------------------------------------------------------------
 
@@ -254,7 +270,10 @@ class ViewerQueue(_FanOutFields):
         # With a cached GOP the CONFIG in effect at its KEY comes first, from the sequence.
         self._latest_config = None if sequence else config
         for message, frame in sequence:
-            self.send_media(message, frame)
+            if message.flags & FLAG_AUDIO:
+                self.send_audio(message, frame)
+            else:
+                self.send_media(message, frame)
 
     def expect_new_source(self) -> None:
         """The publisher changed: wait for its CONFIG and KEY; not a drop episode."""
@@ -340,6 +359,59 @@ class ViewerQueue(_FanOutFields):
             return
         self._deliver(_Outbound(frame, self.cost(message.size), message))
 
+    def send_audio(self, message: MediaInfo, frame: Any) -> None:
+        """Offer an audio message (only to viewers that take audio): written at once
+        while the viewer keeps up; otherwise kept through a video drop episode while
+        there is room, dropped (and counted for the next ``dropped`` notice) when not."""
+        if message.capture_time_us < self._audio_from_us:
+            return  # captured before the KEY this viewer started from
+        if self._flowing:
+            # As send_media's fast path.
+            self.sent_messages += 1
+            self.bytes_sent += message.size
+            if not self._sink.write_frame(frame):
+                self._writes_since_resume += 1
+                self._bytes_since_resume += message.size
+                if self._paused:
+                    self._set_transport_bytes(
+                        self._transport_estimate(message.size + self._overhead)
+                    )
+            return
+        if self._closed or self._waiting_for_key:
+            return
+        cost = self.cost(message.size)
+        pending = self.backlog_bytes
+        if pending and pending + cost > self.limit and not self._skipping:
+            # Over the bound: the video goes first, queued audio stays.
+            self._enter_skipping()
+            pending = self.backlog_bytes
+        if pending and pending + cost > self.limit:
+            self.audio_dropped_in_episode += 1
+            self.audio_dropped_total += 1
+            self._on_dropped(1)
+            return
+        if self.audio_dropped_in_episode:
+            self._audio_notice()
+        self._deliver(_Outbound(frame, cost, message))
+
+    def _audio_notice(self) -> None:
+        count = self.audio_dropped_in_episode
+        self.audio_dropped_in_episode = 0
+        notice = encode_text({"type": "dropped", "audio": count})
+        notice_frame = self._frame_factory(notice, False)
+        self._deliver(_Outbound(notice_frame, self.cost(len(notice)), None, "dropped-audio"))
+
+    def audio_gap(self, count: int) -> None:
+        """``count`` audio messages were lost before they reached this relay: the
+        viewer's next audio is preceded by a ``dropped`` notice that counts them."""
+        if not self._closed and not self._waiting_for_key:
+            self.audio_dropped_in_episode += count
+            self.audio_dropped_total += count
+            self._on_dropped(count)
+            if self._flowing:
+                # The fast path that writes the next audio sends no notice: send it now.
+                self._audio_notice()
+
     def _fits(self, message: MediaInfo) -> bool:
         pending = self.backlog_bytes
         return pending == 0 or pending + self.cost(message.size) <= self.limit
@@ -359,6 +431,9 @@ class ViewerQueue(_FanOutFields):
                     notice_frame, self.cost(len(notice)), None, "dropped", self.dropped_in_episode
                 )
             )
+        if self._waiting_for_key:
+            # A first KEY (join, new source): its audio starts at its capture time.
+            self._audio_from_us = key.capture_time_us
         self.skipping = False
         self.waiting_for_key = False
         self.dropped_in_episode = 0
@@ -367,7 +442,7 @@ class ViewerQueue(_FanOutFields):
             self._deliver(_Outbound(config_frame, self.cost(config.size), config))
         self._deliver(_Outbound(frame, self.cost(key.size), key))
 
-    def _enter_skipping(self, request_keyframe: bool = True) -> None:
+    def _enter_skipping(self, request_keyframe: bool = True, keep_audio: bool = True) -> None:
         if self.skipping:
             return
         self.skipping = True
@@ -383,6 +458,15 @@ class ViewerQueue(_FanOutFields):
                 discarded_bytes += item.size
             elif item.message is None:
                 kept.append(item)
+            elif item.message.flags & FLAG_AUDIO:
+                # Audio goes on through the episode, unless the budget needs its memory.
+                if keep_audio:
+                    kept.append(item)
+                else:
+                    self.audio_dropped_in_episode += 1
+                    self.audio_dropped_total += 1
+                    self._on_dropped(1)
+                    discarded_bytes += item.size
             else:
                 # A discarded CONFIG is not lost: it is resent before the next KEY.
                 discarded += 0 if item.message.is_config else 1
@@ -410,7 +494,7 @@ class ViewerQueue(_FanOutFields):
     def shed(self) -> None:
         """Put the viewer into skipping now (the global budget is over its bound)."""
         if not self.closed and not self.waiting_for_key:
-            self._enter_skipping()
+            self._enter_skipping(keep_audio=False)
 
     def request_keyframe(self) -> None:
         """The viewer asked for a keyframe itself."""

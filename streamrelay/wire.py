@@ -2,9 +2,10 @@
 
 A binary WebSocket message is one media unit::
 
-    byte 0      flags: 0x01 KEY, 0x02 CONFIG (exclusive; every other bit 0)
+    byte 0      flags: 0x01 KEY, 0x02 CONFIG, 0x04 AUDIO (exclusive; every other bit 0)
     bytes 1-8   capture time, microseconds since the Unix epoch, unsigned big-endian
-    bytes 9-    payload (for H.264: one Annex-B access unit, or SPS+PPS for CONFIG)
+    bytes 9-    payload (for H.264: one Annex-B access unit, or SPS+PPS for CONFIG;
+                for AUDIO: one Opus packet)
 
 A text message is a JSON object with a ``type`` member.  The relay, the publisher, the
 tests and relay-to-relay clients all parse and build messages here; this module does no
@@ -25,7 +26,9 @@ SUBPROTOCOL: Final = "streamrelay.v1"
 
 FLAG_KEY: Final = 0x01
 FLAG_CONFIG: Final = 0x02
-_KNOWN_FLAGS: Final = FLAG_KEY | FLAG_CONFIG
+# A v1 extension (docs/protocol.md, "Audio"): relayed only to viewers that ask for it.
+FLAG_AUDIO: Final = 0x04
+_KNOWN_FLAGS: Final = FLAG_KEY | FLAG_CONFIG | FLAG_AUDIO
 
 HEADER_SIZE: Final = 9
 MAX_CAPTURE_TIME_US: Final = 2**64 - 1
@@ -66,6 +69,11 @@ class MediaFlags:
     def is_config(self) -> bool:
         """True when this message carries codec configuration rather than a frame."""
         return bool(self.flags & FLAG_CONFIG)
+
+    @property
+    def is_audio(self) -> bool:
+        """True when this message is one audio packet (never KEY or CONFIG)."""
+        return bool(self.flags & FLAG_AUDIO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +118,13 @@ class MediaMessage(MediaFlags):
 
 
 def check_flags(flags: int) -> None:
-    """Raise :class:`WireError` unless ``flags`` is 0, KEY or CONFIG."""
+    """Raise :class:`WireError` unless ``flags`` is 0, KEY, CONFIG or AUDIO."""
     if not 0 <= flags <= 0xFF or flags & ~_KNOWN_FLAGS:
         raise WireError("reserved flag bits set")
     if flags & FLAG_KEY and flags & FLAG_CONFIG:
         raise WireError("KEY and CONFIG flags are exclusive")
+    if flags & FLAG_AUDIO and flags != FLAG_AUDIO:
+        raise WireError("the AUDIO flag is exclusive with KEY and CONFIG")
 
 
 def encode_header(flags: int, capture_time_us: int) -> bytes:

@@ -208,7 +208,8 @@ def test_media_split_across_tcp_reads_is_reassembled() -> None:
         b"\x01" * 8,
         bytes([FLAG_KEY | FLAG_CONFIG]) + bytes(8) + b"x",
         bytes([0x80]) + bytes(8) + b"x",
-        bytes([0x04]) + bytes(8) + b"x",
+        bytes([0x08]) + bytes(8) + b"x",
+        bytes([0x06]) + bytes(8) + b"x",
     ],
 )
 def test_bad_media_closes_with_1007_and_a_reason(bad: bytes) -> None:

@@ -193,6 +193,9 @@ def publisher_process(
             "ultrafast",
             "--bitrate",
             "500k",
+            # Video only: these tests read the stand-in relay's messages one by one.
+            "--audio",
+            "none",
             *extra,
         ],
         env=environment,

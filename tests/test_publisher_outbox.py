@@ -55,7 +55,7 @@ def test_writes_straight_through_from_the_first_key_on() -> None:
     assert outbox.offer_frame(key(b"K")) is Verdict.SENT
     assert outbox.offer_frame(delta(b"d")) is Verdict.SENT
     assert wire.take() == [b"meta", b"config", b"K", b"d"]
-    assert [Outgoing(b"m", kind).is_binary for kind in Kind] == [False, True, True, True]
+    assert [Outgoing(b"m", kind).is_binary for kind in Kind] == [False, True, True, True, True]
 
 
 def test_paused_messages_queue_in_order_with_congestion_hysteresis() -> None:

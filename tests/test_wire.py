@@ -32,9 +32,9 @@ def test_media_with_key_and_config_is_refused() -> None:
         parse_media(bytes([FLAG_KEY | FLAG_CONFIG]) + bytes(8) + b"x")
 
 
-@pytest.mark.parametrize("flags", [0x04, 0x08, 0x10, 0x80, 0x81, 0x42, 0xFC])
+@pytest.mark.parametrize("flags", [0x08, 0x10, 0x20, 0x80, 0x81, 0x42, 0xFC])
 def test_media_with_reserved_bits_is_refused(flags: int) -> None:
-    """Flag bits other than KEY and CONFIG must be 0."""
+    """Flag bits other than KEY, CONFIG and AUDIO must be 0."""
     with pytest.raises(WireError, match="reserved"):
         parse_media(bytes([flags]) + bytes(8) + b"payload")
 

@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         "av1 (SVT-AV1); --preset and --profile apply to h264 only",
     )
     parser.add_argument(
+        "--audio",
+        metavar="tone|file|device[:NAME]|none",
+        help="audio, Opus 48 kHz: tone (a beep on every 30th test-pattern frame), file (the "
+        "file source's own audio), device[:NAME] (ALSA default, or pulse:NAME; dshow NAME on "
+        "Windows, avfoundation :N on macOS) or none; default tone for testsrc, the file's "
+        "audio for a file that has some, none otherwise",
+    )
+    parser.add_argument(
         "--token",
         help="publish token, sent as 'Authorization: Bearer ...' "
         f"(default: env {TOKEN_ENVIRONMENT_VARIABLE})",
@@ -273,6 +281,7 @@ class PublishOptions:
     on_demand_grace: float = 10.0
     codec: str = "h264"
     thumbnail_interval: float = 5.0
+    audio: Any = None  # an AudioSpec; None: no audio
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -296,6 +305,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         if source.kind not in ("screen", "camera"):
             parser.error("argument --source-option: only screen and camera sources take options")
         source = dataclasses.replace(source, options=dict(args.source_option))
+    try:
+        audio = _audio_option(args.audio, source)
+    except ValueError as error:
+        parser.error(f"argument --audio: {error}")
     token = args.token or os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
     if token is not None and any(c in token for c in "\r\n\0"):
         parser.error("argument --token: must be a single line")
@@ -338,4 +351,21 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         on_demand_grace=args.on_demand_grace,
         codec=args.codec,
         thumbnail_interval=args.thumbnail_interval,
+        audio=audio,
     )
+
+
+def _audio_option(text: str | None, source: Any) -> Any:
+    """The ``--audio`` spec for ``source``, or None for no audio (see :mod:`.audio`)."""
+    from .audio import default_audio, parse_audio_spec
+    from .audio_sources import file_has_audio
+
+    spec = default_audio(source.kind) if text is None else parse_audio_spec(text)
+    if spec.kind == "file":
+        if source.kind != "file":
+            raise ValueError("file audio needs --source file:PATH")
+        if not file_has_audio(source.target):
+            if text is None:
+                return None  # a file without audio: none by default
+            raise ValueError(f"{source.target} has no audio track")
+    return None if spec.kind == "none" else spec

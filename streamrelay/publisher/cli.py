@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     options = parse_arguments(argv)
 
+    from .audio import FanOutAudioSink, start_audio
     from .codecs import create_encoder
     from .encoder import EncoderSettings
     from .pipeline import CapturePipeline
@@ -116,12 +117,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         thumbnails = ThumbnailMaker(interval=options.thumbnail_interval)
     publisher: Publisher | RenditionPublisher
     if encoders is not None:
-        from .rendition_pipeline import RenditionPipeline
-
         # One connection per rendition, each with an outbox sized for its own bitrate.
         publisher = RenditionPublisher(
             settings, options.renditions, reactor=reactor, queue_bounds=queue_bounds
         )
+    else:
+        publisher = Publisher(settings, reactor=reactor)
+    try:
+        # Every rendition carries the same audio: a viewer's follows its rendition.
+        audio_sink = (
+            FanOutAudioSink(publisher.publishers)
+            if isinstance(publisher, RenditionPublisher)
+            else publisher
+        )
+        audio = start_audio(options, source, audio_sink, reactor)
+    except (SourceError, ValueError, av.FFmpegError) as error:
+        stderr.write(f"streamrelay-publish: {error}\n")
+        return 1
+    meta_extra = None if audio is None else {"audio": audio.meta}
+    if isinstance(publisher, RenditionPublisher):
+        from .rendition_pipeline import RenditionPipeline
+
+        assert encoders is not None
         pipeline: CapturePipeline = RenditionPipeline(
             source,
             encoders,
@@ -132,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The listing shows the base stream: its connection carries the thumbnail.
             thumbnails=thumbnails,
             send_thumbnail=publisher.publishers[0].send_thumbnail_threadsafe,
+            meta_extra=meta_extra,
         )
     else:
-        publisher = Publisher(settings, reactor=reactor)
         pipeline = CapturePipeline(
             source,
             encoder,
@@ -143,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fps=options.fps,
             thumbnails=thumbnails,
             send_thumbnail=publisher.send_thumbnail_threadsafe,
+            meta_extra=meta_extra,
         )
     publisher.on_keyframe_request = pipeline.request_keyframe
 
@@ -186,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal shutting_down
         shutting_down = True
         pipeline.stop()
+        if audio is not None:
+            audio.pipeline.stop()
         if status is not None:
             status.stop()
         return publisher.stop("publisher shutting down")
@@ -216,6 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         publisher.when_stopped().addCallback(publisher_stopped)
         publisher.start()
         pipeline.start()
+        if audio is not None:
+            _log.info("with audio: {audio}", audio=audio.description)
+            # Video goes on without its audio (a microphone unplugged): say so.
+            audio.pipeline.when_finished().addErrback(
+                lambda failure: _log.error(
+                    "audio stopped: {why}", why=failure.getErrorMessage()
+                )
+            )
+            audio.pipeline.start()
         if status is not None:
             status.start()
         if options.duration is not None:
@@ -241,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if publisher.on_demand is not None
                 else ""
             )
+            + (f"; {stats.audio_sent} audio packets" if audio is not None else "")
             + "\n"
         )
     return exit_status

@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from streamrelay.wire import (
+    FLAG_AUDIO,
     FLAG_CONFIG,
     FLAG_KEY,
     MAX_META_BYTES,
@@ -75,6 +76,8 @@ class PublisherStats:
     configs_sent: int = 0
     frames_dropped: int = 0
     keyframe_requests: int = 0
+    audio_sent: int = 0
+    audio_dropped: int = 0
 
 
 class Publisher:
@@ -131,6 +134,8 @@ class Publisher:
             settings.max_pending_threadsafe_calls,
             on_overflow=lambda: self._reactor_call(self._request_keyframe),
         )
+        # Audio packets waiting for the reactor: half a second of 20 ms packets.
+        self._audio_handoff = FrameHandoff(25, on_overflow=lambda: None)
         hooks = SessionHooks(
             opened=self._session_opened,
             closed=self._session_closed,
@@ -287,6 +292,16 @@ class Publisher:
         self._outbox.put(Outgoing(encode_text(thumbnail_message(jpeg)), Kind.TEXT))
         self.thumbnails_sent += 1
         return True
+    def send_audio(self, payload: bytes, capture_time_us: int) -> bool:
+        """Send one audio packet (an Opus packet); True if it was sent or queued.  It is
+        dropped alone when not connected or when the outbox is full."""
+        if self._connector.session is None:
+            return False
+        message = Outgoing(encode_media(FLAG_AUDIO, capture_time_us, payload), Kind.AUDIO)
+        if self._outbox.offer_audio(message):
+            return True
+        self.stats.audio_dropped += 1
+        return False
 
     # -- sending (any thread) --------------------------------------------------------------
 
@@ -319,6 +334,19 @@ class Publisher:
             return False
         self._reactor_call(self._deliver_frame, bytes(payload), key, stamp)
         return True
+
+    def send_audio_threadsafe(self, payload: bytes, capture_time_us: int) -> bool:
+        """:meth:`send_audio` from one producer thread; False if dropped at its handoff
+        (at most 25 packets wait for the reactor thread)."""
+        if not self._audio_handoff.reserve(True):
+            self.stats.audio_dropped += 1
+            return False
+        self._reactor_call(self._deliver_audio, bytes(payload), capture_time_us)
+        return True
+
+    def _deliver_audio(self, payload: bytes, capture_time_us: int) -> None:
+        self._audio_handoff.release()
+        self.send_audio(payload, capture_time_us)
 
     def stop_threadsafe(self, reason: str = "publisher stopped") -> None:
         """:meth:`stop` from any thread."""
@@ -425,6 +453,8 @@ class Publisher:
         stats.bytes_sent += len(message.data)
         if message.kind is Kind.CONFIG:
             stats.configs_sent += 1
+        elif message.kind is Kind.AUDIO:
+            stats.audio_sent += 1
         elif message.kind is not Kind.TEXT:
             stats.frames_sent += 1
             if message.kind is Kind.KEY:

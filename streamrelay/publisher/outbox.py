@@ -30,6 +30,7 @@ class Kind(enum.Enum):
     CONFIG = "config"
     KEY = "key"
     DELTA = "delta"
+    AUDIO = "audio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,14 @@ class Outbox:
         self.dropping_until_key = False
         self.put(message)
         return Verdict.SENT
+
+    def offer_audio(self, message: Outgoing) -> bool:
+        """Send or queue an audio packet unless it would go over the limit (then it is
+        dropped alone: audio needs no KEY to resume); True when sent or queued."""
+        if self.backlogged and self.queued_bytes + len(message.data) > self._limit:
+            return False
+        self.put(message)
+        return True
 
     def pause(self) -> None:
         """The transport's buffer is full: hold messages back."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -163,6 +163,7 @@ class RenditionPipeline(CapturePipeline):
         monotonic: Callable[[], float] = time.monotonic,
         thumbnails: ThumbnailMaker | None = None,
         send_thumbnail: Callable[[bytes], None] | None = None,
+        meta_extra: Mapping[str, Any] | None = None,
     ) -> None:
         if len(sinks) != len(encoders.encoders):
             raise ValueError("need one sink per rendition")
@@ -176,6 +177,7 @@ class RenditionPipeline(CapturePipeline):
             monotonic=monotonic,
             thumbnails=thumbnails,
             send_thumbnail=send_thumbnail,
+            meta_extra=meta_extra,
         )
         self._encoder_set = encoders
         self._sinks = tuple(sinks)
@@ -243,7 +245,7 @@ class RenditionPipeline(CapturePipeline):
             rendition_stats.bytes_encoded += size
             self.stats.bytes_encoded += size
             if message.is_config:
-                base_meta = encoder.meta()
+                base_meta = encoder.meta(**self._meta_extra)
                 if base_meta is not None:
                     meta = rendition_meta(
                         base_meta, rendition, self._rendition_set, self._encoder_set.codecs

@@ -33,7 +33,7 @@ import av
 
 from streamrelay.wire import now_us
 
-from .testpattern import TestPattern
+from .testpattern import BEAT_FRAMES, TestPattern
 
 SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera")
 
@@ -172,12 +172,17 @@ class TestPatternSource(FrameSource):
         super().__init__(width, height, "testsrc")
         self._pattern = TestPattern(width, height)
         self._wall_clock = wall_clock
+        # Told the capture time of every beat frame (the flash; --audio tone beeps then).
+        self.on_beat: Callable[[int], None] | None = None
 
     def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
         """Draw the pattern now; its clock shows the same instant as the timestamp."""
         wall_time = self._wall_clock()
+        capture_time_us = int(wall_time * 1_000_000)
+        if self.on_beat is not None and frame_index % BEAT_FRAMES == 0:
+            self.on_beat(capture_time_us)
         frame = self._pattern.render(frame_index, wall_time)
-        return CapturedFrame(frame, int(wall_time * 1_000_000))
+        return CapturedFrame(frame, capture_time_us)
 
 
 class FileSource(FrameSource):

@@ -8,7 +8,8 @@ of Python: the encoder, not the pattern, sets the frame rate.
 The picture: scrolling colour bars over the top two thirds, a luma ramp scrolling the other
 way below, a bouncing orange square, and a black panel in the middle showing the capture
 time (local ``HH:MM:SS.mmm``, the same instant as the message header's timestamp) and
-``#frame-number``.
+``#frame-number``; a flash square in the top-left corner, white on every
+:data:`BEAT_FRAMES`-th frame (where ``--audio tone`` beeps), black otherwise.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ GLYPH_HEIGHT: Final = 7
 GLYPH_ADVANCE: Final = GLYPH_WIDTH + 1  # one blank column between characters
 CLOCK_CHARACTERS: Final = 12  # "HH:MM:SS.mmm"
 COUNTER_DIGITS: Final = 7
+# Every BEAT_FRAMES-th frame (counter a multiple of it) shows a white flash square in the
+# top-left corner (black otherwise); ``--audio tone`` beeps from that frame's capture time.
+BEAT_FRAMES: Final = 30
 
 # BT.601 limited-range YUV for 100% colour bars: white, yellow, cyan, green, magenta, red,
 # blue, black.
@@ -171,6 +175,8 @@ class TestPattern:
         box_x = _triangle(wall_time * width / 3, width - box) & ~1
         box_y = _triangle(wall_time * height / 2.5, height - box) & ~1
         self._fill(luma, chroma_planes, box_x, box_y, box, box, _BOX_YUV)
+        flash = _TEXT_Y if frame_index % BEAT_FRAMES == 0 else _PANEL_Y
+        self._fill(luma, chroma_planes, 0, 0, box, box, (flash, _NEUTRAL_CHROMA, _NEUTRAL_CHROMA))
         self._fill(
             luma,
             chroma_planes,

@@ -9,6 +9,8 @@
  *   view.js        canvas, status pill, message panel
  *   stats.js       counters, latency estimate, stats overlay
  *   reports.js     clock offset to the relay, and the viewer reports sent to it
+ *   audio.js       audio: AudioDecoder -> Web Audio in sync with the video, unmute control
+ *     (window.streamrelayAudio: its counters and the measured A/V offset)
  *
  * For automated tests the page exposes a read-only live view of its counters:
  *   window.streamrelayPlayer = {state, streamName, framesReceived, framesDecoded, framesDropped,
@@ -21,6 +23,7 @@
  * reconfigured at that KEY without discarding what it still decodes of the previous one.
  */
 
+import { AudioPlayer } from './audio.js';
 import { Connection, KeyframeRequester, Link } from './connection.js';
 import { Decoder } from './decoder.js';
 import { ClockSync, Reporter } from './reports.js';
@@ -38,7 +41,9 @@ class Player {
     this.doc = doc;
     this.streamName = streamNameFromPath(loc.pathname);
     const params = new URLSearchParams(loc.search);
-    this.url = withAbr(watchUrl(loc, this.streamName, params.get('token')), params.get('abr') !== '0');
+    this.audio = new AudioPlayer(doc, window);
+    this.url = this.audio.url(
+      withAbr(watchUrl(loc, this.streamName, params.get('token')), params.get('abr') !== '0'));
     this.rendition = null; // the latest {"type":"rendition"} message
     this.renditionSwitches = 0;
     this.stats = new Stats();
@@ -180,6 +185,7 @@ class Player {
 
   onGone() {
     this.relay = Relay.UNKNOWN;
+    this.audio.reset();
     this.decoder.reset();
     this.view.dropFrame();
     this.hint.reset();
@@ -200,11 +206,13 @@ class Player {
         } else if (msg.state === 'offline') {
           this.relay = Relay.OFFLINE;
           this.hint.reset();
+          this.audio.reset();
           this.decoder.waitForKey(); // a new publisher starts with CONFIG and KEY
         }
         this.refresh();
         break;
       case 'meta':
+        this.audio.meta(msg);
         this.decoder.meta(msg);
         if (this.stats.framesDecoded === 0) this.view.presize(Number(msg.width), Number(msg.height));
         break;
@@ -220,6 +228,10 @@ class Player {
         this.clockSync.onAnswer(msg, receivedAt);
         break;
       case 'dropped':
+        if (msg.messages === undefined && Number.isFinite(Number(msg.audio))) {
+          this.audio.dropped(Number(msg.audio)); // audio only: the video goes on
+          break;
+        }
         if (Number.isFinite(Number(msg.messages))) this.stats.serverDropped += Number(msg.messages);
         this.decoder.waitForKey(); // the relay resumes us at a KEY (after CONFIG if it changed)
         break;
@@ -235,6 +247,7 @@ class Player {
       this.hint.arm();
       this.refresh();
     }
+    if (this.audio.media(buf)) return;
     const m = parseMedia(buf);
     if (m) this.decoder.media(m);
   }
@@ -245,7 +258,7 @@ class Player {
       frame.close();
       return;
     }
-    this.view.show(frame);
+    this.audio.present(frame, (f) => this.view.show(f));
   }
 }
 
@@ -292,4 +305,5 @@ function exposeForTests(win, player) {
 
 const player = new Player(document, location);
 exposeForTests(window, player);
+player.audio.expose(window);
 player.run(window);

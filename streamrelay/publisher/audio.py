@@ -1,0 +1,315 @@
+"""The publisher's audio: capture or generate it, encode Opus, hand it to the network side.
+
+``--audio`` picks the source (docs/protocol.md, "Audio", is the wire side):
+
+- ``tone``: a quiet 440 Hz tone with a loud 1 kHz beep of 100 ms that starts exactly at
+  the capture time of every test-pattern frame whose counter is a multiple of
+  :data:`~.testpattern.BEAT_FRAMES` (the frame that also shows the white flash square), so
+  a test can check A/V sync;
+- ``file``: the audio of the ``--source file:PATH`` file, looped with it;
+- ``device[:NAME]``: a capture device through FFmpeg: ALSA here (``default`` when no
+  NAME; PulseAudio's ``pulse`` input where this FFmpeg has it, as ``device:pulse:NAME``);
+  on Windows DirectShow (``device:Microphone (Realtek Audio)``), on macOS AVFoundation
+  (``device::0``, the first audio device);
+- ``none``.
+
+Opus (PyAV's libopus) at 48 kHz in 20 ms packets, ``application=lowdelay``; each
+packet's capture time is that of its first decoded sample on the same wall clock as the
+video's capture times (libopus's priming samples included: a decoder that does not skip
+them, such as WebCodecs without a description, stays in sync).  Everything runs in a
+thread of its own; the reactor only receives finished packets through a bounded handoff.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Protocol
+
+import av
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from .audio_sources import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    AudioBlock,
+    AudioSource,
+    DeviceAudioSource,
+    FileAudioSource,
+    ToneSource,
+    audio_device_input,
+)
+from .client import Readiness
+from .sources import SourceError
+
+AUDIO_KINDS = ("tone", "file", "device", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class AudioSpec:
+    """A parsed ``--audio`` value."""
+
+    kind: str
+    target: str | None = None
+
+    def describe(self) -> str:
+        """Human-readable form, e.g. ``device:default``."""
+        return self.kind if self.target is None else f"{self.kind}:{self.target}"
+
+
+def parse_audio_spec(text: str) -> AudioSpec:
+    """Parse ``tone``, ``file``, ``device[:NAME]`` or ``none`` (ValueError otherwise)."""
+    kind, separator, target = text.partition(":")
+    if kind not in AUDIO_KINDS or (separator and kind != "device"):
+        raise ValueError(f"unknown audio {text!r}: use tone, file, device[:NAME] or none")
+    return AudioSpec(kind, target or None)
+
+
+def default_audio(source_kind: str) -> AudioSpec:
+    """What ``--audio`` defaults to: the tone for the test pattern, the file's own audio
+    for a file (none when it has no audio track), none for screen and camera."""
+    return AudioSpec({"testsrc": "tone", "file": "file"}.get(source_kind, "none"))
+
+
+def audio_meta(channels: int) -> dict[str, Any]:
+    """The ``audio`` member of ``meta``."""
+    return {"codec": "opus", "sample_rate": SAMPLE_RATE, "channels": channels}
+
+
+def open_audio_source(spec: AudioSpec, channels: int, file_path: str | None) -> AudioSource:
+    """Open the source ``spec`` names (``file`` needs the video's file path)."""
+    if spec.kind == "tone":
+        return ToneSource(channels)
+    if spec.kind == "file":
+        if file_path is None:
+            raise SourceError("--audio file needs --source file:PATH")
+        return FileAudioSource(file_path, channels)
+    if spec.kind == "device":
+        return DeviceAudioSource(audio_device_input(spec.target), channels, spec.describe())
+    raise SourceError(f"no audio source for {spec.describe()}")
+
+
+class OpusEncoder:
+    """libopus through PyAV: 20 ms blocks in, ``(packet, capture time)`` out.
+
+    A packet's capture time is that of its first decoded sample: libopus reports its
+    priming delay in the packet's pts, which maps back through the blocks' capture times.
+    """
+
+    def __init__(self, channels: int = 1, bitrate: int = 64_000) -> None:
+        if channels not in (1, 2):
+            raise ValueError("channels must be 1 or 2")
+        self.channels = channels
+        self._layout = "stereo" if channels == 2 else "mono"
+        context: Any = av.CodecContext.create("libopus", "w")
+        context.sample_rate = SAMPLE_RATE
+        context.layout = self._layout
+        context.format = "s16"
+        context.bit_rate = bitrate
+        context.time_base = Fraction(1, SAMPLE_RATE)
+        context.options = {"application": "lowdelay", "frame_duration": "20"}
+        context.open()
+        self._context = context
+        self._pts = 0
+        # (pts, capture time) of recent blocks: packets map back through them.
+        self._blocks: deque[tuple[int, int]] = deque(maxlen=16)
+
+    def encode(self, block: AudioBlock) -> list[tuple[bytes, int]]:
+        """Encode one block; the packets it completes, with their capture times."""
+        frame = av.AudioFrame(format="s16", layout=self._layout, samples=FRAME_SAMPLES)
+        frame.planes[0].update(block.samples)
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = self._pts
+        frame.time_base = Fraction(1, SAMPLE_RATE)
+        self._blocks.append((self._pts, block.capture_time_us))
+        self._pts += FRAME_SAMPLES
+        return [
+            (bytes(packet), self._capture_of(packet.pts)) for packet in self._context.encode(frame)
+        ]
+
+    def _capture_of(self, pts: int | None) -> int:
+        blocks = self._blocks
+        anchor = blocks[0]
+        for entry in blocks:
+            if pts is not None and entry[0] <= pts:
+                anchor = entry
+        offset = 0 if pts is None else pts - anchor[0]
+        return max(0, anchor[1] + offset * 1_000_000 // SAMPLE_RATE)
+
+    def close(self) -> None:
+        """Nothing to flush: a live stream's last 20 ms do not matter."""
+
+
+def _sending(readiness: Readiness) -> bool:
+    # Audio goes out while the video does, and while the video is congested too (audio
+    # is small, and the outbox drops it alone when full).
+    return readiness is Readiness.READY or readiness is Readiness.CONGESTED
+
+
+class FanOutAudioSink:
+    """One audio track for several connections (renditions of one picture each carry the
+    same audio, so a viewer's audio follows whichever rendition it is on)."""
+
+    def __init__(self, sinks: Sequence[AudioSink]) -> None:
+        if not sinks:
+            raise ValueError("need at least one sink")
+        self._sinks = tuple(sinks)
+
+    @property
+    def readiness(self) -> Readiness:
+        """READY when any connection takes audio now, else the first one's state."""
+        for sink in self._sinks:
+            readiness = sink.readiness
+            if _sending(readiness):
+                return Readiness.READY
+        return self._sinks[0].readiness
+
+    def send_audio_threadsafe(self, payload: bytes, capture_time_us: int) -> bool:
+        """Send to every connection that takes audio now; True when one accepted it."""
+        accepted = False
+        for sink in self._sinks:
+            if _sending(sink.readiness):
+                accepted = sink.send_audio_threadsafe(payload, capture_time_us) or accepted
+        return accepted
+
+
+class AudioSink(Protocol):
+    """What the audio thread needs from the network side (a Publisher has it)."""
+
+    @property
+    def readiness(self) -> Readiness:
+        """READY, CONGESTED or OFFLINE; read from the audio thread."""
+        ...
+
+    def send_audio_threadsafe(self, payload: bytes, capture_time_us: int) -> bool:
+        """Queue one Opus packet for the reactor thread; False when dropped."""
+        ...
+
+
+@dataclass
+class AudioStats:
+    """Counters written by the audio thread."""
+
+    blocks: int = 0
+    packets: int = 0
+    bytes_encoded: int = 0
+    offline: int = 0
+    dropped: int = 0
+
+
+class AudioPipeline:
+    """Runs source -> Opus -> sink in a thread of its own.  While the publisher is
+    offline blocks are read (the source keeps its pace) but not encoded."""
+
+    def __init__(
+        self, source: AudioSource, encoder: OpusEncoder, sink: AudioSink, *, reactor: Any
+    ) -> None:
+        self._source = source
+        self._encoder = encoder
+        self._sink = sink
+        self._reactor = reactor
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._finished: defer.Deferred[None] = defer.Deferred()
+        self.stats = AudioStats()
+
+    def start(self) -> None:
+        """Start the audio thread."""
+        if self._thread is not None:
+            raise RuntimeError("audio pipeline already started")
+        self._thread = threading.Thread(target=self._run, name="streamrelay-audio", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the audio thread to finish. Any thread."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the audio thread; True if it has ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def when_finished(self) -> defer.Deferred[None]:
+        """Fires in the reactor thread when the audio thread ends (errback on failure)."""
+        return self._finished
+
+    def run_once(self) -> bool:
+        """Read, encode and hand off one block; False once stopped.  Public so that
+        tests can drive it without a thread."""
+        block = self._source.read(self._stop)
+        if block is None:
+            return False
+        stats = self.stats
+        stats.blocks += 1
+        if not _sending(self._sink.readiness):
+            # Offline, or any state in which no media goes out (idle on demand).
+            stats.offline += 1
+            return True
+        for payload, capture_time_us in self._encoder.encode(block):
+            stats.packets += 1
+            stats.bytes_encoded += len(payload)
+            if not self._sink.send_audio_threadsafe(payload, capture_time_us):
+                stats.dropped += 1
+        return True
+
+    def _run(self) -> None:
+        outcome: Failure | None = None
+        try:
+            while not self._stop.is_set() and self.run_once():
+                pass
+        except BaseException:
+            outcome = Failure()
+        finally:
+            try:
+                self._source.close()
+                self._encoder.close()
+            except Exception:
+                outcome = outcome or Failure()
+            self._reactor.callFromThread(self._report_finished, outcome)
+
+    def _report_finished(self, outcome: Failure | None) -> None:
+        if self._finished.called:
+            return
+        if outcome is None:
+            self._finished.callback(None)
+        else:
+            self._finished.errback(outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherAudio:
+    """A publisher's audio, ready to start: its pipeline and its ``meta`` member."""
+
+    pipeline: AudioPipeline
+    meta: dict[str, Any]
+    description: str
+
+
+def start_audio(
+    options: Any, video_source: Any, sink: AudioSink, reactor: Any
+) -> PublisherAudio | None:
+    """The audio ``options.audio`` asks for, wired to ``sink`` (the tone to the test
+    pattern's beats); None without audio.  Raises SourceError or ValueError."""
+    spec: AudioSpec | None = options.audio
+    if spec is None:
+        return None
+    channels = 1 if spec.kind == "tone" else 2
+    file_path = options.source.target if options.source.kind == "file" else None
+    source = open_audio_source(spec, channels, file_path)
+    if isinstance(source, ToneSource):
+        if not hasattr(video_source, "on_beat"):
+            source.close()
+            raise ValueError("--audio tone goes with the test pattern (--source testsrc)")
+        video_source.on_beat = source.mark
+    encoder = OpusEncoder(channels, 64_000 if channels == 1 else 96_000)
+    return PublisherAudio(
+        AudioPipeline(source, encoder, sink, reactor=reactor),
+        audio_meta(channels),
+        f"{source.description}, Opus 48 kHz {'mono' if channels == 1 else 'stereo'}",
+    )

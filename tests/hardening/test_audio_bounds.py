@@ -1,0 +1,138 @@
+"""Audio counts in every memory bound (docs/protocol.md, "Audio"): a publisher floods
+the smallest AUDIO messages v1 allows (9 bytes, flag 0x04) as fast as loopback takes
+them, and the relay's RSS growth stays within 1.5 x the configured bound, as for video
+(tests/hardening/test_memory_bounds.py):
+
+=============================================  ==========================================
+case                                           bound
+=============================================  ==========================================
+GOP cache after a KEY, ``--gop-cache-bytes``   1.5 MiB
+an audio viewer that never reads,              1.5 MiB (``--gop-cache-bytes 0``)
+``--viewer-queue-bytes 1.5 MiB``
+audio with no KEY yet                          the 64 KiB kept for the next KEY; 1.5 MiB
+                                               is asserted (RSS noise)
+=============================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.figures import record_figure, rounded
+from tests.support.frames import OP_BINARY, client_frame
+from tests.support.raw_ws import ws_open
+from tests.support.relay_api import MB, RssSampler, api_streams, stream_entry
+from tests.support.relay_process import RelayProcess, StartRelay
+from tests.support.waiting import wait_until
+
+pytestmark = [pytest.mark.hardening, pytest.mark.timeout(180)]
+
+BOUND = 3 * MB // 2
+RATIO = 1.5
+BATCH = 2_000
+STREAM = "audioflood"
+# The flood's messages and its KEY share one capture time: audio captured before the KEY
+# would be neither cached nor sent (it belongs to the GOP before).
+TINY_AUDIO = client_frame(OP_BINARY, b"\x04" + (1).to_bytes(8, "big"))
+TINY_KEY = client_frame(OP_BINARY, b"\x01" + (1).to_bytes(8, "big") + b"key")
+FULL_SPEED = ("--publisher-frames-per-second", "100000000")
+
+
+def _drain(sock: socket.socket, stop: threading.Event) -> None:
+    """Read what the relay sends the publisher."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            if not sock.recv(65536):
+                return
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+def _entry(relay: RelayProcess) -> dict[str, Any]:
+    entry = stream_entry(api_streams(relay), STREAM)
+    assert entry is not None
+    return entry
+
+
+def _flood(relay: RelayProcess, messages: int, *, key: bool, viewer: bool) -> dict[str, Any]:
+    """Optionally a KEY, then ``messages`` tiny AUDIO messages, RSS sampled throughout."""
+    publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
+    assert response.status == 101, response
+    watcher = None
+    if viewer:
+        # An audio viewer with a small receive window that never reads.
+        watcher, response = ws_open(relay.port, f"/watch/{STREAM}?audio=1", rcvbuf=4096)
+        assert response.status == 101, response
+    stop = threading.Event()
+    reader = threading.Thread(target=_drain, args=(publisher, stop), daemon=True)
+    reader.start()
+    try:
+        expected = 100
+        if key:
+            publisher.sendall(TINY_KEY)
+            expected += 1
+        publisher.sendall(TINY_AUDIO * 100)
+        wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
+        time.sleep(0.3)
+        publisher.settimeout(60)
+        with RssSampler(relay) as sampler:
+            for _ in range(messages // BATCH):
+                publisher.sendall(TINY_AUDIO * BATCH)
+            expected += messages
+            wait_until(lambda: _entry(relay)["messages_in"] >= expected, 90, 0.1)
+            time.sleep(0.3)
+        entry = _entry(relay)
+        return {
+            "messages": entry["messages_in"],
+            "dropped": entry["dropped"],
+            "rss_peak_growth_mb": rounded(sampler.peak_growth / MB, 3),
+        }
+    finally:
+        stop.set()
+        for sock in (publisher, watcher):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        reader.join(2)
+
+
+def test_audio_flood_into_the_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:
+    """After a KEY, audio fills the GOP cache at its real cost: RSS grows by at most
+    1.5 x ``--gop-cache-bytes``."""
+    relay = start_relay("--gop-cache-bytes", str(BOUND), *FULL_SPEED)
+    figures = _flood(relay, 200_000, key=True, viewer=False)
+    record_figure("memory bound: GOP cache, 9-byte audio flood", **figures)
+    assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
+
+
+def test_audio_flood_before_any_key_keeps_only_a_little(start_relay: StartRelay) -> None:
+    """With no KEY, only the last second of audio (64 KiB at most) waits for one."""
+    relay = start_relay(*FULL_SPEED)
+    figures = _flood(relay, 100_000, key=False, viewer=False)
+    record_figure("memory bound: audio waiting for a KEY, 9-byte flood", **figures)
+    assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
+
+
+def test_audio_flood_towards_an_audio_viewer_that_does_not_read(start_relay: StartRelay) -> None:
+    """An audio viewer that never reads holds at most 1.5 x ``--viewer-queue-bytes`` of
+    real memory; the rest of the audio is dropped (and counted)."""
+    relay = start_relay(
+        *FULL_SPEED,
+        "--gop-cache-bytes", "0",
+        "--viewer-queue-bytes", str(BOUND),
+        "--viewer-stall-timeout", "120",
+    )
+    # Past the kernel's socket buffers (up to 4 MiB), as the video case.
+    figures = _flood(relay, 600_000, key=True, viewer=True)
+    record_figure("memory bound: audio viewer queue, 9-byte flood", **figures)
+    assert figures["dropped"] > 0, "the viewer's queue never reached its bound"
+    assert figures["rss_peak_growth_mb"] * MB <= RATIO * BOUND, figures
