@@ -128,7 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         default="testsrc",
         help="testsrc (default: moving pattern with clock and frame counter), screen[:INPUT], "
-        "file:PATH (looped) or camera[:DEVICE]",
+        "camera[:DEVICE], file:PATH (played at its own rate, looped) or a URL: rtsp://, "
+        "rtmp:// (rtmp://HOST:PORT/APP/KEY?listen=1 lets OBS or ffmpeg push to it), srt://, "
+        "udp:// (MPEG-TS)... Files and URLs carrying H.264 without B-frames are remuxed "
+        "without re-encoding (--size, --fps, --bitrate, --keyframe-interval, --preset and "
+        "--profile then do not apply, and keyframe requests cannot be honoured: viewers start "
+        "at the source's keyframes); anything else is transcoded",
+    )
+    parser.add_argument(
+        "--transcode",
+        action="store_true",
+        help="re-encode a file or URL source even when it could be remuxed",
     )
     parser.add_argument(
         "--source-option",
@@ -136,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=parse_source_option,
         metavar="KEY=VALUE",
-        help="extra FFmpeg input option for screen/camera, e.g. video_size=640x480 (repeatable)",
+        help="extra FFmpeg input option for screen/camera/file/URL sources, e.g. "
+        "video_size=640x480, rtsp_transport=udp, listen=1 (repeatable)",
     )
     parser.add_argument(
         "--size",
@@ -203,6 +214,7 @@ class PublishOptions:
     quiet: bool
     verbose: bool
     duration: float | None
+    transcode: bool = False
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -223,8 +235,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
     except ValueError as error:
         parser.error(f"argument --source: {error}")
     if args.source_option:
-        if source.kind not in ("screen", "camera"):
-            parser.error("argument --source-option: only screen and camera sources take options")
+        if source.kind == "testsrc":
+            parser.error("argument --source-option: testsrc takes no options")
         source = dataclasses.replace(source, options=dict(args.source_option))
     token = args.token or os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
     if token is not None and any(c in token for c in "\r\n\0"):
@@ -245,4 +257,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         quiet=args.quiet,
         verbose=args.verbose,
         duration=args.duration,
+        transcode=args.transcode,
     )

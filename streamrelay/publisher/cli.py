@@ -5,6 +5,8 @@ Examples::
     streamrelay-publish                                   # test pattern to ws://127.0.0.1:8080/publish/demo
     streamrelay-publish ws://relay:8080/publish/desk --source screen --size 1920x1080
     streamrelay-publish wss://relay/publish/clip --source file:clip.mp4 --token "$TOKEN"
+    streamrelay-publish ws://relay:8080/publish/cam --source rtsp://user:pass@camera/stream1
+    streamrelay-publish ws://relay:8080/publish/obs --source 'rtmp://0.0.0.0:1935/live/obs?listen=1'
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
 
 Exit status: 0 after SIGINT, SIGTERM or ``--duration``; 1 when PyAV is missing (it comes
@@ -57,13 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .encoder import EncoderSettings, H264Encoder
     from .pipeline import CapturePipeline
-    from .sources import SourceError, open_source
+    from .remux import SourcePipeline
+    from .sources import SourceError, media_input, open_source
     from .status import StatusLine, console_observer
 
     stderr = sys.stderr
-    try:
-        source = open_source(options.source, options.width, options.height, options.fps)
-        encoder = H264Encoder(
+
+    def make_encoder() -> H264Encoder:
+        """The encoder the options describe (also for a source that must be transcoded)."""
+        return H264Encoder(
             EncoderSettings(
                 width=options.width,
                 height=options.height,
@@ -74,6 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile=options.profile,
             )
         )
+
+    # Files and URLs are opened in the source thread, which remuxes or transcodes them.
+    remuxable = options.source.kind in ("file", "url")
+    try:
+        if remuxable:
+            media = media_input(options.source)
+        else:
+            source = open_source(options.source, options.width, options.height, options.fps)
+            encoder = make_encoder()
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
@@ -90,7 +103,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_limit_bytes=limit,
     )
     publisher = Publisher(settings, reactor=reactor)
-    pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
+    pipeline: CapturePipeline | SourcePipeline
+    if remuxable:
+        pipeline = SourcePipeline(
+            media,
+            publisher,
+            reactor=reactor,
+            encoder_factory=make_encoder,
+            frame_size=(options.width, options.height),
+            fps=options.fps,
+            force_transcode=options.transcode,
+        )
+    else:
+        pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)
     publisher.on_keyframe_request = pipeline.request_keyframe
 
     status = None if options.quiet else StatusLine(reactor, publisher, pipeline, stderr)
@@ -133,18 +158,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def begin() -> None:
         """Once the reactor runs: connect, start capturing and the status line."""
-        _log.info(
-            "publishing {source} as {width}x{height} {fps} fps {bitrate} kbit/s "
-            "(GOP {gop} frames, {profile}) to {url}",
-            source=source.description,
-            width=options.width,
-            height=options.height,
-            fps=float(options.fps),
-            bitrate=options.bitrate // 1000,
-            gop=options.keyframe_interval_frames,
-            profile=options.profile,
-            url=publisher.target.display_url,
-        )
+        if isinstance(pipeline, SourcePipeline):
+            _log.info(
+                "publishing {source} to {url}: remuxed when it is H.264 without B-frames, "
+                "else transcoded to {width}x{height} {bitrate} kbit/s",
+                source=pipeline.description,
+                url=publisher.target.display_url,
+                width=options.width,
+                height=options.height,
+                bitrate=options.bitrate // 1000,
+            )
+        else:
+            _log.info(
+                "publishing {source} as {width}x{height} {fps} fps {bitrate} kbit/s "
+                "(GOP {gop} frames, {profile}) to {url}",
+                source=source.description,
+                width=options.width,
+                height=options.height,
+                fps=float(options.fps),
+                bitrate=options.bitrate // 1000,
+                gop=options.keyframe_interval_frames,
+                profile=options.profile,
+                url=publisher.target.display_url,
+            )
         pipeline.when_finished().addBoth(capture_ended)
         publisher.when_stopped().addCallback(publisher_stopped)
         publisher.start()

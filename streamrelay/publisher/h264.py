@@ -80,8 +80,8 @@ def nal_type(unit: bytes) -> int:
     return unit[0] & 0x1F
 
 
-def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
-    """Convert a length-prefixed (AVCC / MP4-style) access unit to Annex-B."""
+def split_avcc(data: bytes, length_size: int = 4) -> list[bytes]:
+    """The NAL units of a length-prefixed (AVCC / MP4-style) access unit."""
     if length_size not in (1, 2, 4):
         raise H264Error(f"bad NAL length size {length_size}")
     units = []
@@ -93,9 +93,15 @@ def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
         position += length_size
         if position + length > len(data):
             raise H264Error("AVCC NAL unit runs past the end of the data")
-        units.append(data[position : position + length])
+        if length:
+            units.append(data[position : position + length])
         position += length
-    return join_annexb(units)
+    return units
+
+
+def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
+    """Convert a length-prefixed (AVCC / MP4-style) access unit to Annex-B."""
+    return join_annexb(split_avcc(data, length_size))
 
 
 def avcc_config_to_parameter_sets(record: bytes) -> tuple[list[bytes], list[bytes], int]:
