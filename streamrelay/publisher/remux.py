@@ -221,6 +221,8 @@ class SourcePipeline:
                     self._transcode(container, reason)
                     container = None
                     return True
+                if self.mode != REMUXING:
+                    _log.info("{source}: {mode}", source=media.description, mode=REMUXING)
                 self.mode = REMUXING
                 delivered = self._remux(container, stream)
             except (av.FFmpegError, OSError, IndexError) as error:
@@ -291,9 +293,9 @@ class SourcePipeline:
         self._inner = inner
         self.mode = f"transcoding: {reason}"
         _log.info(
-            "transcoding {source} ({reason}) to H.264 {width}x{height}",
+            "{source}: {mode} (to H.264 {width}x{height})",
             source=media.description,
-            reason=reason,
+            mode=self.mode,
             width=width,
             height=height,
         )

@@ -40,6 +40,7 @@ class MediaTimeline:
         self.frame_duration_us = frame_duration_us
         self._max_gap_us = int(max_gap * MICROSECONDS)
         self._last_raw_us: int | None = None
+        self._last_raw_media_us = 0
         self._last_us: int | None = None
         #: How many discontinuities (wraps, jumps) were smoothed over.
         self.discontinuities = 0
@@ -57,7 +58,9 @@ class MediaTimeline:
         else:
             step = raw_us - self._last_raw_us
             if 0 < step <= self._max_gap_us:
-                media_us = last + step
+                # From the last frame that had a PTS: frames without one in between
+                # were extrapolated, and do not shift this one.
+                media_us = max(self._last_raw_media_us + step, last + 1)
             else:
                 # A wrap, a jump, a repeated PTS or a new pass of a looped file: the
                 # frame follows the previous one by one frame duration.
@@ -66,6 +69,7 @@ class MediaTimeline:
                 media_us = last + self.frame_duration_us
         if raw_us is not None:
             self._last_raw_us = raw_us
+            self._last_raw_media_us = media_us
         self._last_us = media_us
         return media_us
 

@@ -107,17 +107,17 @@ def encode_to(
         output.close()
 
 
-def producer_process(*arguments: Any) -> subprocess.Popen[bytes]:
+def producer_process(
+    urls: list[str], fmt: str, frames: int, record: str, **options: Any
+) -> subprocess.Popen[bytes]:
     """Run :func:`encode_to` in a process of its own (a live source)."""
     code = (
         "import json, sys; from tests.integration.test_publisher_source import encode_to; "
         "encode_to(**json.loads(sys.argv[1]))"
     )
-    names = ("urls", "fmt", "frames", "record")
+    arguments = {"urls": urls, "fmt": fmt, "frames": frames, "record": record, **options}
     return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(dict(zip(names, arguments, strict=True)))],
-        cwd=REPOSITORY,
-        env=environment(),
+        [sys.executable, "-c", code, json.dumps(arguments)], cwd=REPOSITORY, env=environment()
     )
 
 
@@ -139,7 +139,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 @contextmanager
 def publisher(
-    relay: RelayProcess, stream: str, source: str, log: Path, *extra: str
+    relay: RelayProcess, stream: str, source: str, log: Path, *extra: str, size: str = ""
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``streamrelay-publish`` publishing ``source`` to ``relay``; stderr goes to ``log``."""
     with open(log, "wb") as errors:
@@ -152,7 +152,7 @@ def publisher(
                 "--source",
                 source,
                 "--size",
-                f"{WIDTH}x{HEIGHT}",
+                size or f"{WIDTH}x{HEIGHT}",
                 "--preset",
                 "ultrafast",
                 "--bitrate",
@@ -317,6 +317,7 @@ def avcc_parameter_sets(path: Path) -> list[bytes]:
 
     with av.open(str(path)) as container:
         extradata = container.streams.video[0].codec_context.extradata
+    assert extradata is not None
     sps, pps, _ = avcc_config_to_parameter_sets(extradata)
     return [*sps, *pps]
 
@@ -361,7 +362,7 @@ def test_b_frames_are_transcoded(relay: RelayProcess, tmp_path: Path) -> None:
 
     async def scenario() -> Viewer:
         viewer = await watch(relay, "bf")
-        with publisher(relay, "bf", str(clip), log, "--size", "256x144", "--duration", "6"):
+        with publisher(relay, "bf", str(clip), log, "--duration", "6", size="256x144"):
             await settle(viewer, quiet=2.0)
         await viewer.close()
         return viewer
@@ -417,9 +418,16 @@ def test_remuxing_costs_a_fraction_of_transcoding(relay: RelayProcess, tmp_path:
     async def scenario() -> tuple[float, float]:
         viewers = [await watch(relay, "remux"), await watch(relay, "encode")]
         with (
-            publisher(relay, "remux", f"udp://127.0.0.1:{ports[0]}", tmp_path / "r.log") as remux,
             publisher(
-                relay, "encode", f"udp://127.0.0.1:{ports[1]}", tmp_path / "e.log", "--transcode"
+                relay, "remux", f"udp://127.0.0.1:{ports[0]}", tmp_path / "r.log", size="640x360"
+            ) as remux,
+            publisher(
+                relay,
+                "encode",
+                f"udp://127.0.0.1:{ports[1]}",
+                tmp_path / "e.log",
+                "--transcode",
+                size="640x360",
             ) as encode,
         ):
             await asyncio.sleep(1.0)
@@ -428,6 +436,7 @@ def test_remuxing_costs_a_fraction_of_transcoding(relay: RelayProcess, tmp_path:
                 "mpegts",
                 300,
                 str(record),
+                size=(640, 360),
             )
             for viewer in viewers:
                 await asyncio.wait_for(viewer.first_media.wait(), 60)
