@@ -54,9 +54,11 @@ def encode_to(
     bframes: int = 0,
     size: tuple[int, int] = (WIDTH, HEIGHT),
     options: dict[str, str] | None = None,
+    first: int = 0,
 ) -> None:
-    """Encode a moving pattern with libx264, mux it into every URL (same packets), and
-    write each access unit the encoder made to ``record`` (JSON lines: hex, key)."""
+    """Encode a moving pattern (from picture number ``first``) with libx264, mux it into
+    every URL (same packets), and write each access unit the encoder made to ``record``
+    (JSON lines: hex, key)."""
     import av
     import numpy as np
 
@@ -81,7 +83,8 @@ def encode_to(
     with open(record, "w") as log:
         for index in range(frames + 1):
             if index < frames:
-                channels = [(across + index * 7) % 256, (down + index * 3) % 256, across ^ down]
+                number = first + index
+                channels = [(across + number * 7) % 256, (down + number * 3) % 256, across ^ down]
                 picture = np.stack(channels, axis=2).astype(np.uint8)
                 frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
                 frame.pts = index
@@ -379,9 +382,11 @@ def test_b_frames_are_transcoded(relay: RelayProcess, tmp_path: Path) -> None:
 def test_rtmp_push_into_a_listening_publisher(relay: RelayProcess, tmp_path: Path) -> None:
     """``rtmp://...?listen=1``: a producer pushes FLV over RTMP (as OBS does) into the
     publisher, which remuxes it: AVCC converted, SPS/PPS inserted before each IDR, every
-    access unit byte-identical and in order."""
+    access unit byte-identical and in order. The producer disconnects and pushes again
+    (OBS stopping and starting): the publisher listens again and the stream goes on from
+    the new push's first keyframe, with capture times still increasing."""
     port = free_port()
-    record = tmp_path / "produced.jsonl"
+    records = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
     log = tmp_path / "publisher.log"
     url = f"rtmp://127.0.0.1:{port}/live/obs"
 
@@ -389,20 +394,30 @@ def test_rtmp_push_into_a_listening_publisher(relay: RelayProcess, tmp_path: Pat
         viewer = await watch(relay, "obs")
         with publisher(relay, "obs", f"{url}?listen=1", log):
             await asyncio.sleep(1.5)  # the publisher listens
-            producer = producer_process([url], "flv", 150, str(record))
-            await asyncio.to_thread(producer.wait, 60)
-            await settle(viewer)
+            for number, record in enumerate(records):
+                producer = producer_process([url], "flv", 100, str(record), first=1000 * number)
+                await asyncio.to_thread(producer.wait, 60)
+                await settle(viewer)
         await viewer.close()
         return viewer
 
-    viewer = run(scenario(), timeout=120)
+    viewer = run(scenario(), timeout=150)
     configs, frames = received(viewer)
-    produced = recorded(record)
+    first, second = recorded(records[0]), recorded(records[1])
     parameter_sets = split_annexb(configs[0].payload)
-    check_identical(frames, produced, parameter_sets=parameter_sets)
-    assert len(frames) >= len(produced) - 3 * GOP, (len(frames), len(produced))
+    assert all(config.payload == configs[0].payload for config in configs)
+    split = next(
+        index
+        for index, frame in enumerate(frames)
+        if frame.flags == FLAG_KEY and split_annexb(frame.payload)[2:] == second[0][0]
+    )
+    check_identical(frames[:split], first, parameter_sets=parameter_sets)
+    check_identical(frames[split:], second, parameter_sets=parameter_sets)
+    assert split >= len(first) - 2 * GOP and len(frames) - split == len(second)
     check_times(frames)
-    assert "remuxing H.264 without re-encoding" in log.read_text()
+    text = log.read_text()
+    assert "remuxing H.264 without re-encoding" in text
+    assert "ended; reopening it" in text
 
 
 def test_remuxing_costs_a_fraction_of_transcoding(relay: RelayProcess, tmp_path: Path) -> None:
