@@ -1,5 +1,6 @@
 """Remuxing without decoding: AVCC to Annex-B, parameter sets before keys, capture times
-from PTS, the remux-or-transcode decision, source URLs, and the source thread's drops."""
+from PTS, the remux-or-transcode decision, source URLs, the source thread's drops, and
+HEVC pass-through (hvcC records, the codec string, IRAP keys)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ from streamrelay.publisher.h264 import (
     nal_type,
     split_annexb,
     split_avcc,
+)
+from streamrelay.publisher.hevc import (
+    HevcPackager,
+    HevcSpsInfo,
+    hevc_nal_type,
+    hvcc_config_to_parameter_sets,
+    parse_hevc_sps,
 )
 from streamrelay.publisher.sources import SourceSpec, media_input, parse_source_spec
 from streamrelay.publisher.timeline import LiveClock, MediaTimeline, PacedClock
@@ -287,3 +295,65 @@ def test_source_thread_drops_to_the_next_key_and_cannot_force_one(tmp_path: Path
     for payload in payloads:
         types = [nal_type(unit) for unit in split_annexb(payload)]
         assert types[:2] == [NAL_SPS, NAL_PPS] and NAL_IDR in types and NAL_AUD not in types
+
+
+# libx265 (ultrafast, zerolatency), 320x240 Main: its VPS, SPS (with emulation-prevention
+# bytes) and PPS.
+HEVC_VPS_320 = bytes.fromhex("40010c01ffff01600000030090000003000003003cba0240")
+HEVC_SPS_320 = bytes.fromhex(
+    "42010101600000030090000003000003003ca00a080f165ba4a4c2e68080000003008000000c84"
+)
+HEVC_PPS_320 = bytes.fromhex("4401c0718312")
+HEVC_IDR = bytes.fromhex("2801adc412dd9955")  # IDR_N_LP
+HEVC_CRA = bytes.fromhex("2a01af0011")  # CRA_NUT
+HEVC_TRAIL = bytes.fromhex("0201d00978")  # TRAIL_R
+HEVC_AUD_UNIT = bytes.fromhex("460150")
+
+
+def hvcc_record(units: list[bytes], length_size: int = 4) -> bytes:
+    """A minimal HEVCDecoderConfigurationRecord holding ``units`` (one array each)."""
+    header = bytes([1]) + bytes(20) + bytes([0x0C | (length_size - 1), len(units)])
+    arrays = b"".join(
+        bytes([0x80 | hevc_nal_type(unit)]) + b"\x00\x01" + len(unit).to_bytes(2, "big") + unit
+        for unit in units
+    )
+    return header + arrays
+
+
+def test_hevc_sps_gives_the_webcodecs_codec_string_and_size() -> None:
+    """The x265 SPS says Main (1), compatible with Main and Main 10 (flags 1 and 2: 6),
+    Main tier level 60, constraint byte 0x90 (progressive, frame only): hvc1.1.6.L60.90,
+    and 320x240."""
+    info = parse_hevc_sps(HEVC_SPS_320)
+    assert info == HevcSpsInfo("hvc1.1.6.L60.90", 320, 240)
+    with pytest.raises(H264Error):
+        parse_hevc_sps(HEVC_PPS_320)
+
+
+def test_hvcc_records_and_hevc_packaging() -> None:
+    """An hvcC record gives its parameter sets and NAL length size; HEVC AVCC packets
+    become Annex-B without AUDs; the packager sends VPS+SPS+PPS as CONFIG, inserts them
+    into key pictures (IDR and CRA) that lack them, and passes trailing pictures as
+    deltas; meta values come from the SPS."""
+    record = hvcc_record([HEVC_VPS_320, HEVC_SPS_320, HEVC_PPS_320], length_size=4)
+    units, length_size = hvcc_config_to_parameter_sets(record)
+    assert units == [HEVC_VPS_320, HEVC_SPS_320, HEVC_PPS_320] and length_size == 4
+    with pytest.raises(H264Error):
+        hvcc_config_to_parameter_sets(record[:-3])
+    converter = AccessUnitConverter(record, "hevc")
+    packager = converter.packager()
+    assert isinstance(packager, HevcPackager)
+    (config,) = packager.package(converter.take_parameter_sets() or b"", 1)
+    assert config.flags == FLAG_CONFIG
+    assert split_annexb(config.payload) == [HEVC_VPS_320, HEVC_SPS_320, HEVC_PPS_320]
+    assert packager.codec_string == "hvc1.1.6.L60.90" and packager.picture_size == (320, 240)
+    for key_picture in (HEVC_IDR, HEVC_CRA):
+        access_unit = converter.convert(avcc([HEVC_AUD_UNIT, key_picture]))
+        assert packager.is_key_access_unit(access_unit)
+        (key,) = packager.package(access_unit, 2)
+        assert key.flags == FLAG_KEY
+        assert split_annexb(key.payload) == [HEVC_VPS_320, HEVC_SPS_320, HEVC_PPS_320, key_picture]
+    (delta,) = packager.package(converter.convert(avcc([HEVC_TRAIL])), 3)
+    assert delta.flags == 0 and delta.payload == join_annexb([HEVC_TRAIL])
+    assert transcode_reason("hevc", False, "yuv420p", hevc_passthrough=True) is None
+    assert transcode_reason("hevc", True, "yuv420p", hevc_passthrough=True) == "B-frames"

@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-encode a file or URL source even when it could be remuxed",
     )
     parser.add_argument(
+        "--hevc-passthrough",
+        action="store_true",
+        help="remux HEVC (H.265) sources as they are instead of transcoding them to H.264; "
+        "only browsers with an HEVC decoder (Safari, Chrome with hardware decoding) can "
+        "play the stream",
+    )
+    parser.add_argument(
         "--source-option",
         action="append",
         default=[],
@@ -215,6 +222,7 @@ class PublishOptions:
     verbose: bool
     duration: float | None
     transcode: bool = False
+    hevc_passthrough: bool = False
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -258,4 +266,5 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         verbose=args.verbose,
         duration=args.duration,
         transcode=args.transcode,
+        hevc_passthrough=args.hevc_passthrough,
     )

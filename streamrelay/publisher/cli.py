@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             frame_size=(options.width, options.height),
             fps=options.fps,
             force_transcode=options.transcode,
+            hevc_passthrough=options.hevc_passthrough,
         )
     else:
         pipeline = CapturePipeline(source, encoder, publisher, reactor=reactor, fps=options.fps)

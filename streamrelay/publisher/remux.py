@@ -5,11 +5,12 @@ has the interface of :class:`~.pipeline.CapturePipeline`. It opens the source wi
 (anything FFmpeg opens: see :func:`~.sources.media_input`), looks at its first video
 stream, and then either
 
-- **remuxes** (H.264 without B-frames, 8-bit 4:2:0): demuxed packets become Annex-B
-  access units (:class:`~.bitstream.AccessUnitConverter`: AVCC to Annex-B, access unit
-  delimiters dropped, nothing else touched), which :class:`~.h264.H264Packager` turns
-  into v1 messages (CONFIG when the parameter sets change, SPS/PPS inserted before each
-  KEY that lacks them); or
+- **remuxes** (H.264 without B-frames, 8-bit 4:2:0; HEVC likewise with
+  ``hevc_passthrough``): demuxed packets become Annex-B access units
+  (:class:`~.bitstream.AccessUnitConverter`: AVCC to Annex-B, access unit delimiters
+  dropped, nothing else touched), which :class:`~.h264.H264Packager` (or
+  :class:`~.hevc.HevcPackager`) turns into v1 messages (CONFIG when the parameter sets
+  change, parameter sets inserted before each KEY that lacks them); or
 - **transcodes** what a browser cannot play as v1 H.264 (B-frames, other codecs, other
   pixel formats): it hands the open source to a :class:`~.pipeline.CapturePipeline` with
   the configured encoder, and says why in :attr:`SourcePipeline.mode`.
@@ -50,7 +51,7 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage, meta_message, now_us
 from .bitstream import AccessUnitConverter, transcode_reason
 from .client import Readiness
 from .encoder import H264Encoder
-from .h264 import H264Error, H264Packager, is_idr, split_annexb
+from .h264 import AnnexBPackager, H264Error
 from .pipeline import CapturePipeline, MediaSink, PipelineStats
 from .sources import DeviceSource, FileSource, MediaInput, SourceError
 from .timeline import MICROSECONDS, LiveClock, MediaTimeline, PacedClock
@@ -66,6 +67,7 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 CONGESTION_PATIENCE = 0.2
 
 REMUXING = "remuxing H.264 without re-encoding"
+REMUXING_HEVC = "remuxing HEVC without re-encoding (browsers without HEVC decoding cannot play it)"
 
 
 @dataclass
@@ -98,6 +100,7 @@ class SourcePipeline:
         fps: Fraction,
         meta_extra: Mapping[str, Any] | None = None,
         force_transcode: bool = False,
+        hevc_passthrough: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
         wall_clock_us: Callable[[], int] = now_us,
     ) -> None:
@@ -109,6 +112,7 @@ class SourcePipeline:
         self._fps = fps
         self._meta_extra = dict(meta_extra or {})
         self._force_transcode = force_transcode
+        self._hevc_passthrough = hevc_passthrough
         self._monotonic = monotonic
         self._wall_clock_us = wall_clock_us
         self._stop_requested = threading.Event()
@@ -116,7 +120,8 @@ class SourcePipeline:
         self._inner: CapturePipeline | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
         self._own_stats = RemuxStats()
-        self._packager = H264Packager()
+        self._packager: AnnexBPackager | None = None
+        self._codec = ""
         self._timeline: MediaTimeline | None = None
         self._live_clock = LiveClock()
         self._paced_clock = PacedClock()
@@ -215,15 +220,19 @@ class SourcePipeline:
                 context = stream.codec_context
                 reason = "--transcode" if self._force_transcode else None
                 reason = reason or transcode_reason(
-                    context.name, bool(context.has_b_frames), context.pix_fmt
+                    context.name,
+                    bool(context.has_b_frames),
+                    context.pix_fmt,
+                    hevc_passthrough=self._hevc_passthrough,
                 )
                 if reason is not None:
                     self._transcode(container, reason)
                     container = None
                     return True
-                if self.mode != REMUXING:
-                    _log.info("{source}: {mode}", source=media.description, mode=REMUXING)
-                self.mode = REMUXING
+                mode = REMUXING_HEVC if context.name == "hevc" else REMUXING
+                if self.mode != mode:
+                    _log.info("{source}: {mode}", source=media.description, mode=mode)
+                self.mode = mode
                 delivered = self._remux(container, stream)
             except (av.FFmpegError, OSError, IndexError) as error:
                 if not media.live:
@@ -313,7 +322,10 @@ class SourcePipeline:
         frame_us = int(MICROSECONDS / self._fps_value) if self._fps_value > 0 else 33_333
         if self._timeline is None:
             self._timeline = MediaTimeline(frame_duration_us=max(1, frame_us))
-        converter = AccessUnitConverter(stream.codec_context.extradata)
+        converter = AccessUnitConverter(stream.codec_context.extradata, stream.codec_context.name)
+        if self._packager is None or converter.codec != self._codec:
+            self._packager, self._codec = converter.packager(), converter.codec
+        packager = self._packager
         # A reopened source starts at its next IDR, like a viewer.
         self._waiting_for_key = True
         delivered = 0
@@ -336,8 +348,8 @@ class SourcePipeline:
                 break
             parameter_sets = converter.take_parameter_sets()
             if parameter_sets is not None:
-                self._hand_off(self._packager.package(parameter_sets, capture_us))
-            if access_unit and self._deliver(access_unit, capture_us, media_us):
+                self._hand_off(packager.package(parameter_sets, capture_us))
+            if access_unit and self._deliver(packager, access_unit, capture_us, media_us):
                 delivered += 1
         return delivered
 
@@ -351,11 +363,13 @@ class SourcePipeline:
             return None
         return due
 
-    def _deliver(self, access_unit: bytes, capture_us: int, media_us: int) -> bool:
+    def _deliver(
+        self, packager: AnnexBPackager, access_unit: bytes, capture_us: int, media_us: int
+    ) -> bool:
         """Drop, or package and hand off, one access unit; True if it was sent on."""
         stats = self._own_stats
         stats.frames_captured += 1
-        key = is_idr(split_annexb(access_unit))
+        key = packager.is_key_access_unit(access_unit)
         if key:
             if self._last_key_media_us is not None:
                 stats.last_keyframe_interval = (media_us - self._last_key_media_us) / MICROSECONDS
@@ -374,7 +388,7 @@ class SourcePipeline:
             self._waiting_for_key = True
             return False
         try:
-            messages = self._packager.package(access_unit, capture_us)
+            messages = packager.package(access_unit, capture_us)
         except H264Error as error:
             self._unreadable(error)
             return False
@@ -406,14 +420,12 @@ class SourcePipeline:
         refused = False
         for message in messages:
             stats.bytes_encoded += message.size - HEADER_SIZE
-            if message.is_config:
-                info = self._packager.sps_info
+            if message.is_config and self._packager is not None:
+                size = self._packager.picture_size
                 codec = self._packager.codec_string
-                if info is not None and codec is not None:
+                if size is not None and codec is not None:
                     self._sink.send_meta_threadsafe(
-                        meta_message(
-                            codec, info.width, info.height, self._fps_value, **self._meta_extra
-                        )
+                        meta_message(codec, *size, self._fps_value, **self._meta_extra)
                     )
                 self._sink.send_config_threadsafe(message.payload, message.capture_time_us)
                 continue

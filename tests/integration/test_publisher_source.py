@@ -36,6 +36,7 @@ from streamrelay.publisher.h264 import (
     nal_type,
     split_annexb,
 )
+from streamrelay.publisher.hevc import HEVC_AUD, HEVC_PPS, HEVC_SPS, HEVC_VPS, hevc_nal_type
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
@@ -55,6 +56,7 @@ def encode_to(
     size: tuple[int, int] = (WIDTH, HEIGHT),
     options: dict[str, str] | None = None,
     first: int = 0,
+    codec: str = "libx264",
 ) -> None:
     """Encode a moving pattern (from picture number ``first``) with libx264, mux it into
     every URL (same packets), and write each access unit the encoder made to ``record``
@@ -65,15 +67,23 @@ def encode_to(
     outputs = [av.open(url, "w", format=fmt, options=options or {}) for url in urls]
     streams = []
     for output in outputs:
-        stream = output.add_stream("libx264", rate=FPS)
+        stream = output.add_stream(codec, rate=FPS)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
-        stream.options = {
-            "preset": "ultrafast",
-            "profile": "baseline" if not bframes else "main",
-            "tune": "zerolatency" if not bframes else "film",
-            "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes={bframes}",
-        }
+        settings = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes={bframes}"
+        if codec == "libx265":
+            stream.options = {
+                "preset": "ultrafast",
+                "tune": "zerolatency",
+                "x265-params": f"{settings}:log-level=error",
+            }
+        else:
+            stream.options = {
+                "preset": "ultrafast",
+                "profile": "baseline" if not bframes else "main",
+                "tune": "zerolatency" if not bframes else "film",
+                "x264-params": settings,
+            }
         streams.append(stream)
     encoder = streams[0]
     width, height = size
@@ -202,18 +212,24 @@ def check_identical(
     produced: list[tuple[list[bytes], bool]],
     parameter_sets: list[bytes] | None,
     loop: bool = False,
+    hevc: bool = False,
 ) -> int:
     """Every frame is the producer's next access unit (cyclically when ``loop``), byte for
-    byte apart from AUDs and, when ``parameter_sets`` is given, those SPS/PPS inserted in
-    front of each IDR; KEY exactly on IDRs. Returns the producer index of the first."""
+    byte apart from AUDs and, when ``parameter_sets`` is given, those parameter sets
+    inserted in front of each key picture; KEY exactly on the encoder's keyframes (IDR;
+    IRAP for ``hevc``). Returns the producer index of the first."""
     assert frames, "the viewer received no frames"
     assert frames[0].flags == FLAG_KEY, "the first frame is not a KEY"
+    unit_type = hevc_nal_type if hevc else nal_type
+    delimiter = HEVC_AUD if hevc else NAL_AUD
+    required = [HEVC_VPS, HEVC_SPS, HEVC_PPS] if hevc else [NAL_SPS, NAL_PPS]
 
     def as_produced(message: MediaMessage) -> list[bytes]:
-        units = [unit for unit in split_annexb(message.payload) if nal_type(unit) != NAL_AUD]
+        units = [unit for unit in split_annexb(message.payload) if unit_type(unit) != delimiter]
         if message.flags == FLAG_KEY:
-            types = [nal_type(unit) for unit in units]
-            assert NAL_SPS in types and NAL_PPS in types and NAL_IDR in types, types
+            types = [unit_type(unit) for unit in units]
+            assert all(kind in types for kind in required), types
+            assert any(kind in types for kind in (range(16, 24) if hevc else [NAL_IDR])), types
             if parameter_sets is not None:
                 assert units[: len(parameter_sets)] == parameter_sets
                 units = units[len(parameter_sets) :]
@@ -418,6 +434,55 @@ def test_rtmp_push_into_a_listening_publisher(relay: RelayProcess, tmp_path: Pat
     text = log.read_text()
     assert "remuxing H.264 without re-encoding" in text
     assert "ended; reopening it" in text
+
+
+@pytest.mark.parametrize("passthrough", [True, False], ids=["passthrough", "transcoded"])
+def test_hevc_over_udp(relay: RelayProcess, tmp_path: Path, passthrough: bool) -> None:
+    """HEVC in MPEG-TS over UDP: with --hevc-passthrough the viewer gets the x265 access
+    units byte for byte (minus AUDs), KEY on IRAP pictures, meta.codec the WebCodecs
+    string (hvc1.1.6.L60.90: Main, level 2); without it the publisher transcodes to
+    H.264 and says so."""
+    port = free_port(socket.SOCK_DGRAM)
+    record = tmp_path / "produced.jsonl"
+    log = tmp_path / "publisher.log"
+    extra = ["--hevc-passthrough"] if passthrough else []
+
+    async def scenario() -> Viewer:
+        viewer = await watch(relay, "hevc")
+        with publisher(relay, "hevc", f"udp://127.0.0.1:{port}", log, *extra):
+            await asyncio.sleep(1.0)
+            producer = producer_process(
+                [f"udp://127.0.0.1:{port}?pkt_size=1316"],
+                "mpegts",
+                125,
+                str(record),
+                codec="libx265",
+            )
+            await asyncio.to_thread(producer.wait, 60)
+            await settle(viewer)
+        await viewer.close()
+        return viewer
+
+    viewer = run(scenario(), timeout=120)
+    configs, frames = received(viewer)
+    meta = meta_of(viewer)
+    text = log.read_text()
+    assert (meta["width"], meta["height"]) == (WIDTH, HEIGHT)
+    check_times(frames)
+    if not passthrough:
+        assert meta["codec"].startswith("avc1.42")
+        assert "transcoding: hevc video" in text
+        return
+    assert meta["codec"] == "hvc1.1.6.L60.90"
+    kinds = [hevc_nal_type(unit) for unit in split_annexb(configs[0].payload)]
+    assert kinds == [HEVC_VPS, HEVC_SPS, HEVC_PPS]
+    produced = [
+        ([unit for unit in units if hevc_nal_type(unit) != HEVC_AUD], key)
+        for units, key in recorded(record)
+    ]
+    check_identical(frames, produced, parameter_sets=None, hevc=True)
+    assert len(frames) >= len(produced) - 3 * GOP
+    assert "remuxing HEVC without re-encoding" in text
 
 
 def test_remuxing_costs_a_fraction_of_transcoding(relay: RelayProcess, tmp_path: Path) -> None:
