@@ -65,9 +65,9 @@ def encode_to(
     import numpy as np
 
     outputs = [av.open(url, "w", format=fmt, options=options or {}) for url in urls]
-    streams = []
+    streams: list[Any] = []
     for output in outputs:
-        stream = output.add_stream(codec, rate=FPS)
+        stream: Any = output.add_stream(codec, rate=FPS)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         settings = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes={bframes}"
