@@ -357,3 +357,42 @@ def test_hvcc_records_and_hevc_packaging() -> None:
     assert delta.flags == 0 and delta.payload == join_annexb([HEVC_TRAIL])
     assert transcode_reason("hevc", False, "yuv420p", hevc_passthrough=True) is None
     assert transcode_reason("hevc", True, "yuv420p", hevc_passthrough=True) == "B-frames"
+
+
+def test_a_file_keeps_looping_while_the_publisher_is_offline(tmp_path: Path) -> None:
+    """Offline (the relay is down): every access unit is skipped, not an error; the file
+    loops on, meta and CONFIG still reach the sink (kept for the next connection), and a
+    stop ends the thread cleanly."""
+    from streamrelay.publisher.remux import SourcePipeline
+    from streamrelay.publisher.sources import MediaInput
+    from tests.integration.test_publisher_source import GOP, encode_to
+    from tests.support.waiting import wait_until
+
+    clip = tmp_path / "clip.ts"
+    encode_to([str(clip)], "mpegts", GOP, str(tmp_path / "clip.jsonl"), paced=False)
+    sink = FakeSink()
+    sink.readiness = Readiness.OFFLINE
+    reactor = ThreadedMemoryReactor()
+    ticks = itertools.count()
+    pipeline = SourcePipeline(
+        MediaInput(str(clip), {}, False, False, "file:clip.ts"),
+        sink,
+        reactor=reactor,
+        encoder_factory=lambda: pytest.fail("a remuxable file must not be encoded"),
+        frame_size=(320, 240),
+        fps=Fraction(25),
+        wall_clock_us=lambda: next(ticks) * 1_000_000,
+    )
+    pipeline.start()
+    try:
+        wait_until(lambda: pipeline.remux_stats.source_opens >= 3, 30)
+    finally:
+        pipeline.stop()
+        assert pipeline.join(10)
+    reactor.run_thread_calls()
+    outcomes: list[object] = []
+    pipeline.when_finished().addBoth(outcomes.append)
+    assert outcomes == [None]
+    kinds = [kind for kind, _ in sink.received]
+    assert kinds == ["meta", "config"]
+    assert pipeline.remux_stats.frames_offline >= 2

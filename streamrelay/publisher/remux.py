@@ -30,6 +30,9 @@ from its PTS mapped onto the wall clock at arrival; a file (or a URL with a know
 duration) is played at its own rate, each access unit sent when due and stamped with
 that time, and looped forever. A live source that ends or fails is opened again with
 backoff (an RTMP or SRT listener listens again), the stream continuing at the next IDR.
+
+Over 400 lines: one thread's life (open, decide, remux or hand over, reopen) and the
+state it carries across reopenings (timeline, packager, drop state) stay together.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ OPEN_TIMEOUT = 10.0
 READ_TIMEOUT = 10.0
 #: Reconnect delays for a live source that ended or failed, in seconds.
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
+#: A source GOP longer than this (seconds) is worth a warning: it is the join time.
+LONG_GOP = 5.0
 #: Seconds an access unit may wait for a congested sink before it is dropped.
 CONGESTION_PATIENCE = 0.2
 
@@ -130,6 +135,9 @@ class SourcePipeline:
         self._last_key_media_us: int | None = None
         self._fps_value = float(fps)
         self._warned_unreadable = False
+        self._told_keyframes = False
+        self._access_units = 0
+        self._warned_gop = False
         #: What the pipeline is doing, for the status line (any thread may read it).
         self.mode = "opening source"
 
@@ -179,15 +187,15 @@ class SourcePipeline:
             return
         stats = self._own_stats
         stats.keyframe_requests_ignored += 1
-        if stats.keyframe_requests_ignored == 1:
-            interval = stats.last_keyframe_interval
-            _log.info(
-                "keyframe requests cannot be honoured while remuxing: viewers start at the "
-                "source's next keyframe ({gop})",
-                gop="GOP not measured yet"
-                if interval is None
-                else f"the source's GOP is {interval:.1f} s",
-            )
+        interval = stats.last_keyframe_interval
+        if self._told_keyframes or not self.mode.startswith("remuxing") or interval is None:
+            return
+        self._told_keyframes = True
+        _log.info(
+            "a keyframe was requested, which a remuxed stream cannot make: viewers start at "
+            "the source's next keyframe (every {gop:.1f} s)",
+            gop=interval,
+        )
 
     def when_finished(self) -> defer.Deferred[None]:
         """Fires in the reactor thread when the pipeline ends (errback on failure)."""
@@ -231,24 +239,32 @@ class SourcePipeline:
                     return True
                 mode = REMUXING_HEVC if context.name == "hevc" else REMUXING
                 if self.mode != mode:
-                    _log.info("{source}: {mode}", source=media.description, mode=mode)
+                    _log.info(
+                        "{source}: {mode}; keyframe requests cannot be honoured, viewers "
+                        "start at the source's keyframes",
+                        source=media.description,
+                        mode=mode,
+                    )
                 self.mode = mode
-                delivered = self._remux(container, stream)
+                self._remux(container, stream)
             except (av.FFmpegError, OSError, IndexError) as error:
                 if not media.live:
                     raise SourceError(f"reading {media.description} failed: {error}") from None
-                delivered = 0
-                _log.warn("source {source}: {error}", source=media.description, error=error)
+                # PyAV's read timeout interrupts FFmpeg, which reports an "exit".
+                why = (
+                    f"no data for {READ_TIMEOUT:g} s" if isinstance(error, av.ExitError) else error
+                )
+                _log.warn("source {source}: {why}", source=media.description, why=why)
             finally:
                 if container is not None:
                     container.close()
             if self._stop_requested.is_set():
                 break
             if not media.live:
-                if delivered == 0:
+                if self._access_units == 0:
                     raise SourceError(f"{media.description} holds no H.264 access units")
                 continue  # loop the file
-            failures = 0 if delivered else failures + 1
+            failures = 0 if self._access_units else failures + 1
             self.mode = "source ended; reopening"
             _log.warn("source {source} ended; reopening it", source=media.description)
             self._stop_requested.wait(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
@@ -314,8 +330,8 @@ class SourcePipeline:
             inner.stop()
             self._reactor.callFromThread(self._report_finished, None)
 
-    def _remux(self, container: Any, stream: Any) -> int:
-        """Remux until the source ends or a stop; return the access units delivered."""
+    def _remux(self, container: Any, stream: Any) -> None:
+        """Remux until the source ends or a stop, counting the access units read."""
         rate = stream.average_rate or stream.guessed_rate
         if rate:
             self._fps_value = float(rate)
@@ -328,7 +344,7 @@ class SourcePipeline:
         packager = self._packager
         # A reopened source starts at its next IDR, like a viewer.
         self._waiting_for_key = True
-        delivered = 0
+        self._access_units = 0
         for packet in container.demux(stream):
             if self._stop_requested.is_set():
                 break
@@ -349,9 +365,11 @@ class SourcePipeline:
             parameter_sets = converter.take_parameter_sets()
             if parameter_sets is not None:
                 self._hand_off(packager.package(parameter_sets, capture_us))
-            if access_unit and self._deliver(packager, access_unit, capture_us, media_us):
-                delivered += 1
-        return delivered
+            if access_unit:
+                # Read, not necessarily sent: a source is alive even while the network
+                # is down and everything is dropped.
+                self._access_units += 1
+                self._deliver(packager, access_unit, capture_us, media_us)
 
     def _capture_time(self, media_us: int) -> int | None:
         """Stamp (live) or wait for and stamp (paced) one access unit; None on a stop."""
@@ -372,7 +390,15 @@ class SourcePipeline:
         key = packager.is_key_access_unit(access_unit)
         if key:
             if self._last_key_media_us is not None:
-                stats.last_keyframe_interval = (media_us - self._last_key_media_us) / MICROSECONDS
+                interval = (media_us - self._last_key_media_us) / MICROSECONDS
+                stats.last_keyframe_interval = interval
+                if interval > LONG_GOP and not self._warned_gop:
+                    self._warned_gop = True
+                    _log.warn(
+                        "the source has a keyframe every {gop:.1f} s: viewers may wait that "
+                        "long to start; set its keyframe interval to 1-2 s",
+                        gop=interval,
+                    )
             self._last_key_media_us = media_us
         if self._waiting_for_key and not key:
             stats.frames_waiting_for_key += 1
