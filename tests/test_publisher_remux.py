@@ -4,6 +4,7 @@ HEVC pass-through (hvcC records, the codec string, IRAP keys)."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import threading
@@ -396,3 +397,43 @@ def test_a_file_keeps_looping_while_the_publisher_is_offline(tmp_path: Path) -> 
     kinds = [kind for kind, _ in sink.received]
     assert kinds == ["meta", "config"]
     assert pipeline.remux_stats.frames_offline >= 2
+
+
+def test_command_line_for_url_sources() -> None:
+    """A URL is a --source; --source-option applies to it (not to testsrc); --transcode
+    and --hevc-passthrough are off unless given."""
+    from streamrelay.publisher.arguments import parse_arguments
+
+    options = parse_arguments(["--source", "rtsp://cam/s1", "--source-option", "a=b"])
+    assert options.source == SourceSpec("url", "rtsp://cam/s1", {"a": "b"})
+    assert not options.transcode and not options.hevc_passthrough
+    options = parse_arguments(["--source", "srt://h:9000", "--transcode", "--hevc-passthrough"])
+    assert options.transcode and options.hevc_passthrough
+    with pytest.raises(SystemExit):
+        parse_arguments(["--source", "testsrc", "--source-option", "a=b"])
+
+
+def test_status_line_says_whether_the_source_is_remuxed_or_transcoded() -> None:
+    """The status line ends with the source pipeline's mode: opening, remuxing, or
+    transcoding with the reason."""
+    from twisted.internet.task import Clock
+
+    from streamrelay.publisher.remux import REMUXING, SourcePipeline
+    from streamrelay.publisher.sources import MediaInput
+    from streamrelay.publisher.status import StatusLine
+    from tests.test_publisher_status import FakePublisher
+
+    pipeline = SourcePipeline(
+        MediaInput("udp://127.0.0.1:9", {}, True, False, "udp://127.0.0.1:9"),
+        FakeSink(),
+        reactor=Clock(),
+        encoder_factory=lambda: pytest.fail("not started"),
+        frame_size=(320, 240),
+        fps=Fraction(25),
+    )
+    status = StatusLine(Clock(), FakePublisher(), pipeline, io.StringIO(), interactive=False)
+    assert status.render().endswith("opening source")
+    pipeline.mode = REMUXING
+    assert status.render().endswith("remuxing H.264 without re-encoding")
+    pipeline.mode = "transcoding: B-frames"
+    assert status.render().endswith("transcoding: B-frames")

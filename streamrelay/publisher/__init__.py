@@ -64,7 +64,11 @@ Building blocks:
   with zerolatency, no B-frames, in-band SPS/PPS, forced IDRs on request;
 - :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
 - :mod:`.pipeline` (needs PyAV): :class:`CapturePipeline`, the capture/encode thread with
-  drop-at-source.
+  drop-at-source;
+- :mod:`.remux` (needs PyAV): ``SourcePipeline``, a file or URL source remuxed without
+  re-encoding (or transcoded when a browser could not play it), built on
+  :mod:`.bitstream` (AVCC to Annex-B), :mod:`.timeline` (PTS to capture times) and
+  :mod:`.hevc` (HEVC pass-through).
 
 Inside the network side: :mod:`.settings` (the record), :mod:`.connector` (the
 connection lifecycle, a state machine in :mod:`.state`), :mod:`.connection` (the

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamrelay-publish",
         description="Capture or generate video, encode it to H.264 with libx264 and publish it "
-        "live to a streamrelay server over WebSocket (wire protocol v1).",
+        "live to a streamrelay server over WebSocket (wire protocol v1); a file or URL "
+        "source that carries H.264 already is remuxed without re-encoding.",
         epilog=f"The token may also come from the {TOKEN_ENVIRONMENT_VARIABLE} environment "
         "variable, which keeps it out of the process list.",
     )
