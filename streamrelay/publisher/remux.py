@@ -127,6 +127,7 @@ class SourcePipeline:
         self._own_stats = RemuxStats()
         self._packager: AnnexBPackager | None = None
         self._codec = ""
+        self._paced = not media.live
         self._timeline: MediaTimeline | None = None
         self._live_clock = LiveClock()
         self._paced_clock = PacedClock()
@@ -260,7 +261,7 @@ class SourcePipeline:
                     container.close()
             if self._stop_requested.is_set():
                 break
-            if not media.live:
+            if self._paced:
                 if self._access_units == 0:
                     raise SourceError(f"{media.description} holds no H.264 access units")
                 continue  # loop the file
@@ -294,13 +295,15 @@ class SourcePipeline:
             self._stop_requested.wait(delay)
             return None
         self._own_stats.source_opens += 1
+        # A file on a web server has a duration, a live stream has none.
+        self._paced = not media.live or (media.pace_if_finite and container.duration is not None)
         return container
 
     def _transcode(self, container: Any, reason: str) -> None:
         """Hand the source to an encoding pipeline, which reports when it finishes."""
         width, height = self._frame_size
         media = self._media
-        if media.live:
+        if not self._paced:
             source: Any = DeviceSource.from_container(container, width, height, media.description)
         else:
             container.close()
@@ -373,7 +376,7 @@ class SourcePipeline:
 
     def _capture_time(self, media_us: int) -> int | None:
         """Stamp (live) or wait for and stamp (paced) one access unit; None on a stop."""
-        if self._media.live:
+        if not self._paced:
             return self._live_clock.capture_time(media_us, self._wall_clock_us())
         due = self._paced_clock.due(media_us, self._wall_clock_us())
         delay = (due - self._wall_clock_us()) / MICROSECONDS

@@ -151,6 +151,8 @@ class MediaInput:
     it at its own rate and loops it (a file, or a URL with a known duration once open).
     ``listen``: the publisher waits for a peer to push to it (RTMP ``listen``, SRT
     ``mode=listener``, ``tcp://...?listen``), so opening has no timeout.
+    ``pace_if_finite``: a live URL that turns out to have a duration once open (a file on
+    a web server) is played at its own rate and looped like a file.
     """
 
     url: str
@@ -158,6 +160,7 @@ class MediaInput:
     live: bool
     listen: bool
     description: str
+    pace_if_finite: bool = False
 
 
 def media_input(spec: SourceSpec) -> MediaInput:
@@ -191,7 +194,8 @@ def media_input(spec: SourceSpec) -> MediaInput:
     )
     # Credentials in the URL stay out of descriptions, logs and the status line.
     shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
-    return MediaInput(url, options, True, listen, shown)
+    finite = scheme in ("http", "https", "ftp", "sftp", "smb")
+    return MediaInput(url, options, True, listen, shown, pace_if_finite=finite)
 
 
 class FrameSource(ABC):
@@ -248,7 +252,8 @@ class FileSource(FrameSource):
 
     def __init__(self, path: str, width: int, height: int) -> None:
         super().__init__(width, height, f"file:{path}")
-        if not os.path.isfile(path):
+        # A URL (a file on a web server, see remux.py) cannot be checked beforehand.
+        if not _URL.match(path) and not os.path.isfile(path):
             raise SourceError(f"no such file: {path}")
         self._path = path
         self._container: Any = None

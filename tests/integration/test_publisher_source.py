@@ -14,12 +14,15 @@ lacks them in-band (AVCC sources keep them in the ``avcC`` record).
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -341,11 +344,37 @@ def avcc_parameter_sets(path: Path) -> list[bytes]:
     return [*sps, *pps]
 
 
-def test_flv_file_avcc_is_converted_paced_and_looped(relay: RelayProcess, tmp_path: Path) -> None:
-    """An FLV file (AVCC, parameter sets only in the avcC record): every KEY carries the
-    record's SPS/PPS and then the encoder's IDR access unit unchanged; the deltas are
-    unchanged; the file plays at its own rate (capture times 40 ms apart at 25 fps) and
-    loops (after the last access unit comes the first)."""
+@contextmanager
+def web_server(directory: Path) -> Iterator[str]:
+    """An HTTP server on loopback serving ``directory``; yields its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file handler that does not log every request to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Say nothing."""
+
+
+@pytest.mark.parametrize("where", ["file", "http"])
+def test_flv_file_avcc_is_converted_paced_and_looped(
+    relay: RelayProcess, tmp_path: Path, where: str
+) -> None:
+    """An FLV file (AVCC, parameter sets only in the avcC record), local or on a web
+    server: every KEY carries the record's SPS/PPS and then the encoder's IDR access unit
+    unchanged; the deltas are unchanged; the file plays at its own rate (capture times
+    40 ms apart at 25 fps, not as fast as it can be read) and loops (after the last access
+    unit comes the first)."""
     clip = tmp_path / "clip.flv"
     produced = write_clip(clip, "flv", 2 * GOP)
     parameter_sets = avcc_parameter_sets(clip)
@@ -354,8 +383,10 @@ def test_flv_file_avcc_is_converted_paced_and_looped(relay: RelayProcess, tmp_pa
 
     async def scenario() -> Viewer:
         viewer = await watch(relay, "flv")
-        with publisher(relay, "flv", f"file:{clip}", log, "--duration", "6"):
-            await settle(viewer, quiet=2.0)
+        with web_server(tmp_path) as base:
+            source = f"file:{clip}" if where == "file" else f"{base}/clip.flv"
+            with publisher(relay, "flv", source, log, "--duration", "6"):
+                await settle(viewer, quiet=2.0)
         await viewer.close()
         return viewer
 
