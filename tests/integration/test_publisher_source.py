@@ -60,6 +60,7 @@ def encode_to(
     options: dict[str, str] | None = None,
     first: int = 0,
     codec: str = "libx264",
+    profile: str = "",
 ) -> None:
     """Encode a moving pattern (from picture number ``first``) with libx264, mux it into
     every URL (same packets), and write each access unit the encoder made to ``record``
@@ -82,8 +83,9 @@ def encode_to(
             }
         else:
             stream.options = {
-                "preset": "ultrafast",
-                "profile": "baseline" if not bframes else "main",
+                # ultrafast turns off what makes High profile High (CABAC, 8x8 transforms).
+                "preset": "veryfast" if profile else "ultrafast",
+                "profile": profile or ("baseline" if not bframes else "main"),
                 "tune": "zerolatency" if not bframes else "film",
                 "x264-params": settings,
             }
