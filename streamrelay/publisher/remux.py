@@ -13,7 +13,9 @@ stream, and then either
   change, parameter sets inserted before each KEY that lacks them); or
 - **transcodes** what a browser cannot play as v1 H.264 (B-frames, other codecs, other
   pixel formats): it hands the open source to a :class:`~.pipeline.CapturePipeline` with
-  the configured encoder, and says why in :attr:`SourcePipeline.mode`.
+  the configured encoder, and says why in :attr:`SourcePipeline.mode`. A source that
+  starts sending B-frames later (a picture out of presentation order) is handed over
+  then, mid-stream.
 
 Remuxing cannot honour keyframe requests: the source decides where its keyframes are.
 A viewer that joins, or resumes after drops, starts at the source's next IDR, so the
@@ -73,6 +75,10 @@ CONGESTION_PATIENCE = 0.2
 
 REMUXING = "remuxing H.264 without re-encoding"
 REMUXING_HEVC = "remuxing HEVC without re-encoding (browsers without HEVC decoding cannot play it)"
+
+
+class _Reordering(Exception):
+    """The source started sending B-frames (pictures out of presentation order)."""
 
 
 @dataclass
@@ -248,6 +254,10 @@ class SourcePipeline:
                     )
                 self.mode = mode
                 self._remux(container, stream)
+            except _Reordering:
+                self._transcode(container, "B-frames")
+                container = None
+                return True
             except (av.FFmpegError, OSError, IndexError) as error:
                 if not media.live:
                     raise SourceError(f"reading {media.description} failed: {error}") from None
@@ -348,6 +358,7 @@ class SourcePipeline:
         # A reopened source starts at its next IDR, like a viewer.
         self._waiting_for_key = True
         self._access_units = 0
+        recent_pts: list[int] = []
         for packet in container.demux(stream):
             if self._stop_requested.is_set():
                 break
@@ -361,6 +372,12 @@ class SourcePipeline:
                 self._unreadable(error)
                 continue
             pts = packet.pts if packet.pts is not None else packet.dts
+            if pts is not None:
+                # Between the two before it: a B-frame (a jump back, a wrap or a restart
+                # falls below both). has_b_frames said none when the source was opened.
+                if len(recent_pts) == 2 and recent_pts[0] < pts < recent_pts[1]:
+                    raise _Reordering()
+                recent_pts = [*recent_pts[-1:], pts]
             media_us = self._timeline.advance(pts, packet.time_base)
             capture_us = self._capture_time(media_us)
             if capture_us is None:

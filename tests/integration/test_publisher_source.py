@@ -428,6 +428,38 @@ def test_b_frames_are_transcoded(relay: RelayProcess, tmp_path: Path) -> None:
     assert "transcoding: B-frames" in log.read_text()
 
 
+def test_b_frames_appearing_mid_stream_switch_to_transcoding(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """A source whose B-frames start after the publisher opened it (two MPEG-TS clips
+    joined: none, then some): the first part is remuxed byte for byte; at the first
+    picture out of order the publisher hands the source to its encoder (meta changes to
+    the configured size) and says why."""
+    first = write_clip(tmp_path / "first.ts", "mpegts", 6 * GOP)
+    write_clip(tmp_path / "second.ts", "mpegts", 4 * GOP, bframes=2)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes((tmp_path / "first.ts").read_bytes() + (tmp_path / "second.ts").read_bytes())
+    log = tmp_path / "publisher.log"
+
+    async def scenario() -> Viewer:
+        viewer = await watch(relay, "switch")
+        with publisher(relay, "switch", f"file:{joined}", log, "--duration", "11", size="256x144"):
+            await settle(viewer, quiet=2.5)
+        await viewer.close()
+        return viewer
+
+    viewer = run(scenario(), timeout=90)
+    metas = [message for _, message in viewer.texts if message.get("type") == "meta"]
+    assert [(m["width"], m["height"]) for m in metas][:1] == [(WIDTH, HEIGHT)]
+    assert (metas[-1]["width"], metas[-1]["height"]) == (256, 144), metas
+    _, frames = received(viewer)
+    start = check_identical(frames[:1], first, parameter_sets=None)
+    check_identical(frames[: len(first) - start], first, parameter_sets=None)
+    assert len(frames) > len(first), "nothing after the switch"
+    check_times(frames)
+    assert "transcoding: B-frames" in log.read_text()
+
+
 def test_rtmp_push_into_a_listening_publisher(relay: RelayProcess, tmp_path: Path) -> None:
     """``rtmp://...?listen=1``: a producer pushes FLV over RTMP (as OBS does) into the
     publisher, which remuxes it: AVCC converted, SPS/PPS inserted before each IDR, every
