@@ -399,10 +399,17 @@ def test_a_file_keeps_looping_while_the_publisher_is_offline(tmp_path: Path) -> 
     assert pipeline.remux_stats.frames_offline >= 2
 
 
-def test_command_line_for_url_sources() -> None:
+def test_command_line_for_url_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     """A URL is a --source; --source-option applies to it (not to testsrc); --transcode
-    and --hevc-passthrough are off unless given."""
+    and --hevc-passthrough are off unless given; without --source, STREAMRELAY_SOURCE
+    (a URL with credentials kept out of the process list), else testsrc."""
     from streamrelay.publisher.arguments import parse_arguments
+
+    monkeypatch.delenv("STREAMRELAY_SOURCE", raising=False)
+    assert parse_arguments([]).source == SourceSpec("testsrc")
+    monkeypatch.setenv("STREAMRELAY_SOURCE", "rtsp://u:p@cam/s")
+    assert parse_arguments([]).source == SourceSpec("url", "rtsp://u:p@cam/s")
+    assert parse_arguments(["--source", "screen"]).source == SourceSpec("screen")
 
     options = parse_arguments(["--source", "rtsp://cam/s1", "--source-option", "a=b"])
     assert options.source == SourceSpec("url", "rtsp://cam/s1", {"a": "b"})

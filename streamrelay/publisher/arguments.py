@@ -17,6 +17,7 @@ from streamrelay.wsclient.target import parse_relay_url
 from .settings import DEFAULT_URL
 
 TOKEN_ENVIRONMENT_VARIABLE = "STREAMRELAY_TOKEN"
+SOURCE_ENVIRONMENT_VARIABLE = "STREAMRELAY_SOURCE"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -127,14 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--source",
-        default="testsrc",
-        help="testsrc (default: moving pattern with clock and frame counter), screen[:INPUT], "
+        default=None,
+        help="testsrc (a moving pattern with clock and frame counter), screen[:INPUT], "
         "camera[:DEVICE], file:PATH (played at its own rate, looped) or a URL: rtsp://, "
         "rtmp:// (rtmp://HOST:PORT/APP/KEY?listen=1 lets OBS or ffmpeg push to it), srt://, "
         "udp:// (MPEG-TS)... Files and URLs carrying H.264 without B-frames are remuxed "
         "without re-encoding (--size, --fps, --bitrate, --keyframe-interval, --preset and "
         "--profile then do not apply, and keyframe requests cannot be honoured: viewers start "
-        "at the source's keyframes); anything else is transcoded",
+        "at the source's keyframes); anything else is transcoded. Default: the "
+        f"{SOURCE_ENVIRONMENT_VARIABLE} environment variable (keeps a URL's credentials out "
+        "of the process list), else testsrc",
     )
     parser.add_argument(
         "--transcode",
@@ -240,7 +243,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
     except ValueError as error:
         parser.error(f"argument url: {error}")
     try:
-        source = parse_source_spec(args.source)
+        source = parse_source_spec(
+            args.source or os.environ.get(SOURCE_ENVIRONMENT_VARIABLE) or "testsrc"
+        )
     except ValueError as error:
         parser.error(f"argument --source: {error}")
     if args.source_option:

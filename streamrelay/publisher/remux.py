@@ -260,10 +260,14 @@ class SourcePipeline:
                 return True
             except (av.FFmpegError, OSError, IndexError) as error:
                 if not media.live:
-                    raise SourceError(f"reading {media.description} failed: {error}") from None
+                    raise SourceError(
+                        f"reading {media.description} failed: {self._scrub(error)}"
+                    ) from None
                 # PyAV's read timeout interrupts FFmpeg, which reports an "exit".
                 why = (
-                    f"no data for {READ_TIMEOUT:g} s" if isinstance(error, av.ExitError) else error
+                    f"no data for {READ_TIMEOUT:g} s"
+                    if isinstance(error, av.ExitError)
+                    else self._scrub(error)
                 )
                 _log.warn("source {source}: {why}", source=media.description, why=why)
             finally:
@@ -293,14 +297,16 @@ class SourcePipeline:
                 raise SourceError(f"{media.description} has no video stream")
         except (av.FFmpegError, OSError, SourceError) as error:
             if not media.live or self._stop_requested.is_set():
-                raise SourceError(f"cannot open {media.description}: {error}") from None
+                raise SourceError(
+                    f"cannot open {media.description}: {self._scrub(error)}"
+                ) from None
             delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
             self.mode = f"source unavailable, retrying in {delay:g} s"
             if failures == 0:
                 _log.warn(
                     "cannot open {source} ({error}); retrying",
                     source=media.description,
-                    error=error,
+                    error=self._scrub(error),
                 )
             self._stop_requested.wait(delay)
             return None
@@ -308,6 +314,11 @@ class SourcePipeline:
         # A file on a web server has a duration, a live stream has none.
         self._paced = not media.live or (media.pace_if_finite and container.duration is not None)
         return container
+
+    def _scrub(self, error: Exception) -> str:
+        """An error's text without the source URL, which may hold credentials (FFmpeg
+        errors quote it)."""
+        return str(error).replace(self._media.url, self._media.description)
 
     def _transcode(self, container: Any, reason: str) -> None:
         """Hand the source to an encoding pipeline, which reports when it finishes."""

@@ -598,3 +598,19 @@ def test_remuxing_costs_a_fraction_of_transcoding(relay: RelayProcess, tmp_path:
     print(f"CPU seconds over 6 s: remuxing {remuxing:.2f}, transcoding {transcoding:.2f}")
     assert transcoding > 0
     assert remuxing < 0.5 * transcoding, (remuxing, transcoding)
+
+
+def test_unreachable_source_is_retried_and_credentials_stay_out_of_the_log(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """An RTSP camera that refuses connections: the publisher keeps running and retrying,
+    says so, and never prints the password of the URL (FFmpeg's errors quote the URL)."""
+    port = free_port()
+    log = tmp_path / "publisher.log"
+    source = f"rtsp://admin:s3cret-pw@127.0.0.1:{port}/stream1?token=t0ken"
+    with publisher(relay, "cam", source, log, "--duration", "4") as process:
+        process.wait(30)
+    text = log.read_text()
+    assert process.returncode == 0, text
+    assert "cannot open rtsp://127.0.0.1:" in text and "retrying" in text, text
+    assert "s3cret-pw" not in text and "t0ken" not in text, text
