@@ -93,10 +93,14 @@ Building blocks:
   ``create_encoder("h264"|"vp9"|"av1", settings)``, libvpx-vp9 and SVT-AV1 set for live;
 - :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
 - :mod:`.pipeline` (needs PyAV): :class:`CapturePipeline`, the capture/encode thread with
-  drop-at-source.
+  drop-at-source;
 - :mod:`.renditions` (the ``--renditions`` list, the ``BASE~LABEL`` naming, the meta),
   :mod:`.rendition_publisher` (:class:`RenditionPublisher`) and, with PyAV,
-  :mod:`.rendition_pipeline` (:class:`RenditionEncoders`, :class:`RenditionPipeline`).
+  :mod:`.rendition_pipeline` (:class:`RenditionEncoders`, :class:`RenditionPipeline`);
+- :mod:`.remux` (needs PyAV): ``SourcePipeline``, a file or URL source remuxed without
+  re-encoding (or transcoded when a browser could not play it), built on
+  :mod:`.bitstream` (AVCC to Annex-B), :mod:`.timeline` (PTS to capture times) and
+  :mod:`.hevc` (HEVC pass-through).
 
 Inside the network side: :mod:`.settings` (the record), :mod:`.connector` (the
 connection lifecycle, a state machine in :mod:`.state`), :mod:`.connection` (the

@@ -18,6 +18,7 @@ from .renditions import Rendition, RenditionError, base_stream_name, parse_rendi
 from .settings import DEFAULT_URL
 
 TOKEN_ENVIRONMENT_VARIABLE = "STREAMRELAY_TOKEN"
+SOURCE_ENVIRONMENT_VARIABLE = "STREAMRELAY_SOURCE"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamrelay-publish",
         description="Capture or generate video, encode it to H.264 with libx264 and publish it "
-        "live to a streamrelay server over WebSocket (wire protocol v1).",
+        "live to a streamrelay server over WebSocket (wire protocol v1); a file or URL "
+        "source that carries H.264 already is remuxed without re-encoding.",
         epilog=f"The token may also come from the {TOKEN_ENVIRONMENT_VARIABLE} environment "
         "variable, which keeps it out of the process list.",
     )
@@ -134,9 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--source",
-        default="testsrc",
-        help="testsrc (default: moving pattern with clock and frame counter), screen[:INPUT], "
-        "file:PATH (looped) or camera[:DEVICE]",
+        default=None,
+        help="testsrc (a moving pattern with clock and frame counter), screen[:INPUT], "
+        "camera[:DEVICE], file:PATH (played at its own rate, looped) or a URL: rtsp://, "
+        "rtmp:// (rtmp://HOST:PORT/APP/KEY?listen=1 lets OBS or ffmpeg push to it), srt://, "
+        "udp:// (MPEG-TS)... Files and URLs carrying H.264 without B-frames are remuxed "
+        "without re-encoding (--size, --fps, --bitrate, --keyframe-interval, --preset and "
+        "--profile then do not apply, and keyframe requests cannot be honoured: viewers start "
+        "at the source's keyframes); anything else is transcoded. Default: the "
+        f"{SOURCE_ENVIRONMENT_VARIABLE} environment variable (keeps a URL's credentials out "
+        "of the process list), else testsrc",
+    )
+    parser.add_argument(
+        "--transcode",
+        action="store_true",
+        help="re-encode a file or URL source even when it could be remuxed",
+    )
+    parser.add_argument(
+        "--hevc-passthrough",
+        action="store_true",
+        help="remux HEVC (H.265) sources as they are instead of transcoding them to H.264; "
+        "only browsers with an HEVC decoder (Safari, Chrome with hardware decoding) can "
+        "play the stream",
     )
     parser.add_argument(
         "--source-option",
@@ -144,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=parse_source_option,
         metavar="KEY=VALUE",
-        help="extra FFmpeg input option for screen/camera, e.g. video_size=640x480 (repeatable)",
+        help="extra FFmpeg input option for screen/camera/file/URL sources, e.g. "
+        "video_size=640x480, rtsp_transport=udp, listen=1 (repeatable)",
     )
     parser.add_argument(
         "--size",
@@ -282,6 +304,8 @@ class PublishOptions:
     codec: str = "h264"
     thumbnail_interval: float = 5.0
     audio: Any = None  # an AudioSpec; None: no audio
+    transcode: bool = False
+    hevc_passthrough: bool = False
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -298,12 +322,14 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
     except ValueError as error:
         parser.error(f"argument url: {error}")
     try:
-        source = parse_source_spec(args.source)
+        source = parse_source_spec(
+            args.source or os.environ.get(SOURCE_ENVIRONMENT_VARIABLE) or "testsrc"
+        )
     except ValueError as error:
         parser.error(f"argument --source: {error}")
     if args.source_option:
-        if source.kind not in ("screen", "camera"):
-            parser.error("argument --source-option: only screen and camera sources take options")
+        if source.kind == "testsrc":
+            parser.error("argument --source-option: testsrc takes no options")
         source = dataclasses.replace(source, options=dict(args.source_option))
     try:
         audio = _audio_option(args.audio, source)
@@ -352,6 +378,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         codec=args.codec,
         thumbnail_interval=args.thumbnail_interval,
         audio=audio,
+        transcode=args.transcode,
+        hevc_passthrough=args.hevc_passthrough,
     )
 
 

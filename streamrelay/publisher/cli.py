@@ -6,6 +6,8 @@ Examples::
     streamrelay-publish ws://relay:8080/publish/desk --source screen --size 1920x1080
     streamrelay-publish wss://relay/publish/clip --source file:clip.mp4 --token "$TOKEN"
     streamrelay-publish ws://relay:8080/publish/cam --source camera --on-demand   # idle unwatched
+    streamrelay-publish ws://relay:8080/publish/cam --source rtsp://user:pass@camera/stream1
+    streamrelay-publish ws://relay:8080/publish/obs --source 'rtmp://0.0.0.0:1935/live/obs?listen=1'
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
     streamrelay-publish ws://relay/publish/cam --renditions 1280x720@2500k,640x360@800k,320x180@250k
 
@@ -60,16 +62,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_arguments(argv)
 
     from .audio import FanOutAudioSink, start_audio
-    from .codecs import create_encoder
+    from .codecs import VideoEncoder, create_encoder
     from .encoder import EncoderSettings
     from .pipeline import CapturePipeline
-    from .sources import SourceError, open_source
+    from .remux import SourcePipeline
+    from .sources import SourceError, media_input, open_source
     from .status import StatusLine, console_observer
 
     stderr = sys.stderr
+
+    def make_encoder() -> VideoEncoder:
+        """The encoder the options describe (also for a source that must be transcoded)."""
+        return create_encoder(
+            options.codec,
+            EncoderSettings(
+                width=options.width,
+                height=options.height,
+                fps=options.fps,
+                bitrate=options.bitrate,
+                keyframe_interval_frames=options.keyframe_interval_frames,
+                preset=options.preset,
+                profile=options.profile,
+            ),
+        )
+
+    # Files and URLs are opened in the source thread, which remuxes H.264 (or transcodes);
+    # renditions scale decoded frames, so their sources go through the capture thread.
+    remuxable = options.source.kind in ("file", "url") and not options.renditions
     encoders = None
     try:
-        source = open_source(options.source, options.width, options.height, options.fps)
+        if remuxable:
+            media = media_input(options.source)
+        else:
+            source = open_source(options.source, options.width, options.height, options.fps)
         if options.renditions:
             from .rendition_pipeline import RenditionEncoders
 
@@ -80,19 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 preset=options.preset,
                 profile=options.profile,
             )
-        else:
-            encoder = create_encoder(
-                options.codec,
-                EncoderSettings(
-                    width=options.width,
-                    height=options.height,
-                    fps=options.fps,
-                    bitrate=options.bitrate,
-                    keyframe_interval_frames=options.keyframe_interval_frames,
-                    preset=options.preset,
-                    profile=options.profile,
-                ),
-            )
+        elif not remuxable:
+            encoder = make_encoder()
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
@@ -111,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_demand_grace=options.on_demand_grace,
     )
     thumbnails = None
-    if options.thumbnail_interval > 0:
+    if options.thumbnail_interval > 0 and not remuxable:
+        # A remuxing publisher decodes nothing, so it has no picture to shrink.
         from .thumbnail import ThumbnailMaker
 
         thumbnails = ThumbnailMaker(interval=options.thumbnail_interval)
@@ -130,16 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(publisher, RenditionPublisher)
             else publisher
         )
-        audio = start_audio(options, source, audio_sink, reactor)
+        audio = start_audio(options, None if remuxable else source, audio_sink, reactor)
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
     meta_extra = None if audio is None else {"audio": audio.meta}
+    pipeline: CapturePipeline | SourcePipeline
     if isinstance(publisher, RenditionPublisher):
         from .rendition_pipeline import RenditionPipeline
 
         assert encoders is not None
-        pipeline: CapturePipeline = RenditionPipeline(
+        pipeline = RenditionPipeline(
             source,
             encoders,
             publisher.publishers,
@@ -150,6 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             thumbnails=thumbnails,
             send_thumbnail=publisher.publishers[0].send_thumbnail_threadsafe,
             meta_extra=meta_extra,
+        )
+    elif remuxable:
+        pipeline = SourcePipeline(
+            media,
+            publisher,
+            reactor=reactor,
+            encoder_factory=make_encoder,
+            frame_size=(options.width, options.height),
+            fps=options.fps,
+            meta_extra=meta_extra,
+            # Another codec than H.264 asked for: what the source holds is re-encoded.
+            force_transcode=options.transcode or options.codec != "h264",
+            hevc_passthrough=options.hevc_passthrough,
         )
     else:
         pipeline = CapturePipeline(
@@ -212,18 +241,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def begin() -> None:
         """Once the reactor runs: connect, start capturing and the status line."""
-        _log.info(
-            "publishing {source} as {width}x{height} {fps} fps {bitrate} kbit/s "
-            "(GOP {gop} frames, {profile}) to {url}",
-            source=source.description,
-            width=options.width,
-            height=options.height,
-            fps=float(options.fps),
-            bitrate=options.bitrate // 1000,
-            gop=options.keyframe_interval_frames,
-            profile=options.profile if options.codec == "h264" else options.codec,
-            url=publisher.target.display_url,
-        )
+        if isinstance(pipeline, SourcePipeline):
+            _log.info(
+                "publishing {source} to {url}: remuxed when it is H.264 without B-frames, "
+                "else transcoded to {width}x{height} {bitrate} kbit/s",
+                source=pipeline.description,
+                url=publisher.target.display_url,
+                width=options.width,
+                height=options.height,
+                bitrate=options.bitrate // 1000,
+            )
+        else:
+            _log.info(
+                "publishing {source} as {width}x{height} {fps} fps {bitrate} kbit/s "
+                "(GOP {gop} frames, {profile}) to {url}",
+                source=source.description,
+                width=options.width,
+                height=options.height,
+                fps=float(options.fps),
+                bitrate=options.bitrate // 1000,
+                gop=options.keyframe_interval_frames,
+                profile=options.profile if options.codec == "h264" else options.codec,
+                url=publisher.target.display_url,
+            )
         if options.renditions:
             _log.info(
                 "renditions {renditions}, one connection each: {streams}",

@@ -80,8 +80,8 @@ def nal_type(unit: bytes) -> int:
     return unit[0] & 0x1F
 
 
-def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
-    """Convert a length-prefixed (AVCC / MP4-style) access unit to Annex-B."""
+def split_avcc(data: bytes, length_size: int = 4) -> list[bytes]:
+    """The NAL units of a length-prefixed (AVCC / MP4-style) access unit."""
     if length_size not in (1, 2, 4):
         raise H264Error(f"bad NAL length size {length_size}")
     units = []
@@ -93,9 +93,15 @@ def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
         position += length_size
         if position + length > len(data):
             raise H264Error("AVCC NAL unit runs past the end of the data")
-        units.append(data[position : position + length])
+        if length:
+            units.append(data[position : position + length])
         position += length
-    return join_annexb(units)
+    return units
+
+
+def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
+    """Convert a length-prefixed (AVCC / MP4-style) access unit to Annex-B."""
+    return join_annexb(split_avcc(data, length_size))
 
 
 def avcc_config_to_parameter_sets(record: bytes) -> tuple[list[bytes], list[bytes], int]:
@@ -279,75 +285,139 @@ def _has_picture(units: Sequence[bytes]) -> bool:
     return any(1 <= nal_type(unit) <= 5 for unit in units)
 
 
-class H264Packager:
-    """Turns Annex-B access units from any H.264 encoder into v1 media messages.
+class AnnexBPackager:
+    """Turns Annex-B access units into v1 media messages: the rules every codec whose
+    parameter sets travel as NAL units shares (H.264 here, HEVC in :mod:`.hevc`).
 
     Feed access units in decoding order to :meth:`package`. It returns the messages to send:
-    a CONFIG (SPS+PPS) before a KEY whose parameter sets differ from the last ones sent,
-    then the access unit itself, flagged KEY when it holds an IDR slice. A KEY that lacks
-    in-band SPS/PPS (an encoder with global headers) gets the last known ones inserted, so
-    that every KEY stands alone. An access unit holding only parameter sets updates the
-    configuration and yields just a CONFIG.
+    a CONFIG (the parameter sets) before a KEY whose parameter sets differ from the last
+    ones sent, then the access unit itself, flagged KEY when it holds a picture decoding can
+    start from. A KEY that lacks in-band parameter sets (an encoder with global headers, a
+    remuxed MP4) gets the last known ones inserted after any access unit delimiter, so that
+    every KEY stands alone. An access unit holding only parameter sets updates the
+    configuration and yields just a CONFIG. Subclasses name the NAL unit types.
     """
 
-    def __init__(self) -> None:
-        self._sps: tuple[bytes, ...] = ()
-        self._pps: tuple[bytes, ...] = ()
-        self._config_sent: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None
+    #: The parameter set NAL unit types, in the order a CONFIG and a KEY carry them.
+    parameter_set_types: tuple[int, ...] = (NAL_SPS, NAL_PPS)
+    delimiter_type: int = NAL_AUD
 
-    @property
-    def sps_info(self) -> SpsInfo | None:
-        """The parsed current SPS, once one has been seen."""
-        return parse_sps(self._sps[0]) if self._sps else None
+    def __init__(self) -> None:
+        self._sets: dict[int, tuple[bytes, ...]] = {kind: () for kind in self.parameter_set_types}
+        self._config_sent: tuple[tuple[bytes, ...], ...] | None = None
+
+    @staticmethod
+    def unit_type(unit: bytes) -> int:
+        """The NAL unit type of ``unit``."""
+        return nal_type(unit)
+
+    @staticmethod
+    def is_picture(kind: int) -> bool:
+        """True for the NAL unit types of coded pictures (slices)."""
+        return 1 <= kind <= 5
+
+    @staticmethod
+    def is_key_picture(kind: int) -> bool:
+        """True for the NAL unit types decoding can start from (a v1 KEY)."""
+        return kind == NAL_IDR
 
     @property
     def codec_string(self) -> str | None:
-        """The codec string of the current SPS, once one has been seen."""
-        return codec_string_from_sps(self._sps[0]) if self._sps else None
+        """The WebCodecs codec string of the current parameter sets, once known."""
+        return None
+
+    @property
+    def picture_size(self) -> tuple[int, int] | None:
+        """The display (width, height) of the current parameter sets, once known."""
+        return None
+
+    def is_key_access_unit(self, access_unit: bytes) -> bool:
+        """True when the Annex-B access unit holds a picture decoding can start from."""
+        return any(self.is_key_picture(self.unit_type(unit)) for unit in split_annexb(access_unit))
+
+    def _current(self) -> tuple[tuple[bytes, ...], ...]:
+        return tuple(self._sets[kind] for kind in self.parameter_set_types)
+
+    def _complete(self) -> bool:
+        return all(self._current())
 
     @property
     def config_payload(self) -> bytes | None:
-        """The current CONFIG payload (Annex-B SPS+PPS), once both have been seen."""
-        if not (self._sps and self._pps):
+        """The current CONFIG payload (Annex-B parameter sets), once all have been seen."""
+        if not self._complete():
             return None
-        return join_annexb(self._sps + self._pps)
+        return join_annexb(unit for units in self._current() for unit in units)
 
     def package(self, access_unit: bytes, capture_time_us: int) -> list[MediaMessage]:
         """Return the v1 messages for one Annex-B access unit (see the class docstring)."""
         units = split_annexb(access_unit)
         if not units:
             return []
-        sps, pps = extract_parameter_sets(units)
-        if sps:
-            self._sps = tuple(sps)
-        if pps:
-            self._pps = tuple(pps)
+        kinds = [self.unit_type(unit) for unit in units]
+        found = False
+        for kind in self.parameter_set_types:
+            in_band = tuple(unit for unit, k in zip(units, kinds, strict=True) if k == kind)
+            if in_band:
+                self._sets[kind] = in_band
+                found = True
+        missing = any(kind not in kinds for kind in self.parameter_set_types)
         messages: list[MediaMessage] = []
-        if not _has_picture(units):
-            if self._sps and self._pps and (sps or pps):
+        if not any(self.is_picture(kind) for kind in kinds):
+            if self._complete() and found:
                 messages.extend(self._config_if_changed(capture_time_us))
             return messages
-        if not is_idr(units):
+        if not any(self.is_key_picture(kind) for kind in kinds):
             messages.append(MediaMessage.build(0, capture_time_us, access_unit))
             return messages
-        if not (self._sps and self._pps):
-            raise H264Error("IDR access unit without SPS/PPS, and none known")
+        if not self._complete():
+            raise H264Error("key access unit without parameter sets, and none known")
         messages.extend(self._config_if_changed(capture_time_us))
-        if not (sps and pps):
-            access_unit = self._with_parameter_sets(units)
+        if missing:
+            access_unit = self._with_parameter_sets(units, kinds)
         messages.append(MediaMessage.build(FLAG_KEY, capture_time_us, access_unit))
         return messages
 
     def _config_if_changed(self, capture_time_us: int) -> list[MediaMessage]:
-        current = (self._sps, self._pps)
+        current = self._current()
         if current == self._config_sent:
             return []
         self._config_sent = current
-        config = join_annexb(self._sps + self._pps)
+        config = join_annexb(unit for units in current for unit in units)
         return [MediaMessage.build(FLAG_CONFIG, capture_time_us, config)]
 
-    def _with_parameter_sets(self, units: Sequence[bytes]) -> bytes:
+    def _with_parameter_sets(self, units: Sequence[bytes], kinds: Sequence[int]) -> bytes:
         # Parameter sets go after any access unit delimiter, which must stay first.
-        delimiters = [unit for unit in units if nal_type(unit) == NAL_AUD]
-        rest = [unit for unit in units if nal_type(unit) not in (NAL_AUD, NAL_SPS, NAL_PPS)]
-        return join_annexb([*delimiters, *self._sps, *self._pps, *rest])
+        delimiters = [
+            unit for unit, kind in zip(units, kinds, strict=True) if kind == self.delimiter_type
+        ]
+        skip = {self.delimiter_type, *self.parameter_set_types}
+        rest = [unit for unit, kind in zip(units, kinds, strict=True) if kind not in skip]
+        sets = [unit for current in self._current() for unit in current]
+        return join_annexb([*delimiters, *sets, *rest])
+
+
+class H264Packager(AnnexBPackager):
+    """Turns Annex-B access units from any H.264 encoder into v1 media messages.
+
+    The rules are :class:`AnnexBPackager`'s: CONFIG (SPS+PPS) before a KEY whose
+    parameter sets changed, KEY on IDR access units, SPS/PPS inserted into a KEY that
+    lacks them.
+    """
+
+    @property
+    def sps_info(self) -> SpsInfo | None:
+        """The parsed current SPS, once one has been seen."""
+        sps = self._sets[NAL_SPS]
+        return parse_sps(sps[0]) if sps else None
+
+    @property
+    def codec_string(self) -> str | None:
+        """The codec string of the current SPS, once one has been seen."""
+        sps = self._sets[NAL_SPS]
+        return codec_string_from_sps(sps[0]) if sps else None
+
+    @property
+    def picture_size(self) -> tuple[int, int] | None:
+        """The display size the current SPS gives, once one has been seen."""
+        info = self.sps_info
+        return (info.width, info.height) if info is not None else None

@@ -12,15 +12,21 @@ Source specifications (the CLI's ``--source``):
     a video file, decoded, looped forever and re-timed to the output frame rate;
 ``camera`` or ``camera:DEVICE``
     v4l2 on Linux (``/dev/video0``), dshow on Windows (the device name, required),
-    avfoundation on macOS (device index or name, default ``0``).
+    avfoundation on macOS (device index or name, default ``0``);
+``SCHEME://...`` (kind ``url``)
+    anything FFmpeg opens: ``rtsp://``, ``rtmp://`` (``?listen=1`` to let OBS or ffmpeg
+    push to it), ``srt://``, ``udp://`` MPEG-TS, ``http(s)://``...; see :func:`media_input`.
 
-Every source returns yuv420p frames of the configured size, paired with their capture time.
-Sources are used from the capture thread only.
+``file`` and ``url`` sources are remuxed without decoding when the browser can play them
+(see :mod:`.remux`); otherwise, and for the other kinds, every source returns yuv420p
+frames of the configured size, paired with their capture time. Sources are used from the
+capture thread only.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -28,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import av
 
@@ -35,7 +42,8 @@ from streamrelay.wire import now_us
 
 from .testpattern import BEAT_FRAMES, TestPattern
 
-SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera")
+SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera", "url")
+_URL: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class SourceError(Exception):
@@ -64,9 +72,14 @@ class SourceSpec:
 
 
 def parse_source_spec(text: str) -> SourceSpec:
-    """Parse ``testsrc``, ``screen[:INPUT]``, ``file:PATH``, ``camera[:DEVICE]`` or a path."""
+    """Parse ``testsrc``, ``screen[:INPUT]``, ``file:PATH``, ``camera[:DEVICE]``, a URL
+    (``rtsp://...``, kind ``url``) or a path."""
+    if _URL.match(text):
+        if text.lower().startswith("file://"):
+            return SourceSpec("file", urlsplit(text).path)
+        return SourceSpec("url", text)
     kind, separator, target = text.partition(":")
-    if kind in SOURCE_KINDS:
+    if kind in SOURCE_KINDS and kind != "url":
         if kind == "testsrc" and separator:
             raise ValueError("testsrc takes no argument")
         if kind == "file" and not target:
@@ -75,7 +88,8 @@ def parse_source_spec(text: str) -> SourceSpec:
     if os.path.isfile(text):
         return SourceSpec("file", text)
     raise ValueError(
-        f"unknown source {text!r}: use testsrc, screen[:INPUT], file:PATH or camera[:DEVICE]"
+        f"unknown source {text!r}: use testsrc, screen[:INPUT], file:PATH, camera[:DEVICE] "
+        "or a URL (rtsp://, rtmp://, srt://, udp://...)"
     )
 
 
@@ -84,7 +98,7 @@ class DeviceInput:
     """How to open a capture device with ``av.open``: URL, format and options."""
 
     url: str
-    format: str
+    format: str | None
     options: dict[str, str]
 
 
@@ -127,6 +141,61 @@ def device_input(
         raise SourceError(f"{spec.kind} is not a capture device")
     options.update(spec.options)
     return DeviceInput(url, fmt, options)
+
+
+@dataclass(frozen=True, slots=True)
+class MediaInput:
+    """How to open a ``file`` or ``url`` source with ``av.open``.
+
+    ``live``: the source sets the pace (a network stream); otherwise the publisher plays
+    it at its own rate and loops it (a file, or a URL with a known duration once open).
+    ``listen``: the publisher waits for a peer to push to it (RTMP ``listen``, SRT
+    ``mode=listener``, ``tcp://...?listen``), so opening has no timeout.
+    ``pace_if_finite``: a live URL that turns out to have a duration once open (a file on
+    a web server) is played at its own rate and looped like a file.
+    """
+
+    url: str
+    options: dict[str, str]
+    live: bool
+    listen: bool
+    description: str
+    pace_if_finite: bool = False
+
+
+def media_input(spec: SourceSpec) -> MediaInput:
+    """Map a ``file`` or ``url`` spec to ``av.open`` arguments.
+
+    RTSP defaults to TCP transport (``rtsp_transport=tcp``: no smeared pictures from lost
+    UDP packets); ``rtmp://...?listen=1`` becomes the ``listen`` option (FFmpeg's RTMP
+    protocol reads no options from the URL); ``--source-option`` values override.
+    """
+    if spec.target is None:
+        raise SourceError(f"{spec.kind} source needs a path or URL")
+    if spec.kind == "file":
+        return MediaInput(spec.target, dict(spec.options), False, False, spec.describe())
+    if spec.kind != "url":
+        raise SourceError(f"{spec.kind} is not a file or URL source")
+    url = spec.target
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    options: dict[str, str] = {}
+    if scheme == "rtsp":
+        options["rtsp_transport"] = "tcp"
+    if scheme in ("rtmp", "rtmps", "rtmpt") and "listen" in query:
+        options["listen"] = query.pop("listen") or "1"
+        url = urlunsplit(parts._replace(query=urlencode(query)))
+    options.update(spec.options)
+    listen = (
+        options.get("listen", "0") not in ("", "0")
+        or "listen" in query
+        or query.get("mode") == "listener"
+    )
+    # Credentials in the URL stay out of descriptions, logs and the status line.
+    shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
+    finite = scheme in ("http", "https", "ftp", "sftp", "smb")
+    return MediaInput(url, options, True, listen, shown, pace_if_finite=finite)
 
 
 class FrameSource(ABC):
@@ -194,7 +263,8 @@ class FileSource(FrameSource):
 
     def __init__(self, path: str, width: int, height: int) -> None:
         super().__init__(width, height, f"file:{path}")
-        if not os.path.isfile(path):
+        # A URL (a file on a web server, see remux.py) cannot be checked beforehand.
+        if not _URL.match(path) and not os.path.isfile(path):
             raise SourceError(f"no such file: {path}")
         self._path = path
         self._container: Any = None
@@ -267,7 +337,11 @@ class FileSource(FrameSource):
 
 
 class DeviceSource(FrameSource):
-    """A live capture device (screen or camera); the device paces the reads."""
+    """A live capture device (screen or camera); the device paces the reads.
+
+    :meth:`from_container` decodes a stream that is open already (a network source that
+    cannot be played without re-encoding, see :mod:`.remux`).
+    """
 
     live = True
 
@@ -303,6 +377,19 @@ class DeviceSource(FrameSource):
         """Open the device again."""
         if self._container is None:
             self._open()
+
+    @classmethod
+    def from_container(
+        cls, container: Any, width: int, height: int, description: str
+    ) -> DeviceSource:
+        """Decode the first video stream of an open container (which this source owns)."""
+        source = cls.__new__(cls)
+        FrameSource.__init__(source, width, height, description)
+        source._container = container
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        source._frames = container.decode(stream)
+        return source
 
     def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
         """Block until the device delivers its next picture."""

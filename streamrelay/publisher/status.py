@@ -21,6 +21,7 @@ from .client import ConnectionState, PublisherStats, Readiness
 
 if TYPE_CHECKING:
     from .pipeline import CapturePipeline  # imports PyAV
+    from .remux import SourcePipeline
 
 _CLEAR_LINE = "\r\x1b[K"
 
@@ -68,7 +69,7 @@ class StatusLine:
         self,
         reactor: Any,
         publisher: PublisherView,
-        pipeline: CapturePipeline | None,
+        pipeline: CapturePipeline | SourcePipeline | None,
         stream: TextIO,
         *,
         interactive: bool | None = None,
@@ -135,9 +136,12 @@ class StatusLine:
         elif publisher.state is not ConnectionState.LIVE and publisher.last_error:
             state = f"{state}: {publisher.last_error[:60]}"
         viewers = "-" if publisher.viewers is None else str(publisher.viewers)
+        # A file or URL source says whether it remuxes or transcodes, and why.
+        mode = getattr(self._pipeline, "mode", None)
         return (
             f"{fps:5.1f} fps {kbps:7.0f} kbit/s  viewers {viewers}  "
             f"dropped {self.dropped()}{viewer_report_text(publisher.viewer_report)}  [{state}]"
+            + (f"  {mode}" if mode else "")
         )
 
     def _tick(self) -> None:

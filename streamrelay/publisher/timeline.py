@@ -1,0 +1,133 @@
+"""Capture times for remuxed media: a source's timestamps mapped onto the wire clock.
+
+A remuxed source brings its own timestamps (PTS in the stream's time base): they may
+start anywhere, wrap (MPEG-TS PTS wraps every 2**33 / 90 kHz, about 26.5 hours), jump
+(a camera restart, a spliced TS, a file that loops) or be missing. The wire wants a
+wall-clock capture time per frame, in microseconds since the Unix epoch, that increases
+from frame to frame. Three small pieces, free of I/O (clocks are passed in):
+
+:class:`MediaTimeline`
+    turns raw PTS into a continuous media time: strictly increasing, with wraps, jumps
+    backwards and jumps forwards of more than ``max_gap`` seconds replaced by one frame
+    duration, and a missing PTS extrapolated from the last one;
+:class:`LiveClock`
+    for a live source (the network sets the pace): capture time = media time + an offset
+    that follows the lower envelope of (arrival time - media time). A frame is never
+    stamped later than it arrived, network jitter does not reach the stamps (the PTS
+    cadence does), a slowly drifting source clock is followed (the offset leaks upwards
+    by ``leak`` seconds per second of media until it touches the arrivals again), and a
+    stall longer than ``resync_after`` re-anchors at once;
+:class:`PacedClock`
+    for a file that the publisher plays at its own rate: the time each frame is due; a
+    reader that falls behind by more than ``late_after`` carries on from now rather than
+    bursting to catch up.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Final
+
+MICROSECONDS: Final = 1_000_000
+
+
+class MediaTimeline:
+    """Continuous, strictly increasing media time (microseconds) from raw packet PTS."""
+
+    def __init__(self, frame_duration_us: int = 33_333, max_gap: float = 5.0) -> None:
+        if frame_duration_us < 1:
+            raise ValueError("frame duration must be at least 1 microsecond")
+        self.frame_duration_us = frame_duration_us
+        self._max_gap_us = int(max_gap * MICROSECONDS)
+        self._last_raw_us: int | None = None
+        self._last_raw_media_us = 0
+        self._last_us: int | None = None
+        #: How many discontinuities (wraps, jumps) were smoothed over.
+        self.discontinuities = 0
+
+    def advance(self, pts: int | None, time_base: Fraction | None) -> int:
+        """The media time of the next frame in decoding order, from its PTS (or None)."""
+        raw_us = None
+        if pts is not None and time_base is not None:
+            raw_us = int(pts * time_base * MICROSECONDS)
+        last = self._last_us
+        if last is None:
+            media_us = 0
+        elif raw_us is None or self._last_raw_us is None:
+            media_us = last + self.frame_duration_us
+        else:
+            step = raw_us - self._last_raw_us
+            if 0 < step <= self._max_gap_us:
+                # From the last frame that had a PTS: frames without one in between
+                # were extrapolated, and do not shift this one.
+                media_us = max(self._last_raw_media_us + step, last + 1)
+            else:
+                # A wrap, a jump, a repeated PTS or a new pass of a looped file: the
+                # frame follows the previous one by one frame duration.
+                if step != 0:
+                    self.discontinuities += 1
+                media_us = last + self.frame_duration_us
+        if raw_us is not None:
+            self._last_raw_us = raw_us
+            self._last_raw_media_us = media_us
+        self._last_us = media_us
+        return media_us
+
+
+class LiveClock:
+    """Capture times for a live source: see the module docstring."""
+
+    def __init__(self, leak: float = 0.001, resync_after: float = 2.0) -> None:
+        self._leak = leak
+        self._resync_after_us = int(resync_after * MICROSECONDS)
+        self._offset_us: int | None = None
+        self._last_media_us = 0
+        self._last_capture_us = 0
+        #: How many times the clock re-anchored after a stall or a jump.
+        self.resyncs = 0
+
+    def capture_time(self, media_us: int, arrival_us: int) -> int:
+        """The capture time of a frame at ``media_us`` that arrived at ``arrival_us``."""
+        observed = arrival_us - media_us
+        offset = self._offset_us
+        if offset is None:
+            offset = observed
+        else:
+            offset += int((media_us - self._last_media_us) * self._leak)
+            if observed < offset:
+                offset = observed
+            elif observed - offset > self._resync_after_us:
+                self.resyncs += 1
+                offset = observed
+        self._offset_us = offset
+        self._last_media_us = media_us
+        capture = max(media_us + offset, self._last_capture_us + 1)
+        self._last_capture_us = capture
+        return capture
+
+
+class PacedClock:
+    """When each frame of a paced (file) source is due, on the wall clock (microseconds)."""
+
+    def __init__(self, late_after: float = 0.25) -> None:
+        self._late_after_us = int(late_after * MICROSECONDS)
+        self._offset_us: int | None = None
+        self._last_due_us = 0
+        #: How many times the reader was late and carried on from now.
+        self.late_restarts = 0
+
+    def due(self, media_us: int, now_us: int) -> int:
+        """The wall-clock time at which the frame at ``media_us`` should go out."""
+        if self._offset_us is None:
+            self._offset_us = now_us - media_us
+        due = media_us + self._offset_us
+        if due < now_us - self._late_after_us:
+            self.late_restarts += 1
+            self._offset_us = now_us - media_us
+            due = now_us
+        due = max(due, self._last_due_us + 1)
+        self._last_due_us = due
+        return due
+
+
+__all__ = ["LiveClock", "MediaTimeline", "PacedClock"]
