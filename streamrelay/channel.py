@@ -16,7 +16,9 @@ limit alone, and each request head moves its slot to the client it names.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.error import ConnectionAborted
@@ -29,11 +31,21 @@ from streamrelay import wire
 from streamrelay.addresses import describe_address
 from streamrelay.context import RelayContext
 from streamrelay.limits import ConnectionSlot, Refusal
-from streamrelay.logs import relay_logger
+from streamrelay.logs import limited, relay_logger
 from streamrelay.peers import peer_host
 from streamrelay.protocol import RelayProtocol
 
 _log = relay_logger(__name__)
+
+# The lines logged when a WebSocket opens and closes (each format string is a kind for
+# the log's rate limit: logs.limited).
+_OPENED = "{role} opened stream={stream} peer={peer}"
+_OPENED_VIA = _OPENED + " via={via}"
+_CLOSE_TAIL = (
+    " after {duration:.1f}s code={code} by={by} clean={clean} in={bytes_in}B out={bytes_out}B"
+)
+_CLOSED = "{role} closed stream={stream} peer={peer}" + _CLOSE_TAIL
+_CLOSED_VIA = "{role} closed stream={stream} peer={peer} via={via}" + _CLOSE_TAIL
 
 REASONS = {
     400: b"Bad Request",
@@ -49,19 +61,48 @@ REASONS = {
 }
 
 
-def raw_answer(status: int, reason: str, retry_after: int | None = None) -> bytes:
-    """A complete plain-text response that closes the connection, for refusals made
-    before twisted.web has a request to answer."""
+@lru_cache(maxsize=256)
+def _answer_parts(
+    status: int, reason: str, retry_after: int | None, upgrade: bool
+) -> tuple[bytes, bytes]:
+    # The status line, and every header after Date with the body: a refusal costs a
+    # lookup and a join (refusals come in storms, from a small set of reasons).
     body = reason.encode("utf-8") + b"\n"
     lines = [
-        b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error")),
         b"Content-Type: text/plain; charset=utf-8",
+        b"Cache-Control: no-store",
         b"Content-Length: %d" % len(body),
         b"Connection: close",
     ]
     if retry_after is not None:
         lines.append(b"Retry-After: %d" % retry_after)
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    if upgrade:
+        lines.append(b"Upgrade: websocket")
+    first = b"HTTP/1.1 %d %s\r\nDate: " % (status, REASONS.get(status, b"Error"))
+    return first, b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+_date_cache: tuple[int, bytes] = (-1, b"")
+
+
+def _http_date(now: float) -> bytes:
+    # RFC 9110 6.6.1: an origin server with a clock sends Date; formatted once a second.
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, http.datetimeToString(second))
+    return _date_cache[1]
+
+
+def raw_answer(
+    status: int, reason: str, retry_after: int | None = None, now: float | None = None
+) -> bytes:
+    """A complete plain-text response that closes the connection, for refusals made
+    before (or without) a twisted.web request: status, ``Date``, ``Content-Type``,
+    ``Cache-Control: no-store``, ``Content-Length``, ``Connection: close``, and
+    ``Retry-After`` when given (``Upgrade: websocket`` with a 426)."""
+    first, rest = _answer_parts(status, reason, retry_after, status == 426)
+    return first + _http_date(time.time() if now is None else now) + rest
 
 
 @dataclass
@@ -121,6 +162,8 @@ class RelayChannel(http.HTTPChannel):
         self._close_after_response = False
         self._head_bytes = 0
         self._head_lines = 0
+        # The connection's first read may be answered from the head (streamrelay.upgrade).
+        self._first_read = True
 
     def connectionMade(self) -> None:
         """Take a slot in the limits (or remember why not) and start the deadline."""
@@ -163,6 +206,11 @@ class RelayChannel(http.HTTPChannel):
         """Forward to the WebSocket after the upgrade; otherwise parse HTTP."""
         if self._passed_on(data):
             return
+        if self._first_read:
+            self._first_read = False
+            upgrade_from_head = getattr(self.site, "upgrade_from_head", None)
+            if upgrade_from_head is not None and upgrade_from_head(self, data):
+                return
         if not self._in_request:
             self._arm_deadline()
         super().dataReceived(data)
@@ -221,15 +269,20 @@ class RelayChannel(http.HTTPChannel):
             return
         super().allHeadersReceived()
 
+    def head_received(self) -> None:
+        """A whole request head has arrived (twisted.web's, or one answered straight
+        from the head): the deadline is met."""
+        self._cancel_deadline()
+        self._head_bytes = 0
+        self._head_lines = 0
+        self._in_request = True
+
     def allContentReceived(self) -> None:
         """The request head is complete: the deadline is met.  Nothing is served after
         a refusal (twisted.web calls this at once for a head that announced no length)."""
         if self._refused:
             return
-        self._cancel_deadline()
-        self._head_bytes = 0
-        self._head_lines = 0
-        self._in_request = True
+        self.head_received()
         if self.context.config.trust_proxy and self.requests:
             self._move_to_client(self.requests[-1].getClientAddress())
         super().allContentReceived()
@@ -262,8 +315,11 @@ class RelayChannel(http.HTTPChannel):
         """Do not keep this connection alive after the current response."""
         self._close_after_response = True
 
-    def refuse(self, status: int, reason: str, retry_after: int | None = None) -> None:
-        """Answer straight on the transport and close without resetting the peer."""
+    def refuse(
+        self, status: int, reason: str, retry_after: int | None = None, request: Any = None
+    ) -> None:
+        """Answer straight on the transport and close without resetting the peer; a
+        ``request`` answered this way (:mod:`streamrelay.upgrade`) is access-logged."""
         if self._refused:
             return
         self._refused = True
@@ -271,6 +327,10 @@ class RelayChannel(http.HTTPChannel):
         self._cancel_deadline()
         self.setTimeout(None)
         self.transport.write(raw_answer(status, reason, retry_after))
+        if request is not None:
+            request.code = status
+            request.sentLength = len(reason.encode("utf-8")) + 1  # the body, as twisted.web
+            self.site.log(request)
         self._linger()
 
     def _linger(self) -> None:
@@ -309,8 +369,11 @@ class RelayChannel(http.HTTPChannel):
         record = WebSocketRecord(protocol.role.label, protocol.stream_name, shown, via, now)
         self.websocket = record
         self.context.metrics.opened(record.role, now - self.request_began)
+        line = _OPENED_VIA if via else _OPENED
+        if limited.over_rate(__name__, line):
+            return  # counted as suppressed; a handshake storm formats nothing
         _log.info(
-            "{role} opened stream={stream} peer={peer}" + (" via={via}" if via else ""),
+            line,
             kind="connection.open",
             role=record.role,
             stream=record.stream,
@@ -330,11 +393,11 @@ class RelayChannel(http.HTTPChannel):
             bytes_out = stats.outgoingOctetsWireLevel + stats.preopenOutgoingOctetsWireLevel
         duration = max(0.0, self.context.clock.seconds() - record.opened_at)
         self.context.metrics.closed(record.role, code)
+        line = _CLOSED_VIA if record.via else _CLOSED
+        if limited.over_rate(__name__, line):
+            return
         _log.info(
-            "{role} closed stream={stream} peer={peer}"
-            + (" via={via}" if record.via else "")
-            + " after {duration:.1f}s code={code} by={by} clean={clean} "
-            "in={bytes_in}B out={bytes_out}B",
+            line,
             kind="connection.close",
             role=record.role,
             stream=record.stream,

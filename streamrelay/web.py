@@ -26,7 +26,7 @@ from streamrelay.addresses import describe_address, forwarded_client
 from streamrelay.admission import StreamGate, endpoints
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
-from streamrelay.logs import relay_logger
+from streamrelay.logs import limited, relay_logger
 from streamrelay.resources import (
     Health,
     Internals,
@@ -38,6 +38,7 @@ from streamrelay.resources import (
     load_static_files,
     postpath,
 )
+from streamrelay.upgrade import HeadUpgrader
 
 __all__ = [
     "RelayContext",
@@ -50,6 +51,8 @@ __all__ = [
 
 _log = relay_logger(__name__)
 
+_ACCESS_LINE = '"{client}" - - "{method} {path} {version}" {status} {length} "{referer}" "{agent}"'
+
 
 class Root(resource.Resource):
     """Routes the first path segment to its resource."""
@@ -60,6 +63,7 @@ class Root(resource.Resource):
         context.metrics.watch(context)
         files = load_static_files() if files is None else files
         self._not_found = NotFound(context)
+        self.endpoints = endpoints(context)
         self._routes: dict[bytes, resource.Resource] = {
             b"": StaticPage(context, files, "index.html"),
             b"healthz": Health(context),
@@ -67,7 +71,7 @@ class Root(resource.Resource):
             b"static": StaticPage(context, files, None),
             b"view": PlayerPage(context, files),
         }
-        for endpoint in endpoints(context):
+        for endpoint in self.endpoints:
             self._routes[endpoint.path] = StreamGate(context, endpoint)
         self._api = _ApiFolder(context)
 
@@ -181,6 +185,11 @@ class RelaySite(server.Site):
             timeout=max(30, int(context.config.handshake_timeout)),
         )
         self.context = context
+        # The WebSocket handshakes answered from the request head (RelayChannel calls
+        # it with a connection's first read); None: all go through twisted.web.
+        self.upgrade_from_head: HeadUpgrader | None = None
+        if isinstance(root, Root):
+            self.upgrade_from_head = HeadUpgrader(context, root.endpoints)
 
     def buildProtocol(self, addr: Any) -> Any:
         """Every channel knows the shared context, and is counted for leak accounting."""
@@ -194,12 +203,10 @@ class RelaySite(server.Site):
         """Into the relay's own log (structured fields, rate-limited like every line of
         the relay); into a file of its own, when one is set, in full."""
         if self.logPath is None and self._logFile is legacy_log.logfile:
-            _log.info(
-                '"{client}" - - "{method} {path} {version}" {status} {length} '
-                '"{referer}" "{agent}"',
-                kind="http.access",
-                **access_fields(request),
-            )
+            # Over --log-rate (a refusal storm), the line is counted, never built.
+            if limited.over_rate(__name__, _ACCESS_LINE):
+                return
+            _log.info(_ACCESS_LINE, kind="http.access", **access_fields(request))
         else:
             super().log(request)
 
