@@ -30,6 +30,7 @@ from twisted.web import http, server
 from streamrelay import wire
 from streamrelay.addresses import describe_address
 from streamrelay.context import RelayContext
+from streamrelay.deadlines import Deadlines
 from streamrelay.limits import ConnectionSlot, Refusal
 from streamrelay.logs import limited, relay_logger
 from streamrelay.peers import peer_host
@@ -164,6 +165,10 @@ class RelayChannel(http.HTTPChannel):
         self._head_lines = 0
         # The connection's first read may be answered from the head (streamrelay.upgrade).
         self._first_read = True
+        # The site's shared handshake deadlines (None: a callLater of our own), and
+        # twisted.web's idle timeout, held back until twisted.web parses a request.
+        self._deadlines: Deadlines | None = None
+        self._web_timeout: float | None = None
 
     def connectionMade(self) -> None:
         """Take a slot in the limits (or remember why not) and start the deadline."""
@@ -180,19 +185,34 @@ class RelayChannel(http.HTTPChannel):
         else:
             self.slot = admitted
         self.context.connection_opened(self)
+        self._deadlines = getattr(self.site, "handshake_deadlines", None)
+        # No idle timer of twisted.web's until it has a request to parse (most
+        # connections are WebSockets answered from their head): the handshake deadline
+        # covers the connection until then.
+        self._web_timeout, self.timeOut = self.timeOut, None
         super().connectionMade()
         self._arm_deadline()
 
     def _arm_deadline(self) -> None:
-        if self._deadline is None:
+        if self._deadlines is not None:
+            self._deadlines.arm(self, self._deadline_passed)
+        elif self._deadline is None:
             self._deadline = self.callLater(
                 self.context.config.handshake_timeout, self._deadline_passed
             )
 
     def _cancel_deadline(self) -> None:
+        if self._deadlines is not None:
+            self._deadlines.disarm(self)
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+    def _start_web_timeout(self) -> None:
+        # twisted.web parses from now on: its idle timeout applies as it always did.
+        if self._web_timeout is not None:
+            self.timeOut, self._web_timeout = self._web_timeout, None
+            self.setTimeout(self.timeOut)
 
     def _deadline_passed(self) -> None:
         self._deadline = None
@@ -211,6 +231,7 @@ class RelayChannel(http.HTTPChannel):
             upgrade_from_head = getattr(self.site, "upgrade_from_head", None)
             if upgrade_from_head is not None and upgrade_from_head(self, data):
                 return
+            self._start_web_timeout()
         if not self._in_request:
             self._arm_deadline()
         super().dataReceived(data)
@@ -316,10 +337,19 @@ class RelayChannel(http.HTTPChannel):
         self._close_after_response = True
 
     def refuse(
-        self, status: int, reason: str, retry_after: int | None = None, request: Any = None
+        self,
+        status: int,
+        reason: str,
+        retry_after: int | None = None,
+        request: Any = None,
+        drained: bool = False,
     ) -> None:
         """Answer straight on the transport and close without resetting the peer; a
-        ``request`` answered this way (:mod:`streamrelay.upgrade`) is access-logged."""
+        ``request`` answered this way (:mod:`streamrelay.upgrade`) is access-logged.
+
+        ``drained``: everything the peer sent has been read, and it is a client that
+        waits for the answer (a WebSocket handshake): closing cannot reset it, so the
+        connection closes at once rather than lingering."""
         if self._refused:
             return
         self._refused = True
@@ -331,7 +361,10 @@ class RelayChannel(http.HTTPChannel):
             request.code = status
             request.sentLength = len(reason.encode("utf-8")) + 1  # the body, as twisted.web
             self.site.log(request)
-        self._linger()
+        if drained:
+            self.transport.loseConnection()
+        else:
+            self._linger()
 
     def _linger(self) -> None:
         # Closing with unread input makes the kernel send RST, which can destroy the

@@ -198,8 +198,10 @@ class HeadUpgrader:
         handshake = handshake_for(endpoint, self.context, request)
         refusal = admit(handshake)
         if refusal is not None:
-            request.code = refusal.status
-            channel.refuse(refusal.status, refusal.reason, refusal.retry_after, request=request)
+            channel.refuse(
+                refusal.status, refusal.reason, refusal.retry_after, request=request,
+                drained=end + 4 == len(data),
+            )
             return request
         self._hand_over(channel, handshake, request, data[end + 4 :])
         return request

@@ -26,6 +26,7 @@ from streamrelay.addresses import describe_address, forwarded_client
 from streamrelay.admission import StreamGate, endpoints
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
+from streamrelay.deadlines import Deadlines
 from streamrelay.logs import limited, relay_logger
 from streamrelay.resources import (
     Health,
@@ -187,6 +188,7 @@ class RelaySite(server.Site):
         self.context = context
         # The WebSocket handshakes answered from the request head (RelayChannel calls
         # it with a connection's first read); None: all go through twisted.web.
+        self.handshake_deadlines = Deadlines(context.clock, context.config.handshake_timeout)
         self.upgrade_from_head: HeadUpgrader | None = None
         if isinstance(root, Root):
             self.upgrade_from_head = HeadUpgrader(context, root.endpoints)
