@@ -145,6 +145,7 @@ class RelayChannel(http.HTTPChannel):
 
     context: RelayContext
     transport: Any
+    site: Any  # set by the Site that builds the channel (RelaySite)
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,7 +169,7 @@ class RelayChannel(http.HTTPChannel):
         # The site's shared handshake deadlines (None: a callLater of our own), and
         # twisted.web's idle timeout, held back until twisted.web parses a request.
         self._deadlines: Deadlines | None = None
-        self._web_timeout: float | None = None
+        self._web_timeout: int | None = None
 
     def connectionMade(self) -> None:
         """Take a slot in the limits (or remember why not) and start the deadline."""

@@ -35,6 +35,7 @@ from streamrelay.admission import Endpoint, Handshake, admit
 from streamrelay.channel import RelayChannel
 from streamrelay.context import RelayContext
 from streamrelay.logs import autobahn_logger
+from streamrelay.opening import open_from_head
 from streamrelay.peers import peer_host
 
 # A plain GET head (without its final blank line), validated in one pass: the request
@@ -99,6 +100,7 @@ class HeadRequest:
         segments = [unquote(segment) for segment in self.path[1:].split(b"/")]
         self.prepath = segments[:1]
         self.postpath = segments[1:]
+        self.headers = headers
         self.requestHeaders = _HeadHeaders(headers)
         # The header lines as received, for the replay to Autobahn.
         self.lines = lines
@@ -203,11 +205,16 @@ class HeadUpgrader:
                 drained=end + 4 == len(data),
             )
             return request
-        self._hand_over(channel, handshake, request, data[end + 4 :])
+        self._hand_over(channel, handshake, request, data[end + 4 :], end + 4)
         return request
 
     def _hand_over(
-        self, channel: RelayChannel, handshake: Handshake, request: HeadRequest, rest: bytes
+        self,
+        channel: RelayChannel,
+        handshake: Handshake,
+        request: HeadRequest,
+        rest: bytes,
+        head_bytes: int,
     ) -> None:
         # What StreamGate._hand_over does, from the head.
         client = request.getClientAddress()
@@ -216,7 +223,12 @@ class HeadUpgrader:
         protocol.client_host = peer_host(client)
         protocol.log = autobahn_logger()
         channel.upgrade(protocol)
-        protocol.dataReceived(request.replay())
+        # Autobahn's handshake from the parsed head (streamrelay.opening), or, where
+        # that declines, from the head replayed to Autobahn's own parser.
+        seen = {name: values for name, values in request.headers.items()
+                if name not in _NOT_REPLAYED}
+        if not open_from_head(protocol, request.path, seen, head_bytes):
+            protocol.dataReceived(request.replay())
         if protocol.is_open.called:
             channel.websocket_opened(protocol, client)
         else:
