@@ -187,11 +187,11 @@ class RelayChannel(http.HTTPChannel):
             self.slot = admitted
         self.context.connection_opened(self)
         self._deadlines = getattr(self.site, "handshake_deadlines", None)
-        # No idle timer of twisted.web's until it has a request to parse (most
-        # connections are WebSockets answered from their head): the handshake deadline
-        # covers the connection until then.
+        # twisted.web's set-up (TCP_NODELAY, its idle timer, itself as the transport's
+        # producer) waits until it has a request to parse: most connections are
+        # WebSockets answered from their head, or refused from it.  The handshake
+        # deadline covers the connection until then.
         self._web_timeout, self.timeOut = self.timeOut, None
-        super().connectionMade()
         self._arm_deadline()
 
     def _arm_deadline(self) -> None:
@@ -209,11 +209,11 @@ class RelayChannel(http.HTTPChannel):
             self._deadline.cancel()
         self._deadline = None
 
-    def _start_web_timeout(self) -> None:
-        # twisted.web parses from now on: its idle timeout applies as it always did.
-        if self._web_timeout is not None:
-            self.timeOut, self._web_timeout = self._web_timeout, None
-            self.setTimeout(self.timeOut)
+    def _start_web(self) -> None:
+        # twisted.web parses from now on: its connection set-up, idle timeout included,
+        # applies as it always did.
+        self.timeOut, self._web_timeout = self._web_timeout, None
+        super().connectionMade()
 
     def _deadline_passed(self) -> None:
         self._deadline = None
@@ -232,7 +232,7 @@ class RelayChannel(http.HTTPChannel):
             upgrade_from_head = getattr(self.site, "upgrade_from_head", None)
             if upgrade_from_head is not None and upgrade_from_head(self, data):
                 return
-            self._start_web_timeout()
+            self._start_web()
         if not self._in_request:
             self._arm_deadline()
         super().dataReceived(data)
