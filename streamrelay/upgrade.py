@@ -30,6 +30,7 @@ from typing import Any, cast
 from twisted.internet.interfaces import IAddress
 from twisted.web.http import parse_qs, unquote
 
+from streamrelay import admission
 from streamrelay.addresses import forwarded_client
 from streamrelay.admission import Endpoint, Handshake, admit
 from streamrelay.channel import RelayChannel
@@ -37,6 +38,7 @@ from streamrelay.context import RelayContext
 from streamrelay.logs import autobahn_logger
 from streamrelay.opening import open_from_head
 from streamrelay.peers import peer_host
+from streamrelay.roles import Role
 
 # A plain GET head (without its final blank line), validated in one pass: the request
 # line with an origin-form target free of spaces and controls, then header lines whose
@@ -221,6 +223,11 @@ class HeadUpgrader:
         endpoint = handshake.endpoint
         protocol: Any = endpoint.factory.build(client, handshake.stream)
         protocol.client_host = peer_host(client)
+        # What StreamGate._hand_over sets per request besides (``?abr=1`` viewers, where
+        # the admission layer knows it): looked up, so that both paths set the same.
+        wants_abr = getattr(admission, "wants_abr", None)
+        if wants_abr is not None and endpoint.role is Role.VIEWER and wants_abr(request):
+            protocol.abr = True
         protocol.log = autobahn_logger()
         channel.upgrade(protocol)
         # Autobahn's handshake from the parsed head (streamrelay.opening), or, where

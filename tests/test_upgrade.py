@@ -368,3 +368,22 @@ def test_the_answer_parses_as_one_response() -> None:
     response = parse_response(peer.written, until_close=True)
     assert response is not None and response.status == 404
     assert response.body == b"not found\n"
+
+
+def test_the_hand_over_sets_what_the_gate_sets_per_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-request protocol settings of StreamGate's hand-over (``?abr=1`` viewers, where
+    the admission layer offers ``wants_abr``) are set on the fast path too."""
+    from streamrelay import admission
+
+    def wants_abr(request: Any) -> bool:
+        return bool((request.args or {}).get(b"abr") == [b"1"])
+
+    monkeypatch.setattr(admission, "wants_abr", wants_abr, raising=False)
+    relay = Relay()
+    adaptive = exchange(relay, head("/watch/cam?abr=1"))
+    plain = exchange(relay, head("/watch/cam"))
+    assert adaptive.response().status == plain.response().status == 101
+    assert getattr(adaptive.protocol, "abr", False) is True
+    assert getattr(plain.protocol, "abr", False) is False
