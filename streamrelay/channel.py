@@ -7,18 +7,23 @@ bounds the opening handshake from the TCP accept however slowly bytes trickle in
 after the WebSocket upgrade forwards bytes to the protocol (public transport APIs only,
 so every reactor works, IOCP included).  It writes the one line logged when its WebSocket
 opens and the one when it closes (role, stream, client, duration, close code, bytes),
-and counts both, and every refusal, for ``/metrics``.
+and counts both, and every refusal, for ``/metrics``.  A connection's first read is
+offered to :mod:`streamrelay.upgrade` (through the site) first: a WebSocket opening
+handshake is answered from its head there, without twisted.web.
 
 With ``--trust-proxy``, the per-address connection limit can only know the client once
 the request head has arrived: until then the connection counts towards the global
 limit alone, and each request head moves its slot to the client it names.
+
+(Over 400 lines: the channel is one state machine -- limits, head bounds, deadline,
+refusals, upgrade and the open/close lines -- whose hooks into twisted.web's
+``HTTPChannel`` read best together; the head-only upgrade and the refusal answers live
+in :mod:`streamrelay.upgrade` and :mod:`streamrelay.answers`.)
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from twisted.internet.error import ConnectionAborted
@@ -29,6 +34,8 @@ from twisted.web import http, server
 
 from streamrelay import wire
 from streamrelay.addresses import describe_address
+from streamrelay.answers import REASONS as REASONS  # re-exported for resources
+from streamrelay.answers import raw_answer
 from streamrelay.context import RelayContext
 from streamrelay.deadlines import Deadlines
 from streamrelay.limits import ConnectionSlot, Refusal
@@ -47,64 +54,6 @@ _CLOSE_TAIL = (
 )
 _CLOSED = "{role} closed stream={stream} peer={peer}" + _CLOSE_TAIL
 _CLOSED_VIA = "{role} closed stream={stream} peer={peer} via={via}" + _CLOSE_TAIL
-
-REASONS = {
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    409: b"Conflict",
-    413: b"Content Too Large",
-    426: b"Upgrade Required",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
-
-
-@lru_cache(maxsize=256)
-def _answer_parts(
-    status: int, reason: str, retry_after: int | None, upgrade: bool
-) -> tuple[bytes, bytes]:
-    # The status line, and every header after Date with the body: a refusal costs a
-    # lookup and a join (refusals come in storms, from a small set of reasons).
-    body = reason.encode("utf-8") + b"\n"
-    lines = [
-        b"Content-Type: text/plain; charset=utf-8",
-        b"Cache-Control: no-store",
-        b"Content-Length: %d" % len(body),
-        b"Connection: close",
-    ]
-    if retry_after is not None:
-        lines.append(b"Retry-After: %d" % retry_after)
-    if upgrade:
-        lines.append(b"Upgrade: websocket")
-    first = b"HTTP/1.1 %d %s\r\nDate: " % (status, REASONS.get(status, b"Error"))
-    return first, b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-_date_cache: tuple[int, bytes] = (-1, b"")
-
-
-def _http_date(now: float) -> bytes:
-    # RFC 9110 6.6.1: an origin server with a clock sends Date; formatted once a second.
-    global _date_cache
-    second = int(now)
-    if _date_cache[0] != second:
-        _date_cache = (second, http.datetimeToString(second))
-    return _date_cache[1]
-
-
-def raw_answer(
-    status: int, reason: str, retry_after: int | None = None, now: float | None = None
-) -> bytes:
-    """A complete plain-text response that closes the connection, for refusals made
-    before (or without) a twisted.web request: status, ``Date``, ``Content-Type``,
-    ``Cache-Control: no-store``, ``Content-Length``, ``Connection: close``, and
-    ``Retry-After`` when given (``Upgrade: websocket`` with a 426)."""
-    first, rest = _answer_parts(status, reason, retry_after, status == 426)
-    return first + _http_date(time.time() if now is None else now) + rest
-
 
 @dataclass
 class WebSocketRecord:

@@ -6,6 +6,10 @@ The web layer, by concern (imports run one way: tap -> web -> protocols -> core)
   (413), the handshake deadline, the WebSocket upgrade;
 - :mod:`streamrelay.admission` -- the WebSocket endpoints and their ordered checks
   (404, 400, 426, 503, 403, 401, 409), then the hand-over to Autobahn;
+- :mod:`streamrelay.upgrade` -- the same checks and hand-over straight from a
+  connection's first read, without twisted.web (:mod:`streamrelay.opening` opens the
+  WebSocket without Autobahn's parser; :mod:`streamrelay.answers` holds the refusals'
+  bytes; :mod:`streamrelay.deadlines` the one timer of every handshake deadline);
 - :mod:`streamrelay.resources` -- ``/healthz``, ``/metrics``, ``/api/*``, the pages;
 - this module -- routing (:class:`Root`), the ``Site``, the client address behind
   trusted proxies (:class:`RelayRequest`) and the access log; and the site of
