@@ -125,7 +125,9 @@ class RelayChannel(http.HTTPChannel):
         config = self.context.config
         self.MAX_LENGTH = config.max_header_line_bytes
         self.request_began = self.context.clock.seconds()
-        key = peer_host(self.transport.getPeer())
+        # The TCP peer, asked once (each getPeer() builds a new address object).
+        self.peer_address: IAddress = self.transport.getPeer()
+        key = peer_host(self.peer_address)
         if config.trust_proxy:
             # The client is known once the head arrives (moved_to_client).
             key = f"pending connection {id(self)}"
@@ -346,7 +348,7 @@ class RelayChannel(http.HTTPChannel):
     def websocket_opened(self, protocol: RelayProtocol, client: IAddress) -> None:
         """The handshake succeeded: log the opening line and count it."""
         now = self.context.clock.seconds()
-        peer = self.transport.getPeer()
+        peer = self.peer_address
         shown = describe_address(client)
         via = describe_address(peer) if client != peer else None
         record = WebSocketRecord(protocol.role.label, protocol.stream_name, shown, via, now)

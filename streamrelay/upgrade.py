@@ -96,7 +96,7 @@ class HeadRequest:
         lines: list[bytes],
     ) -> None:
         self.channel = channel
-        self.client: IAddress = channel.transport.getPeer()
+        self.client: IAddress = channel.peer_address
         self.uri = uri
         self.path, _, self._query = uri.partition(b"?")
         segments = [unquote(segment) for segment in self.path[1:].split(b"/")]
