@@ -55,6 +55,7 @@ _CLOSE_TAIL = (
 _CLOSED = "{role} closed stream={stream} peer={peer}" + _CLOSE_TAIL
 _CLOSED_VIA = "{role} closed stream={stream} peer={peer} via={via}" + _CLOSE_TAIL
 
+
 @dataclass
 class WebSocketRecord:
     """What the channel remembers of its open WebSocket, for the line logged at close."""

@@ -139,10 +139,10 @@ class RelayMetrics:
         # The labelled children of the per-handshake counters, looked up once each:
         # prometheus_client's labels() takes a lock and checks its arguments every call,
         # which a handshake storm (thousands a second) pays several times per handshake.
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
