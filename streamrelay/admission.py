@@ -442,6 +442,20 @@ def wants_abr(request: server.Request) -> bool:
 # -- the resource ------------------------------------------------------------------------
 
 
+def build_protocol(endpoint: Endpoint, stream: str, request: Any, client: Any) -> Any:
+    """The endpoint's WebSocket protocol for an admitted request, with what the request
+    asks for set on it: the one place both upgrade paths (twisted.web's and the head's,
+    :mod:`streamrelay.upgrade`) take it from."""
+    protocol: Any = endpoint.factory.build(client, stream)
+    protocol.client_host = peer_host(client)
+    if endpoint.role is Role.VIEWER and wants_abr(request):
+        protocol.abr = True
+    # Audio only for viewers that ask (docs/protocol.md, "Audio").
+    protocol.wants_audio = request.args.get(b"audio", [b""])[-1] in (b"1", b"true")
+    protocol.log = autobahn_logger()
+    return protocol
+
+
 class StreamGate(resource.Resource):
     """One WebSocket endpoint: every refusal in the HTTP handshake, then Autobahn."""
 
@@ -508,13 +522,7 @@ class StreamGate(resource.Resource):
         request, channel = handshake.request, handshake.channel
         assert channel is not None  # transport_is_supported
         client = request.getClientAddress()
-        protocol: Any = self.endpoint.factory.build(client, handshake.stream)
-        protocol.client_host = peer_host(client)
-        if self.endpoint.role is Role.VIEWER and wants_abr(request):
-            protocol.abr = True
-        # Audio only for viewers that ask (docs/protocol.md, "Audio").
-        protocol.wants_audio = request.args.get(b"audio", [b""])[-1] in (b"1", b"true")
-        protocol.log = autobahn_logger()
+        protocol = build_protocol(self.endpoint, handshake.stream, request, client)
         channel.upgrade(protocol)
         # Autobahn parses the handshake itself: replay the head twisted.web consumed,
         # without the query string or the credential headers, which may carry a token

@@ -7,11 +7,18 @@ bounds the opening handshake from the TCP accept however slowly bytes trickle in
 after the WebSocket upgrade forwards bytes to the protocol (public transport APIs only,
 so every reactor works, IOCP included).  It writes the one line logged when its WebSocket
 opens and the one when it closes (role, stream, client, duration, close code, bytes),
-and counts both, and every refusal, for ``/metrics``.
+and counts both, and every refusal, for ``/metrics``.  A connection's first read is
+offered to :mod:`streamrelay.upgrade` (through the site) first: a WebSocket opening
+handshake is answered from its head there, without twisted.web.
 
 With ``--trust-proxy``, the per-address connection limit can only know the client once
 the request head has arrived: until then the connection counts towards the global
 limit alone, and each request head moves its slot to the client it names.
+
+(Over 400 lines: the channel is one state machine -- limits, head bounds, deadline,
+refusals, upgrade and the open/close lines -- whose hooks into twisted.web's
+``HTTPChannel`` read best together; the head-only upgrade and the refusal answers live
+in :mod:`streamrelay.upgrade` and :mod:`streamrelay.answers`.)
 """
 
 from __future__ import annotations
@@ -27,41 +34,26 @@ from twisted.web import http, server
 
 from streamrelay import wire
 from streamrelay.addresses import describe_address
+from streamrelay.answers import REASONS as REASONS  # re-exported for resources
+from streamrelay.answers import raw_answer
 from streamrelay.context import RelayContext
+from streamrelay.deadlines import Deadlines
 from streamrelay.limits import ConnectionSlot, Refusal
-from streamrelay.logs import relay_logger
+from streamrelay.logs import limited, relay_logger
 from streamrelay.peers import peer_host
 from streamrelay.protocol import RelayProtocol
 
 _log = relay_logger(__name__)
 
-REASONS = {
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    409: b"Conflict",
-    413: b"Content Too Large",
-    426: b"Upgrade Required",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
-
-
-def raw_answer(status: int, reason: str, retry_after: int | None = None) -> bytes:
-    """A complete plain-text response that closes the connection, for refusals made
-    before twisted.web has a request to answer."""
-    body = reason.encode("utf-8") + b"\n"
-    lines = [
-        b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error")),
-        b"Content-Type: text/plain; charset=utf-8",
-        b"Content-Length: %d" % len(body),
-        b"Connection: close",
-    ]
-    if retry_after is not None:
-        lines.append(b"Retry-After: %d" % retry_after)
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+# The lines logged when a WebSocket opens and closes (each format string is a kind for
+# the log's rate limit: logs.limited).
+_OPENED = "{role} opened stream={stream} peer={peer}"
+_OPENED_VIA = _OPENED + " via={via}"
+_CLOSE_TAIL = (
+    " after {duration:.1f}s code={code} by={by} clean={clean} in={bytes_in}B out={bytes_out}B"
+)
+_CLOSED = "{role} closed stream={stream} peer={peer}" + _CLOSE_TAIL
+_CLOSED_VIA = "{role} closed stream={stream} peer={peer} via={via}" + _CLOSE_TAIL
 
 
 @dataclass
@@ -103,6 +95,7 @@ class RelayChannel(http.HTTPChannel):
 
     context: RelayContext
     transport: Any
+    site: Any  # set by the Site that builds the channel (RelaySite)
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,13 +114,21 @@ class RelayChannel(http.HTTPChannel):
         self._close_after_response = False
         self._head_bytes = 0
         self._head_lines = 0
+        # The connection's first read may be answered from the head (streamrelay.upgrade).
+        self._first_read = True
+        # The site's shared handshake deadlines (None: a callLater of our own), and
+        # twisted.web's idle timeout, held back until twisted.web parses a request.
+        self._deadlines: Deadlines | None = None
+        self._web_timeout: int | None = None
 
     def connectionMade(self) -> None:
         """Take a slot in the limits (or remember why not) and start the deadline."""
         config = self.context.config
         self.MAX_LENGTH = config.max_header_line_bytes
         self.request_began = self.context.clock.seconds()
-        key = peer_host(self.transport.getPeer())
+        # The TCP peer, asked once (each getPeer() builds a new address object).
+        self.peer_address: IAddress = self.transport.getPeer()
+        key = peer_host(self.peer_address)
         if config.trust_proxy:
             # The client is known once the head arrives (moved_to_client).
             key = f"pending connection {id(self)}"
@@ -137,19 +138,34 @@ class RelayChannel(http.HTTPChannel):
         else:
             self.slot = admitted
         self.context.connection_opened(self)
-        super().connectionMade()
+        self._deadlines = getattr(self.site, "handshake_deadlines", None)
+        # twisted.web's set-up (TCP_NODELAY, its idle timer, itself as the transport's
+        # producer) waits until it has a request to parse: most connections are
+        # WebSockets answered from their head, or refused from it.  The handshake
+        # deadline covers the connection until then.
+        self._web_timeout, self.timeOut = self.timeOut, None
         self._arm_deadline()
 
     def _arm_deadline(self) -> None:
-        if self._deadline is None:
+        if self._deadlines is not None:
+            self._deadlines.arm(self, self._deadline_passed)
+        elif self._deadline is None:
             self._deadline = self.callLater(
                 self.context.config.handshake_timeout, self._deadline_passed
             )
 
     def _cancel_deadline(self) -> None:
+        if self._deadlines is not None:
+            self._deadlines.disarm(self)
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+    def _start_web(self) -> None:
+        # twisted.web parses from now on: its connection set-up, idle timeout included,
+        # applies as it always did.
+        self.timeOut, self._web_timeout = self._web_timeout, None
+        super().connectionMade()
 
     def _deadline_passed(self) -> None:
         self._deadline = None
@@ -163,6 +179,12 @@ class RelayChannel(http.HTTPChannel):
         """Forward to the WebSocket after the upgrade; otherwise parse HTTP."""
         if self._passed_on(data):
             return
+        if self._first_read:
+            self._first_read = False
+            upgrade_from_head = getattr(self.site, "upgrade_from_head", None)
+            if upgrade_from_head is not None and upgrade_from_head(self, data):
+                return
+            self._start_web()
         if not self._in_request:
             self._arm_deadline()
         super().dataReceived(data)
@@ -221,15 +243,20 @@ class RelayChannel(http.HTTPChannel):
             return
         super().allHeadersReceived()
 
+    def head_received(self) -> None:
+        """A whole request head has arrived (twisted.web's, or one answered straight
+        from the head): the deadline is met."""
+        self._cancel_deadline()
+        self._head_bytes = 0
+        self._head_lines = 0
+        self._in_request = True
+
     def allContentReceived(self) -> None:
         """The request head is complete: the deadline is met.  Nothing is served after
         a refusal (twisted.web calls this at once for a head that announced no length)."""
         if self._refused:
             return
-        self._cancel_deadline()
-        self._head_bytes = 0
-        self._head_lines = 0
-        self._in_request = True
+        self.head_received()
         if self.context.config.trust_proxy and self.requests:
             self._move_to_client(self.requests[-1].getClientAddress())
         super().allContentReceived()
@@ -262,8 +289,20 @@ class RelayChannel(http.HTTPChannel):
         """Do not keep this connection alive after the current response."""
         self._close_after_response = True
 
-    def refuse(self, status: int, reason: str, retry_after: int | None = None) -> None:
-        """Answer straight on the transport and close without resetting the peer."""
+    def refuse(
+        self,
+        status: int,
+        reason: str,
+        retry_after: int | None = None,
+        request: Any = None,
+        drained: bool = False,
+    ) -> None:
+        """Answer straight on the transport and close without resetting the peer; a
+        ``request`` answered this way (:mod:`streamrelay.upgrade`) is access-logged.
+
+        ``drained``: everything the peer sent has been read, and it is a client that
+        waits for the answer (a WebSocket handshake): closing cannot reset it, so the
+        connection closes at once rather than lingering."""
         if self._refused:
             return
         self._refused = True
@@ -271,7 +310,14 @@ class RelayChannel(http.HTTPChannel):
         self._cancel_deadline()
         self.setTimeout(None)
         self.transport.write(raw_answer(status, reason, retry_after))
-        self._linger()
+        if request is not None:
+            request.code = status
+            request.sentLength = len(reason.encode("utf-8")) + 1  # the body, as twisted.web
+            self.site.log(request)
+        if drained:
+            self.transport.loseConnection()
+        else:
+            self._linger()
 
     def _linger(self) -> None:
         # Closing with unread input makes the kernel send RST, which can destroy the
@@ -303,14 +349,17 @@ class RelayChannel(http.HTTPChannel):
     def websocket_opened(self, protocol: RelayProtocol, client: IAddress) -> None:
         """The handshake succeeded: log the opening line and count it."""
         now = self.context.clock.seconds()
-        peer = self.transport.getPeer()
+        peer = self.peer_address
         shown = describe_address(client)
         via = describe_address(peer) if client != peer else None
         record = WebSocketRecord(protocol.role.label, protocol.stream_name, shown, via, now)
         self.websocket = record
         self.context.metrics.opened(record.role, now - self.request_began)
+        line = _OPENED_VIA if via else _OPENED
+        if limited.over_rate(__name__, line):
+            return  # counted as suppressed; a handshake storm formats nothing
         _log.info(
-            "{role} opened stream={stream} peer={peer}" + (" via={via}" if via else ""),
+            line,
             kind="connection.open",
             role=record.role,
             stream=record.stream,
@@ -330,11 +379,11 @@ class RelayChannel(http.HTTPChannel):
             bytes_out = stats.outgoingOctetsWireLevel + stats.preopenOutgoingOctetsWireLevel
         duration = max(0.0, self.context.clock.seconds() - record.opened_at)
         self.context.metrics.closed(record.role, code)
+        line = _CLOSED_VIA if record.via else _CLOSED
+        if limited.over_rate(__name__, line):
+            return
         _log.info(
-            "{role} closed stream={stream} peer={peer}"
-            + (" via={via}" if record.via else "")
-            + " after {duration:.1f}s code={code} by={by} clean={clean} "
-            "in={bytes_in}B out={bytes_out}B",
+            line,
             kind="connection.close",
             role=record.role,
             stream=record.stream,

@@ -94,6 +94,23 @@ class RateLimitedObserver:
             self._summarise(kind)
         self._downstream(event)
 
+    def over_rate(self, namespace: str, line: str) -> bool:
+        """Whether a line of this kind (``namespace``, format string ``line``) would be
+        suppressed now; if so it is counted as suppressed, and the caller need not build
+        it (a refusal storm then costs no formatting).  False takes no token: the line,
+        emitted, is judged as usual."""
+        if self.rate <= 0:
+            return False
+        kind = (namespace, line)
+        bucket = self._buckets.get(kind)
+        if bucket is None:
+            return False
+        tokens, updated = bucket
+        if min(self.burst, tokens + (self._now() - updated) * self.rate) >= 1.0:
+            return False
+        self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+        return True
+
     def flush(self) -> None:
         """Write the summary of every kind with suppressed lines, and forget buckets that
         have refilled (kinds are the relay's own messages, so they are few anyway)."""

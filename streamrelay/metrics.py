@@ -136,21 +136,32 @@ class RelayMetrics:
             self.connections_opened.labels(role)
             self.ping_timeouts.labels(role)
             self.handshake_seconds.labels(role)
+        # The labelled children of the per-handshake counters, looked up once each:
+        # prometheus_client's labels() takes a lock and checks its arguments every call,
+        # which a handshake storm (thousands a second) pays several times per handshake.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- events ---------------------------------------------------------------------
 
     def opened(self, role: str, handshake_seconds: float) -> None:
         """A WebSocket in ``role`` opened, ``handshake_seconds`` after its request began."""
-        self.connections_opened.labels(role).inc()
-        self.handshake_seconds.labels(role).observe(max(0.0, handshake_seconds))
+        self._child(self.connections_opened, role).inc()
+        self._child(self.handshake_seconds, role).observe(max(0.0, handshake_seconds))
 
     def closed(self, role: str, code: int | None) -> None:
         """A WebSocket in ``role`` is gone; ``code`` as :func:`close_code_label` takes it."""
-        self.connections_closed.labels(role, close_code_label(code)).inc()
+        self._child(self.connections_closed, role, close_code_label(code)).inc()
 
     def refused(self, status: int) -> None:
         """A request was refused with ``status`` before any WebSocket existed."""
-        self.handshakes_refused.labels(str(status)).inc()
+        self._child(self.handshakes_refused, str(status)).inc()
 
     def auth_call(self, outcome: str, seconds: float | None) -> None:
         """A call to the authorisation endpoint ended with ``outcome``, after

@@ -6,6 +6,10 @@ The web layer, by concern (imports run one way: tap -> web -> protocols -> core)
   (413), the handshake deadline, the WebSocket upgrade;
 - :mod:`streamrelay.admission` -- the WebSocket endpoints and their ordered checks
   (404, 400, 426, 503, 403, 401, 409), then the hand-over to Autobahn;
+- :mod:`streamrelay.upgrade` -- the same checks and hand-over straight from a
+  connection's first read, without twisted.web (:mod:`streamrelay.opening` opens the
+  WebSocket without Autobahn's parser; :mod:`streamrelay.answers` holds the refusals'
+  bytes; :mod:`streamrelay.deadlines` the one timer of every handshake deadline);
 - :mod:`streamrelay.resources` -- ``/healthz``, ``/metrics``, ``/api/*``, the pages;
 - this module -- routing (:class:`Root`), the ``Site``, the client address behind
   trusted proxies (:class:`RelayRequest`) and the access log; and the site of
@@ -26,7 +30,8 @@ from streamrelay.addresses import describe_address, forwarded_client
 from streamrelay.admission import StreamGate, endpoints
 from streamrelay.channel import RelayChannel, channel_of
 from streamrelay.context import RelayContext
-from streamrelay.logs import relay_logger
+from streamrelay.deadlines import Deadlines
+from streamrelay.logs import limited, relay_logger
 from streamrelay.resources import (
     Health,
     Internals,
@@ -39,6 +44,7 @@ from streamrelay.resources import (
     load_static_files,
     postpath,
 )
+from streamrelay.upgrade import HeadUpgrader
 
 __all__ = [
     "RelayContext",
@@ -51,6 +57,8 @@ __all__ = [
 
 _log = relay_logger(__name__)
 
+_ACCESS_LINE = '"{client}" - - "{method} {path} {version}" {status} {length} "{referer}" "{agent}"'
+
 
 class Root(resource.Resource):
     """Routes the first path segment to its resource."""
@@ -61,6 +69,7 @@ class Root(resource.Resource):
         context.metrics.watch(context)
         files = load_static_files() if files is None else files
         self._not_found = NotFound(context)
+        self.endpoints = endpoints(context)
         self._routes: dict[bytes, resource.Resource] = {
             b"": StaticPage(context, files, "index.html"),
             b"healthz": Health(context),
@@ -69,7 +78,7 @@ class Root(resource.Resource):
             b"view": PlayerPage(context, files),
         }
         viewer_authorizer = None
-        for endpoint in endpoints(context):
+        for endpoint in self.endpoints:
             self._routes[endpoint.path] = StreamGate(context, endpoint)
             if endpoint.path == b"watch":
                 viewer_authorizer = endpoint.authorizer
@@ -189,6 +198,12 @@ class RelaySite(server.Site):
             timeout=max(30, int(context.config.handshake_timeout)),
         )
         self.context = context
+        # The WebSocket handshakes answered from the request head (RelayChannel calls
+        # it with a connection's first read); None: all go through twisted.web.
+        self.handshake_deadlines = Deadlines(context.clock, context.config.handshake_timeout)
+        self.upgrade_from_head: HeadUpgrader | None = None
+        if isinstance(root, Root):
+            self.upgrade_from_head = HeadUpgrader(context, root.endpoints)
 
     def buildProtocol(self, addr: Any) -> Any:
         """Every channel knows the shared context, and is counted for leak accounting."""
@@ -202,12 +217,10 @@ class RelaySite(server.Site):
         """Into the relay's own log (structured fields, rate-limited like every line of
         the relay); into a file of its own, when one is set, in full."""
         if self.logPath is None and self._logFile is legacy_log.logfile:
-            _log.info(
-                '"{client}" - - "{method} {path} {version}" {status} {length} '
-                '"{referer}" "{agent}"',
-                kind="http.access",
-                **access_fields(request),
-            )
+            # Over --log-rate (a refusal storm), the line is counted, never built.
+            if limited.over_rate(__name__, _ACCESS_LINE):
+                return
+            _log.info(_ACCESS_LINE, kind="http.access", **access_fields(request))
         else:
             super().log(request)
 

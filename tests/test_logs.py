@@ -188,6 +188,31 @@ def test_each_kind_is_limited_to_its_burst_then_its_rate() -> None:
     assert limiter.suppressed == 0
 
 
+def test_over_rate_answers_without_taking_a_token_and_counts_what_it_stops() -> None:
+    """over_rate() is False while a line would pass (and takes nothing from the bucket),
+    True once the kind is over its rate, counting the line as suppressed for the
+    summary; kinds never logged and an unconfigured limiter are never over."""
+    clock = Clock()
+    downstream = _Downstream()
+    limiter = RateLimitedObserver(downstream)
+    assert not limiter.over_rate("tests.storm", "x {value}")
+    limiter.configure(1.0, 3.0, clock.seconds)
+    assert not limiter.over_rate("tests.storm", "x {value}")
+    for _ in range(3):
+        assert not limiter.over_rate("tests.storm", "x {value}")
+        _emit(limiter, "x {value}")
+    assert len(downstream.events) == 3
+    assert limiter.over_rate("tests.storm", "x {value}")
+    assert limiter.over_rate("tests.storm", "x {value}")
+    assert limiter.suppressed == 2
+    assert not limiter.over_rate("tests.storm", "other {value}")
+    clock.advance(1.0)
+    assert not limiter.over_rate("tests.storm", "x {value}")
+    _emit(limiter, "x {value}")
+    summary = downstream.events[-2]
+    assert summary["kind"] == "log.suppressed" and summary["suppressed"] == 2
+
+
 def test_errors_are_never_suppressed() -> None:
     """Tracebacks and errors always get through."""
     downstream = _Downstream()

@@ -72,13 +72,14 @@ def test_the_auth_url_is_told_the_base(monkeypatch: pytest.MonkeyPatch) -> None:
     the handshake the gate sees)."""
     relay = Relay()
     captured: list[Any] = []
-    original = admission.admit_or_ask
+    original = admission.admit
 
     def spy(handshake: Handshake) -> Any:
         captured.append(auth_request(handshake).body())
         return original(handshake)
 
-    monkeypatch.setattr(admission, "admit_or_ask", spy)
+    # Both upgrade paths (twisted.web's and the head's) run the checks through admit.
+    monkeypatch.setattr(admission, "admit", spy)
     relay.connect().upgrade("/watch/cam~180p")
     assert captured[0]["stream"] == "cam~180p" and captured[0]["base"] == "cam"
 
