@@ -24,6 +24,7 @@ from streamrelay.abr import AbrPolicy, AbrSettings, Decision, Observation, Rendi
 from streamrelay.limits import Refusal
 from streamrelay.logs import relay_logger
 from streamrelay.names import base_name
+from streamrelay.reports import ViewerReport
 from streamrelay.streams import Stream, StreamRegistry, ViewerSession
 from streamrelay.viewer_queue import ViewerSink
 from streamrelay.wire import MediaInfo, encode_text
@@ -91,6 +92,16 @@ class AdaptiveSession(ViewerSession):
     def rendition(self) -> Rendition | None:
         """The rendition the viewer is on (None while its base announces no set)."""
         return self._policy.rendition
+
+    def report(self, report: ViewerReport) -> None:
+        """The viewer's report goes to its base stream (the set's: the one whose summary
+        the publisher shows), whichever rendition the viewer is on; to that rendition
+        only while the base has no publisher here (on an edge: not pulled)."""
+        if self.closed:
+            return
+        base = self._registry.streams.get(self._base)
+        target = base if base is not None and base.publisher is not None else self.stream
+        target.viewer_report(report)
 
     # -- observing -------------------------------------------------------------------
 

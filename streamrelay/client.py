@@ -125,7 +125,9 @@ class StreamListener:
         """A connection is open (the relay's ``status`` follows)."""
 
     def status(self, live: bool) -> None:
-        """The stream is live (a publisher feeds it) or offline."""
+        """The stream is live (a publisher feeds it) or offline; heard at every status
+        message.  The client's :attr:`~StreamClient.publisher_idle`, set before, tells
+        whether a live stream's publisher idles on demand (``"publisher": "idle"``)."""
 
     def meta(self, raw: bytes, meta: dict[str, Any]) -> None:
         """The stream's metadata: the message as it came, and parsed."""
@@ -206,6 +208,9 @@ class StreamClient:
         self.state = ClientState.IDLE
         self.stats = ClientStats()
         self.live = False
+        # The latest status said "publisher": "idle" (publishing on demand, nobody
+        # watching): live, but no media until the publisher wakes.
+        self.publisher_idle = False
         self.last_error: str | None = None
         self.target: RelayTarget = settings.targets[0]
         self.opened_at: float | None = None
@@ -285,6 +290,7 @@ class StreamClient:
             "url": self.display_url,
             "state": self.state.value,
             "live": self.live,
+            "publisher_idle": self.publisher_idle,
             "since": since,
             "connects": self.stats.connects,
             "last_error": self.last_error,
@@ -423,6 +429,7 @@ class StreamClient:
         kind = parsed.get("type")
         if kind == "status" and parsed.get("state") in ("live", "offline"):
             self.live = parsed["state"] == "live"
+            self.publisher_idle = self.live and parsed.get("publisher") == "idle"
             self.listener.status(self.live)
         elif kind == "meta":
             self.listener.meta(payload, parsed)
@@ -469,6 +476,7 @@ class StreamClient:
         self._cancel_timer()
         if was_open:
             self.live = False
+            self.publisher_idle = False
         broken, self._broken = self._broken, None
         if connection.refusal is not None:
             why = connection.refusal.explain()

@@ -52,6 +52,9 @@ _log = relay_logger(__name__)
 VIEWER_COUNT_MIN_GAP = 0.25
 # How often a publisher gets the summary of its viewers' reports while there are any.
 VIEWER_REPORT_INTERVAL = 5.0
+# A publisher's idle/active flips take effect at most once per this many seconds (each
+# sheds the GOP and sends every viewer a status): later ones wait, the latest wins.
+PUBLISHER_STATE_MIN_GAP = 1.0
 
 
 class PublisherLink(Protocol):
@@ -205,7 +208,9 @@ class Stream:
 
     # -- publisher side ---------------------------------------------------------------
 
-    def attach_publisher(self, link: PublisherLink, *, pulled: bool = False) -> None:
+    def attach_publisher(
+        self, link: PublisherLink, *, pulled: bool = False, idle: bool = False
+    ) -> None:
         previous = self.publisher
         origins = self._registry.origins
         if origins is not None and not pulled:
@@ -215,7 +220,7 @@ class Stream:
         self.pulled = pulled
         self.publisher = link
         self.publisher_since = self._registry.clock.seconds()
-        self.publisher_idle = False
+        self.publisher_idle = idle
         self.gop.clear()
         self.thumbnail.clear()
         self.reports.clear()
@@ -585,6 +590,14 @@ class PublisherSession:
         self._link = link
         self.pulled = pulled
         self.closed = False
+        # ``publisher-state`` flips, bounded (docs/protocol.md "Publishing on demand"):
+        # the state last asked for, applied at most once per PUBLISHER_STATE_MIN_GAP.
+        self._wanted_idle: bool | None = None
+        self._state_updates = Throttle(
+            registry.clock, PUBLISHER_STATE_MIN_GAP, self._apply_publisher_state
+        )
+        self.state_messages = 0
+        self.state_changes = 0
 
     @property
     def current(self) -> bool:
@@ -594,6 +607,9 @@ class PublisherSession:
     def media(self, message: MediaMessage) -> None:
         """Relay one media message to the stream's viewers and cache."""
         if self.current:
+            if self._wanted_idle and not message.is_config and not message.flags & FLAG_AUDIO:
+                # A frame after an ``idle`` still waiting its turn: the frame is newer.
+                self._wanted_idle = False
             self.stream.publish_media(message)
 
     def meta(self, raw: bytes) -> None:
@@ -602,14 +618,29 @@ class PublisherSession:
             self.stream.publish_meta(raw)
 
     def publisher_state(self, idle: bool) -> None:
-        """The publisher reported itself idle (on demand) or active."""
-        if self.current:
-            self.stream.set_publisher_idle(idle)
+        """The publisher reported itself idle (on demand) or active.  Flips take effect
+        at most once per :data:`PUBLISHER_STATE_MIN_GAP` (each costs a status message to
+        every viewer): one inside the gap waits for its end, and the latest state asked
+        for then wins, so the stream always ends in the publisher's last word."""
+        if not self.current:
+            return
+        self.state_messages += 1
+        if self._wanted_idle is None and idle == self.stream.publisher_idle:
+            return  # no change and none waiting (the state a publisher sends on connect)
+        self._wanted_idle = idle
+        self._state_updates.request()
+
+    def _apply_publisher_state(self) -> None:
+        wanted, self._wanted_idle = self._wanted_idle, None
+        if wanted is not None and self.current and wanted != self.stream.publisher_idle:
+            self.state_changes += 1
+            self.stream.set_publisher_idle(wanted)
 
     @property
     def idle(self) -> bool:
         """True while the publisher is idle on demand (it sends no media then)."""
         return self.current and self.stream.publisher_idle
+
     def thumbnail(self, message: dict[str, Any]) -> bool:
         """Keep the stream's thumbnail (a ``thumbnail`` text message); False when
         ignored by the rate limit.  Raises :class:`~streamrelay.wire.WireError`."""
@@ -633,6 +664,7 @@ class PublisherSession:
         if self.closed:
             return
         self.closed = True
+        self._state_updates.cancel()
         self.stream.detach_publisher(self._link)
         self._registry._forget_if_idle(self.stream)
         if not self.pulled:
@@ -839,15 +871,18 @@ class StreamRegistry:
         session = ViewerSession(self, self._stream(name), sink, None, relay=True)
         return self._pull_for(session)
 
-    def pull_source(self, name: str, link: PublisherLink) -> PublisherSession | None:
-        """Attach a live pull from the upstream as ``name``'s publisher; None when a
-        local publisher holds the stream (it wins)."""
+    def pull_source(
+        self, name: str, link: PublisherLink, *, idle: bool = False
+    ) -> PublisherSession | None:
+        """Attach a live pull from the upstream as ``name``'s publisher (``idle``: its
+        publisher idles on demand upstream); None when a local publisher holds the
+        stream (it wins)."""
         stream = self.streams.get(name)
         if stream is not None and stream.local_publisher:
             return None
         stream = self._stream(name)
         self.waiting.forget(name)
-        stream.attach_publisher(link, pulled=True)
+        stream.attach_publisher(link, pulled=True, idle=idle)
         return PublisherSession(self, stream, link, pulled=True)
 
     def give_up(self, name: str) -> None:

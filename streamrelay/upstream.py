@@ -203,21 +203,26 @@ class Pull(StreamListener):
             self.send_keyframe_request()
 
     def status(self, live: bool) -> None:
-        """Live upstream: become the stream's publisher; offline: viewers see it too."""
+        """Live upstream: become the stream's publisher; offline: viewers see it too.
+        A live stream whose publisher idles on demand upstream (``"publisher": "idle"``)
+        is available here too: the local cache lets its GOP go, as the origin's did, so
+        a viewer joining here gets no minutes-old pictures, and its players are told."""
         if not live:
             self._detach()
             if not self.was_live and self.manager.queued:
                 # Names wait for a probe: this one has its answer, let the next ask.
                 self.manager.park(self)
             return
+        idle = self.client.publisher_idle
         if self.session is not None:
+            self.session.publisher_state(idle)
             return
         if not self.was_live:
             if not self.manager.take_place(self):
                 return
             self.was_live = True
             self._cancel_probe()
-        self.session = self.manager.registry.pull_source(self.name, self)
+        self.session = self.manager.registry.pull_source(self.name, self, idle=idle)
         self.manager.probe_done()
         if self.session is None:
             # A local publisher has the stream: it wins, and this pull has no purpose.
@@ -246,6 +251,7 @@ class Pull(StreamListener):
                 self.session.thumbnail(message)
             except WireError:
                 pass
+
     def audio_dropped(self, count: int) -> None:
         """The upstream dropped audio towards this relay: audio viewers see the gap."""
         if self.session is not None:

@@ -185,3 +185,136 @@ def test_metrics_count_available_streams() -> None:
     lines = response.body.decode().splitlines()
     assert "streamrelay_streams_available 1.0" in lines
     assert 'streamrelay_streams{state="live"} 2.0' in lines
+
+
+def test_a_flood_of_state_flips_sends_viewers_a_bounded_number_of_statuses() -> None:
+    """Each flip that takes effect sheds the GOP and sends every viewer a status: a
+    publisher flipping idle/active as fast as its inbound budget lets it (about 1,000
+    flips a second for 5 s) costs each viewer at most one status per second, the publisher stays
+    connected, and the stream ends in the publisher's last word."""
+    from streamrelay.streams import PUBLISHER_STATE_MIN_GAP
+
+    relay = Relay.with_options(ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(relay)
+    viewers = [relay.viewer() for _ in range(3)]
+    for viewer in viewers:
+        viewer.messages()
+    per_turn = 99
+    seconds = 5
+    flips = 0
+    for _ in range(seconds * 10):
+        batch = []
+        for _ in range(per_turn):
+            flips += 1
+            batch.append(text_frame({"type": "publisher-state",
+                                     "state": "idle" if flips % 2 else "active"}))  # fmt: skip
+        publisher.send(b"".join(batch))
+        relay.clock.advance(0.1)
+    state(publisher, "idle")
+    relay.clock.advance(PUBLISHER_STATE_MIN_GAP)
+    bound = seconds / PUBLISHER_STATE_MIN_GAP + 2
+    for viewer in viewers:
+        statuses = [m for m in texts(viewer) if m["type"] == "status"]
+        assert 1 <= len(statuses) <= bound, len(statuses)
+        assert statuses[-1] == IDLE_STATUS
+    assert publisher.close_codes() == [] and not publisher.aborted
+    assert entry(relay)["state"] == "available"
+    # The publisher's connection (the stream's PublisherLink) holds its session.
+    session = getattr(relay.context.registry.streams["cam"].publisher, "session", None)
+    assert session is not None
+    assert session.state_messages == flips + 1
+    assert session.state_changes <= bound
+
+
+def test_a_flip_inside_the_gap_waits_for_its_end_and_a_frame_overrides_it() -> None:
+    """A flip within the gap after another takes effect at its end (not lost); a frame
+    sent after an ``idle`` still waiting keeps the stream live (the frame is newer); the
+    ``active`` a publisher repeats on connecting costs no turn."""
+    from streamrelay.streams import PUBLISHER_STATE_MIN_GAP
+
+    relay = Relay.with_options(ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(relay)
+    viewer = relay.viewer()
+    viewer.messages()
+    state(publisher, "active")  # no change: no status, no turn used
+    state(publisher, "idle")
+    assert texts(viewer) == [IDLE_STATUS]
+    state(publisher, "active")
+    assert texts(viewer) == [] and entry(relay)["state"] == "available"
+    relay.clock.advance(PUBLISHER_STATE_MIN_GAP)
+    assert texts(viewer) == [LIVE_STATUS] and entry(relay)["state"] == "live"
+    state(publisher, "idle")
+    publisher.send(binary_frame(media(FLAG_KEY, 30)))
+    relay.clock.advance(PUBLISHER_STATE_MIN_GAP)
+    assert entry(relay)["state"] == "live"
+    assert [m for m in texts(viewer) if m["type"] == "status"] == []
+
+
+# -- on demand through an edge ---------------------------------------------------------------
+
+
+def test_an_edge_learns_its_origins_publisher_idles_and_drops_its_stale_gop() -> None:
+    """An edge still pulling (in its grace) when the origin's publisher idles: the edge's
+    stream turns available and lets its GOP go as the origin's did; a viewer joining the
+    edge gets the idle status and no stale media, the origin's publisher hears the count
+    and a keyframe request at once, and the fresh CONFIG and KEY follow its wake."""
+    from tests.support.relay_links import Network
+    from tests.test_upstream import ORIGIN, seen
+
+    net = Network()
+    origin = net.relay(ORIGIN, ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(origin)
+    edge, _manager = net.edge("edge:8080", ORIGIN, upstream_grace=60, ping_interval=100,
+                              ping_timeout=100)  # fmt: skip
+    first = edge.viewer("cam")
+    net.flush()
+    assert seen(first)[-5:] == ["live", "C1", "K2", "d3", "d4"]
+    first.lose()
+    net.flush()
+    assert entry(edge)["upstream"]["grace"] is True
+    net.tick(5)  # the origin heard 0; the keyframe requests of the cold start are old
+    state(publisher, "idle")
+    net.flush()
+    described = entry(edge)
+    assert (described["state"], described["live"]) == ("available", True)
+    assert described["upstream"]["publisher_idle"] is True
+    cached = edge.context.registry.streams["cam"].gop
+    assert not cached.has_keyframe and cached.discarded == 0
+    publisher.messages()
+
+    joining = edge.viewer("cam")
+    net.flush()
+    assert [m.json for m in joining.messages()] == [IDLE_STATUS]
+    to_publisher = texts(publisher)
+    assert {"type": "viewers", "count": 1} in to_publisher
+    assert {"type": "keyframe-request"} in to_publisher
+
+    state(publisher, "active")
+    publisher.send(binary_frame(media(FLAG_CONFIG, 10)) + binary_frame(media(FLAG_KEY, 11)))
+    net.flush()
+    assert seen(joining) == ["live", "C10", "K11"]
+    assert entry(edge)["state"] == "live"
+
+
+def test_a_cold_pull_of_an_idle_stream_is_available_at_once() -> None:
+    """An edge that starts pulling a stream whose publisher idles upstream shows it
+    available from the first status (never a plain live first) and its viewer gets the
+    idle status, then the wake's CONFIG and KEY."""
+    from tests.support.relay_links import Network
+    from tests.test_upstream import ORIGIN, seen
+
+    net = Network()
+    origin = net.relay(ORIGIN, ping_interval=100, ping_timeout=100)
+    publisher = streaming_publisher(origin)
+    state(publisher, "idle")
+    edge, _manager = net.edge("edge:8080", ORIGIN, ping_interval=100, ping_timeout=100)
+    viewer = edge.viewer("cam")
+    net.flush()
+    statuses = [m.json for m in viewer.messages(("text",)) if m.json["type"] == "status"]
+    assert statuses[-1] == IDLE_STATUS
+    assert {"type": "status", "state": "live"} not in statuses
+    assert entry(edge)["state"] == "available"
+    state(publisher, "active")
+    publisher.send(binary_frame(media(FLAG_CONFIG, 10)) + binary_frame(media(FLAG_KEY, 11)))
+    net.flush()
+    assert seen(viewer) == ["live", "C10", "K11"]

@@ -390,3 +390,27 @@ def test_an_edge_connection_gets_one_reports_message_counted_per_interval() -> N
     edge.send(text_frame({"type": "reports", "reports": rows[:1]}))
     assert viewer_reports(relay)["reports"] == 4
     assert not edge.closing
+
+
+# -- adaptive viewers ---------------------------------------------------------------------------
+
+
+def test_an_adaptive_viewers_reports_go_to_the_base_stream_on_any_rendition() -> None:
+    """The publisher of a rendition set shows the base stream's summary: an adaptive
+    viewer's reports are counted there, before and after it steps down a rendition, and
+    never split onto the rendition it is on."""
+    from tests.test_adaptive import Renditions, back_up
+
+    renditions = Renditions()
+    session, _viewer = renditions.watch()
+    streams = renditions.core.registry.streams
+    session.report(report(120.0))
+    back_up(session, renditions, 2.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    assert session.stream.name != "cam"  # it stepped down
+    renditions.core.clock.advance(REPORT_MIN_INTERVAL_SECONDS)
+    session.report(report(240.0))
+    assert streams["cam"].reports.summary()["reports"] == 2
+    assert streams["cam"].reports.summary()["latency_ms"]["p95"] == 240.0
+    assert streams[session.stream.name].reports.summary()["reports"] == 0
