@@ -223,3 +223,81 @@ def test_a_viewer_of_an_edge_wakes_an_idle_publisher_at_the_origin(
     elapsed = run(watch_through_the_edge(), 60)
     wait_until(lambda: _in_state(origin, "available"), GRACE + 20)
     record_figure("on_demand_through_an_edge", first_frame_seconds=round(elapsed, 3))
+
+
+async def _watch_from(
+    url: str, frames: int, while_watching: Any = None
+) -> tuple[dict[str, Any], list[Any], float]:
+    """Connect a viewer; return its first status, its first ``frames`` media messages
+    (parsed) and the seconds from connecting to the first of them; ``while_watching``
+    (blocking) runs once they came, before the viewer leaves."""
+    started = time.monotonic()
+    ws = await ws_connect(url)
+    try:
+        status = json.loads(await asyncio.wait_for(ws.recv(), FIRST_FRAME_BOUND))
+        got: list[Any] = []
+        elapsed = 0.0
+        while len(got) < frames:
+            remaining = FIRST_FRAME_BOUND - (time.monotonic() - started)
+            message = await asyncio.wait_for(ws.recv(), max(0.01, remaining))
+            if isinstance(message, bytes):
+                got.append(parse_media(message))
+                if len(got) == 1:
+                    elapsed = time.monotonic() - started
+        if while_watching is not None:
+            await asyncio.to_thread(while_watching)
+        return status, got, elapsed
+    finally:
+        await ws.close()
+
+
+@pytest.mark.timeout(120)
+def test_an_edge_still_pulling_when_the_origins_publisher_idles_serves_nothing_stale(
+    start_relay: StartRelay, start_publisher: Any, tmp_path: Path
+) -> None:
+    """The edge keeps its pull for its grace after its last viewer (60 s here), longer
+    than the publisher's: when the origin's publisher idles, the edge shows the stream
+    available too and lets its cached GOP go, so a viewer joining the edge later gets the
+    idle status, then only pictures captured after it joined (none from before the
+    idle), the first within the bound; the edge shows it live again while it watches."""
+    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
+    origin = start_relay("--relay-secret-file", secret)
+    edge = start_relay(
+        "--relay-secret-file", secret, "--upstream", origin.ws_url, "--upstream-grace", "60"
+    )
+    start_publisher(
+        f"{origin.ws_url}/publish/{NAME}",
+        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180",
+        "--keyframe-interval", "2",
+    )
+    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
+    watch_url = f"{edge.ws_url}/watch/{NAME}"
+
+    # A first viewer of the edge wakes the publisher and fills the edge's cache.
+    _status, first, _elapsed = run(_watch_from(watch_url, 10), 60)
+    assert any(media.is_key for media in first)
+    # It left: the origin's publisher idles after its grace; the edge, still pulling,
+    # follows the origin.
+    wait_until(lambda: _in_state(origin, "available"), GRACE + 20)
+    edge_entry = wait_until(lambda: _in_state(edge, "available"), 10)
+    assert edge_entry["live"] is True and edge_entry["source"] == "upstream"
+    assert edge_entry["upstream"]["publisher_idle"] is True
+    assert edge_entry["upstream"]["grace"] is True  # the same pull, not a new one
+    time.sleep(1.0)  # what an edge kept from before would now be a second old at least
+
+    joined_us = int(time.time() * 1_000_000)
+    status, media, elapsed = run(
+        _watch_from(watch_url, 5, lambda: wait_until(lambda: _in_state(edge, "live"), 10)), 60
+    )
+    assert status == {"type": "status", "state": "live", "publisher": "idle"}
+    # A CONFIG carries no picture (the encoder's parameter sets, maybe made earlier): the
+    # pictures are what must be fresh. Same host: the publisher's clock is ours.
+    margin_us = 200_000
+    pictures = [item for item in media if not item.is_config]
+    assert pictures and pictures[0].is_key, [item.flags for item in media]
+    stale = [
+        item.capture_time_us for item in pictures if item.capture_time_us < joined_us - margin_us
+    ]
+    assert not stale, (joined_us, stale)
+    assert elapsed <= FIRST_FRAME_BOUND
+    record_figure("on_demand_edge_after_idle", first_frame_seconds=round(elapsed, 3))
