@@ -16,8 +16,9 @@ connection.  While the upstream says ``live`` the pull is the stream's publisher
 (:meth:`~streamrelay.streams.StreamRegistry.pull_source`), so the stream behaves as a
 locally published one: GOP cache, status, meta, CONFIG-then-KEY for joiners, per-viewer
 drops and the byte bounds; when the upstream says its publisher idles on demand
-(``"publisher": "idle"``), the stream here is available and lets its GOP go too.  It reports the stream's audience upstream and forwards the
-keyframe requests the local cache cannot serve.  When the upstream goes away the viewers
+(``"publisher": "idle"``), the stream here is available and lets its GOP go too.  It
+reports the stream's audience upstream and forwards the keyframe requests the local
+cache cannot serve.  When the upstream goes away the viewers
 see ``offline`` and stay; the client retries with full jitter (at most
 :data:`RETRY_MAX_SECONDS` apart, so a restarted origin is served again within about a
 second) and each URL of ``--upstream`` is tried in turn.
