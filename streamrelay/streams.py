@@ -149,6 +149,8 @@ class Stream:
         # and the adaptive viewers waiting for this stream's next KEY to switch to it.
         self.renditions: tuple[Rendition, ...] | None = None
         self.switchers: dict[ViewerSink, SwitchAtKey] = {}
+        # The viewers that are adaptive (of this stream's base), for /api/streams.
+        self.adaptive_viewers: set[ViewerSink] = set()
         # Adaptive viewers idle until this base stream announces a set (called once).
         self.set_listeners: dict[ViewerSink, Callable[[], None]] = {}
         # The capture time of the latest media message (a switch never goes back in time).
@@ -448,6 +450,7 @@ class Stream:
         queue = self.viewers.pop(sink, None)
         self.relay_counts.pop(sink, None)
         self.audio_viewers.pop(sink, None)
+        self.adaptive_viewers.discard(sink)
         if queue is None:
             return
         queue.close()
@@ -469,15 +472,18 @@ class Stream:
         """Let a viewer go without closing its queue (it moves to another rendition)."""
         queue = self.viewers.pop(sink, None)
         self.audio_viewers.pop(sink, None)
+        self.adaptive_viewers.discard(sink)
         if queue is not None:
             self._viewer_count_updates.request()
         return queue
 
     def adopt_viewer(self, sink: ViewerSink, queue: ViewerQueue, audio: bool = False) -> None:
-        """Take over a viewer's queue from another rendition: it counts here from now
-        (and takes this rendition's audio when ``audio``: every rendition carries it)."""
+        """Take over an adaptive viewer's queue from another rendition: it counts here
+        from now (and takes this rendition's audio when ``audio``: every rendition
+        carries it)."""
         queue.rebind(self._count_dropped, self.need_keyframe)
         self.viewers[sink] = queue
+        self.adaptive_viewers.add(sink)
         if audio:
             self.audio_viewers[sink] = queue
         self._request_viewer_count()
@@ -532,6 +538,14 @@ class Stream:
                 else None
             ),
             "viewer_reports": self.reports.summary(),
+            # Renditions (docs/protocol.md): a base stream's announced set, and how many
+            # of the viewers are adaptive ones that the relay moves between renditions.
+            "renditions": (
+                [rendition.listing() for rendition in self.renditions]
+                if self.renditions
+                else None
+            ),
+            "adaptive_viewers": len(self.adaptive_viewers),
         }
         config = self._registry.config
         if config.upstream:
@@ -610,6 +624,7 @@ class PublisherSession:
     def idle(self) -> bool:
         """True while the publisher is idle on demand (it sends no media then)."""
         return self.current and self.stream.publisher_idle
+
     def thumbnail(self, message: dict[str, Any]) -> bool:
         """Keep the stream's thumbnail (a ``thumbnail`` text message); False when
         ignored by the rate limit.  Raises :class:`~streamrelay.wire.WireError`."""
@@ -724,6 +739,10 @@ class StreamRegistry:
         self.origins: Origins | None = None
         # The counts of the streams already forgotten.
         self.retired = StreamTotals()
+        # Adaptive viewers' rendition changes by reason (start, down, up, offline) and
+        # the switches not made by why (viewer_limit, no_key): streamrelay.adaptive.
+        self.rendition_switches: dict[str, int] = {}
+        self.rendition_switches_refused: dict[str, int] = {}
         # The status messages, framed once: every join sends one.
         self._status_frames: dict[tuple[str, bool], tuple[Any, int]] = {}
 

@@ -246,6 +246,7 @@ class Pull(StreamListener):
                 self.session.thumbnail(message)
             except WireError:
                 pass
+
     def audio_dropped(self, count: int) -> None:
         """The upstream dropped audio towards this relay: audio viewers see the gap."""
         if self.session is not None:
