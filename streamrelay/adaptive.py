@@ -24,7 +24,7 @@ from streamrelay.abr import AbrPolicy, AbrSettings, Decision, Observation, Rendi
 from streamrelay.limits import Refusal
 from streamrelay.logs import relay_logger
 from streamrelay.names import base_name
-from streamrelay.streams import Stream, StreamRegistry, ViewerSession
+from streamrelay.streams import SWITCH_AUDIO_MAX_BYTES, Stream, StreamRegistry, ViewerSession
 from streamrelay.viewer_queue import ViewerSink
 from streamrelay.wire import FLAG_AUDIO, MediaInfo, encode_text
 
@@ -187,6 +187,13 @@ class AdaptiveSession(ViewerSession):
         self._policy.started()
         self._pending = (target, decision, urgent)
         target.switchers[self._sink] = self._at_key
+        if self._audio and not target.switch_audio:
+            # The target's audio from before the switch began too: its cached GOP's.
+            target.switch_audio.extend(
+                item
+                for item in target.gop.start_sequence(True)
+                if item[0].flags & FLAG_AUDIO and item[0].size <= SWITCH_AUDIO_MAX_BYTES
+            )
         registry._want_pull(target)
         if decision.reason == "down" or urgent:
             # Renditions are GOP-aligned: the KEY asked for comes in every rendition.
@@ -224,6 +231,8 @@ class AdaptiveSession(ViewerSession):
             return None
         target = pending[0]
         target.switchers.pop(self._sink, None)
+        if not target.switchers:
+            target.switch_audio.clear()
         return target
 
     def _let_go(self, stream: Stream) -> None:
@@ -251,6 +260,14 @@ class AdaptiveSession(ViewerSession):
             # the viewer would go back in time; the next one will do.
             return
         decision, urgent = pending[1], pending[2]
+        # The target's latest audio, from before its KEY and after (cached with it).
+        audio: list[tuple[MediaInfo, Any]] | tuple[()] = ()
+        if self._audio:
+            cached = target.gop.start_sequence(True)
+            audio = sorted(
+                [*target.switch_audio, *(item for item in cached if item[0].flags & FLAG_AUDIO)],
+                key=lambda item: item[0].capture_time_us,
+            )
         self._end_wait()
         if self._full(target):
             # Filled up while the switch waited for this KEY.
@@ -270,12 +287,6 @@ class AdaptiveSession(ViewerSession):
         if target.meta is not None:
             queue.send_text(target.meta[0], target.meta[1], "meta")
         target.adopt_viewer(self._sink, queue, audio=self._audio)
-        # The KEY was just cached: what follows it there is the audio captured from it on.
-        audio = (
-            [item for item in target.gop.start_sequence(True) if item[0].flags & FLAG_AUDIO]
-            if self._audio
-            else ()
-        )
         queue.switch_source(target.gop.config, key, frame, audio)
         self.stream = target
         _count(registry.rendition_switches, "offline" if urgent else decision.reason)

@@ -20,6 +20,7 @@ together, relay-to-relay hooks included; the rate window and the throttle live i
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +51,14 @@ from streamrelay.wire import (
 _log = relay_logger(__name__)
 
 VIEWER_COUNT_MIN_GAP = 0.25
+
+# While an adaptive viewer waits to switch to a stream, its latest audio messages (half
+# a second of 20 ms packets, each no larger than a 20 ms Opus packet can be, ~1.3 KB,
+# with room: at most 100 KiB) are kept: they go to the viewer after the KEY when its old
+# rendition had not delivered them yet (streamrelay.adaptive; renditions' audio reaches
+# the relay on separate connections, not in step).
+SWITCH_AUDIO_MESSAGES = 25
+SWITCH_AUDIO_MAX_BYTES = 4 * 1024
 # How often a publisher gets the summary of its viewers' reports while there are any.
 VIEWER_REPORT_INTERVAL = 5.0
 
@@ -149,6 +158,7 @@ class Stream:
         # and the adaptive viewers waiting for this stream's next KEY to switch to it.
         self.renditions: tuple[Rendition, ...] | None = None
         self.switchers: dict[ViewerSink, SwitchAtKey] = {}
+        self.switch_audio: deque[tuple[MediaInfo, Any]] = deque(maxlen=SWITCH_AUDIO_MESSAGES)
         # The viewers that are adaptive (of this stream's base), for /api/streams.
         self.adaptive_viewers: set[ViewerSink] = set()
         # Adaptive viewers idle until this base stream announces a set (called once).
@@ -292,6 +302,8 @@ class Stream:
         frame = self._registry.frame_factory(message.data, True)
         info = message.info()
         self.gop.add(info, frame)
+        if self.switchers and info.size <= SWITCH_AUDIO_MAX_BYTES:
+            self.switch_audio.append((info, frame))
         for queue in list(self.audio_viewers.values()):
             queue.send_audio(info, frame)
 
@@ -541,9 +553,7 @@ class Stream:
             # Renditions (docs/protocol.md): a base stream's announced set, and how many
             # of the viewers are adaptive ones that the relay moves between renditions.
             "renditions": (
-                [rendition.listing() for rendition in self.renditions]
-                if self.renditions
-                else None
+                [rendition.listing() for rendition in self.renditions] if self.renditions else None
             ),
             "adaptive_viewers": len(self.adaptive_viewers),
         }

@@ -306,18 +306,16 @@ class ViewerQueue(_FanOutFields):
         CONFIG (always: the decoder is reconfigured) and the KEY, as a viewer resuming
         after a drop; a drop episode under way ends with its ``dropped`` notice.
 
-        Audio (an audio viewer: ``audio`` is the new stream's cached audio from ``key``
-        on) goes on from the later of the KEY's capture time and just after the last
-        audio already delivered, so capture times keep strictly increasing: the cached
-        audio newer than that is sent now (the new rendition's audio may run ahead of
-        the old one's), older audio is not sent twice, and a gap the switch leaves is
-        announced as dropped audio."""
+        Audio (an audio viewer: ``audio`` is the new stream's latest audio, in capture
+        order) goes on from just after the last audio already delivered, so capture
+        times keep strictly increasing: the new stream's audio newer than that is sent
+        now (its audio may run ahead of the old one's), older audio is not sent twice,
+        and a gap the switch leaves is announced as dropped audio.  (A queue that had
+        no KEY yet starts its audio at this KEY, as at a join.)"""
         if self.closed:
             return
-        if self._audio_open:
-            if self._audio_switched_from_us < 0:
-                self._audio_switched_from_us = self._audio_last_us
-            self._audio_last_us = max(self._audio_last_us, key.capture_time_us - 1)
+        if self._audio_open and self._audio_switched_from_us < 0:
+            self._audio_switched_from_us = self._audio_last_us
         self._latest_config = config
         self._config_sent = None
         if not self.skipping:

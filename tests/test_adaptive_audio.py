@@ -10,7 +10,7 @@ import pytest
 
 from streamrelay.abr import Decision
 from streamrelay.adaptive import AdaptiveSession, watch_adaptive
-from streamrelay.streams import PublisherSession
+from streamrelay.streams import SWITCH_AUDIO_MESSAGES, PublisherSession
 from streamrelay.wire import (
     FLAG_AUDIO,
     FLAG_CONFIG,
@@ -166,31 +166,56 @@ def test_renditions_audio_out_of_step_is_neither_repeated_nor_lost(
     assert captures == expected
 
 
-def test_a_gap_a_switch_leaves_is_announced() -> None:
-    """The old rendition's audio lags and the new one's KEY comes with the newest
-    audio: what the new rendition sent before its KEY is not cached for the switch, so
-    the viewer is told how many packets it misses."""
+def lagging_switch(lag: int, wait: int) -> tuple[AdaptiveSession, FakeViewer]:
+    """The viewer's rendition's audio lags the others' by ``lag`` packets; a step down
+    waits ``wait`` packets for the target's KEY, which comes with the newest audio."""
     renditions = Renditions()
     session, viewer = watch_with_audio(renditions)
     pubs = publishers(renditions)
     t = 1_000_000
-    for step in range(40):
+    for step in range(80):
         t += PACKET_US
         pubs[1].media(audio(t, 1))
         pubs[2].media(audio(t, 2))
-        if t - 4 * PACKET_US > 1_000_000:
-            pubs[0].media(audio(t - 4 * PACKET_US, 0))  # the viewer's rendition lags
+        if t - lag * PACKET_US > 1_000_000:
+            pubs[0].media(audio(t - lag * PACKET_US, 0))
         if step == 10:
             session._begin(Decision(1, "down"))
-        if step == 15:
+        if step == 10 + wait:
             for index in (1, 0, 2):
                 pubs[index].media(message(FLAG_CONFIG, index, t, 40))
                 pubs[index].media(message(FLAG_KEY, index, t, 600))
     assert session.stream.name == "cam~360p"
-    events = audio_events(viewer)
-    assert ("dropped", 3) in events
+    return session, viewer
+
+
+def test_audio_the_new_rendition_sent_before_its_key_is_not_lost() -> None:
+    """The old rendition's audio lags by 4 packets: those the new one sent while the
+    switch waited for its KEY come right after it, nothing is missing or announced."""
+    session, viewer = lagging_switch(lag=4, wait=5)
+    captures = assert_audio_contract(viewer)
+    assert captures == list(range(captures[0], captures[-1] + 1, PACKET_US))
+    assert session.queue.audio_dropped_total == 0
+
+
+def test_audio_the_new_rendition_sent_before_the_switch_began_is_not_lost() -> None:
+    """The same when the KEY comes right after the switch began: the new rendition's
+    audio the old one has not delivered yet is taken from its GOP cache."""
+    session, viewer = lagging_switch(lag=4, wait=1)
+    captures = assert_audio_contract(viewer)
+    assert captures == list(range(captures[0], captures[-1] + 1, PACKET_US))
+    assert session.queue.audio_dropped_total == 0
+
+
+def test_a_gap_a_switch_leaves_is_announced() -> None:
+    """The old rendition's audio lags by more than the audio kept for a switch
+    (SWITCH_AUDIO_MESSAGES packets): the viewer is told how many packets it misses,
+    before the audio after them."""
+    lag = SWITCH_AUDIO_MESSAGES + 4
+    session, viewer = lagging_switch(lag=lag, wait=lag + 2)
+    assert ("dropped", 4) in audio_events(viewer)
     assert_audio_contract(viewer)
-    assert session.queue.audio_dropped_total == 3
+    assert session.queue.audio_dropped_total == 4
 
 
 def test_a_switch_to_a_full_rendition_does_not_happen() -> None:
