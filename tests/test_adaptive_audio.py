@@ -10,6 +10,7 @@ import pytest
 
 from streamrelay.abr import Decision
 from streamrelay.adaptive import AdaptiveSession, watch_adaptive
+from streamrelay.limits import Refusal
 from streamrelay.streams import SWITCH_AUDIO_MESSAGES, PublisherSession
 from streamrelay.wire import (
     FLAG_AUDIO,
@@ -224,7 +225,7 @@ def test_a_switch_to_a_full_rendition_does_not_happen() -> None:
     renditions = Renditions(max_viewers_per_stream=1)
     target_viewer = FakeViewer()
     plain = renditions.core.registry.watch("cam~360p", target_viewer, "10.0.0.2")
-    assert not isinstance(plain, type(None)) and renditions.viewers_of("cam~360p") == 1
+    assert not isinstance(plain, Refusal) and renditions.viewers_of("cam~360p") == 1
     session, _ = watch_with_audio(renditions)
     session._begin(Decision(1, "down"))
     renditions.frames(key=True)
@@ -233,3 +234,18 @@ def test_a_switch_to_a_full_rendition_does_not_happen() -> None:
     registry = renditions.core.registry
     assert registry.rendition_switches_refused == {"viewer_limit": 1}
     assert "down" not in registry.rendition_switches
+
+
+def test_a_rendition_that_fills_up_while_the_switch_waits_is_not_switched_to() -> None:
+    """The target had room when the switch began, but another viewer took the last
+    place before its KEY came: no switch, counted, the viewer stays where it is."""
+    renditions = Renditions(max_viewers_per_stream=1)
+    session, _ = watch_with_audio(renditions)
+    session._begin(Decision(1, "down"))
+    plain = renditions.core.registry.watch("cam~360p", FakeViewer(), "10.0.0.2")
+    assert not isinstance(plain, Refusal), plain
+    renditions.frames(key=True)
+    assert session.stream.name == "cam"
+    assert renditions.viewers_of("cam~360p") == 1 and renditions.viewers_of("cam") == 1
+    assert renditions.core.registry.rendition_switches_refused == {"viewer_limit": 1}
+    assert not renditions.core.registry.streams["cam~360p"].switchers
