@@ -50,6 +50,16 @@ class Rendition:
     bitrate: int
     codec: str = ""
 
+    def listing(self) -> dict[str, Any]:
+        """The rendition in its base stream's ``/api/streams`` entry."""
+        return {
+            "name": self.name,
+            "stream": self.stream,
+            "width": self.width,
+            "height": self.height,
+            "bitrate": self.bitrate,
+        }
+
     def announcement(self, reason: str) -> dict[str, Any]:
         """The ``rendition`` message telling a viewer it is (now) on this rendition."""
         return {

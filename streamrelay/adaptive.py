@@ -25,9 +25,9 @@ from streamrelay.limits import Refusal
 from streamrelay.logs import relay_logger
 from streamrelay.names import base_name
 from streamrelay.reports import ViewerReport
-from streamrelay.streams import Stream, StreamRegistry, ViewerSession
+from streamrelay.streams import SWITCH_AUDIO_MAX_BYTES, Stream, StreamRegistry, ViewerSession
 from streamrelay.viewer_queue import ViewerSink
-from streamrelay.wire import MediaInfo, encode_text
+from streamrelay.wire import FLAG_AUDIO, MediaInfo, encode_text
 
 _log = relay_logger(__name__)
 
@@ -54,7 +54,8 @@ class AdaptiveSession(ViewerSession):
         self._base = stream.name
         self._audio = audio
         self._policy = AbrPolicy(registry.config.viewer_queue_bytes, self.settings)
-        self._pending: tuple[Stream, Decision] | None = None
+        # The stream switched to, the decision, and whether it flees an offline stream.
+        self._pending: tuple[Stream, Decision, bool] | None = None
         self._timeout: IDelayedCall | None = None
         self._ticker: IDelayedCall | None = None
         # The bytes the viewer's kernel socket holds unsent, where the sink can tell: a
@@ -66,7 +67,10 @@ class AdaptiveSession(ViewerSession):
             assert policy.rendition is not None
             intro = self._announcement(policy.rendition, "start", registry)
         self.announced = intro is not None
+        if self.announced:
+            _count(registry.rendition_switches, "start")
         super().__init__(registry, stream, sink, address, intro=intro, audio=audio)
+        stream.adaptive_viewers.add(sink)
         if self.announced:
             self._schedule()
         else:
@@ -129,6 +133,7 @@ class AdaptiveSession(ViewerSession):
             return
         if policy.set_renditions(fresh, self.stream.name) and not self.announced:
             self.announced = True
+            _count(self._registry.rendition_switches, "start")
             rendition = policy.rendition
             assert rendition is not None
             frame, size = self._announcement(rendition, "start", self._registry)
@@ -187,9 +192,19 @@ class AdaptiveSession(ViewerSession):
             registry._forget_if_idle(target)
             self._policy.abandoned(registry.clock.seconds())
             return
+        if self._full(target):
+            registry._forget_if_idle(target)
+            return
         self._policy.started()
-        self._pending = (target, decision)
+        self._pending = (target, decision, urgent)
         target.switchers[self._sink] = self._at_key
+        if self._audio and not target.switch_audio:
+            # The target's audio from before the switch began too: its cached GOP's.
+            target.switch_audio.extend(
+                item
+                for item in target.gop.start_sequence(True)
+                if item[0].flags & FLAG_AUDIO and item[0].size <= SWITCH_AUDIO_MAX_BYTES
+            )
         registry._want_pull(target)
         if decision.reason == "down" or urgent:
             # Renditions are GOP-aligned: the KEY asked for comes in every rendition.
@@ -198,6 +213,17 @@ class AdaptiveSession(ViewerSession):
         # timeout (a long GOP): then it asks for one.
         half = self.settings.switch_timeout / 2
         self._timeout = registry.clock.callLater(half, self._waited_half, target)
+
+    def _full(self, target: Stream) -> bool:
+        """True (counted, and the policy told) when ``target`` has as many viewers as
+        --max-viewers-per-stream allows: a switch is a join, bound the same way."""
+        registry = self._registry
+        limit = registry.config.max_viewers_per_stream
+        if not limit or len(target.viewers) < limit:
+            return False
+        _count(registry.rendition_switches_refused, "viewer_limit")
+        self._policy.abandoned(registry.clock.seconds())
+        return True
 
     def _waited_half(self, target: Stream) -> None:
         self._timeout = None
@@ -216,6 +242,8 @@ class AdaptiveSession(ViewerSession):
             return None
         target = pending[0]
         target.switchers.pop(self._sink, None)
+        if not target.switchers:
+            target.switch_audio.clear()
         return target
 
     def _let_go(self, stream: Stream) -> None:
@@ -227,6 +255,7 @@ class AdaptiveSession(ViewerSession):
     def _give_up(self) -> None:
         self._timeout = None
         target = self._end_wait()
+        _count(self._registry.rendition_switches_refused, "no_key")
         self._policy.abandoned(self._registry.clock.seconds())
         if target is not None:
             self._let_go(target)
@@ -241,8 +270,20 @@ class AdaptiveSession(ViewerSession):
             # An older KEY (an edge's new pull starts with its upstream's cached GOP):
             # the viewer would go back in time; the next one will do.
             return
-        decision = pending[1]
+        decision, urgent = pending[1], pending[2]
+        # The target's latest audio, from before its KEY and after (cached with it).
+        audio: list[tuple[MediaInfo, Any]] | tuple[()] = ()
+        if self._audio:
+            cached = target.gop.start_sequence(True)
+            audio = sorted(
+                [*target.switch_audio, *(item for item in cached if item[0].flags & FLAG_AUDIO)],
+                key=lambda item: item[0].capture_time_us,
+            )
         self._end_wait()
+        if self._full(target):
+            # Filled up while the switch waited for this KEY.
+            self._let_go(target)
+            return
         queue = old.release_viewer(self._sink)
         if queue is None:
             return
@@ -257,8 +298,9 @@ class AdaptiveSession(ViewerSession):
         if target.meta is not None:
             queue.send_text(target.meta[0], target.meta[1], "meta")
         target.adopt_viewer(self._sink, queue, audio=self._audio)
-        queue.switch_source(target.gop.config, key, frame)
+        queue.switch_source(target.gop.config, key, frame, audio)
         self.stream = target
+        _count(registry.rendition_switches, "offline" if urgent else decision.reason)
         self._policy.switched(decision.index, decision.reason, self._registry.clock.seconds())
         _log.debug(
             "Viewer of {base} stepped {reason} to {stream}",
@@ -287,6 +329,10 @@ class AdaptiveSession(ViewerSession):
         self._let_go(self.stream)
         if target is not None:
             self._let_go(target)
+
+
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
 
 
 def watch_adaptive(

@@ -214,6 +214,7 @@ class RelayCollector:
         yield from self._connections(context)
         yield from self._streams(context)
         yield from self._refusals(context)
+        yield from self._renditions(context)
         yield from self._pulls(context)
         yield from self._directory(context)
         if context.config.stream_metrics:
@@ -363,6 +364,30 @@ class RelayCollector:
             for reason, count in sorted(reasons.items()):
                 over_budget.add_metric([role, reason], count)
         yield over_budget
+
+    @staticmethod
+    def _renditions(context: RelayContext) -> Iterator[Metric]:
+        # Counted by streamrelay.adaptive on the registry; every reason exported from 0.
+        registry = context.registry
+        switches = CounterMetricFamily(
+            "streamrelay_rendition_switches",
+            "Adaptive viewers' rendition changes (docs/protocol.md, Renditions), by "
+            "reason: start (told its first rendition), down, up, offline (left a "
+            "rendition whose publisher went away).",
+            labels=["reason"],
+        )
+        for reason in ("start", "down", "up", "offline"):
+            switches.add_metric([reason], registry.rendition_switches.get(reason, 0))
+        yield switches
+        refused = CounterMetricFamily(
+            "streamrelay_rendition_switches_refused",
+            "Rendition switches not made, by reason: viewer_limit (the target had "
+            "--max-viewers-per-stream viewers), no_key (the target sent no KEY in time).",
+            labels=["reason"],
+        )
+        for reason in ("viewer_limit", "no_key"):
+            refused.add_metric([reason], registry.rendition_switches_refused.get(reason, 0))
+        yield refused
 
     @staticmethod
     def _directory(context: RelayContext) -> Iterator[Metric]:

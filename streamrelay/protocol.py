@@ -23,6 +23,7 @@ hook into Autobahn's parser here, next to the other Autobahn overrides.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
 from types import FunctionType
 from typing import Any, cast
@@ -82,7 +83,8 @@ _SIOCOUTQNSD = 0x894B
 def kernel_unsent_bytes(transport: Any) -> int:
     """Bytes the kernel holds for the peer and has not sent yet (0 where unknown: not
     Linux, not a socket).  A TLS transport is read through the TCP transport it wraps."""
-    if fcntl is None:
+    if fcntl is None or not sys.platform.startswith("linux"):
+        # The number means something else elsewhere (or nothing): not asked.
         return 0
     for candidate in (transport, getattr(transport, "transport", None)):
         if candidate is None:

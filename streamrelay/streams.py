@@ -20,6 +20,7 @@ together, relay-to-relay hooks included; the rate window and the throttle live i
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +51,14 @@ from streamrelay.wire import (
 _log = relay_logger(__name__)
 
 VIEWER_COUNT_MIN_GAP = 0.25
+
+# While an adaptive viewer waits to switch to a stream, its latest audio messages (half
+# a second of 20 ms packets, each no larger than a 20 ms Opus packet can be, ~1.3 KB,
+# with room: at most 100 KiB) are kept: they go to the viewer after the KEY when its old
+# rendition had not delivered them yet (streamrelay.adaptive; renditions' audio reaches
+# the relay on separate connections, not in step).
+SWITCH_AUDIO_MESSAGES = 25
+SWITCH_AUDIO_MAX_BYTES = 4 * 1024
 # How often a publisher gets the summary of its viewers' reports while there are any.
 VIEWER_REPORT_INTERVAL = 5.0
 # A publisher's idle/active flips take effect at most once per this many seconds (each
@@ -152,6 +161,9 @@ class Stream:
         # and the adaptive viewers waiting for this stream's next KEY to switch to it.
         self.renditions: tuple[Rendition, ...] | None = None
         self.switchers: dict[ViewerSink, SwitchAtKey] = {}
+        self.switch_audio: deque[tuple[MediaInfo, Any]] = deque(maxlen=SWITCH_AUDIO_MESSAGES)
+        # The viewers that are adaptive (of this stream's base), for /api/streams.
+        self.adaptive_viewers: set[ViewerSink] = set()
         # Adaptive viewers idle until this base stream announces a set (called once).
         self.set_listeners: dict[ViewerSink, Callable[[], None]] = {}
         # The capture time of the latest media message (a switch never goes back in time).
@@ -221,6 +233,8 @@ class Stream:
         self.publisher = link
         self.publisher_since = self._registry.clock.seconds()
         self.publisher_idle = idle
+        # A switch waiting here must not replay the previous publisher's audio.
+        self.switch_audio.clear()
         self.gop.clear()
         self.thumbnail.clear()
         self.reports.clear()
@@ -252,6 +266,7 @@ class Stream:
         self.pulled = False
         self.publisher = None
         self.publisher_since = None
+        self.switch_audio.clear()
         self.publisher_idle = False
         self.gop.clear()
         self.thumbnail.clear()
@@ -295,6 +310,8 @@ class Stream:
         frame = self._registry.frame_factory(message.data, True)
         info = message.info()
         self.gop.add(info, frame)
+        if self.switchers and info.size <= SWITCH_AUDIO_MAX_BYTES:
+            self.switch_audio.append((info, frame))
         for queue in list(self.audio_viewers.values()):
             queue.send_audio(info, frame)
 
@@ -453,6 +470,7 @@ class Stream:
         queue = self.viewers.pop(sink, None)
         self.relay_counts.pop(sink, None)
         self.audio_viewers.pop(sink, None)
+        self.adaptive_viewers.discard(sink)
         if queue is None:
             return
         queue.close()
@@ -474,15 +492,18 @@ class Stream:
         """Let a viewer go without closing its queue (it moves to another rendition)."""
         queue = self.viewers.pop(sink, None)
         self.audio_viewers.pop(sink, None)
+        self.adaptive_viewers.discard(sink)
         if queue is not None:
             self._viewer_count_updates.request()
         return queue
 
     def adopt_viewer(self, sink: ViewerSink, queue: ViewerQueue, audio: bool = False) -> None:
-        """Take over a viewer's queue from another rendition: it counts here from now
-        (and takes this rendition's audio when ``audio``: every rendition carries it)."""
+        """Take over an adaptive viewer's queue from another rendition: it counts here
+        from now (and takes this rendition's audio when ``audio``: every rendition
+        carries it)."""
         queue.rebind(self._count_dropped, self.need_keyframe)
         self.viewers[sink] = queue
+        self.adaptive_viewers.add(sink)
         if audio:
             self.audio_viewers[sink] = queue
         self._request_viewer_count()
@@ -537,6 +558,12 @@ class Stream:
                 else None
             ),
             "viewer_reports": self.reports.summary(),
+            # Renditions (docs/protocol.md): a base stream's announced set, and how many
+            # of the viewers are adaptive ones that the relay moves between renditions.
+            "renditions": (
+                [rendition.listing() for rendition in self.renditions] if self.renditions else None
+            ),
+            "adaptive_viewers": len(self.adaptive_viewers),
         }
         config = self._registry.config
         if config.upstream:
@@ -756,6 +783,10 @@ class StreamRegistry:
         self.origins: Origins | None = None
         # The counts of the streams already forgotten.
         self.retired = StreamTotals()
+        # Adaptive viewers' rendition changes by reason (start, down, up, offline) and
+        # the switches not made by why (viewer_limit, no_key): streamrelay.adaptive.
+        self.rendition_switches: dict[str, int] = {}
+        self.rendition_switches_refused: dict[str, int] = {}
         # The status messages, framed once: every join sends one.
         self._status_frames: dict[tuple[str, bool], tuple[Any, int]] = {}
 

@@ -116,7 +116,10 @@ class ViewerQueue(_FanOutFields):
         "_closed",
         "_skipping",
         "_waiting_for_key",
-        "_audio_from_us",
+        "_audio_open",
+        "_audio_last_us",
+        "_audio_prev_us",
+        "_audio_switched_from_us",
         "audio_dropped_in_episode",
         "audio_dropped_total",
         "dropped_in_episode",
@@ -179,8 +182,15 @@ class ViewerQueue(_FanOutFields):
         # Audio dropped since the last audio delivered, and ever (audio viewers only).
         self.audio_dropped_in_episode = 0
         self.audio_dropped_total = 0
-        # Audio captured before the KEY this viewer started from is not sent.
-        self._audio_from_us = 0
+        # Audio goes out from the first KEY on (join, new source), in strictly
+        # increasing capture order: the capture time of the last audio delivered or
+        # counted as dropped, and the one before it (the packet duration, for a gap a
+        # rendition switch may leave).  After a switch, the capture time of the last audio
+        # of the old rendition until the first audio of the new one is seen (else -1).
+        self._audio_open = False
+        self._audio_last_us = -1
+        self._audio_prev_us = -1
+        self._audio_switched_from_us = -1
 
     # -- state ---------------------------------------------------------------------
 
@@ -280,21 +290,39 @@ class ViewerQueue(_FanOutFields):
         self.waiting_for_key = True
         self._latest_config = None
         self._config_sent = None
+        # Another publisher's capture clock: audio starts again at its first KEY.
+        self._audio_open = False
+        self._audio_last_us = self._audio_prev_us = self._audio_switched_from_us = -1
 
     def switch_source(
-        self, config: tuple[MediaInfo, Any] | None, key: MediaInfo, frame: Any
+        self,
+        config: tuple[MediaInfo, Any] | None,
+        key: MediaInfo,
+        frame: Any,
+        audio: list[tuple[MediaInfo, Any]] | tuple[()] = (),
     ) -> None:
         """Another stream feeds this queue from its KEY ``key`` on (a rendition switch,
         :mod:`streamrelay.adaptive`): what is queued still goes first, then that stream's
         CONFIG (always: the decoder is reconfigured) and the KEY, as a viewer resuming
-        after a drop; a drop episode under way ends with its ``dropped`` notice."""
+        after a drop; a drop episode under way ends with its ``dropped`` notice.
+
+        Audio (an audio viewer: ``audio`` is the new stream's latest audio, in capture
+        order) goes on from just after the last audio already delivered, so capture
+        times keep strictly increasing: the new stream's audio newer than that is sent
+        now (its audio may run ahead of the old one's), older audio is not sent twice,
+        and a gap the switch leaves is announced as dropped audio.  (A queue that had
+        no KEY yet starts its audio at this KEY, as at a join.)"""
         if self.closed:
             return
+        if self._audio_open and self._audio_switched_from_us < 0:
+            self._audio_switched_from_us = self._audio_last_us
         self._latest_config = config
         self._config_sent = None
         if not self.skipping:
             self.waiting_for_key = True
         self.send_media(key, frame)
+        for message, audio_frame in audio:
+            self.send_audio(message, audio_frame)
 
     def rebind(
         self, on_dropped: Callable[[int], None], on_need_keyframe: Callable[[], None]
@@ -317,7 +345,6 @@ class ViewerQueue(_FanOutFields):
                 self._queued_bytes -= item.size
                 self._on_backlog_change(-item.size)
         self._deliver(_Outbound(frame, self.cost(size), None, kind))
-
 
     def send_media(self, message: MediaInfo, frame: Any) -> None:
         """Offer a media message; it is delivered, held, or dropped by the policy."""
@@ -363,10 +390,15 @@ class ViewerQueue(_FanOutFields):
         """Offer an audio message (only to viewers that take audio): written at once
         while the viewer keeps up; otherwise kept through a video drop episode while
         there is room, dropped (and counted for the next ``dropped`` notice) when not."""
-        if message.capture_time_us < self._audio_from_us:
-            return  # captured before the KEY this viewer started from
+        capture = message.capture_time_us
+        if capture <= self._audio_last_us:
+            return  # before the KEY this viewer started from, or delivered already
+        if self._audio_switched_from_us >= 0:
+            self._after_switch(capture)
         if self._flowing:
             # As send_media's fast path.
+            self._audio_prev_us = self._audio_last_us
+            self._audio_last_us = capture
             self.sent_messages += 1
             self.bytes_sent += message.size
             if not self._sink.write_frame(frame):
@@ -377,8 +409,13 @@ class ViewerQueue(_FanOutFields):
                         self._transport_estimate(message.size + self._overhead)
                     )
             return
-        if self._closed or self._waiting_for_key:
+        if self._closed or not self._audio_open:
+            # Before the first KEY there is nothing to hear it with.  After it, a queue
+            # waiting for a KEY (a switch whose KEY did not fit) is in a drop episode:
+            # audio goes on within the bound.
             return
+        self._audio_prev_us = self._audio_last_us
+        self._audio_last_us = capture
         cost = self.cost(message.size)
         pending = self.backlog_bytes
         if pending and pending + cost > self.limit and not self._skipping:
@@ -394,6 +431,17 @@ class ViewerQueue(_FanOutFields):
             self._audio_notice()
         self._deliver(_Outbound(frame, cost, message))
 
+    def _after_switch(self, capture: int) -> None:
+        """The first audio after a switch: when more than a packet is missing between
+        the old rendition's last audio and it (the new rendition sent that audio before
+        its KEY), those packets are announced as dropped, counted by the packet
+        duration seen last."""
+        last = self._audio_switched_from_us
+        self._audio_switched_from_us = -1
+        step = last - self._audio_prev_us if self._audio_prev_us >= 0 else 0
+        if step > 0 and capture - last > step + step // 2:
+            self.audio_gap(max(1, round((capture - last) / step) - 1))
+
     def _audio_notice(self) -> None:
         count = self.audio_dropped_in_episode
         self.audio_dropped_in_episode = 0
@@ -404,7 +452,7 @@ class ViewerQueue(_FanOutFields):
     def audio_gap(self, count: int) -> None:
         """``count`` audio messages were lost before they reached this relay: the
         viewer's next audio is preceded by a ``dropped`` notice that counts them."""
-        if not self._closed and not self._waiting_for_key:
+        if not self._closed and self._audio_open:
             self.audio_dropped_in_episode += count
             self.audio_dropped_total += count
             self._on_dropped(count)
@@ -431,9 +479,10 @@ class ViewerQueue(_FanOutFields):
                     notice_frame, self.cost(len(notice)), None, "dropped", self.dropped_in_episode
                 )
             )
-        if self._waiting_for_key:
+        if not self._audio_open:
             # A first KEY (join, new source): its audio starts at its capture time.
-            self._audio_from_us = key.capture_time_us
+            self._audio_open = True
+            self._audio_last_us = key.capture_time_us - 1
         self.skipping = False
         self.waiting_for_key = False
         self.dropped_in_episode = 0

@@ -384,6 +384,8 @@ def test_a_viewer_whose_rendition_goes_offline_moves_to_a_live_one() -> None:
     states = [text["state"] for text in viewer.texts() if text["type"] == "status"]
     assert states[-2:] == ["offline", "live"]
     assert_clean_switches(viewer)
+    # Counted for /metrics: the start, the step down, the move off the offline one.
+    assert renditions.core.registry.rendition_switches == {"start": 1, "down": 1, "offline": 1}
 
 
 def test_a_step_up_on_a_long_gop_asks_for_a_key_after_half_the_switch_timeout() -> None:

@@ -60,6 +60,8 @@ EXPECTED_FAMILIES = {
     "streamrelay_stream_messages_in",
     "streamrelay_stream_bytes_in",
     "streamrelay_stream_messages_dropped",
+    "streamrelay_rendition_switches",
+    "streamrelay_rendition_switches_refused",
     "process_resident_memory_bytes",
     "process_cpu_seconds",
     "python_info",
@@ -433,3 +435,24 @@ def test_a_relay_without_upstream_exports_the_pull_families_at_zero() -> None:
     _names, samples = scrape(Relay())
     assert value(samples, "streamrelay_pulls_live") == 0
     assert value(samples, "streamrelay_pulls_started_total") == 0
+
+
+def test_rendition_switches_are_counted_by_reason() -> None:
+    """An adaptive viewer told its first rendition counts as ``start``; every reason and
+    refusal is exported from 0."""
+    from tests.support.frames import text_frame
+    from tests.test_abr import SET
+
+    relay = Relay()
+    names, samples = scrape(relay)
+    for reason in ("start", "down", "up", "offline"):
+        assert value(samples, "streamrelay_rendition_switches_total", reason=reason) == 0
+    for reason in ("viewer_limit", "no_key"):
+        assert value(samples, "streamrelay_rendition_switches_refused_total", reason=reason) == 0
+    publisher = relay.publisher("cam")
+    publisher.send(text_frame({"type": "meta", "width": 640, "renditions": SET}))
+    relay.viewer("cam?abr=1")
+    relay.viewer("cam")
+    _, samples = scrape(relay)
+    assert value(samples, "streamrelay_rendition_switches_total", reason="start") == 1
+    assert value(samples, "streamrelay_rendition_switches_total", reason="down") == 0

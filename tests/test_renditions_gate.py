@@ -5,6 +5,7 @@ bytes that an adaptive session reads."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from streamrelay.admission import Handshake, auth_request
 from streamrelay.protocol import ViewerProtocol, kernel_unsent_bytes
 from streamrelay.streams import ViewerSession
 from streamrelay.tokens import make_token
+from streamrelay.wire import FLAG_KEY, encode_media, parse_media
 from tests.fakes import LogCapture, Relay, captured_log
 from tests.support.frames import text_frame
 from tests.test_abr import SET
@@ -149,3 +151,99 @@ def test_meta_with_a_set_is_relayed_unchanged() -> None:
     texts = [m.json for m in viewer.messages(("text",))]
     assert texts[-1] == json.loads(json.dumps(meta))
     assert relay.context.registry.streams["cam"].renditions is not None
+
+
+def test_the_kernel_is_not_asked_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elsewhere the ioctl number is Linux's alone: it is not issued at all, and the
+    unsent bytes read 0 (the queue's own figures are all the policy sees)."""
+    from streamrelay import protocol
+
+    issued: list[int] = []
+
+    def ioctl(fileno: int, request: int, arg: bytes) -> bytes:
+        issued.append(request)
+        return b"\1\0\0\0"
+
+    class Handle:
+        def fileno(self) -> int:
+            return 0
+
+    class Transport:
+        def getHandle(self) -> Handle:
+            return Handle()
+
+    monkeypatch.setattr(protocol.fcntl, "ioctl", ioctl)
+    monkeypatch.setattr(protocol.sys, "platform", "darwin")
+    assert kernel_unsent_bytes(Transport()) == 0
+    assert issued == []
+    monkeypatch.setattr(protocol.sys, "platform", "linux")
+    assert kernel_unsent_bytes(Transport()) == 1
+    assert issued == [protocol._SIOCOUTQNSD]
+
+
+def test_a_handle_the_ioctl_refuses_reads_as_zero() -> None:
+    """A descriptor that is no socket (a pipe, a TLS wrapper's object without one): the
+    ioctl's error is the fallback's 0, not an exception in the ABR tick."""
+    read_end, write_end = os.pipe()
+
+    class Handle:
+        def fileno(self) -> int:
+            return read_end
+
+    class Transport:
+        transport = None
+
+        def getHandle(self) -> Handle:
+            return Handle()
+
+    try:
+        assert kernel_unsent_bytes(Transport()) == 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_api_streams_shows_the_set_and_the_adaptive_viewers_on_each_rendition() -> None:
+    """``/api/streams``: the base stream lists its renditions (name, stream, size,
+    bitrate); each stream counts its adaptive viewers apart from its plain ones, and an
+    adaptive viewer that moves counts on the rendition it is on."""
+    from streamrelay.abr import Decision
+
+    relay = Relay()
+    for name, entry in zip(("cam", "cam~360p", "cam~180p"), SET, strict=True):
+        relay.publisher(name).send(
+            text_frame({"type": "meta", "width": entry["width"], "renditions": SET})
+        )
+    relay.viewer("cam?abr=1")
+    relay.viewer("cam")
+
+    def listing() -> dict[str, Any]:
+        body = relay.connect().request("GET", "/api/streams", {"Host": "relay.test"}).json()
+        return {stream["name"]: stream for stream in body["streams"]}
+
+    streams = listing()
+    assert [r["stream"] for r in streams["cam"]["renditions"]] == [e["stream"] for e in SET]
+    assert streams["cam"]["renditions"][1] == {
+        key: SET[1][key] for key in ("name", "stream", "width", "height", "bitrate")
+    }
+    assert streams["cam"]["viewers"] == 2 and streams["cam"]["adaptive_viewers"] == 1
+    assert streams["cam~360p"]["adaptive_viewers"] == 0
+    session = session_of_type(relay, "cam", AdaptiveSession)
+    session._begin(Decision(1, "down"))
+    key = encode_media(FLAG_KEY, 2_000_000, b"k" * 100)
+    relay.context.registry.streams["cam~360p"].publish_media(parse_media(key))
+    streams = listing()
+    assert streams["cam"]["adaptive_viewers"] == 0 and streams["cam"]["viewers"] == 1
+    assert streams["cam~360p"]["adaptive_viewers"] == 1
+    assert streams["cam~360p"]["viewers"] == 1
+
+
+def session_of_type(relay: Relay, stream: str, kind: type) -> Any:
+    """The one session of ``kind`` among ``stream``'s viewers."""
+    sessions = [
+        protocol.session
+        for protocol in relay.context.registry.streams[stream].viewers
+        if isinstance(protocol, ViewerProtocol) and isinstance(protocol.session, kind)
+    ]
+    assert len(sessions) == 1
+    return sessions[0]

@@ -627,8 +627,9 @@ def test_describe_reports_the_documented_fields() -> None:
     assert set(cam) == {
         "name", "live", "state", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
         "dropped", "bitrate_bps", "fps",
-        "thumbnail", "viewer_reports",
+        "thumbnail", "viewer_reports", "renditions", "adaptive_viewers",
     }
+    assert cam["renditions"] is None and cam["adaptive_viewers"] == 0
     assert cam["live"] is True
     assert cam["viewers"] == 1
     assert cam["publisher"] == {"peer": "127.0.0.1:5555", "since": "2023-11-14T22:13:20Z"}

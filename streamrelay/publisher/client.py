@@ -292,6 +292,7 @@ class Publisher:
         self._outbox.put(Outgoing(encode_text(thumbnail_message(jpeg)), Kind.TEXT))
         self.thumbnails_sent += 1
         return True
+
     def send_audio(self, payload: bytes, capture_time_us: int) -> bool:
         """Send one audio packet (an Opus packet); True if it was sent or queued.  It is
         dropped alone when not connected or when the outbox is full."""

@@ -66,6 +66,8 @@ export class AudioPlayer {
     this.late = 0;
     this.serverDropped = 0;
     this.decoderErrors = 0;
+    this.repeated = 0;          // packets not newer than the last one taken: not played
+    this._lastCaptureUs = null;
     this.playoutMs = null;      // capture -> heard, this computer's clock minus the publisher's
     this.avOffsetMs = null;     // median of (sound heard) - (picture presented), same capture time
     this.beeps = [];            // Date.now() times when the test tone's beeps are heard (scheduled)
@@ -127,6 +129,13 @@ export class AudioPlayer {
       return true;
     }
     const captureUs = Number(new DataView(buf).getBigUint64(1));
+    // The relay sends capture times strictly increasing (docs/protocol.md, "Audio"); a
+    // packet that is not would be heard twice, over the one already scheduled.
+    if (this._lastCaptureUs !== null && captureUs <= this._lastCaptureUs) {
+      this.repeated++;
+      return true;
+    }
+    this._lastCaptureUs = captureUs;
     try {
       decoder.decode(new EncodedAudioChunk({
         type: 'key', timestamp: captureUs, data: new Uint8Array(buf, 9),
@@ -154,6 +163,7 @@ export class AudioPlayer {
     this.playoutMs = null;
     this._arrivals = [];
     this._videoLatencies = [];
+    this._lastCaptureUs = null;
   }
 
   /** Show a decoded video frame now, or when its sound is heard (see the header). */

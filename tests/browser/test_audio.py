@@ -208,3 +208,44 @@ def test_player_decodes_and_plays_audio_in_sync(
     assert abs(beep_vs_flash) < 60, offsets
     assert errors == [], errors
     assert page.evaluate("() => window.__streamrelayTest.cspViolations") == []
+
+
+# Feeds the player's AudioPlayer (a fresh one, on the page's real WebCodecs decoder) the
+# same Opus packet under the given capture times, in order; returns its counters.
+FEED_REPEATS = """
+async ([packet, captures]) => {
+  const { AudioPlayer } = await import('/static/audio.js');
+  const player = new AudioPlayer(document, window);
+  player.meta({ type: 'meta', audio: { codec: 'opus', sample_rate: 48000, channels: 1 } });
+  for (const capture of captures) {
+    const buf = new ArrayBuffer(9 + packet.length);
+    const view = new DataView(buf);
+    view.setUint8(0, 0x04);
+    view.setBigUint64(1, BigInt(capture));
+    new Uint8Array(buf, 9).set(packet);
+    player.media(buf);
+  }
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  return { packets: player.packets, repeated: player.repeated, decoded: player.decoded };
+}
+"""
+
+
+def test_the_player_never_plays_a_capture_time_twice(
+    start_relay: StartRelay, open_page: Callable[..., Any]
+) -> None:
+    """The relay sends audio capture times strictly increasing; should one repeat or go
+    back anyway, the player does not decode or schedule it over the packet already taken
+    (belt and braces: Web Audio would play both)."""
+    from tests.support.renditions import encode_tone
+
+    relay = start_relay()
+    page, log = open_page(f"{relay.http_url}/view/cam")
+    packet = list(encode_tone(3)[1])
+    base = 1_700_000_000_000_000
+    captures = [base, base + 20_000, base + 20_000, base + 10_000, base + 40_000]
+    counts = page.evaluate(FEED_REPEATS, [packet, captures])
+    assert counts["packets"] == 5
+    assert counts["repeated"] == 2, counts
+    assert counts["decoded"] == 3, counts
+    assert not log.errors(), log.errors()

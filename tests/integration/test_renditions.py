@@ -2,7 +2,9 @@
 three GOP-aligned H.264 renditions published as three v1 streams, an adaptive viewer
 (``?abr=1``) behind a throttled link steps down, keeps a continuous picture, and steps
 back up once the limit is lifted.  Every message the viewer gets is decoded with
-libavcodec, the decoder reconfigured at each CONFIG as a player does."""
+libavcodec, the decoder reconfigured at each CONFIG as a player does.  With audio
+(``?abr=1&audio=1``, the same Opus packets on every rendition) the audio's capture
+times strictly increase across the switches, every gap announced by a ``dropped``."""
 
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from tests.support.figures import record_figure
 from tests.support.media import HEADER
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.renditions import (
+    AUDIO_PACKET_US,
     RenditionPublisher,
     RenditionSpec,
     encode_renditions,
+    encode_tone,
 )
 from tests.support.throttle import Throttle
 from tests.support.tokens import write_secret
@@ -87,6 +91,8 @@ def decode_check(received: Received, sizes: dict[str, tuple[int, int]]) -> dict[
             continue
         flags, capture = HEADER.unpack_from(message)
         payload = message[HEADER.size :]
+        if flags & 0x04:  # AUDIO: checked by audio_check
+            continue
         if flags & 0x02:  # CONFIG
             if announced != current or decoder is None:
                 decoder = av.CodecContext.create("h264", "r")
@@ -105,6 +111,34 @@ def decode_check(received: Received, sizes: dict[str, tuple[int, int]]) -> dict[
             assert (frame.width, frame.height) == sizes[current], (current, frame.width)
         decoded.extend((capture, current) for _ in frames)
     return {"decoded": decoded}
+
+
+def audio_check(received: Received) -> dict[str, int]:
+    """The contract of docs/protocol.md "Audio" for one viewer: capture times strictly
+    increase, and a gap of more than a packet comes after a ``dropped`` notice with
+    ``audio`` counting at least the packets missing.  Returns the counts."""
+    last: int | None = None
+    announced = 0
+    counts = {"packets": 0, "gaps": 0, "announced": 0}
+    for _, message in received.messages:
+        if isinstance(message, dict):
+            if message.get("type") == "dropped" and "audio" in message:
+                announced += int(message["audio"])
+                counts["announced"] += int(message["audio"])
+            continue
+        flags, capture = HEADER.unpack_from(message)
+        if not flags & 0x04:
+            continue
+        counts["packets"] += 1
+        if last is not None:
+            assert capture > last, f"audio repeated or went back: {last} -> {capture}"
+            missing = (capture - last) // AUDIO_PACKET_US - 1
+            if missing:
+                counts["gaps"] += 1
+            assert missing <= announced, f"{missing} audio packets lost unannounced at {capture}"
+        last = capture
+        announced = 0
+    return counts
 
 
 def frames_lost(published: list[int], decoded: list[int], around: int, window: int) -> int:
@@ -136,6 +170,19 @@ def test_a_throttled_adaptive_viewer_steps_down_keeps_its_picture_and_steps_back
 
 
 @pytest.mark.timeout(240)
+def test_an_adaptive_audio_viewer_hears_every_packet_once_across_switches(
+    start_relay: StartRelay,
+) -> None:
+    """The same with audio (``?abr=1&audio=1``; every rendition carries the same Opus
+    packets, as the reference publisher sends them, each lower rendition's 60 ms later
+    than the one above, as separate connections may deliver them): through the step
+    down and the step up, the audio's capture times strictly increase and none is
+    missing unannounced; and audio keeps coming after each switch."""
+    relay: RelayProcess = start_relay(*RELAY_ARGUMENTS)
+    throttled_viewer(relay, relay, "renditions_throttled_audio_viewer", audio=True)
+
+
+@pytest.mark.timeout(240)
 def test_an_adaptive_viewer_of_an_edge_switches_between_renditions_it_pulls(
     start_relay: StartRelay, tmp_path: Path
 ) -> None:
@@ -148,10 +195,15 @@ def test_an_adaptive_viewer_of_an_edge_switches_between_renditions_it_pulls(
     throttled_viewer(origin, edge, "renditions_throttled_viewer_on_an_edge")
 
 
-def throttled_viewer(origin: RelayProcess, relay: RelayProcess, figure: str) -> None:
+def throttled_viewer(
+    origin: RelayProcess, relay: RelayProcess, figure: str, audio: bool = False
+) -> None:
     """Publish three renditions to ``origin``, watch adaptively from ``relay`` through a
-    throttle, and check the step down, the picture, the step up (see above)."""
+    throttle, and check the step down, the picture, the step up (see above); with
+    ``audio``, the audio too."""
     renditions = encode_renditions("cam", SPECS, 4 * GOP, FPS, GOP)
+    tone = encode_tone() if audio else None
+    skew = 0.06 if audio else 0.0
     top, middle = renditions[0].bitrate, renditions[1].bitrate
     # Between the middle rendition (with the policy's margin) and the top one.
     limit_bps = int(min(top * 0.7, max(middle * 1.8, (top + middle) / 2)))
@@ -161,12 +213,14 @@ def throttled_viewer(origin: RelayProcess, relay: RelayProcess, figure: str) -> 
                                "limit_bps": limit_bps}  # fmt: skip
 
     async def scenario() -> None:
-        publisher = await RenditionPublisher(origin.ws_url, renditions, FPS, GOP).start()
+        publisher = await RenditionPublisher(
+            origin.ws_url, renditions, FPS, GOP, tone, skew
+        ).start()
         captures = publisher.captures
         throttle = await Throttle(relay.port, None).start()
         received = Received()
         connection = await ws_connect(
-            f"ws://127.0.0.1:{throttle.port}/watch/cam?abr=1",
+            f"ws://127.0.0.1:{throttle.port}/watch/cam?abr=1{'&audio=1' if audio else ''}",
             subprotocols=[SUBPROTOCOL],
             max_size=1 << 24,
             max_queue=None,
@@ -226,6 +280,11 @@ def throttled_viewer(origin: RelayProcess, relay: RelayProcess, figure: str) -> 
         figures["frames_lost_overall"] = overall
         assert overall == 0, overall
         assert all(count == 0 for count in lost), lost
+        if audio:
+            figures["audio"] = audio_check(received)
+            # Audio on every rendition the viewer was on, after each switch.
+            for at, _message in received.texts("rendition")[1:]:
+                assert _first_capture_after(received, at, audio=True) is not None, at
 
     run(scenario(), timeout=200)
     print(record_figure(figure, **figures))
@@ -246,10 +305,13 @@ def _on(received: Received) -> str | None:
     return found[-1][1]["stream"] if found else None
 
 
-def _first_capture_after(received: Received, at: float) -> int | None:
+def _first_capture_after(received: Received, at: float, audio: bool = False) -> int | None:
+    """The capture time of the first video (or ``audio``) message after ``at``."""
     for arrived, message in received.messages:
         if arrived >= at and isinstance(message, bytes):
-            return int(HEADER.unpack_from(message)[1])
+            flags, capture = HEADER.unpack_from(message)
+            if bool(flags & 0x04) == audio:
+                return int(capture)
     return None
 
 

@@ -10,6 +10,12 @@ frame rate with one capture time per source frame for all of them: the relay's C
 the test's encoder, is what the test loads.  A keyframe request on any connection makes
 every rendition jump to its next GOP start, i.e. an IDR on the same source frame in all.
 The announced bitrates are those measured on the encoded loop, not the encoder targets.
+
+With ``audio`` the publisher also sends Opus packets (a tone encoded with the
+publisher's own libopus encoder, once, looped) every 20 ms, the same packet with the
+same capture time on every rendition connection, as ``streamrelay-publish`` does;
+``audio_skew`` delays each lower rendition's audio by that many seconds more than the
+one above it (separate connections and outboxes: the relay gets them out of step).
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from streamrelay.publisher.audio import OpusEncoder, audio_meta
+from streamrelay.publisher.audio_sources import FRAME_SAMPLES, SAMPLE_RATE, AudioBlock
 from streamrelay.publisher.encoder import EncoderSettings, H264Encoder
 from streamrelay.publisher.testpattern import TestPattern
 from tests.support.media import HEADER, now_us
@@ -94,6 +104,26 @@ def encode_renditions(
     return encoded
 
 
+AUDIO_PACKET_US = 20_000
+_FLAG_AUDIO = 0x04
+
+
+def encode_tone(packets: int = 50) -> list[bytes]:
+    """``packets`` 20 ms Opus packets of a 440 Hz tone (mono, libopus through PyAV)."""
+    encoder = OpusEncoder(channels=1)
+    encoded: list[bytes] = []
+    block = 0
+    while len(encoded) < packets:
+        samples = b"".join(
+            struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * n / SAMPLE_RATE)))
+            for n in range(block * FRAME_SAMPLES, (block + 1) * FRAME_SAMPLES)
+        )
+        encoded += [packet for packet, _ in encoder.encode(AudioBlock(samples, block))]
+        block += 1
+    encoder.close()
+    return encoded[:packets]
+
+
 def _noisy(picture: Any, index: int) -> Any:
     """The pattern with a band of noise across its luma: the test pattern alone is so
     easy to compress that every rendition would come out at about the same bitrate."""
@@ -116,18 +146,22 @@ class RenditionPublisher:
     renditions: list[EncodedRendition]
     fps: int
     gop: int
+    # Opus packets to loop (encode_tone), or None for no audio.
+    audio: list[bytes] | None = None
+    audio_skew: float = 0.0
     keyframe_requests: int = 0
     viewer_counts: dict[str, int] = field(default_factory=dict)
     frames_sent: int = 0
-    # The capture time of every source frame sent, in order.
+    # The capture time of every source frame sent, in order; of every audio packet.
     captures: list[int] = field(default_factory=list)
+    audio_captures: list[int] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _connections: list[Any] = field(default_factory=list)
     _jump: bool = False
 
     def meta(self, rendition: EncodedRendition) -> dict[str, Any]:
         """The ``meta`` a rendition's connection sends."""
-        return {
+        meta = {
             "type": "meta",
             "codec": rendition.codec,
             "width": rendition.spec.width,
@@ -137,6 +171,9 @@ class RenditionPublisher:
             "rendition": rendition.spec.label,
             "renditions": [r.entry() for r in self.renditions],
         }
+        if self.audio is not None:
+            meta["audio"] = audio_meta(1)
+        return meta
 
     async def start(self) -> RenditionPublisher:
         """Open one connection per rendition, send its meta, then start the frames."""
@@ -151,6 +188,13 @@ class RenditionPublisher:
             self._connections.append(connection)
             self._tasks.append(asyncio.create_task(self._listen(rendition, connection)))
         self._tasks.append(asyncio.create_task(self._send()))
+        if self.audio is not None:
+            loop = asyncio.get_running_loop()
+            clock = (loop.time(), now_us())
+            for position, connection in enumerate(self._connections):
+                delay = position * self.audio_skew
+                sender = self._send_audio(self.audio, connection, clock, delay, position == 0)
+                self._tasks.append(asyncio.create_task(sender))
         return self
 
     async def _listen(self, rendition: EncodedRendition, connection: Any) -> None:
@@ -192,6 +236,30 @@ class RenditionPublisher:
                 await asyncio.sleep(delay)
             else:
                 next_at = loop.time()
+
+    async def _send_audio(
+        self,
+        packets: list[bytes],
+        connection: Any,
+        clock: tuple[float, int],
+        delay: float,
+        record: bool,
+    ) -> None:
+        # One audio clock for all: a packet every 20 ms from the start, capture times
+        # exactly 20 ms apart (a late turn sends the packets due at once, as a capture
+        # buffer would); this connection gets each ``delay`` seconds after it is due.
+        loop = asyncio.get_running_loop()
+        started_at, anchor = clock
+        index = 0
+        while True:
+            due = started_at + delay + index * AUDIO_PACKET_US / 1e6
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            capture = anchor + index * AUDIO_PACKET_US
+            if record:
+                self.audio_captures.append(capture)
+            await connection.send(HEADER.pack(_FLAG_AUDIO, capture) + packets[index % len(packets)])
+            index += 1
 
     async def close(self) -> None:
         """Stop sending and close every connection (bounded)."""
