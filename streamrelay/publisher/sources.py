@@ -95,11 +95,13 @@ def parse_source_spec(text: str) -> SourceSpec:
 
 @dataclass(frozen=True, slots=True)
 class DeviceInput:
-    """How to open a capture device with ``av.open``: URL, format and options."""
+    """How to open a capture device (or a network stream) with ``av.open``: URL, format,
+    options, and ``av.open``'s (open, read) timeout in seconds (None: wait forever)."""
 
     url: str
     format: str | None
     options: dict[str, str]
+    timeout: tuple[float | None, float | None] | None = None
 
 
 def device_input(
@@ -337,7 +339,8 @@ class FileSource(FrameSource):
 
 
 class DeviceSource(FrameSource):
-    """A live capture device (screen or camera); the device paces the reads.
+    """A live capture device (screen or camera) or network stream (a URL: ``format``
+    None); the device or the network paces the reads.
 
     :meth:`from_container` decodes a stream that is open already (a network source that
     cannot be played without re-encoding, see :mod:`.remux`).
@@ -347,21 +350,37 @@ class DeviceSource(FrameSource):
 
     def __init__(self, device: DeviceInput, width: int, height: int, description: str) -> None:
         super().__init__(width, height, description)
-        self._device = device
+        self._device: DeviceInput | None = device
         self._container: Any = None
         self._frames: Iterator[av.VideoFrame] = iter(())
         self._open()
 
     def _open(self) -> None:
         device = self._device
+        assert device is not None
         try:
-            self._container = av.open(device.url, format=device.format, options=device.options)
+            self._container = av.open(
+                device.url, format=device.format, options=device.options, timeout=device.timeout
+            )
             stream = self._container.streams.video[0]
-        except (av.FFmpegError, IndexError, ValueError) as error:
+        except (av.FFmpegError, IndexError, ValueError, OSError) as error:
+            if self._container is not None:
+                self._container.close()
+                self._container = None
+            # A URL may hold credentials: the description never does.
+            where = f"{device.format} {device.url!r}" if device.format else "no video"
             raise SourceError(
-                f"cannot open {self.description} ({device.format} {device.url!r}): {error}"
+                f"cannot open {self.description} ({where}): {self._scrub(error)}"
             ) from None
+        stream.thread_type = "AUTO"
         self._frames = self._container.decode(stream)
+
+    def _scrub(self, error: Exception) -> str:
+        """An error's text without a URL source's URL (FFmpeg errors may quote it)."""
+        text = str(error)
+        if self._device is not None and self._device.format is None:
+            text = text.replace(self._device.url, self.description)
+        return text
 
     @property
     def opened(self) -> bool:
@@ -370,8 +389,11 @@ class DeviceSource(FrameSource):
 
     def pause(self) -> None:
         """Close the device while nobody watches: a camera's light goes off, and a
-        device left unread would only fill its buffers with stale pictures."""
-        self.close()
+        device left unread would only fill its buffers with stale pictures. (A source
+        made :meth:`from_container` without ``reopen`` stays open: it could not be
+        opened again.)"""
+        if self._device is not None:
+            self.close()
 
     def resume(self) -> None:
         """Open the device again."""
@@ -380,11 +402,18 @@ class DeviceSource(FrameSource):
 
     @classmethod
     def from_container(
-        cls, container: Any, width: int, height: int, description: str
+        cls,
+        container: Any,
+        width: int,
+        height: int,
+        description: str,
+        reopen: DeviceInput | None = None,
     ) -> DeviceSource:
-        """Decode the first video stream of an open container (which this source owns)."""
+        """Decode the first video stream of an open container (which this source owns);
+        ``reopen`` says how to open it again after a pause."""
         source = cls.__new__(cls)
         FrameSource.__init__(source, width, height, description)
+        source._device = reopen
         source._container = container
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -398,7 +427,7 @@ class DeviceSource(FrameSource):
         except StopIteration:
             raise SourceError(f"{self.description} stopped delivering frames") from None
         except av.FFmpegError as error:
-            raise SourceError(f"{self.description} failed: {error}") from None
+            raise SourceError(f"{self.description} failed: {self._scrub(error)}") from None
         return CapturedFrame(self._fit(frame), now_us())
 
     def close(self) -> None:
@@ -415,4 +444,28 @@ def open_source(spec: SourceSpec, width: int, height: int, fps: Fraction) -> Fra
     if spec.kind == "file":
         assert spec.target is not None
         return FileSource(spec.target, width, height)
+    if spec.kind == "url":
+        return open_url_source(spec, width, height)
     return DeviceSource(device_input(spec, fps), width, height, spec.describe())
+
+
+def open_url_source(spec: SourceSpec, width: int, height: int) -> FrameSource:
+    """A URL source, decoded (for what must scale it, such as renditions; see
+    :mod:`.remux` for the remuxing path): a live stream paced by the network, or a file
+    on a web server (it has a duration) played at its own rate and looped."""
+    from .remux import OPEN_TIMEOUT, READ_TIMEOUT  # remux imports this module
+
+    media = media_input(spec)
+    timeout = (None if media.listen else OPEN_TIMEOUT, READ_TIMEOUT)
+    source = DeviceSource(
+        DeviceInput(media.url, None, dict(media.options), timeout),
+        width,
+        height,
+        media.description,
+    )
+    if media.pace_if_finite and source._container.duration is not None:
+        source.close()
+        played = FileSource(media.url, width, height)
+        played.description = media.description  # no credentials
+        return played
+    return source
