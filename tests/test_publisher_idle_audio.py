@@ -209,9 +209,7 @@ def test_a_files_audio_clock_stops_while_paused(tmp_path: Path) -> None:
     now = [100.0]
     wall = [START_US]
     stop = threading.Event()
-    source = FileAudioSource(
-        str(clip), 1, monotonic=lambda: now[0], wall_clock_us=lambda: wall[0]
-    )
+    source = FileAudioSource(str(clip), 1, monotonic=lambda: now[0], wall_clock_us=lambda: wall[0])
     reference = FileAudioSource(str(clip), 1)
     try:
         first = source.read(stop)

@@ -368,9 +368,9 @@ class DeviceSource(FrameSource):
                 self._container.close()
                 self._container = None
             # A URL may hold credentials: the description never does.
-            where = f"{device.format} {device.url!r}" if device.format else "no video"
+            where = f" ({device.format} {device.url!r})" if device.format else ""
             raise SourceError(
-                f"cannot open {self.description} ({where}): {self._scrub(error)}"
+                f"cannot open {self.description}{where}: {self._scrub(error)}"
             ) from None
         stream.thread_type = "AUTO"
         self._frames = self._container.decode(stream)
