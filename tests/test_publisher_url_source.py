@@ -63,3 +63,46 @@ def test_an_unreachable_url_fails_clearly_without_its_credentials() -> None:
     message = str(error.value)
     assert f"rtsp://127.0.0.1:{port}/stream1" in message
     assert "s3cret" not in message and "admin" not in message
+
+
+def test_a_network_source_that_ends_is_opened_again_until_interrupted(tmp_path: Path) -> None:
+    """MPEG-TS over TCP from a server that sends one GOP per connection and hangs up: the
+    source reads on past the end (it connected again), and once the server is gone it
+    keeps retrying until interrupted (the capture thread's stop), then fails clearly."""
+    import threading
+
+    from tests.integration.test_publisher_source import encode_to
+
+    clip = tmp_path / "clip.ts"
+    encode_to([str(clip)], "mpegts", GOP, str(tmp_path / "clip.jsonl"), paced=False)
+    data = clip.read_bytes()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with connection:
+                connection.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    source = open_source(SourceSpec("url", f"tcp://127.0.0.1:{port}"), 160, 96, Fraction(25))
+    try:
+        for index in range(GOP + 5):  # past the end of the first connection's pass
+            assert source.read(index, 0.0).frame.width == 160
+        assert len(accepted) >= 2
+        server.close()
+        threading.Timer(1.0, source.interrupt).start()
+        with pytest.raises(SourceError, match="stopped while reopening"):
+            for index in range(10 * GOP):
+                source.read(index, 0.0)
+    finally:
+        source.close()
+        server.close()

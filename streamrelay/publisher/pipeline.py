@@ -123,6 +123,7 @@ class CapturePipeline:
         """Ask the capture thread to finish after the current frame. Any thread."""
         self._stop_requested.set()
         self._wake.set()
+        self._source.interrupt()  # a network source waiting to reopen gives up
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the capture thread; True if it has ended."""

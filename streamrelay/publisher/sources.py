@@ -19,8 +19,12 @@ Source specifications (the CLI's ``--source``):
 
 ``file`` and ``url`` sources are remuxed without decoding when the browser can play them
 (see :mod:`.remux`); otherwise, and for the other kinds, every source returns yuv420p
-frames of the configured size, paired with their capture time. Sources are used from the
-capture thread only.
+frames of the configured size, paired with their capture time (a ``url`` source decoded,
+as ``--renditions`` needs, is live and reopened with backoff when it ends or fails). Sources
+are used from the capture thread only.
+
+Over 400 lines: the one place that maps every ``--source`` kind to how FFmpeg opens,
+reads, pauses and reopens it; splitting it would scatter one table across modules.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -37,10 +42,13 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import av
+from twisted.logger import Logger
 
 from streamrelay.wire import now_us
 
 from .testpattern import BEAT_FRAMES, TestPattern
+
+_log = Logger()
 
 SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera", "url")
 _URL: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -225,6 +233,9 @@ class FrameSource(ABC):
     def resume(self) -> None:  # noqa: B027 (optional hook, as pause)
         """Frames are wanted again after :meth:`pause`."""
 
+    def interrupt(self) -> None:  # noqa: B027 (optional hook, as pause)
+        """Stop waiting to reopen (the capture thread is asked to stop). Any thread."""
+
     def _fit(self, frame: av.VideoFrame) -> av.VideoFrame:
         """Scale and convert a picture to the output size and yuv420p."""
         if (frame.width, frame.height, frame.format.name) == (self.width, self.height, "yuv420p"):
@@ -348,11 +359,21 @@ class DeviceSource(FrameSource):
 
     live = True
 
-    def __init__(self, device: DeviceInput, width: int, height: int, description: str) -> None:
+    def __init__(
+        self,
+        device: DeviceInput,
+        width: int,
+        height: int,
+        description: str,
+        reconnect: bool = False,
+    ) -> None:
         super().__init__(width, height, description)
         self._device: DeviceInput | None = device
         self._container: Any = None
         self._frames: Iterator[av.VideoFrame] = iter(())
+        #: Open a network source again (with backoff) when it ends or fails.
+        self.reconnect = reconnect
+        self._interrupted = threading.Event()
         self._open()
 
     def _open(self) -> None:
@@ -414,6 +435,8 @@ class DeviceSource(FrameSource):
         source = cls.__new__(cls)
         FrameSource.__init__(source, width, height, description)
         source._device = reopen
+        source.reconnect = reopen is not None and reopen.format is None
+        source._interrupted = threading.Event()
         source._container = container
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -421,14 +444,41 @@ class DeviceSource(FrameSource):
         return source
 
     def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
-        """Block until the device delivers its next picture."""
-        try:
-            frame = next(self._frames)
-        except StopIteration:
-            raise SourceError(f"{self.description} stopped delivering frames") from None
-        except av.FFmpegError as error:
-            raise SourceError(f"{self.description} failed: {self._scrub(error)}") from None
-        return CapturedFrame(self._fit(frame), now_us())
+        """Block until the device delivers its next picture (a network source that ends
+        or fails is opened again, with backoff, when :attr:`reconnect`)."""
+        while True:
+            try:
+                frame = next(self._frames)
+                return CapturedFrame(self._fit(frame), now_us())
+            except StopIteration:
+                why = "stopped delivering frames"
+            except av.FFmpegError as error:
+                why = f"failed: {self._scrub(error)}"
+            if not self.reconnect or self._device is None:
+                raise SourceError(f"{self.description} {why}")
+            self._reopen(why)
+
+    def _reopen(self, why: str) -> None:
+        """Open a network source again after it ended or failed, with the remuxer's
+        backoff; SourceError once :meth:`interrupt` is called."""
+        from .remux import RETRY_DELAYS  # remux imports this module
+
+        _log.warn("source {source} {why}; reopening it", source=self.description, why=why)
+        self.close()
+        failures = 0
+        while not self._interrupted.wait(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]):
+            try:
+                self._open()
+                return
+            except SourceError as error:
+                if failures == 0:
+                    _log.warn("{error}; retrying", error=str(error))
+                failures += 1
+        raise SourceError(f"{self.description}: stopped while reopening it")
+
+    def interrupt(self) -> None:
+        """Stop waiting to reopen. Any thread."""
+        self._interrupted.set()
 
     def close(self) -> None:
         """Close the device."""
@@ -462,6 +512,7 @@ def open_url_source(spec: SourceSpec, width: int, height: int) -> FrameSource:
         width,
         height,
         media.description,
+        reconnect=True,
     )
     if media.pace_if_finite and source._container.duration is not None:
         source.close()
