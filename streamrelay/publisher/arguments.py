@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish several GOP-aligned renditions of the source, e.g. "
         "1280x720@2500k,640x360@800k,320x180@250k: the highest-bitrate one at the URL's "
         "stream, each other at STREAM~LABEL (LABEL defaults to the height, e.g. 360p); "
-        "replaces --size and --bitrate",
+        "replaces --size and --bitrate. Any source: a file or URL (an RTSP camera...) is "
+        "decoded and scaled then, not remuxed",
     )
     parser.add_argument(
         "--codec",
@@ -245,8 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--on-demand",
         action="store_true",
-        help="stop capturing and encoding while nobody watches (after --on-demand-grace); "
-        "resume with a keyframe on the first viewer",
+        help="stop capturing and encoding while nobody watches (after --on-demand-grace): "
+        "a camera, screen or microphone is closed, a file pauses (picture and sound in "
+        "step), a remuxed network source is closed (a listening one is read on and "
+        "skipped); resume with a keyframe on the first viewer (a remuxed source: at its "
+        "next keyframe)",
     )
     parser.add_argument(
         "--on-demand-grace",
