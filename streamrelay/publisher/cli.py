@@ -10,7 +10,8 @@ Examples::
     streamrelay-publish ws://relay:8080/publish/obs --source 'rtmp://0.0.0.0:1935/live/obs?listen=1'
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
     streamrelay-publish ws://relay/publish/cam --renditions 1280x720@2500k,640x360@800k,320x180@250k
-    streamrelay-publish ws://relay/publish/ipcam --source rtsp://camera/stream1 --renditions 1280x720@2500k,640x360@800k
+    streamrelay-publish ws://relay/publish/ipcam --source rtsp://camera/stream1 \
+        --renditions 1280x720@2500k,640x360@800k              # an RTSP camera, two renditions
 
 Exit status: 0 after SIGINT, SIGTERM or ``--duration``; 1 when PyAV is missing (it comes
 with ``pip install 'streamrelay[publisher]'``), the source fails or a newer publisher takes
