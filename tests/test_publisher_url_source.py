@@ -68,7 +68,8 @@ def test_an_unreachable_url_fails_clearly_without_its_credentials() -> None:
 def test_a_network_source_that_ends_is_opened_again_until_interrupted(tmp_path: Path) -> None:
     """MPEG-TS over TCP from a server that sends one GOP per connection and hangs up: the
     source reads on past the end (it connected again), and once the server is gone it
-    keeps retrying until interrupted (the capture thread's stop), then fails clearly."""
+    keeps retrying until interrupted (the capture thread's stop), then fails clearly; a
+    source resumed after an on-demand pause while its server is down retries likewise."""
     import threading
 
     from tests.integration.test_publisher_source import encode_to
@@ -94,15 +95,23 @@ def test_a_network_source_that_ends_is_opened_again_until_interrupted(tmp_path: 
 
     threading.Thread(target=serve, daemon=True).start()
     source = open_source(SourceSpec("url", f"tcp://127.0.0.1:{port}"), 160, 96, Fraction(25))
+    resumed = open_source(SourceSpec("url", f"tcp://127.0.0.1:{port}"), 160, 96, Fraction(25))
     try:
         for index in range(GOP + 5):  # past the end of the first connection's pass
             assert source.read(index, 0.0).frame.width == 160
-        assert len(accepted) >= 2
+        assert len(accepted) >= 3
+        assert resumed.read(0, 0.0).frame.width == 160
+        resumed.pause()
         server.close()
         threading.Timer(1.0, source.interrupt).start()
         with pytest.raises(SourceError, match="stopped while reopening"):
             for index in range(10 * GOP):
                 source.read(index, 0.0)
+        # Resumed while its server is down: retried (not a failure) until interrupted.
+        threading.Timer(1.0, resumed.interrupt).start()
+        with pytest.raises(SourceError, match="stopped while reopening"):
+            resumed.resume()
     finally:
         source.close()
+        resumed.close()
         server.close()

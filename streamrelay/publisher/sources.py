@@ -417,9 +417,15 @@ class DeviceSource(FrameSource):
             self.close()
 
     def resume(self) -> None:
-        """Open the device again."""
+        """Open the device again (a network source that cannot be opened now is retried
+        with backoff, as when it drops)."""
         if self._container is None:
-            self._open()
+            try:
+                self._open()
+            except SourceError as error:
+                if not self.reconnect:
+                    raise
+                self._reopen(f"cannot be opened again ({error})")
 
     @classmethod
     def from_container(
