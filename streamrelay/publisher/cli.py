@@ -295,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log.info("with audio: {audio}", audio=audio.description)
             # Video goes on without its audio (a microphone unplugged): say so.
             audio.pipeline.when_finished().addErrback(
-                lambda failure: _log.error("audio stopped: {why}", why=failure.getErrorMessage())
+                lambda failure: _log.error(
+                    "audio stopped: {why}", why=failure.getErrorMessage()
+                )
             )
             audio.pipeline.start()
         if status is not None:
