@@ -166,3 +166,45 @@ def test_a_source_decoded_from_an_open_container_reopens_after_a_pause() -> None
         assert kept.read(0, 0.0).frame.height == 96
     finally:
         kept.close()
+
+
+class CountingDevice(DeviceSource):
+    """A device source (FFmpeg's lavfi test source), counting reads."""
+
+    reads = 0
+
+    def read(self, frame_index: int, elapsed: float) -> Any:
+        self.reads += 1
+        return super().read(frame_index, elapsed)
+
+
+def test_a_listening_source_is_drained_while_the_capture_thread_idles() -> None:
+    """A decoded source marked ``drain_while_paused`` (a listener: its pusher must not
+    back up) stays open and is read on while the capture thread idles, nothing of it
+    encoded or counted as dropped; active again, it is encoded from a KEY."""
+    from streamrelay.publisher.pipeline import CapturePipeline
+    from tests.test_publisher_client import make_pipeline
+
+    sink = FakeSink()
+    sink.readiness = Readiness.IDLE
+    _, encoder = make_pipeline(sink, None)
+    source = CountingDevice(
+        DeviceInput("testsrc=size=160x96:rate=30", "lavfi", {}), 160, 96, "listener"
+    )
+    source.drain_while_paused = True
+    pipeline = CapturePipeline(
+        source, encoder, sink, reactor=ThreadedMemoryReactor(), fps=Fraction(30)
+    )
+    pipeline.start()
+    try:
+        wait_until(lambda: source.reads >= 10, 20)
+        assert source.opened and frames(sink) == []
+        sink.readiness = Readiness.READY
+        pipeline.request_keyframe()
+        wait_until(lambda: frames(sink), 20)
+        assert frames(sink)[0] == "key"
+    finally:
+        pipeline.stop()
+        assert pipeline.join(10)
+    stats = pipeline.stats
+    assert stats.idle_periods == 1 and stats.frames_dropped == 0 and stats.frames_offline >= 9

@@ -11,7 +11,8 @@ While IDLE (on demand, nobody watches) nothing is captured or encoded: the threa
 source and sleeps until woken (:meth:`CapturePipeline.request_keyframe`, which the publisher
 calls when it turns active), then starts again from a keyframe. The stream's clock stops
 meanwhile (a file resumes where it paused): it is an :class:`~.idleclock.IdleClock`, which
-the audio thread of a file shares so that picture and sound stay in step.
+the audio thread of a file shares so that picture and sound stay in step. A listening
+network source (``drain_while_paused``) is read on meanwhile, and what it sends skipped.
 """
 
 from __future__ import annotations
@@ -207,6 +208,11 @@ class CapturePipeline:
             self._wake.clear()  # before the check: a wake-up after it is not lost
             if self._sink.readiness is not Readiness.IDLE:
                 break
+            if self._source.drain_while_paused:
+                # A listening source's pusher keeps sending: read on, send nothing.
+                self._source.read(0, 0.0)
+                self.stats.frames_offline += 1
+                continue
             # Woken at once when the publisher turns active; the timeout is a safety net.
             self._wake.wait(IDLE_RECHECK_SECONDS)
         if not self._stop_requested.is_set():

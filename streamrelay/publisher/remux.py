@@ -372,6 +372,7 @@ class SourcePipeline:
                 media.description,
                 reopen=None if media.listen else reopen,
             )
+            source.drain_while_paused = media.listen
         else:
             container.close()
             source = FileSource(media.url, width, height)

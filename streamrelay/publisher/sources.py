@@ -214,6 +214,10 @@ class FrameSource(ABC):
     #: True when :meth:`read` blocks until the device has a new frame (the device sets the
     #: pace); False when the caller must pace reads to the frame rate.
     live: bool = False
+    #: True when the source must be read on (and what it delivers skipped) while paused:
+    #: a listening network source, whose pusher might not come back were it closed or
+    #: left to back up.
+    drain_while_paused: bool = False
 
     def __init__(self, width: int, height: int, description: str) -> None:
         self.width = width
@@ -412,8 +416,8 @@ class DeviceSource(FrameSource):
         """Close the device while nobody watches: a camera's light goes off, and a
         device left unread would only fill its buffers with stale pictures. (A source
         made :meth:`from_container` without ``reopen`` stays open: it could not be
-        opened again.)"""
-        if self._device is not None:
+        opened again; so does a source drained while paused.)"""
+        if self._device is not None and not self.drain_while_paused:
             self.close()
 
     def resume(self) -> None:
@@ -520,6 +524,7 @@ def open_url_source(spec: SourceSpec, width: int, height: int) -> FrameSource:
         media.description,
         reconnect=True,
     )
+    source.drain_while_paused = media.listen
     if media.pace_if_finite and source._container.duration is not None:
         source.close()
         played = FileSource(media.url, width, height)
