@@ -244,6 +244,12 @@ class OneBlock:
     def read(self, stop: threading.Event) -> AudioBlock | None:
         return self.blocks.pop() if self.blocks else None
 
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

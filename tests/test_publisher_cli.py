@@ -90,6 +90,72 @@ def test_bad_arguments_are_usage_errors_naming_the_option(
     assert option in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hevc-passthrough"], "--hevc-passthrough: applies to file and URL sources"),
+        (["--transcode", "--source", "camera"], "--transcode: applies to file and URL sources"),
+        (["--transcode", "--source", "screen"], "--transcode: applies to file and URL sources"),
+        (["--transcode"], "testsrc is always encoded"),
+        (
+            ["--renditions", "640x360@800k", "--transcode", "--source", "rtsp://h/x"],
+            "--transcode: --renditions always re-encodes",
+        ),
+        (
+            ["--renditions", "640x360@800k", "--hevc-passthrough", "--source", "rtsp://h/x"],
+            "--hevc-passthrough: --renditions always re-encodes",
+        ),
+        (
+            ["--codec", "vp9", "--hevc-passthrough", "--source", "rtsp://h/x"],
+            "--hevc-passthrough: --codec vp9 re-encodes",
+        ),
+        (
+            ["--codec", "av1", "--hevc-passthrough", "--source", "srt://h:9000"],
+            "--hevc-passthrough: --codec av1 re-encodes",
+        ),
+        (
+            ["--transcode", "--hevc-passthrough", "--source", "srt://h:9000"],
+            "--hevc-passthrough: --transcode re-encodes",
+        ),
+        (["--codec", "vp9", "--preset", "fast"], "--preset: applies to --codec h264 only"),
+        (["--codec", "av1", "--profile", "high"], "--profile: applies to --codec h264 only"),
+        (["--on-demand-grace", "30"], "--on-demand-grace: needs --on-demand"),
+        (["--source", "camera", "--audio", "tone"], "--audio: tone goes with the test pattern"),
+        (["--renditions", "640x360@800k", "--size", "1280x720"], "--renditions: gives each"),
+        (["--renditions", "640x360@800k", "--bitrate", "2000k"], "--renditions: gives each"),
+    ],
+)
+def test_options_that_would_do_nothing_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An option that the rest of the command line makes meaningless exits with status 2
+    and a message naming the conflict, instead of being silently ignored (the defaults
+    given explicitly, e.g. --size 1280x720 with --renditions, included)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["ws://127.0.0.1:9/publish/x", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_options_that_apply_are_still_accepted() -> None:
+    """The same options where they do apply: --transcode and --hevc-passthrough with file
+    and URL sources, --preset with h264, --on-demand-grace with --on-demand, and the
+    defaults when nothing is given."""
+    options = parse_arguments(["--source", "rtsp://h/x", "--hevc-passthrough"])
+    assert options.hevc_passthrough and not options.transcode
+    options = parse_arguments(["--source", "srt://h:9000", "--transcode", "--codec", "vp9"])
+    assert options.transcode and options.codec == "vp9"
+    options = parse_arguments(["--on-demand", "--on-demand-grace", "3", "--preset", "fast"])
+    assert (options.on_demand_grace, options.preset) == (3.0, "fast")
+    options = parse_arguments([])
+    assert (options.width, options.height, options.bitrate) == (1280, 720, 2_000_000)
+    assert (options.preset, options.profile, options.on_demand_grace) == (
+        "veryfast",
+        "baseline",
+        10.0,
+    )
+
+
 def test_defaults_and_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defaults: test pattern, 1280x720, 30 fps, 2000k, 2 s GOP, the demo URL; the token
     comes from STREAMRELAY_TOKEN unless --token is given."""

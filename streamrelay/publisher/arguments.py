@@ -1,5 +1,9 @@
 """The command line of ``streamrelay-publish``: its options, their parsers, and the
-validated record :func:`parse_arguments` makes of them."""
+validated record :func:`parse_arguments` makes of them.
+
+Over 400 lines: the options, their parsers and the checks between them (an option that the
+rest of the command line would make do nothing is a usage error) belong together.
+"""
 
 from __future__ import annotations
 
@@ -150,14 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--transcode",
         action="store_true",
-        help="re-encode a file or URL source even when it could be remuxed",
+        help="re-encode a file or URL source even when it could be remuxed (file and URL "
+        "sources only; not with --renditions, which always re-encode)",
     )
     parser.add_argument(
         "--hevc-passthrough",
         action="store_true",
         help="remux HEVC (H.265) sources as they are instead of transcoding them to H.264; "
         "only browsers with an HEVC decoder (Safari, Chrome with hardware decoding) can "
-        "play the stream",
+        "play the stream (file and URL sources, --codec h264, without --transcode or "
+        "--renditions)",
     )
     parser.add_argument(
         "--source-option",
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--size",
         type=parse_size,
-        default=(1280, 720),
+        default=None,
         metavar="WxH",
         help="output picture size (default 1280x720)",
     )
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fps", type=parse_fps, default=Fraction(30), help="frames per second (default 30)"
     )
     parser.add_argument(
-        "--bitrate", type=parse_bitrate, default=2_000_000, help="target bitrate (default 2000k)"
+        "--bitrate", type=parse_bitrate, default=None, help="target bitrate (default 2000k)"
     )
     parser.add_argument(
         "--keyframe-interval",
@@ -189,12 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="time between keyframes: seconds (2, 2s) or frames (60f); default 2s",
     )
     parser.add_argument(
-        "--preset", choices=PRESETS, default="veryfast", help="libx264 preset (default veryfast)"
+        "--preset", choices=PRESETS, default=None, help="libx264 preset (default veryfast)"
     )
     parser.add_argument(
         "--profile",
         choices=PROFILES,
-        default="baseline",
+        default=None,
         help="H.264 profile (default baseline, i.e. constrained baseline: decodes everywhere)",
     )
     parser.add_argument(
@@ -204,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish several GOP-aligned renditions of the source, e.g. "
         "1280x720@2500k,640x360@800k,320x180@250k: the highest-bitrate one at the URL's "
         "stream, each other at STREAM~LABEL (LABEL defaults to the height, e.g. 360p); "
-        "replaces --size and --bitrate",
+        "replaces --size and --bitrate. Any source: a file or URL (an RTSP camera...) is "
+        "decoded and scaled then, not remuxed",
     )
     parser.add_argument(
         "--codec",
@@ -239,13 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--on-demand",
         action="store_true",
-        help="stop capturing and encoding while nobody watches (after --on-demand-grace); "
-        "resume with a keyframe on the first viewer",
+        help="stop capturing and encoding while nobody watches (after --on-demand-grace): "
+        "a camera, screen or microphone is closed, a file pauses (picture and sound in "
+        "step), a remuxed network source is closed (a listening one is read on and "
+        "skipped); resume with a keyframe on the first viewer (a remuxed source: at its "
+        "next keyframe)",
     )
     parser.add_argument(
         "--on-demand-grace",
         type=_grace_seconds,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
         help="with --on-demand: how long without viewers before going idle (default 10)",
     )
@@ -338,10 +348,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
     token = args.token or os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
     if token is not None and any(c in token for c in "\r\n\0"):
         parser.error("argument --token: must be a single line")
-    width, height = args.size
+    _refuse_options_that_would_do_nothing(parser, args, source)
+    width, height = args.size or (1280, 720)
     renditions: tuple[Rendition, ...] = args.renditions or ()
     if renditions:
-        if args.size != (1280, 720) or args.bitrate != 2_000_000:
+        if args.size is not None or args.bitrate is not None:
             parser.error(
                 "argument --renditions: gives each rendition's size and bitrate; "
                 "drop --size and --bitrate"
@@ -356,7 +367,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         # The source is captured at the top rendition's size, the others scale it down.
         width, height, bitrate = renditions[0].width, renditions[0].height, renditions[0].bitrate
     else:
-        bitrate = args.bitrate
+        bitrate = args.bitrate or 2_000_000
     return PublishOptions(
         url=url,
         source=source,
@@ -365,8 +376,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         fps=args.fps,
         bitrate=bitrate,
         keyframe_interval_frames=args.keyframe_interval.in_frames(args.fps),
-        preset=args.preset,
-        profile=args.profile,
+        preset=args.preset or "veryfast",
+        profile=args.profile or "baseline",
         token=token,
         insecure=args.insecure,
         quiet=args.quiet,
@@ -374,7 +385,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         duration=args.duration,
         renditions=renditions,
         on_demand=args.on_demand,
-        on_demand_grace=args.on_demand_grace,
+        on_demand_grace=10.0 if args.on_demand_grace is None else args.on_demand_grace,
         codec=args.codec,
         thumbnail_interval=args.thumbnail_interval,
         audio=audio,
@@ -383,12 +394,49 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
     )
 
 
+def _refuse_options_that_would_do_nothing(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, source: Any
+) -> None:
+    """Exit with a usage error for an option that the rest of the command line makes
+    meaningless: silently ignoring it would leave the user believing it applies."""
+    remuxable_kind = source.kind in ("file", "url")
+    for given, option in (
+        (args.transcode, "--transcode"),
+        (args.hevc_passthrough, "--hevc-passthrough"),
+    ):
+        if not given:
+            continue
+        if not remuxable_kind:
+            parser.error(
+                f"argument {option}: applies to file and URL sources only; "
+                f"{source.kind} is always encoded"
+            )
+        if args.renditions:
+            parser.error(f"argument {option}: --renditions always re-encodes its source")
+    if args.hevc_passthrough:
+        if args.transcode:
+            parser.error("argument --hevc-passthrough: --transcode re-encodes HEVC too")
+        if args.codec != "h264":
+            parser.error(
+                f"argument --hevc-passthrough: --codec {args.codec} re-encodes every source"
+            )
+    if args.codec != "h264":
+        for value, option in ((args.preset, "--preset"), (args.profile, "--profile")):
+            if value is not None:
+                parser.error(f"argument {option}: applies to --codec h264 only")
+    if args.on_demand_grace is not None and not args.on_demand:
+        parser.error("argument --on-demand-grace: needs --on-demand")
+
+
 def _audio_option(text: str | None, source: Any) -> Any:
     """The ``--audio`` spec for ``source``, or None for no audio (see :mod:`.audio`)."""
     from .audio import default_audio, parse_audio_spec
     from .audio_sources import file_has_audio
 
     spec = default_audio(source.kind) if text is None else parse_audio_spec(text)
+    if spec.kind == "tone" and source.kind != "testsrc":
+        # Its beeps are marked by the test pattern's frames: there is no beat without it.
+        raise ValueError("tone goes with the test pattern (--source testsrc)")
     if spec.kind == "file":
         if source.kind != "file":
             raise ValueError("file audio needs --source file:PATH")

@@ -18,6 +18,9 @@ packet's capture time is that of its first decoded sample on the same wall clock
 video's capture times (libopus's priming samples included: a decoder that does not skip
 them, such as WebCodecs without a description, stays in sync).  Everything runs in a
 thread of its own; the reactor only receives finished packets through a bounded handoff.
+While an on-demand publisher is idle the thread pauses its source (a device is closed, a
+file's clock stops with its picture's) and sleeps until woken (:meth:`AudioPipeline.wake`,
+called with the video's keyframe request when the publisher turns active).
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ from .audio_sources import (
     audio_device_input,
 )
 from .client import Readiness
+from .idleclock import IdleClock
 from .sources import SourceError
+
+# How often an idle audio thread checks its sink when nothing wakes it.
+IDLE_RECHECK_SECONDS = 1.0
 
 AUDIO_KINDS = ("tone", "file", "device", "none")
 
@@ -80,14 +87,17 @@ def audio_meta(channels: int) -> dict[str, Any]:
     return {"codec": "opus", "sample_rate": SAMPLE_RATE, "channels": channels}
 
 
-def open_audio_source(spec: AudioSpec, channels: int, file_path: str | None) -> AudioSource:
-    """Open the source ``spec`` names (``file`` needs the video's file path)."""
+def open_audio_source(
+    spec: AudioSpec, channels: int, file_path: str | None, idle_clock: IdleClock | None = None
+) -> AudioSource:
+    """Open the source ``spec`` names (``file`` needs the video's file path, and shares
+    ``idle_clock`` with the video's pipeline to stay in step with it across idle periods)."""
     if spec.kind == "tone":
         return ToneSource(channels)
     if spec.kind == "file":
         if file_path is None:
             raise SourceError("--audio file needs --source file:PATH")
-        return FileAudioSource(file_path, channels)
+        return FileAudioSource(file_path, channels, idle_clock)
     if spec.kind == "device":
         return DeviceAudioSource(audio_device_input(spec.target), channels, spec.describe())
     raise SourceError(f"no audio source for {spec.describe()}")
@@ -199,11 +209,13 @@ class AudioStats:
     bytes_encoded: int = 0
     offline: int = 0
     dropped: int = 0
+    idle_periods: int = 0
 
 
 class AudioPipeline:
     """Runs source -> Opus -> sink in a thread of its own.  While the publisher is
-    offline blocks are read (the source keeps its pace) but not encoded."""
+    offline blocks are read (the source keeps its pace) but not encoded; while it is idle
+    the source is paused and nothing is read."""
 
     def __init__(
         self, source: AudioSource, encoder: OpusEncoder, sink: AudioSink, *, reactor: Any
@@ -213,6 +225,8 @@ class AudioPipeline:
         self._sink = sink
         self._reactor = reactor
         self._stop = threading.Event()
+        # Set to wake an idle audio thread (the publisher turned active, or stop).
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
         self.stats = AudioStats()
@@ -227,6 +241,12 @@ class AudioPipeline:
     def stop(self) -> None:
         """Ask the audio thread to finish. Any thread."""
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look at the sink again now: an idle thread resumes if it is no longer IDLE.
+        Any thread (the publisher's keyframe request, as for the video)."""
+        self._wake.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the audio thread; True if it has ended."""
@@ -242,6 +262,9 @@ class AudioPipeline:
     def run_once(self) -> bool:
         """Read, encode and hand off one block; False once stopped.  Public so that
         tests can drive it without a thread."""
+        if self._sink.readiness is Readiness.IDLE:
+            self._wait_while_idle()
+            return not self._stop.is_set()
         block = self._source.read(self._stop)
         if block is None:
             return False
@@ -257,6 +280,19 @@ class AudioPipeline:
             if not self._sink.send_audio_threadsafe(payload, capture_time_us):
                 stats.dropped += 1
         return True
+
+    def _wait_while_idle(self) -> None:
+        """Sleep while the sink is IDLE, the source paused (a device closed, a file's
+        clock stopped)."""
+        self.stats.idle_periods += 1
+        self._source.pause()
+        while not self._stop.is_set():
+            self._wake.clear()  # before the check: a wake-up after it is not lost
+            if self._sink.readiness is not Readiness.IDLE:
+                break
+            self._wake.wait(IDLE_RECHECK_SECONDS)
+        if not self._stop.is_set():
+            self._source.resume()
 
     def _run(self) -> None:
         outcome: Failure | None = None
@@ -292,16 +328,21 @@ class PublisherAudio:
 
 
 def start_audio(
-    options: Any, video_source: Any, sink: AudioSink, reactor: Any
+    options: Any,
+    video_source: Any,
+    sink: AudioSink,
+    reactor: Any,
+    idle_clock: IdleClock | None = None,
 ) -> PublisherAudio | None:
     """The audio ``options.audio`` asks for, wired to ``sink`` (the tone to the test
-    pattern's beats); None without audio.  Raises SourceError or ValueError."""
+    pattern's beats, a file's audio to ``idle_clock``, the video pipeline's); None
+    without audio.  Raises SourceError or ValueError."""
     spec: AudioSpec | None = options.audio
     if spec is None:
         return None
     channels = 1 if spec.kind == "tone" else 2
     file_path = options.source.target if options.source.kind == "file" else None
-    source = open_audio_source(spec, channels, file_path)
+    source = open_audio_source(spec, channels, file_path, idle_clock)
     if isinstance(source, ToneSource):
         if not hasattr(video_source, "on_beat"):
             source.close()

@@ -2,6 +2,10 @@
 
 Each delivers 20 ms blocks of 48 kHz s16 samples with the capture time of their first
 sample, at the pace they are captured (see :mod:`.audio` for the options and the wire).
+While an on-demand publisher is idle its sources are paused: a device is closed (the
+microphone is released), a file's sample clock stops (it resumes where it paused, in step
+with its picture through the :class:`~.idleclock.IdleClock` both share), the tone starts
+again from the time it resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import av
 
 from streamrelay.wire import now_us
 
+from .idleclock import IdleClock
 from .sources import DeviceInput, SourceError
 
 SAMPLE_RATE = 48_000
@@ -50,6 +55,14 @@ class AudioSource(Protocol):
 
     def read(self, stop: threading.Event) -> AudioBlock | None:
         """The next block, blocking until it is due; None once ``stop`` is set."""
+        ...
+
+    def pause(self) -> None:
+        """No audio is wanted for a while (on demand, nobody watches)."""
+        ...
+
+    def resume(self) -> None:
+        """Audio is wanted again after :meth:`pause`."""
         ...
 
     def close(self) -> None:
@@ -153,6 +166,14 @@ class ToneSource:
         self._sample += FRAME_SAMPLES
         return AudioBlock(samples, start_us)
 
+    def pause(self) -> None:
+        """Nothing to release: the tone is made, not read."""
+
+    def resume(self) -> None:
+        """Start again from now (the tone's beeps follow the picture, which is live)."""
+        self._origin_us = None
+        self._sample = 0
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -188,16 +209,44 @@ class DeviceAudioSource:
 
     def __init__(self, device: DeviceInput, channels: int, description: str) -> None:
         self.description = description
-        try:
-            self._container: Any = av.open(device.url, format=device.format, options=device.options)
-            stream = self._container.streams.audio[0]
-        except (av.FFmpegError, IndexError, ValueError) as error:
-            raise SourceError(
-                f"cannot open audio {description} ({device.format} {device.url!r}): {error}"
-            ) from None
-        self._frames: Iterator[Any] = self._container.decode(stream)
+        self._device = device
+        self._channels = channels
+        self._container: Any = None
+        self._frames: Iterator[Any] = iter(())
         self._resampled = _Resampled(channels)
         self._arrived_us = 0
+        self._open()
+
+    def _open(self) -> None:
+        device = self._device
+        try:
+            self._container = av.open(device.url, format=device.format, options=device.options)
+            stream = self._container.streams.audio[0]
+        except (av.FFmpegError, IndexError, ValueError) as error:
+            if self._container is not None:
+                self._container.close()
+                self._container = None
+            raise SourceError(
+                f"cannot open audio {self.description} ({device.format} {device.url!r}): {error}"
+            ) from None
+        self._frames = self._container.decode(stream)
+        # What was buffered before a pause is stale: start afresh.
+        self._resampled = _Resampled(self._channels)
+
+    @property
+    def opened(self) -> bool:
+        """True while the device is open (it is closed while paused)."""
+        return self._container is not None
+
+    def pause(self) -> None:
+        """Close the device while nobody watches: the microphone is released (its
+        indicator goes off), and a device left unread would only buffer stale sound."""
+        self.close()
+
+    def resume(self) -> None:
+        """Open the device again."""
+        if self._container is None:
+            self._open()
 
     def read(self, stop: threading.Event) -> AudioBlock | None:
         """Block until the device has delivered the next 20 ms."""
@@ -226,10 +275,21 @@ class DeviceAudioSource:
 
 class FileAudioSource:
     """The audio track of a file, looped (reopened at its end) and paced by the wall
-    clock from when the first block is read, as the video of the same file is."""
+    clock from when the first block is read, as the video of the same file is; held back
+    by the time spent paused (``idle_clock``, shared with the video of the same file)."""
 
-    def __init__(self, path: str, channels: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        channels: int,
+        idle_clock: IdleClock | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_clock_us: Callable[[], int] = now_us,
+    ) -> None:
         self.description = f"file:{path}"
+        self.idle_clock = idle_clock if idle_clock is not None else IdleClock(monotonic)
+        self._monotonic = monotonic
+        self._wall_clock_us = wall_clock_us
         self._path = path
         self._channels = channels
         self._container: Any = None
@@ -264,18 +324,30 @@ class FileAudioSource:
                 reopened = True
             except av.FFmpegError as error:
                 raise SourceError(f"decoding audio of {self._path} failed: {error}") from None
+        paused = self.idle_clock.paused_seconds()
         if self._origin_us is None:
-            self._origin_us = now_us()
-            self._origin_monotonic = time.monotonic()
-        due = self._origin_monotonic + (self._sample + FRAME_SAMPLES) / SAMPLE_RATE
-        delay = due + SOURCE_LATENCY - time.monotonic()
+            # Origins such that the first block is due now, the time paused so far aside.
+            self._origin_us = self._wall_clock_us() - round(paused * 1_000_000)
+            self._origin_monotonic = self._monotonic() - paused
+        due = self._origin_monotonic + paused + (self._sample + FRAME_SAMPLES) / SAMPLE_RATE
+        delay = due + SOURCE_LATENCY - self._monotonic()
         if delay > 0 and stop.wait(delay):
             return None
         samples = self._resampled.take()
         assert samples is not None
-        start_us = self._origin_us + self._sample * 1_000_000 // SAMPLE_RATE
+        start_us = (
+            self._origin_us + round(paused * 1_000_000) + self._sample * 1_000_000 // SAMPLE_RATE
+        )
         self._sample += FRAME_SAMPLES
         return AudioBlock(samples, start_us)
+
+    def pause(self) -> None:
+        """Stop the file's sample clock: it resumes where it paused."""
+        self.idle_clock.pause()
+
+    def resume(self) -> None:
+        """Start the sample clock again (the time paused no longer counts)."""
+        self.idle_clock.resume()
 
     def close(self) -> None:
         """Close the file."""

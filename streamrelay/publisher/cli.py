@@ -10,6 +10,8 @@ Examples::
     streamrelay-publish ws://relay:8080/publish/obs --source 'rtmp://0.0.0.0:1935/live/obs?listen=1'
     python -m streamrelay.publisher --source camera:/dev/video0 --fps 25 --bitrate 1500k
     streamrelay-publish ws://relay/publish/cam --renditions 1280x720@2500k,640x360@800k,320x180@250k
+    streamrelay-publish ws://relay/publish/ipcam --source rtsp://camera/stream1 \
+        --renditions 1280x720@2500k,640x360@800k              # an RTSP camera, two renditions
 
 Exit status: 0 after SIGINT, SIGTERM or ``--duration``; 1 when PyAV is missing (it comes
 with ``pip install 'streamrelay[publisher]'``), the source fails or a newer publisher takes
@@ -64,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .audio import FanOutAudioSink, start_audio
     from .codecs import VideoEncoder, create_encoder
     from .encoder import EncoderSettings
+    from .idleclock import IdleClock
     from .pipeline import CapturePipeline
     from .remux import SourcePipeline
     from .sources import SourceError, media_input, open_source
@@ -138,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         publisher = Publisher(settings, reactor=reactor)
+    # The time spent idle on demand, by which a file's picture and sound are both held back.
+    idle_clock = IdleClock()
     try:
         # Every rendition carries the same audio: a viewer's follows its rendition.
         audio_sink = (
@@ -145,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(publisher, RenditionPublisher)
             else publisher
         )
-        audio = start_audio(options, None if remuxable else source, audio_sink, reactor)
+        audio = start_audio(options, None if remuxable else source, audio_sink, reactor, idle_clock)
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
@@ -166,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             thumbnails=thumbnails,
             send_thumbnail=publisher.publishers[0].send_thumbnail_threadsafe,
             meta_extra=meta_extra,
+            idle_clock=idle_clock,
         )
     elif remuxable:
         pipeline = SourcePipeline(
@@ -179,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Another codec than H.264 asked for: what the source holds is re-encoded.
             force_transcode=options.transcode or options.codec != "h264",
             hevc_passthrough=options.hevc_passthrough,
+            idle_clock=idle_clock,
         )
     else:
         pipeline = CapturePipeline(
@@ -190,8 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             thumbnails=thumbnails,
             send_thumbnail=publisher.send_thumbnail_threadsafe,
             meta_extra=meta_extra,
+            idle_clock=idle_clock,
         )
-    publisher.on_keyframe_request = pipeline.request_keyframe
+
+    def keyframe_requested() -> None:
+        """A keyframe is owed; on turning active, this also wakes the idle threads."""
+        pipeline.request_keyframe()
+        if audio is not None:
+            audio.pipeline.wake()
+
+    publisher.on_keyframe_request = keyframe_requested
 
     status = (
         None

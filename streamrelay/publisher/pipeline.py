@@ -9,7 +9,10 @@ frame encoded is forced to be a keyframe so the stream stays decodable. While OF
 are skipped without encoding (not counted as drops) and the first frame after is a keyframe.
 While IDLE (on demand, nobody watches) nothing is captured or encoded: the thread pauses the
 source and sleeps until woken (:meth:`CapturePipeline.request_keyframe`, which the publisher
-calls when it turns active), then starts again from a keyframe.
+calls when it turns active), then starts again from a keyframe. The stream's clock stops
+meanwhile (a file resumes where it paused): it is an :class:`~.idleclock.IdleClock`, which
+the audio thread of a file shares so that picture and sound stay in step. A listening
+network source (``drain_while_paused``) is read on meanwhile, and what it sends skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage
 
 from .client import Readiness
 from .codecs import VideoEncoder
+from .idleclock import IdleClock
 from .sources import FrameSource
 from .thumbnail import ThumbnailMaker
 
@@ -87,6 +91,7 @@ class CapturePipeline:
         monotonic: Callable[[], float] = time.monotonic,
         thumbnails: ThumbnailMaker | None = None,
         send_thumbnail: Callable[[bytes], None] | None = None,
+        idle_clock: IdleClock | None = None,
     ) -> None:
         self._source = source
         self._encoder = encoder
@@ -104,6 +109,8 @@ class CapturePipeline:
         # A JPEG of the picture every few seconds, made here on the capture thread.
         self.thumbnails = thumbnails if send_thumbnail is not None else None
         self._send_thumbnail = send_thumbnail
+        #: Time spent idle, by which the stream's clock is held back.
+        self.idle_clock = idle_clock if idle_clock is not None else IdleClock(monotonic)
 
     def start(self) -> None:
         """Start the capture thread."""
@@ -117,6 +124,7 @@ class CapturePipeline:
         """Ask the capture thread to finish after the current frame. Any thread."""
         self._stop_requested.set()
         self._wake.set()
+        self._source.interrupt()  # a network source waiting to reopen gives up
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the capture thread; True if it has ended."""
@@ -191,36 +199,43 @@ class CapturePipeline:
             needs_keyframe = needs_keyframe or not accepted
         return needs_keyframe
 
-    def _wait_while_idle(self) -> float:
-        """Sleep while the sink is IDLE, the source paused; return the seconds slept."""
-        started = self._monotonic()
+    def _wait_while_idle(self) -> None:
+        """Sleep while the sink is IDLE, the source paused and the clock stopped."""
         self.stats.idle_periods += 1
+        self.idle_clock.pause()
         self._source.pause()
         while not self._stop_requested.is_set():
             self._wake.clear()  # before the check: a wake-up after it is not lost
             if self._sink.readiness is not Readiness.IDLE:
                 break
+            if self._source.drain_while_paused:
+                # A listening source's pusher keeps sending: read on, send nothing.
+                self._source.read(0, 0.0)
+                self.stats.frames_offline += 1
+                continue
             # Woken at once when the publisher turns active; the timeout is a safety net.
             self._wake.wait(IDLE_RECHECK_SECONDS)
         if not self._stop_requested.is_set():
             self._source.resume()
-        return self._monotonic() - started
+            self.idle_clock.resume()
 
     def _run(self) -> None:
         interval = self._frame_interval
-        started = self._monotonic()
-        next_due = started
+        origin = self._monotonic()
+        next_due = origin
         frame_index = 0
         force_keyframe = True
         outcome: Failure | None = None
         try:
             while not self._stop_requested.is_set():
                 if self._sink.readiness is Readiness.IDLE:
-                    # The stream's clock stops too: a file resumes where it paused.
-                    started += self._wait_while_idle()
+                    self._wait_while_idle()
                     next_due = self._monotonic()
                     force_keyframe = True
                     continue
+                # The stream's clock is held back by the time spent idle (by this thread
+                # or, first, by the audio thread): a file resumes where it paused.
+                started = origin + self.idle_clock.paused_seconds()
                 if not self._source.live:
                     delay = next_due - self._monotonic()
                     if delay > 0:

@@ -33,6 +33,16 @@ duration) is played at its own rate, each access unit sent when due and stamped 
 that time, and looped forever. A live source that ends or fails is opened again with
 backoff (an RTMP or SRT listener listens again), the stream continuing at the next IDR.
 
+On demand, while the sink is IDLE (nobody watches): a paced file pauses, its clock held
+back by the time idle (an :class:`~.idleclock.IdleClock`, shared with the file's audio so
+that both stay in step) and resumes where it paused; a live source is closed (a camera's
+stream, the network and the CPU are spared) and opened again when a viewer comes. Either
+way the stream resumes at the source's next keyframe, which the status line says until
+it has come. A listening source (a pusher connected to us) is not closed, since its
+pusher might not come back: it is read on, and what it sends is skipped, not counted as
+drops. The idle state is noticed at the next access unit that could go out (the next
+keyframe, while the stream waits for one).
+
 Over 400 lines: one thread's life (open, decide, remux or hand over, reopen) and the
 state it carries across reopenings (timeline, packager, drop state) stay together.
 """
@@ -57,8 +67,9 @@ from .bitstream import AccessUnitConverter, transcode_reason
 from .client import Readiness
 from .codecs import VideoEncoder
 from .h264 import AnnexBPackager, H264Error
+from .idleclock import IdleClock
 from .pipeline import CapturePipeline, MediaSink, PipelineStats
-from .sources import DeviceSource, FileSource, MediaInput, SourceError
+from .sources import DeviceInput, DeviceSource, FileSource, MediaInput, SourceError
 from .timeline import MICROSECONDS, LiveClock, MediaTimeline, PacedClock
 
 _log = Logger()
@@ -75,6 +86,12 @@ CONGESTION_PATIENCE = 0.2
 
 REMUXING = "remuxing H.264 without re-encoding"
 REMUXING_HEVC = "remuxing HEVC without re-encoding (browsers without HEVC decoding cannot play it)"
+#: What an idle pipeline shows, and what it adds to its mode until the first keyframe.
+IDLE_PAUSED = "idle: paused while nobody watches"
+IDLE_CLOSED = "idle: source closed while nobody watches"
+RESUMED = "; resumed, viewers start at the source's next keyframe"
+#: How often an idle source thread checks its sink when nothing wakes it.
+IDLE_RECHECK_SECONDS = 1.0
 
 
 class _Reordering(Exception):
@@ -86,6 +103,7 @@ class RemuxStats(PipelineStats):
     """:class:`~.pipeline.PipelineStats` plus what remuxing adds (capture thread writes)."""
 
     frames_waiting_for_key: int = 0
+    frames_idle: int = 0
     frames_unreadable: int = 0
     source_opens: int = 0
     keyframe_requests_ignored: int = 0
@@ -114,6 +132,7 @@ class SourcePipeline:
         hevc_passthrough: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
         wall_clock_us: Callable[[], int] = now_us,
+        idle_clock: IdleClock | None = None,
     ) -> None:
         self._media = media
         self._sink = sink
@@ -127,6 +146,13 @@ class SourcePipeline:
         self._monotonic = monotonic
         self._wall_clock_us = wall_clock_us
         self._stop_requested = threading.Event()
+        # Set to wake an idle source thread (the publisher turned active, or stop).
+        self._wake = threading.Event()
+        #: Time spent idle, by which a paced file's clock is held back.
+        self.idle_clock = idle_clock if idle_clock is not None else IdleClock(monotonic)
+        self._resumed = False
+        self._idle_noticed = False
+        self._remux_mode = REMUXING
         self._thread: threading.Thread | None = None
         self._inner: CapturePipeline | None = None
         self._finished: defer.Deferred[None] = defer.Deferred()
@@ -176,6 +202,7 @@ class SourcePipeline:
     def stop(self) -> None:
         """Ask the source thread (and a transcoder) to finish. Any thread."""
         self._stop_requested.set()
+        self._wake.set()
         if self._inner is not None:
             self._inner.stop()
 
@@ -188,7 +215,10 @@ class SourcePipeline:
         return self._inner.join(timeout) if self._inner is not None else True
 
     def request_keyframe(self) -> None:
-        """Forwarded to a transcoder; a remuxed stream cannot make one (logged once)."""
+        """Forwarded to a transcoder; a remuxed stream cannot make one (logged once).
+        Also wakes an idle source thread: the publisher asks for a keyframe when it turns
+        active."""
+        self._wake.set()
         if self._inner is not None:
             self._inner.request_keyframe()
             return
@@ -230,6 +260,7 @@ class SourcePipeline:
             if container is None:
                 failures += 1
                 continue
+            idled = False
             try:
                 stream = container.streams.video[0]
                 context = stream.codec_context
@@ -245,15 +276,16 @@ class SourcePipeline:
                     container = None
                     return True
                 mode = REMUXING_HEVC if context.name == "hevc" else REMUXING
-                if self.mode != mode:
+                if self.mode != mode and not self._resumed:
                     _log.info(
                         "{source}: {mode}; keyframe requests cannot be honoured, viewers "
                         "start at the source's keyframes",
                         source=media.description,
                         mode=mode,
                     )
-                self.mode = mode
-                self._remux(container, stream)
+                self._remux_mode = mode
+                self.mode = mode + RESUMED if self._resumed else mode
+                idled = self._remux(container, stream)
             except _Reordering:
                 self._transcode(container, "B-frames")
                 container = None
@@ -275,6 +307,11 @@ class SourcePipeline:
                     container.close()
             if self._stop_requested.is_set():
                 break
+            if idled:
+                # A live source, closed above: opened again once a viewer comes.
+                self._wait_while_idle(paced=False)
+                failures = 0
+                continue
             if self._paced:
                 if self._access_units == 0:
                     raise SourceError(f"{media.description} holds no H.264 access units")
@@ -325,7 +362,17 @@ class SourcePipeline:
         width, height = self._frame_size
         media = self._media
         if not self._paced:
-            source: Any = DeviceSource.from_container(container, width, height, media.description)
+            # Closed while idle on demand and opened again on resume; not a listener,
+            # whose pusher might not come back.
+            reopen = DeviceInput(media.url, None, dict(media.options), (OPEN_TIMEOUT, READ_TIMEOUT))
+            source: Any = DeviceSource.from_container(
+                container,
+                width,
+                height,
+                media.description,
+                reopen=None if media.listen else reopen,
+            )
+            source.drain_while_paused = media.listen
         else:
             container.close()
             source = FileSource(media.url, width, height)
@@ -337,6 +384,7 @@ class SourcePipeline:
             reactor=self._reactor,
             fps=self._fps,
             meta_extra=self._meta_extra,
+            idle_clock=self.idle_clock,
         )
         inner.when_finished().chainDeferred(self._finished)
         self._inner = inner
@@ -354,8 +402,10 @@ class SourcePipeline:
             inner.stop()
             self._reactor.callFromThread(self._report_finished, None)
 
-    def _remux(self, container: Any, stream: Any) -> None:
-        """Remux until the source ends or a stop, counting the access units read."""
+    def _remux(self, container: Any, stream: Any) -> bool:
+        """Remux until the source ends or a stop, counting the access units read; True
+        when it stopped because the sink turned IDLE and the (live) source is to be
+        closed meanwhile."""
         rate = stream.average_rate or stream.guessed_rate
         if rate:
             self._fps_value = float(rate)
@@ -401,12 +451,39 @@ class SourcePipeline:
                 # is down and everything is dropped.
                 self._access_units += 1
                 self._deliver(packager, access_unit, capture_us, media_us)
+                if self._idle_noticed:
+                    self._idle_noticed = False
+                    if self._paced:
+                        self._wait_while_idle(paced=True)
+                    elif not self._media.listen:
+                        return True
+        return False
+
+    def _wait_while_idle(self, *, paced: bool) -> None:
+        """Sleep while the sink is IDLE: a paced file's clock stopped, a live source
+        closed by the caller. The stream then resumes at the source's next keyframe."""
+        self._own_stats.idle_periods += 1
+        if paced:
+            self.idle_clock.pause()
+        self.mode = IDLE_PAUSED if paced else IDLE_CLOSED
+        while not self._stop_requested.is_set():
+            self._wake.clear()  # before the check: a wake-up after it is not lost
+            if self._sink.readiness is not Readiness.IDLE:
+                break
+            self._wake.wait(IDLE_RECHECK_SECONDS)
+        if paced:
+            self.idle_clock.resume()
+        self._waiting_for_key = True
+        self._resumed = True
+        self.mode = (self._remux_mode if paced else "opening source") + RESUMED
 
     def _capture_time(self, media_us: int) -> int | None:
         """Stamp (live) or wait for and stamp (paced) one access unit; None on a stop."""
         if not self._paced:
             return self._live_clock.capture_time(media_us, self._wall_clock_us())
-        due = self._paced_clock.due(media_us, self._wall_clock_us())
+        # The paced clock runs on a wall clock that stood still while idle.
+        paused_us = round(self.idle_clock.paused_seconds() * MICROSECONDS)
+        due = self._paced_clock.due(media_us, self._wall_clock_us() - paused_us) + paused_us
         delay = (due - self._wall_clock_us()) / MICROSECONDS
         if delay > 0 and self._stop_requested.wait(delay):
             return None
@@ -440,6 +517,11 @@ class SourcePipeline:
         if readiness is not Readiness.READY:
             if readiness is Readiness.OFFLINE:
                 stats.frames_offline += 1
+            elif readiness is Readiness.IDLE:
+                # Nobody watches: skipped, not a drop; the read loop pauses or closes
+                # the source (a listening one is read on).
+                stats.frames_idle += 1
+                self._idle_noticed = True
             else:
                 stats.frames_dropped += 1
             self._waiting_for_key = True
@@ -451,6 +533,9 @@ class SourcePipeline:
             return False
         stats.frames_encoded += 1
         refused = self._hand_off(messages)
+        if key and not refused and self._resumed:
+            self._resumed = False
+            self.mode = self._remux_mode
         self._waiting_for_key = refused
         self._patient = True
         return not refused

@@ -33,6 +33,7 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage
 
 from .client import Readiness
 from .encoder import EncoderSettings, H264Encoder
+from .idleclock import IdleClock
 from .pipeline import CapturePipeline, MediaSink
 from .renditions import Rendition, RenditionSet, rendition_meta
 from .sources import FrameSource
@@ -164,6 +165,7 @@ class RenditionPipeline(CapturePipeline):
         thumbnails: ThumbnailMaker | None = None,
         send_thumbnail: Callable[[bytes], None] | None = None,
         meta_extra: Mapping[str, Any] | None = None,
+        idle_clock: IdleClock | None = None,
     ) -> None:
         if len(sinks) != len(encoders.encoders):
             raise ValueError("need one sink per rendition")
@@ -178,6 +180,7 @@ class RenditionPipeline(CapturePipeline):
             thumbnails=thumbnails,
             send_thumbnail=send_thumbnail,
             meta_extra=meta_extra,
+            idle_clock=idle_clock,
         )
         self._encoder_set = encoders
         self._sinks = tuple(sinks)

@@ -19,8 +19,12 @@ Source specifications (the CLI's ``--source``):
 
 ``file`` and ``url`` sources are remuxed without decoding when the browser can play them
 (see :mod:`.remux`); otherwise, and for the other kinds, every source returns yuv420p
-frames of the configured size, paired with their capture time. Sources are used from the
-capture thread only.
+frames of the configured size, paired with their capture time (a ``url`` source decoded,
+as ``--renditions`` needs, is live and reopened with backoff when it ends or fails). Sources
+are used from the capture thread only.
+
+Over 400 lines: the one place that maps every ``--source`` kind to how FFmpeg opens,
+reads, pauses and reopens it; splitting it would scatter one table across modules.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -37,10 +42,13 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import av
+from twisted.logger import Logger
 
 from streamrelay.wire import now_us
 
 from .testpattern import BEAT_FRAMES, TestPattern
+
+_log = Logger()
 
 SOURCE_KINDS: Final = ("testsrc", "screen", "file", "camera", "url")
 _URL: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -95,11 +103,13 @@ def parse_source_spec(text: str) -> SourceSpec:
 
 @dataclass(frozen=True, slots=True)
 class DeviceInput:
-    """How to open a capture device with ``av.open``: URL, format and options."""
+    """How to open a capture device (or a network stream) with ``av.open``: URL, format,
+    options, and ``av.open``'s (open, read) timeout in seconds (None: wait forever)."""
 
     url: str
     format: str | None
     options: dict[str, str]
+    timeout: tuple[float | None, float | None] | None = None
 
 
 def device_input(
@@ -204,6 +214,10 @@ class FrameSource(ABC):
     #: True when :meth:`read` blocks until the device has a new frame (the device sets the
     #: pace); False when the caller must pace reads to the frame rate.
     live: bool = False
+    #: True when the source must be read on (and what it delivers skipped) while paused:
+    #: a listening network source, whose pusher might not come back were it closed or
+    #: left to back up.
+    drain_while_paused: bool = False
 
     def __init__(self, width: int, height: int, description: str) -> None:
         self.width = width
@@ -222,6 +236,9 @@ class FrameSource(ABC):
 
     def resume(self) -> None:  # noqa: B027 (optional hook, as pause)
         """Frames are wanted again after :meth:`pause`."""
+
+    def interrupt(self) -> None:  # noqa: B027 (optional hook, as pause)
+        """Stop waiting to reopen (the capture thread is asked to stop). Any thread."""
 
     def _fit(self, frame: av.VideoFrame) -> av.VideoFrame:
         """Scale and convert a picture to the output size and yuv420p."""
@@ -337,7 +354,8 @@ class FileSource(FrameSource):
 
 
 class DeviceSource(FrameSource):
-    """A live capture device (screen or camera); the device paces the reads.
+    """A live capture device (screen or camera) or network stream (a URL: ``format``
+    None); the device or the network paces the reads.
 
     :meth:`from_container` decodes a stream that is open already (a network source that
     cannot be played without re-encoding, see :mod:`.remux`).
@@ -345,23 +363,49 @@ class DeviceSource(FrameSource):
 
     live = True
 
-    def __init__(self, device: DeviceInput, width: int, height: int, description: str) -> None:
+    def __init__(
+        self,
+        device: DeviceInput,
+        width: int,
+        height: int,
+        description: str,
+        reconnect: bool = False,
+    ) -> None:
         super().__init__(width, height, description)
-        self._device = device
+        self._device: DeviceInput | None = device
         self._container: Any = None
         self._frames: Iterator[av.VideoFrame] = iter(())
+        #: Open a network source again (with backoff) when it ends or fails.
+        self.reconnect = reconnect
+        self._interrupted = threading.Event()
         self._open()
 
     def _open(self) -> None:
         device = self._device
+        assert device is not None
         try:
-            self._container = av.open(device.url, format=device.format, options=device.options)
+            self._container = av.open(
+                device.url, format=device.format, options=device.options, timeout=device.timeout
+            )
             stream = self._container.streams.video[0]
-        except (av.FFmpegError, IndexError, ValueError) as error:
+        except (av.FFmpegError, IndexError, ValueError, OSError) as error:
+            if self._container is not None:
+                self._container.close()
+                self._container = None
+            # A URL may hold credentials: the description never does.
+            where = f" ({device.format} {device.url!r})" if device.format else ""
             raise SourceError(
-                f"cannot open {self.description} ({device.format} {device.url!r}): {error}"
+                f"cannot open {self.description}{where}: {self._scrub(error)}"
             ) from None
+        stream.thread_type = "AUTO"
         self._frames = self._container.decode(stream)
+
+    def _scrub(self, error: Exception) -> str:
+        """An error's text without a URL source's URL (FFmpeg errors may quote it)."""
+        text = str(error)
+        if self._device is not None and self._device.format is None:
+            text = text.replace(self._device.url, self.description)
+        return text
 
     @property
     def opened(self) -> bool:
@@ -370,21 +414,39 @@ class DeviceSource(FrameSource):
 
     def pause(self) -> None:
         """Close the device while nobody watches: a camera's light goes off, and a
-        device left unread would only fill its buffers with stale pictures."""
-        self.close()
+        device left unread would only fill its buffers with stale pictures. (A source
+        made :meth:`from_container` without ``reopen`` stays open: it could not be
+        opened again; so does a source drained while paused.)"""
+        if self._device is not None and not self.drain_while_paused:
+            self.close()
 
     def resume(self) -> None:
-        """Open the device again."""
+        """Open the device again (a network source that cannot be opened now is retried
+        with backoff, as when it drops)."""
         if self._container is None:
-            self._open()
+            try:
+                self._open()
+            except SourceError as error:
+                if not self.reconnect:
+                    raise
+                self._reopen(f"cannot be opened again ({error})")
 
     @classmethod
     def from_container(
-        cls, container: Any, width: int, height: int, description: str
+        cls,
+        container: Any,
+        width: int,
+        height: int,
+        description: str,
+        reopen: DeviceInput | None = None,
     ) -> DeviceSource:
-        """Decode the first video stream of an open container (which this source owns)."""
+        """Decode the first video stream of an open container (which this source owns);
+        ``reopen`` says how to open it again after a pause."""
         source = cls.__new__(cls)
         FrameSource.__init__(source, width, height, description)
+        source._device = reopen
+        source.reconnect = reopen is not None and reopen.format is None
+        source._interrupted = threading.Event()
         source._container = container
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -392,14 +454,41 @@ class DeviceSource(FrameSource):
         return source
 
     def read(self, frame_index: int, elapsed: float) -> CapturedFrame:
-        """Block until the device delivers its next picture."""
-        try:
-            frame = next(self._frames)
-        except StopIteration:
-            raise SourceError(f"{self.description} stopped delivering frames") from None
-        except av.FFmpegError as error:
-            raise SourceError(f"{self.description} failed: {error}") from None
-        return CapturedFrame(self._fit(frame), now_us())
+        """Block until the device delivers its next picture (a network source that ends
+        or fails is opened again, with backoff, when :attr:`reconnect`)."""
+        while True:
+            try:
+                frame = next(self._frames)
+                return CapturedFrame(self._fit(frame), now_us())
+            except StopIteration:
+                why = "stopped delivering frames"
+            except av.FFmpegError as error:
+                why = f"failed: {self._scrub(error)}"
+            if not self.reconnect or self._device is None:
+                raise SourceError(f"{self.description} {why}")
+            self._reopen(why)
+
+    def _reopen(self, why: str) -> None:
+        """Open a network source again after it ended or failed, with the remuxer's
+        backoff; SourceError once :meth:`interrupt` is called."""
+        from .remux import RETRY_DELAYS  # remux imports this module
+
+        _log.warn("source {source} {why}; reopening it", source=self.description, why=why)
+        self.close()
+        failures = 0
+        while not self._interrupted.wait(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]):
+            try:
+                self._open()
+                return
+            except SourceError as error:
+                if failures == 0:
+                    _log.warn("{error}; retrying", error=str(error))
+                failures += 1
+        raise SourceError(f"{self.description}: stopped while reopening it")
+
+    def interrupt(self) -> None:
+        """Stop waiting to reopen. Any thread."""
+        self._interrupted.set()
 
     def close(self) -> None:
         """Close the device."""
@@ -415,4 +504,30 @@ def open_source(spec: SourceSpec, width: int, height: int, fps: Fraction) -> Fra
     if spec.kind == "file":
         assert spec.target is not None
         return FileSource(spec.target, width, height)
+    if spec.kind == "url":
+        return open_url_source(spec, width, height)
     return DeviceSource(device_input(spec, fps), width, height, spec.describe())
+
+
+def open_url_source(spec: SourceSpec, width: int, height: int) -> FrameSource:
+    """A URL source, decoded (for what must scale it, such as renditions; see
+    :mod:`.remux` for the remuxing path): a live stream paced by the network, or a file
+    on a web server (it has a duration) played at its own rate and looped."""
+    from .remux import OPEN_TIMEOUT, READ_TIMEOUT  # remux imports this module
+
+    media = media_input(spec)
+    timeout = (None if media.listen else OPEN_TIMEOUT, READ_TIMEOUT)
+    source = DeviceSource(
+        DeviceInput(media.url, None, dict(media.options), timeout),
+        width,
+        height,
+        media.description,
+        reconnect=True,
+    )
+    source.drain_while_paused = media.listen
+    if media.pace_if_finite and source._container.duration is not None:
+        source.close()
+        played = FileSource(media.url, width, height)
+        played.description = media.description  # no credentials
+        return played
+    return source

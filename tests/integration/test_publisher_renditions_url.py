@@ -1,0 +1,106 @@
+"""``streamrelay-publish --renditions ... --source URL`` end to end: a network camera (a
+live MPEG-TS stream over UDP that the test produces with PyAV) decoded and published in
+two GOP-aligned renditions through the real ``twistd streamrelay`` relay, watched by
+independent ``websockets`` viewers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_publisher_renditions import Watched, record, sps_size
+from tests.integration.test_publisher_source import (
+    GOP,
+    environment,
+    free_port,
+    producer_process,
+)
+from tests.support.relay_process import RelayProcess
+from tests.support.waiting import run
+from tests.support.ws_client import SUBPROTOCOL, ws_connect
+
+pytestmark = pytest.mark.integration
+
+EXPECTED = [("cam", "240p", 320, 240), ("cam~120p", "120p", 160, 120)]
+
+
+@pytest.mark.timeout(120)
+def test_a_url_source_is_published_in_renditions(relay: RelayProcess, tmp_path: Path) -> None:
+    """A UDP MPEG-TS source with ``--renditions 320x240@400k,160x120@150k``: both streams
+    go live at their own sizes, each meta announcing the set, their KEYs on the same
+    source frames (identical capture times); the log shows the URL, never an error."""
+    port = free_port(socket.SOCK_DGRAM)
+    url = f"udp://127.0.0.1:{port}"
+    log = tmp_path / "publisher.log"
+    with open(log, "wb") as errors:
+        publisher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamrelay.publisher",
+                f"{relay.ws_url}/publish/cam",
+                "--renditions",
+                "320x240@400k,160x120@150k",
+                "--source",
+                url,
+                "--fps",
+                "25",
+                "--preset",
+                "ultrafast",
+            ],
+            env=environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+    producer = producer_process(
+        [f"{url}?pkt_size=1316"], "mpegts", 60 * GOP, str(tmp_path / "produced.jsonl")
+    )
+    watched = [Watched(stream) for stream, *_ in EXPECTED]
+
+    async def scenario() -> None:
+        connections = [
+            await ws_connect(f"{relay.ws_url}/watch/{w.stream}", subprotocols=[SUBPROTOCOL])
+            for w in watched
+        ]
+        readers = [
+            asyncio.create_task(record(c, w)) for c, w in zip(connections, watched, strict=True)
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            while not all(w.ready() and w.frames > 2 * GOP for w in watched):
+                assert time.monotonic() < deadline, "not every rendition went live"
+                assert publisher.poll() is None, log.read_text()
+                await asyncio.sleep(0.1)
+        finally:
+            for connection in connections:
+                await connection.close()
+            for reader in readers:
+                await reader
+
+    try:
+        run(scenario(), 100)
+    finally:
+        if publisher.poll() is None:
+            publisher.send_signal(signal.SIGINT)
+        status = publisher.wait(20)
+        producer.kill()
+        producer.wait()
+    output = log.read_text()
+    assert status == 0, output
+    assert "Traceback" not in output and "not a capture device" not in output, output
+    assert url in output
+    for viewer, (_, label, width, height) in zip(watched, EXPECTED, strict=True):
+        meta = viewer.metas[-1]
+        assert (meta["rendition"], meta["width"], meta["height"]) == (label, width, height)
+        assert [entry["stream"] for entry in meta["renditions"]] == ["cam", "cam~120p"]
+        assert sps_size(viewer.configs[0]) == (width, height)
+    top, low = ({capture for _, capture, _ in w.keys} for w in watched)
+    assert top & low, "no KEY on the same source frame in both renditions"
