@@ -7,6 +7,9 @@
   :data:`~.testpattern.BEAT_FRAMES` (the frame that also shows the white flash square), so
   a test can check A/V sync;
 - ``file``: the audio of the ``--source file:PATH`` file, looped with it;
+- ``source``: the audio of a remuxed file or URL source, demuxed with its video
+  (:mod:`.remux_audio`: Opus passed through, anything else transcoded to Opus);
+  ``file`` means the same for a remuxed file;
 - ``device[:NAME]``: a capture device through FFmpeg: ALSA here (``default`` when no
   NAME; PulseAudio's ``pulse`` input where this FFmpeg has it, as ``device:pulse:NAME``);
   on Windows DirectShow (``device:Microphone (Realtek Audio)``), on macOS AVFoundation
@@ -46,7 +49,7 @@ from .audio_sources import (
 from .client import Readiness
 from .sources import SourceError
 
-AUDIO_KINDS = ("tone", "file", "device", "none")
+AUDIO_KINDS = ("tone", "file", "source", "device", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +68,19 @@ def parse_audio_spec(text: str) -> AudioSpec:
     """Parse ``tone``, ``file``, ``device[:NAME]`` or ``none`` (ValueError otherwise)."""
     kind, separator, target = text.partition(":")
     if kind not in AUDIO_KINDS or (separator and kind != "device"):
-        raise ValueError(f"unknown audio {text!r}: use tone, file, device[:NAME] or none")
+        raise ValueError(
+            f"unknown audio {text!r}: use tone, file, source, device[:NAME] or none"
+        )
     return AudioSpec(kind, target or None)
 
 
 def default_audio(source_kind: str) -> AudioSpec:
     """What ``--audio`` defaults to: the tone for the test pattern, the file's own audio
-    for a file (none when it has no audio track), none for screen and camera."""
-    return AudioSpec({"testsrc": "tone", "file": "file"}.get(source_kind, "none"))
+    for a file (none when it has no audio track), the source's own for a URL (none when
+    it turns out to have none), none for screen and camera."""
+    return AudioSpec(
+        {"testsrc": "tone", "file": "file", "url": "source"}.get(source_kind, "none")
+    )
 
 
 def audio_meta(channels: int) -> dict[str, Any]:
@@ -90,6 +98,8 @@ def open_audio_source(spec: AudioSpec, channels: int, file_path: str | None) -> 
         return FileAudioSource(file_path, channels)
     if spec.kind == "device":
         return DeviceAudioSource(audio_device_input(spec.target), channels, spec.describe())
+    if spec.kind == "source":
+        raise SourceError("--audio source needs a file or URL source without --renditions")
     raise SourceError(f"no audio source for {spec.describe()}")
 
 

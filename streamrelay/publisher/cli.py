@@ -125,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_demand_grace=options.on_demand_grace,
     )
     thumbnails = None
-    if options.thumbnail_interval > 0 and not remuxable:
-        # A remuxing publisher decodes nothing, so it has no picture to shrink.
+    if options.thumbnail_interval > 0:
+        # A remuxing publisher decodes one keyframe per thumbnail, nothing else.
         from .thumbnail import ThumbnailMaker
 
         thumbnails = ThumbnailMaker(interval=options.thumbnail_interval)
@@ -145,7 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(publisher, RenditionPublisher)
             else publisher
         )
-        audio = start_audio(options, None if remuxable else source, audio_sink, reactor)
+        # A remuxed file or URL carries its own audio in the source thread (passed
+        # through or transcoded to Opus there): one audio path, on the video's timeline.
+        source_audio = remuxable and options.audio is not None and options.audio.kind in (
+            "file",
+            "source",
+        )
+        # Renditions decode their source through the capture thread: no source audio.
+        unsupported = options.audio is not None and options.audio.kind == "source"
+        audio = (
+            None
+            if source_audio or unsupported
+            else start_audio(options, None if remuxable else source, audio_sink, reactor)
+        )
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
@@ -179,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Another codec than H.264 asked for: what the source holds is re-encoded.
             force_transcode=options.transcode or options.codec != "h264",
             hevc_passthrough=options.hevc_passthrough,
+            audio_sink=publisher if source_audio else None,
+            thumbnails=thumbnails,
+            send_thumbnail=publisher.send_thumbnail_threadsafe,
         )
     else:
         pipeline = CapturePipeline(
@@ -310,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if publisher.on_demand is not None
                 else ""
             )
-            + (f"; {stats.audio_sent} audio packets" if audio is not None else "")
+            + (
+                f"; {stats.audio_sent} audio packets"
+                if audio is not None or source_audio
+                else ""
+            )
             + "\n"
         )
     return exit_status
