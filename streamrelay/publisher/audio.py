@@ -68,9 +68,7 @@ def parse_audio_spec(text: str) -> AudioSpec:
     """Parse ``tone``, ``file``, ``device[:NAME]`` or ``none`` (ValueError otherwise)."""
     kind, separator, target = text.partition(":")
     if kind not in AUDIO_KINDS or (separator and kind != "device"):
-        raise ValueError(
-            f"unknown audio {text!r}: use tone, file, source, device[:NAME] or none"
-        )
+        raise ValueError(f"unknown audio {text!r}: use tone, file, source, device[:NAME] or none")
     return AudioSpec(kind, target or None)
 
 
@@ -78,9 +76,7 @@ def default_audio(source_kind: str) -> AudioSpec:
     """What ``--audio`` defaults to: the tone for the test pattern, the file's own audio
     for a file (none when it has no audio track), the source's own for a URL (none when
     it turns out to have none), none for screen and camera."""
-    return AudioSpec(
-        {"testsrc": "tone", "file": "file", "url": "source"}.get(source_kind, "none")
-    )
+    return AudioSpec({"testsrc": "tone", "file": "file", "url": "source"}.get(source_kind, "none"))
 
 
 def audio_meta(channels: int) -> dict[str, Any]:
@@ -114,6 +110,7 @@ class OpusEncoder:
         if channels not in (1, 2):
             raise ValueError("channels must be 1 or 2")
         self.channels = channels
+        self.bitrate = bitrate
         self._layout = "stereo" if channels == 2 else "mono"
         context: Any = av.CodecContext.create("libopus", "w")
         context.sample_rate = SAMPLE_RATE

@@ -147,12 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         # A remuxed file or URL carries its own audio in the source thread (passed
         # through or transcoded to Opus there): one audio path, on the video's timeline.
-        source_audio = remuxable and options.audio is not None and options.audio.kind in (
-            "file",
-            "source",
-        )
+        wanted = None if options.audio is None else options.audio.kind
+        source_audio = remuxable and wanted in ("file", "source")
         # Renditions decode their source through the capture thread: no source audio.
-        unsupported = options.audio is not None and options.audio.kind == "source"
+        unsupported = wanted == "source"
         audio = (
             None
             if source_audio or unsupported
@@ -325,11 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if publisher.on_demand is not None
                 else ""
             )
-            + (
-                f"; {stats.audio_sent} audio packets"
-                if audio is not None or source_audio
-                else ""
-            )
+            + (f"; {stats.audio_sent} audio packets" if audio is not None or source_audio else "")
             + "\n"
         )
     return exit_status

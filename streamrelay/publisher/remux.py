@@ -421,7 +421,9 @@ class SourcePipeline:
             self._meta_extra.pop("audio", None)
             return
         self._file_audio = AudioPipeline(
-            FileAudioSource(media.url, 2), OpusEncoder(2, 96_000), self._audio_sink,
+            FileAudioSource(media.url, 2),
+            OpusEncoder(2, 96_000),
+            self._audio_sink,
             reactor=self._reactor,
         )
         self._meta_extra["audio"] = audio_meta(2)

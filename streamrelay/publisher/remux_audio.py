@@ -13,8 +13,9 @@ clock as the video, so audio and video sampled together carry the same capture t
 - **Anything else** (AAC, MP3, AC-3, PCM, Opus with more than two channels) is decoded,
   resampled to 48 kHz s16 and encoded with the publisher's :class:`~.audio.OpusEncoder`
   (about 1-2 % of a core for stereo AAC). Blocks keep the capture time of their first
-  sample: the decoded frames' PTS anchor the FIFO, which re-anchors (dropping what it
-  holds) when the source's timestamps jump by more than :data:`RESYNC_US`.
+  sample: the decoded frames' PTS anchor the FIFO, which starts afresh (a new resampler
+  and encoder, what they held dropped) when the source's timestamps jump by more than
+  :data:`RESYNC_US`, or after the publisher was offline.
 
 Audio goes out while the video is READY or CONGESTED (it is small, and the outbox drops
 it alone when full), never while the publisher is offline or idle on demand.
@@ -69,6 +70,7 @@ class SourceAudio:
         self._encoder: OpusEncoder | None = None
         self._resampled: _Resampled | None = None
         self._anchor_us: int | None = None
+        self._used = False
         if self.passthrough:
             self.mode = PASSED_THROUGH
         else:
@@ -122,9 +124,13 @@ class SourceAudio:
         if expected_us is None or abs(frame_capture_us - expected_us) > RESYNC_US:
             if expected_us is not None:
                 self.stats.resyncs += 1
-            while resampled.take() is not None:
-                pass
+            if self._used:
+                # Afresh: samples the resampler and encoder hold would be stamped on
+                # the wrong side of the jump (or gap).
+                resampled = self._resampled = _Resampled(self.channels)
+                encoder = self._encoder = OpusEncoder(self.channels, encoder.bitrate)
             self._anchor_us = frame_capture_us
+        self._used = True
         resampled.add(frame)
         while resampled.samples >= FRAME_SAMPLES:
             samples = resampled.take()

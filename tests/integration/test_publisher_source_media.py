@@ -23,7 +23,7 @@ import pytest
 
 from streamrelay.publisher.h264 import NAL_IDR, nal_type, split_annexb
 from streamrelay.wire import FLAG_AUDIO, FLAG_CONFIG, MediaMessage, parse_media
-from tests.integration.test_publisher_source import FPS, GOP, HEIGHT, WIDTH, publisher, watch
+from tests.integration.test_publisher_source import FPS, GOP, HEIGHT, WIDTH, publisher
 from tests.support.http import http_get
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
