@@ -47,7 +47,8 @@ that time, and looped forever. A live source that ends or fails is opened again 
 backoff (an RTMP or SRT listener listens again), the stream continuing at the next IDR.
 
 Over 400 lines: one thread's life (open, decide, remux or hand over, reopen) and the
-state it carries across reopenings (timeline, packager, drop state) stay together.
+state it carries across reopenings (timeline, packager, drop state, the audio's place on
+the timeline) stay together; the audio's own work is in :mod:`.remux_audio`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from .client import Readiness
 from .codecs import VideoEncoder
 from .h264 import AnnexBPackager, H264Error
 from .pipeline import CapturePipeline, MediaSink, PipelineStats
-from .remux_audio import SourceAudio
+from .remux_audio import SourceAudio, file_audio
 from .sources import DeviceSource, FileSource, MediaInput, SourceError
 from .thumbnail import KeyframeThumbnails, ThumbnailMaker
 from .timeline import MICROSECONDS, LiveClock, MediaTimeline, PacedClock
@@ -232,6 +233,8 @@ class SourcePipeline:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 return False
+        if self._file_audio is not None and not self._file_audio.join(timeout):
+            return False
         return self._inner.join(timeout) if self._inner is not None else True
 
     def request_keyframe(self) -> None:
@@ -410,23 +413,16 @@ class SourcePipeline:
         if self._audio_sink is None:
             return
         self._audio = None
-        media = self._media
-        from .audio import AudioPipeline, OpusEncoder, audio_meta
-        from .audio_sources import FileAudioSource, file_has_audio
-
-        if not self._paced or not file_has_audio(media.url):
-            self._audio_mode = "no audio (a transcoded live source carries none)"
-            if self._paced:
-                self._audio_mode = "no audio in the source"
+        found = None
+        if self._paced:
+            found = file_audio(self._media.url, self._audio_sink, self._reactor)
+        if found is None:
+            self._audio_mode = (
+                "no audio in the source" if self._paced else "no audio (transcoded live source)"
+            )
             self._meta_extra.pop("audio", None)
             return
-        self._file_audio = AudioPipeline(
-            FileAudioSource(media.url, 2),
-            OpusEncoder(2, 96_000),
-            self._audio_sink,
-            reactor=self._reactor,
-        )
-        self._meta_extra["audio"] = audio_meta(2)
+        self._file_audio, self._meta_extra["audio"] = found
         self._audio_mode = "audio: transcoded to Opus"
         if not self._stop_requested.is_set():
             self._file_audio.start()

@@ -45,19 +45,21 @@ def slices(access_unit: bytes) -> list[bytes]:
     return [unit for unit in split_annexb(access_unit) if nal_type(unit) in (1, NAL_IDR)]
 
 
-def write_av_clip(path: Path, audio_codec: str) -> tuple[list[list[bytes]], list[bytes]]:
+def write_av_clip(
+    path: Path, audio_codec: str, bframes: int = 0
+) -> tuple[list[list[bytes]], list[bytes]]:
     """Write the clip (see the module docstring); (each frame's slices, the audio
     packets as muxed). Opus: 48 kHz mono; AAC: 44.1 kHz stereo (resampled by the
-    publisher)."""
+    publisher). With ``bframes``, Main profile with that many B-frames."""
     rate, layout = (48_000, "mono") if audio_codec == "libopus" else (44_100, "stereo")
     output = av.open(str(path), "w", format="matroska")
     video: Any = output.add_stream("libx264", rate=FPS)
     video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
     video.options = {
         "preset": "ultrafast",
-        "tune": "zerolatency",
-        "profile": "baseline",
-        "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes=0",
+        **({} if bframes else {"tune": "zerolatency"}),
+        "profile": "main" if bframes else "baseline",
+        "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:bframes={bframes}",
     }
     audio: Any = output.add_stream(audio_codec, rate=rate)
     audio.layout = layout
@@ -266,3 +268,18 @@ def test_remuxed_source_has_a_thumbnail(relay: RelayProcess, tmp_path: Path) -> 
     assert len(pictures) == 1
     assert (pictures[0].width, pictures[0].height) == (320, 240)
     assert "remuxing H.264 without re-encoding" in log.read_text()
+
+
+def test_a_transcoded_file_keeps_its_audio(relay: RelayProcess, tmp_path: Path) -> None:
+    """H.264 with B-frames + AAC: the video is transcoded, and the file's audio still
+    reaches an audio viewer as Opus that PyAV decodes, with the beep in it; the status
+    says both."""
+    clip = tmp_path / "bframes.mkv"
+    write_av_clip(clip, "aac", bframes=2)
+    viewer, log = play(relay, tmp_path, clip, "bclip")
+    frames, audio = split_messages(viewer)
+    assert frames and len(audio) > 100, (len(frames), len(audio))
+    assert meta_audio(viewer) == {"codec": "opus", "sample_rate": 48_000, "channels": 2}
+    assert beep_onsets(audio, 2), "no beep decoded"
+    assert "transcoding: B-frames" in log
+    assert "audio: transcoded to Opus" in log
