@@ -149,6 +149,7 @@ class SourcePipeline:
         self._audio: SourceAudio | None = None
         self._audio_mode = ""
         self._last_audio_media_us: int | None = None
+        self._last_audio_capture_us: int | None = None
         self._file_audio: Any = None
         self._thumbnails = thumbnails if send_thumbnail is not None else None
         self._send_thumbnail = send_thumbnail
@@ -400,13 +401,20 @@ class SourcePipeline:
             return None
         self._last_audio_media_us = media_us
         if not self._paced:
-            return self._live_clock.time_of(media_us)
-        due = self._paced_clock.time_of(media_us)
-        if due is not None:
-            delay = (due - self._wall_clock_us()) / MICROSECONDS - AUDIO_LEAD
-            if delay > 0 and self._stop_requested.wait(delay):
-                return None
-        return due
+            stamp = self._live_clock.time_of(media_us)
+        else:
+            stamp = self._paced_clock.time_of(media_us)
+            if stamp is not None:
+                delay = (stamp - self._wall_clock_us()) / MICROSECONDS - AUDIO_LEAD
+                if delay > 0 and self._stop_requested.wait(delay):
+                    return None
+        last = self._last_audio_capture_us
+        if stamp is None or (last is not None and stamp <= last):
+            # The clock's offset dropped (a live source's first burst, or a late file
+            # restarting its pace): audio stays in capture order, as the wire wants.
+            return None
+        self._last_audio_capture_us = stamp
+        return stamp
 
     def _start_file_audio(self) -> None:
         """A transcoded source's audio: a file's own reader; none for a live source."""

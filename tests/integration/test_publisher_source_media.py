@@ -13,6 +13,9 @@ shared timeline); and the relay serves a thumbnail of the remuxed picture.
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,14 @@ import pytest
 
 from streamrelay.publisher.h264 import NAL_IDR, nal_type, split_annexb
 from streamrelay.wire import FLAG_AUDIO, FLAG_CONFIG, MediaMessage, parse_media
-from tests.integration.test_publisher_source import FPS, GOP, HEIGHT, WIDTH, publisher
+from tests.integration.test_publisher_source import (
+    FPS,
+    GOP,
+    HEIGHT,
+    REPOSITORY,
+    WIDTH,
+    publisher,
+)
 from tests.support.http import http_get
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
@@ -182,9 +192,13 @@ def meta_audio(viewer: Viewer) -> dict[str, Any]:
     return dict(metas[-1]["audio"])
 
 
-def check_sync(frames: list[MediaMessage], audio: list[MediaMessage], video: Any, ch: int) -> None:
-    """Every beep onset is within SYNC_TOLERANCE_US of the beep frame's capture time."""
-    onsets = beep_onsets(audio, ch)
+def check_sync(
+    frames: list[MediaMessage], audio: list[MediaMessage], video: Any, ch: int, after_us: int = 0
+) -> None:
+    """Every beep onset (``after_us`` past the first frame's capture time) is within
+    SYNC_TOLERANCE_US of the beep frame's capture time."""
+    start = frames[0].capture_time_us + after_us
+    onsets = [onset for onset in beep_onsets(audio, ch) if onset >= start]
     beeps = beep_frame_times(frames, video)
     assert onsets and beeps, (onsets, beeps)
     matched = 0
@@ -283,3 +297,77 @@ def test_a_transcoded_file_keeps_its_audio(relay: RelayProcess, tmp_path: Path) 
     assert beep_onsets(audio, 2), "no beep decoded"
     assert "transcoding: B-frames" in log
     assert "audio: transcoded to Opus" in log
+
+
+def stream_file(clip: str, url: str, passes: int = 2) -> None:
+    """Send ``clip``'s packets (video and audio, unchanged) ``passes`` times to ``url``
+    as MPEG-TS, each when its time comes: a live source."""
+    with av.open(url, "w", format="mpegts") as output:
+        outputs: dict[int, Any] = {}
+        started = time.monotonic()
+        for number in range(passes):
+            shift = number * (FRAMES / FPS + 0.1)  # past the audio's last packet
+            with av.open(clip) as source:
+                if not outputs:
+                    outputs = {
+                        stream.index: output.add_stream_from_template(stream)
+                        for stream in (source.streams.video[0], source.streams.audio[0])
+                    }
+                for packet in source.demux():
+                    if packet.dts is None or packet.pts is None or not packet.size:
+                        continue
+                    due = started + shift + float(packet.dts * packet.time_base)
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    ticks = int(shift / packet.time_base)
+                    packet.pts, packet.dts = packet.pts + ticks, packet.dts + ticks
+                    packet.stream = outputs[packet.stream_index]
+                    output.mux(packet)
+
+
+def test_live_mpegts_over_udp_carries_opus_byte_identical_in_sync(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
+    """A live source: the clip's H.264 + Opus streamed twice as MPEG-TS over UDP by a
+    process of its own. The viewer's AUDIO payloads are the clip's Opus packets byte for
+    byte, in order, with capture times increasing, and the second beep's onset carries
+    its frame's capture time (the live clock). The first second is read in a burst
+    (what FFmpeg buffered while probing the source) and stamped compressed by the live
+    clock: the first beep is not checked."""
+    from tests.integration.test_publisher_source import environment, free_port
+
+    clip = tmp_path / "live.mkv"
+    video, packets = write_av_clip(clip, "libopus")
+    port = free_port(socket.SOCK_DGRAM)
+    url = f"udp://127.0.0.1:{port}?pkt_size=1316"
+    log = tmp_path / "live.log"
+    code = (
+        "import sys; from tests.integration.test_publisher_source_media import stream_file; "
+        "stream_file(sys.argv[1], sys.argv[2])"
+    )
+
+    async def scenario() -> Viewer:
+        viewer = Viewer(f"{relay.ws_url}/watch/live?audio=1")
+        await viewer.start()
+        with publisher(relay, "live", f"udp://127.0.0.1:{port}", log):
+            await asyncio.sleep(1.0)
+            producer = subprocess.Popen(
+                [sys.executable, "-c", code, str(clip), url], cwd=REPOSITORY, env=environment()
+            )
+            await asyncio.to_thread(producer.wait, 60)
+            await asyncio.sleep(2.0)
+        await viewer.close()
+        return viewer
+
+    viewer = run(scenario(), timeout=120)
+    frames, audio = split_messages(viewer)
+    assert meta_audio(viewer) == {"codec": "opus", "sample_rate": 48_000, "channels": 1}
+    position = {payload: index for index, payload in enumerate(packets)}
+    indices = [position.get(message.payload) for message in audio]
+    assert None not in indices, "an AUDIO payload that is none of the clip's Opus packets"
+    assert len(audio) >= len(packets), (len(audio), indices)
+    steps = [b - a for a, b in zip(indices, indices[1:], strict=False)]  # type: ignore[operator]
+    assert sum(1 for step in steps if step <= 0) <= 1, "out of order beyond the second pass"
+    times = [message.capture_time_us for message in audio]
+    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+    check_sync(frames, audio, video, 1, after_us=2_500_000)
+    assert "audio: Opus passed through" in log.read_text()
