@@ -5,8 +5,8 @@ has the interface of :class:`~.pipeline.CapturePipeline`. It opens the source wi
 (anything FFmpeg opens: see :func:`~.sources.media_input`), looks at its first video
 stream, and then either
 
-- **remuxes** (H.264 without B-frames, 8-bit 4:2:0; HEVC likewise with
-  ``hevc_passthrough``): demuxed packets become Annex-B access units
+- **remuxes** (H.264 without B-frames, 8-bit 4:2:0; HEVC likewise unless
+  ``hevc_passthrough`` is False; ``force_transcode`` is ``--transcode``): demuxed packets become Annex-B access units
   (:class:`~.bitstream.AccessUnitConverter`: AVCC to Annex-B, access unit delimiters
   dropped, nothing else touched), which :class:`~.h264.H264Packager` (or
   :class:`~.hevc.HevcPackager`) turns into v1 messages (CONFIG when the parameter sets

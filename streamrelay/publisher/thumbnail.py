@@ -109,8 +109,9 @@ class KeyframeThumbnails:
     due, ONE keyframe access unit, which carries its parameter sets in-band (the v1
     profiles require it), is decoded by a decoder of its own that sees nothing else, and
     the picture goes to a :class:`ThumbnailMaker`. Called on the source thread after
-    the access unit was handed off, so it never delays a frame: a few milliseconds every
-    ``interval`` seconds (a 720p H.264 IDR decodes in about 5 ms)."""
+    the access unit was handed off, so it never delays a frame: about 10 ms every
+    ``interval`` seconds for a 720p or 1080p H.264 IDR, decoding and JPEG together
+    (0.2 % of a core at one every 5 s)."""
 
     def __init__(self, maker: ThumbnailMaker, send: Callable[[bytes], None]) -> None:
         self.maker = maker

@@ -260,11 +260,14 @@ def test_aac_is_transcoded_to_opus_in_sync(relay: RelayProcess, tmp_path: Path) 
     assert "remuxing H.264 without re-encoding" in log
 
 
-def test_remuxed_source_has_a_thumbnail(relay: RelayProcess, tmp_path: Path) -> None:
-    """A remuxed file: the relay serves /api/streams/NAME/thumbnail.jpg, a JPEG that
-    PyAV decodes, 320 pixels wide (made from one decoded keyframe by the publisher)."""
+@pytest.mark.parametrize("bframes", [0, 2], ids=["remuxed", "transcoded"])
+def test_source_has_a_thumbnail(relay: RelayProcess, tmp_path: Path, bframes: int) -> None:
+    """A remuxed file (and one transcoded for its B-frames): the relay serves
+    /api/streams/NAME/thumbnail.jpg, a JPEG that PyAV decodes, 320 pixels wide (made
+    from one decoded keyframe by the remuxing publisher, from the transcoder's decoded
+    frames otherwise)."""
     clip = tmp_path / "thumb.mkv"
-    write_av_clip(clip, "libopus")
+    write_av_clip(clip, "libopus", bframes=bframes)
     log = tmp_path / "thumb.log"
     path = "/api/streams/thumbclip/thumbnail.jpg"
     with publisher(
@@ -281,7 +284,8 @@ def test_remuxed_source_has_a_thumbnail(relay: RelayProcess, tmp_path: Path) -> 
     pictures = decoder.decode(av.Packet(response.body))
     assert len(pictures) == 1
     assert (pictures[0].width, pictures[0].height) == (320, 240)
-    assert "remuxing H.264 without re-encoding" in log.read_text()
+    mode = "transcoding: B-frames" if bframes else "remuxing H.264 without re-encoding"
+    assert mode in log.read_text()
 
 
 def test_a_transcoded_file_keeps_its_audio(relay: RelayProcess, tmp_path: Path) -> None:
