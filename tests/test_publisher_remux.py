@@ -405,7 +405,7 @@ def test_command_line_for_url_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     audio is the source's own unless --audio none; without --source, STREAMRELAY_SOURCE
     (a URL with credentials kept out of the process list), else testsrc."""
     from streamrelay.publisher.arguments import parse_arguments
-    from streamrelay.publisher.audio import AudioSpec
+    from streamrelay.publisher.audio import AudioSpec, default_audio
 
     monkeypatch.delenv("STREAMRELAY_SOURCE", raising=False)
     assert parse_arguments([]).source == SourceSpec("testsrc")
@@ -417,6 +417,7 @@ def test_command_line_for_url_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options.source == SourceSpec("url", "rtsp://cam/s1", {"a": "b"})
     assert not options.transcode and options.hevc_passthrough
     assert options.audio == AudioSpec("source")
+    assert default_audio("url") == AudioSpec("source")
     options = parse_arguments(["--source", "srt://h:9000", "--transcode", "--hevc-passthrough"])
     assert options.transcode and options.hevc_passthrough
     assert parse_arguments(["--source", "srt://h:9000", "--audio", "none"]).audio is None
