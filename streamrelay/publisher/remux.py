@@ -6,11 +6,12 @@ has the interface of :class:`~.pipeline.CapturePipeline`. It opens the source wi
 stream, and then either
 
 - **remuxes** (H.264 without B-frames, 8-bit 4:2:0; HEVC likewise unless
-  ``hevc_passthrough`` is False; ``force_transcode`` is ``--transcode``): demuxed packets become Annex-B access units
-  (:class:`~.bitstream.AccessUnitConverter`: AVCC to Annex-B, access unit delimiters
-  dropped, nothing else touched), which :class:`~.h264.H264Packager` (or
-  :class:`~.hevc.HevcPackager`) turns into v1 messages (CONFIG when the parameter sets
-  change, parameter sets inserted before each KEY that lacks them); or
+  ``hevc_passthrough`` is False; ``force_transcode`` is ``--transcode``): demuxed
+  packets become Annex-B access units (:class:`~.bitstream.AccessUnitConverter`: AVCC
+  to Annex-B, access unit delimiters dropped, nothing else touched), which
+  :class:`~.h264.H264Packager` (or :class:`~.hevc.HevcPackager`) turns into v1
+  messages (CONFIG when the parameter sets change, parameter sets inserted before each
+  KEY that lacks them); or
 - **transcodes** what a browser cannot play as v1 H.264 (B-frames, other codecs, other
   pixel formats): it hands the open source to a :class:`~.pipeline.CapturePipeline` with
   the configured encoder, and says why in :attr:`SourcePipeline.mode`. A source that
