@@ -400,10 +400,12 @@ def test_a_file_keeps_looping_while_the_publisher_is_offline(tmp_path: Path) -> 
 
 
 def test_command_line_for_url_sources(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A URL is a --source; --source-option applies to it (not to testsrc); --transcode
-    and --hevc-passthrough are off unless given; without --source, STREAMRELAY_SOURCE
+    """A URL is a --source; --source-option applies to it (not to testsrc); --transcode is
+    off unless given, HEVC pass-through on (--hevc-passthrough still accepted); the
+    audio is the source's own unless --audio none; without --source, STREAMRELAY_SOURCE
     (a URL with credentials kept out of the process list), else testsrc."""
     from streamrelay.publisher.arguments import parse_arguments
+    from streamrelay.publisher.audio import AudioSpec, default_audio
 
     monkeypatch.delenv("STREAMRELAY_SOURCE", raising=False)
     assert parse_arguments([]).source == SourceSpec("testsrc")
@@ -413,9 +415,20 @@ def test_command_line_for_url_sources(monkeypatch: pytest.MonkeyPatch) -> None:
 
     options = parse_arguments(["--source", "rtsp://cam/s1", "--source-option", "a=b"])
     assert options.source == SourceSpec("url", "rtsp://cam/s1", {"a": "b"})
-    assert not options.transcode and not options.hevc_passthrough
-    assert parse_arguments(["--source", "srt://h:9000", "--transcode"]).transcode
+    assert not options.transcode and options.hevc_passthrough
+    assert options.audio == AudioSpec("source")
+    assert default_audio("url") == AudioSpec("source")
+    options = parse_arguments(["--source", "srt://h:9000", "--transcode"])
+    assert options.transcode and not options.hevc_passthrough
     assert parse_arguments(["--source", "srt://h:9000", "--hevc-passthrough"]).hevc_passthrough
+    with pytest.raises(SystemExit):
+        parse_arguments(["--source", "srt://h:9000", "--transcode", "--hevc-passthrough"])
+    assert parse_arguments(["--source", "srt://h:9000", "--audio", "none"]).audio is None
+    assert parse_arguments(["--source", "srt://h:9000", "--audio", "source"]).audio == (
+        AudioSpec("source")
+    )
+    with pytest.raises(SystemExit):
+        parse_arguments(["--source", "screen", "--audio", "source"])
     with pytest.raises(SystemExit):
         parse_arguments(["--source", "testsrc", "--source-option", "a=b"])
 

@@ -154,16 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--transcode",
         action="store_true",
-        help="re-encode a file or URL source even when it could be remuxed (file and URL "
-        "sources only; not with --renditions, which always re-encode)",
+        help="re-encode a file or URL source even when it could be remuxed (e.g. an HEVC "
+        "source for browsers without an HEVC decoder)",
     )
     parser.add_argument(
         "--hevc-passthrough",
         action="store_true",
-        help="remux HEVC (H.265) sources as they are instead of transcoding them to H.264; "
-        "only browsers with an HEVC decoder (Safari, Chrome with hardware decoding) can "
-        "play the stream (file and URL sources, --codec h264, without --transcode or "
-        "--renditions)",
+        help="the default: HEVC (H.265) sources are remuxed as they are; only browsers with "
+        "an HEVC decoder (Safari, Chrome with hardware decoding) play them, the player tells "
+        "the others plainly; --transcode re-encodes them to H.264 for every browser (file "
+        "and URL sources, --codec h264, without --renditions)",
     )
     parser.add_argument(
         "--source-option",
@@ -222,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--audio",
-        metavar="tone|file|device[:NAME]|none",
-        help="audio, Opus 48 kHz: tone (a beep on every 30th test-pattern frame), file (the "
-        "file source's own audio), device[:NAME] (ALSA default, or pulse:NAME; dshow NAME on "
-        "Windows, avfoundation :N on macOS) or none; default tone for testsrc, the file's "
-        "audio for a file that has some, none otherwise",
+        metavar="tone|file|source|device[:NAME]|none",
+        help="audio, Opus 48 kHz: tone (a beep on every 30th test-pattern frame), file or "
+        "source (the file or URL source's own audio: Opus passed through, AAC and others "
+        "transcoded to Opus), device[:NAME] (ALSA default, or pulse:NAME; dshow NAME on "
+        "Windows, avfoundation :N on macOS) or none; default tone for testsrc, the source's "
+        "own audio for a file or URL that has some, none otherwise",
     )
     parser.add_argument(
         "--token",
@@ -315,7 +316,7 @@ class PublishOptions:
     thumbnail_interval: float = 5.0
     audio: Any = None  # an AudioSpec; None: no audio
     transcode: bool = False
-    hevc_passthrough: bool = False
+    hevc_passthrough: bool = True
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
@@ -390,7 +391,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> PublishOptions:
         thumbnail_interval=args.thumbnail_interval,
         audio=audio,
         transcode=args.transcode,
-        hevc_passthrough=args.hevc_passthrough,
+        # Pass-through is the default; --transcode re-encodes HEVC like everything else.
+        hevc_passthrough=not args.transcode,
     )
 
 
@@ -444,4 +446,6 @@ def _audio_option(text: str | None, source: Any) -> Any:
             if text is None:
                 return None  # a file without audio: none by default
             raise ValueError(f"{source.target} has no audio track")
+    if spec.kind == "source" and source.kind not in ("file", "url"):
+        raise ValueError("source audio needs a file or URL --source")
     return None if spec.kind == "none" else spec

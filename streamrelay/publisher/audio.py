@@ -7,6 +7,9 @@
   :data:`~.testpattern.BEAT_FRAMES` (the frame that also shows the white flash square), so
   a test can check A/V sync;
 - ``file``: the audio of the ``--source file:PATH`` file, looped with it;
+- ``source``: the audio of a remuxed file or URL source, demuxed with its video
+  (:mod:`.remux_audio`: Opus passed through, anything else transcoded to Opus);
+  ``file`` means the same for a remuxed file;
 - ``device[:NAME]``: a capture device through FFmpeg: ALSA here (``default`` when no
   NAME; PulseAudio's ``pulse`` input where this FFmpeg has it, as ``device:pulse:NAME``);
   on Windows DirectShow (``device:Microphone (Realtek Audio)``), on macOS AVFoundation
@@ -53,7 +56,7 @@ from .sources import SourceError
 # How often an idle audio thread checks its sink when nothing wakes it.
 IDLE_RECHECK_SECONDS = 1.0
 
-AUDIO_KINDS = ("tone", "file", "device", "none")
+AUDIO_KINDS = ("tone", "file", "source", "device", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +75,15 @@ def parse_audio_spec(text: str) -> AudioSpec:
     """Parse ``tone``, ``file``, ``device[:NAME]`` or ``none`` (ValueError otherwise)."""
     kind, separator, target = text.partition(":")
     if kind not in AUDIO_KINDS or (separator and kind != "device"):
-        raise ValueError(f"unknown audio {text!r}: use tone, file, device[:NAME] or none")
+        raise ValueError(f"unknown audio {text!r}: use tone, file, source, device[:NAME] or none")
     return AudioSpec(kind, target or None)
 
 
 def default_audio(source_kind: str) -> AudioSpec:
     """What ``--audio`` defaults to: the tone for the test pattern, the file's own audio
-    for a file (none when it has no audio track), none for screen and camera."""
-    return AudioSpec({"testsrc": "tone", "file": "file"}.get(source_kind, "none"))
+    for a file (none when it has no audio track), the source's own for a URL (none when
+    it turns out to have none), none for screen and camera."""
+    return AudioSpec({"testsrc": "tone", "file": "file", "url": "source"}.get(source_kind, "none"))
 
 
 def audio_meta(channels: int) -> dict[str, Any]:
@@ -100,6 +104,8 @@ def open_audio_source(
         return FileAudioSource(file_path, channels, idle_clock)
     if spec.kind == "device":
         return DeviceAudioSource(audio_device_input(spec.target), channels, spec.describe())
+    if spec.kind == "source":
+        raise SourceError("--audio source needs a file or URL source without --renditions")
     raise SourceError(f"no audio source for {spec.describe()}")
 
 
@@ -114,6 +120,7 @@ class OpusEncoder:
         if channels not in (1, 2):
             raise ValueError("channels must be 1 or 2")
         self.channels = channels
+        self.bitrate = bitrate
         self._layout = "stereo" if channels == 2 else "mono"
         context: Any = av.CodecContext.create("libopus", "w")
         context.sample_rate = SAMPLE_RATE

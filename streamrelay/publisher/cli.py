@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_demand_grace=options.on_demand_grace,
     )
     thumbnails = None
-    if options.thumbnail_interval > 0 and not remuxable:
-        # A remuxing publisher decodes nothing, so it has no picture to shrink.
+    if options.thumbnail_interval > 0:
+        # A remuxing publisher decodes one keyframe per thumbnail, nothing else.
         from .thumbnail import ThumbnailMaker
 
         thumbnails = ThumbnailMaker(interval=options.thumbnail_interval)
@@ -150,7 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(publisher, RenditionPublisher)
             else publisher
         )
-        audio = start_audio(options, None if remuxable else source, audio_sink, reactor, idle_clock)
+        # A remuxed file or URL carries its own audio in the source thread (passed
+        # through or transcoded to Opus there): one audio path, on the video's timeline.
+        wanted = None if options.audio is None else options.audio.kind
+        source_audio = remuxable and wanted in ("file", "source")
+        # Renditions decode their source through the capture thread: no source audio.
+        unsupported = wanted == "source"
+        audio = (
+            None
+            if source_audio or unsupported
+            else start_audio(
+                options, None if remuxable else source, audio_sink, reactor, idle_clock
+            )
+        )
     except (SourceError, ValueError, av.FFmpegError) as error:
         stderr.write(f"streamrelay-publish: {error}\n")
         return 1
@@ -186,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             force_transcode=options.transcode or options.codec != "h264",
             hevc_passthrough=options.hevc_passthrough,
             idle_clock=idle_clock,
+            audio_sink=publisher if source_audio else None,
+            thumbnails=thumbnails,
+            send_thumbnail=publisher.send_thumbnail_threadsafe,
         )
     else:
         pipeline = CapturePipeline(
@@ -325,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if publisher.on_demand is not None
                 else ""
             )
-            + (f"; {stats.audio_sent} audio packets" if audio is not None else "")
+            + (f"; {stats.audio_sent} audio packets" if audio is not None or source_audio else "")
             + "\n"
         )
     return exit_status

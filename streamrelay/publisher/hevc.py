@@ -1,11 +1,12 @@
 """HEVC (H.265) pass-through helpers: NAL unit types, ``hvcC`` records, the codec string.
 
 The publisher never encodes HEVC; it passes through what a source carries (see
-:mod:`.remux`, ``--hevc-passthrough``), packaged by :class:`HevcPackager` following the
-HEVC profile of v1 (``docs/protocol.md``): Annex-B access units; CONFIG = VPS+SPS+PPS;
-every KEY an IRAP picture (IDR, CRA or BLA: with no picture reordering there are no
-leading pictures, so decoding can start at any of them) carrying its own VPS/SPS/PPS;
-``meta.codec`` the WebCodecs string ``hvc1.P.C.TL.CC`` (ISO/IEC 14496-15 annex E).
+:mod:`.remux`: the default for HEVC sources; ``--transcode`` re-encodes them), packaged
+by :class:`HevcPackager` following the HEVC profile of v1 (``docs/protocol.md``):
+Annex-B access units; CONFIG = VPS+SPS+PPS; every KEY an IRAP picture (IDR, CRA or BLA:
+with no picture reordering there are no leading pictures, so decoding can start at any
+of them) carrying its own VPS/SPS/PPS; ``meta.codec`` the WebCodecs string
+``hvc1.P.C.TL.CC`` (ISO/IEC 14496-15 annex E).
 """
 
 from __future__ import annotations

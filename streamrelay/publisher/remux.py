@@ -5,12 +5,13 @@ has the interface of :class:`~.pipeline.CapturePipeline`. It opens the source wi
 (anything FFmpeg opens: see :func:`~.sources.media_input`), looks at its first video
 stream, and then either
 
-- **remuxes** (H.264 without B-frames, 8-bit 4:2:0; HEVC likewise with
-  ``hevc_passthrough``): demuxed packets become Annex-B access units
-  (:class:`~.bitstream.AccessUnitConverter`: AVCC to Annex-B, access unit delimiters
-  dropped, nothing else touched), which :class:`~.h264.H264Packager` (or
-  :class:`~.hevc.HevcPackager`) turns into v1 messages (CONFIG when the parameter sets
-  change, parameter sets inserted before each KEY that lacks them); or
+- **remuxes** (H.264 without B-frames, 8-bit 4:2:0; HEVC likewise unless
+  ``hevc_passthrough`` is False; ``force_transcode`` is ``--transcode``): demuxed
+  packets become Annex-B access units (:class:`~.bitstream.AccessUnitConverter`: AVCC
+  to Annex-B, access unit delimiters dropped, nothing else touched), which
+  :class:`~.h264.H264Packager` (or :class:`~.hevc.HevcPackager`) turns into v1
+  messages (CONFIG when the parameter sets change, parameter sets inserted before each
+  KEY that lacks them); or
 - **transcodes** what a browser cannot play as v1 H.264 (B-frames, other codecs, other
   pixel formats): it hands the open source to a :class:`~.pipeline.CapturePipeline` with
   the configured encoder, and says why in :attr:`SourcePipeline.mode`. A source that
@@ -26,6 +27,19 @@ Drops: when the network is behind (the publisher is not READY, or the handoff re
 frame) the access unit is dropped and so is every one after it until the next IDR, so the
 stream stays decodable. Demuxing continues meanwhile, so a live source never backs up;
 nothing queues here.
+
+Audio (:mod:`.remux_audio`, with ``audio_sink``): the source's first audio track is
+demuxed with the video. Opus passes through packet for packet; any other codec (AAC...)
+is decoded and re-encoded to Opus; :attr:`SourcePipeline.mode` says which. Audio PTS
+are mapped through the video's timeline and clock, so audio and video keep their sync
+(a paced file sends audio up to :data:`AUDIO_LEAD` seconds before it is due, so that a
+file's interleaving never holds back the video). A transcoded file takes its audio from
+the file's own reader (:class:`~.audio_sources.FileAudioSource`); a transcoded live
+source carries no audio (said in the status line).
+
+Thumbnails (``thumbnails``): at most every interval, one KEY that was just handed off is
+decoded by a decoder of its own (:class:`~.thumbnail.KeyframeThumbnails`); a transcoder
+gets the maker and makes them from its decoded frames.
 
 Timing (:mod:`.timeline`): a live source sets the pace and each access unit is stamped
 from its PTS mapped onto the wall clock at arrival; a file (or a URL with a known
@@ -44,7 +58,8 @@ drops. The idle state is noticed at the next access unit that could go out (the 
 keyframe, while the stream waits for one).
 
 Over 400 lines: one thread's life (open, decide, remux or hand over, reopen) and the
-state it carries across reopenings (timeline, packager, drop state) stay together.
+state it carries across reopenings (timeline, packager, drop state, the audio's place on
+the timeline) stay together; the audio's own work is in :mod:`.remux_audio`.
 """
 
 from __future__ import annotations
@@ -69,7 +84,9 @@ from .codecs import VideoEncoder
 from .h264 import AnnexBPackager, H264Error
 from .idleclock import IdleClock
 from .pipeline import CapturePipeline, MediaSink, PipelineStats
+from .remux_audio import SourceAudio, file_audio
 from .sources import DeviceInput, DeviceSource, FileSource, MediaInput, SourceError
+from .thumbnail import KeyframeThumbnails, ThumbnailMaker
 from .timeline import MICROSECONDS, LiveClock, MediaTimeline, PacedClock
 
 _log = Logger()
@@ -83,6 +100,8 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 LONG_GOP = 5.0
 #: Seconds an access unit may wait for a congested sink before it is dropped.
 CONGESTION_PATIENCE = 0.2
+#: Seconds before it is due that a paced file's audio packet may go out.
+AUDIO_LEAD = 0.2
 
 REMUXING = "remuxing H.264 without re-encoding"
 REMUXING_HEVC = "remuxing HEVC without re-encoding (browsers without HEVC decoding cannot play it)"
@@ -129,7 +148,10 @@ class SourcePipeline:
         fps: Fraction,
         meta_extra: Mapping[str, Any] | None = None,
         force_transcode: bool = False,
-        hevc_passthrough: bool = False,
+        hevc_passthrough: bool = True,
+        audio_sink: Any = None,
+        thumbnails: ThumbnailMaker | None = None,
+        send_thumbnail: Callable[[bytes], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall_clock_us: Callable[[], int] = now_us,
         idle_clock: IdleClock | None = None,
@@ -143,6 +165,19 @@ class SourcePipeline:
         self._meta_extra = dict(meta_extra or {})
         self._force_transcode = force_transcode
         self._hevc_passthrough = hevc_passthrough
+        self._audio_sink = audio_sink
+        self._audio: SourceAudio | None = None
+        self._audio_mode = ""
+        self._last_audio_media_us: int | None = None
+        self._last_audio_capture_us: int | None = None
+        self._file_audio: Any = None
+        self._thumbnails = thumbnails if send_thumbnail is not None else None
+        self._send_thumbnail = send_thumbnail
+        self._keyframe_thumbnails = (
+            KeyframeThumbnails(thumbnails, send_thumbnail)
+            if thumbnails is not None and send_thumbnail is not None
+            else None
+        )
         self._monotonic = monotonic
         self._wall_clock_us = wall_clock_us
         self._stop_requested = threading.Event()
@@ -171,8 +206,21 @@ class SourcePipeline:
         self._told_keyframes = False
         self._access_units = 0
         self._warned_gop = False
-        #: What the pipeline is doing, for the status line (any thread may read it).
         self.mode = "opening source"
+
+    @property
+    def mode(self) -> str:
+        """What the pipeline is doing, with its audio, for the status line (any thread)."""
+        return f"{self._mode}; {self._audio_mode}" if self._audio_mode else self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = value
+
+    @property
+    def audio(self) -> SourceAudio | None:
+        """The remuxed source's audio track, once one was found."""
+        return self._audio
 
     # -- the CapturePipeline interface ---------------------------------------------------
 
@@ -205,6 +253,8 @@ class SourcePipeline:
         self._wake.set()
         if self._inner is not None:
             self._inner.stop()
+        if self._file_audio is not None:
+            self._file_audio.stop()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the source thread (and a transcoder); True if they have ended."""
@@ -212,6 +262,8 @@ class SourcePipeline:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 return False
+        if self._file_audio is not None and not self._file_audio.join(timeout):
+            return False
         return self._inner.join(timeout) if self._inner is not None else True
 
     def request_keyframe(self) -> None:
@@ -285,6 +337,7 @@ class SourcePipeline:
                     )
                 self._remux_mode = mode
                 self.mode = mode + RESUMED if self._resumed else mode
+                self._open_audio(container)
                 idled = self._remux(container, stream)
             except _Reordering:
                 self._transcode(container, "B-frames")
@@ -357,10 +410,74 @@ class SourcePipeline:
         errors quote it)."""
         return str(error).replace(self._media.url, self._media.description)
 
+    def _open_audio(self, container: Any) -> None:
+        """Take the source's first audio track along (when audio is wanted)."""
+        if self._audio_sink is None:
+            return
+        if not container.streams.audio:
+            self._audio, self._audio_mode = None, "no audio in the source"
+            self._meta_extra.pop("audio", None)
+            return
+        audio = SourceAudio(container.streams.audio[0], self._audio_sink)
+        if self._audio is None or audio.mode != self._audio.mode:
+            _log.info("{source}: {mode}", source=self._media.description, mode=audio.mode)
+        self._audio, self._audio_mode = audio, audio.mode
+        # _last_audio_media_us is kept, as the timeline is: a looped file's or reopened
+        # source's audio waits for its video to cross the discontinuity first.
+        self._meta_extra["audio"] = audio.meta
+
+    def _audio_capture_time(self, packet: Any) -> int | None:
+        """An audio packet's capture time on the video's timeline and clock (a paced
+        file's waits until AUDIO_LEAD before it is due); None when it cannot be placed."""
+        timeline = self._timeline
+        if timeline is None:
+            return None
+        media_us = timeline.media_time_of(packet.pts, packet.time_base)
+        last = self._last_audio_media_us
+        if media_us is None or (last is not None and media_us <= last):
+            # Before the first video frame, or across a loop the video has not reached.
+            return None
+        self._last_audio_media_us = media_us
+        if not self._paced:
+            stamp = self._live_clock.time_of(media_us)
+        else:
+            stamp = self._paced_clock.time_of(media_us)
+            if stamp is not None:
+                delay = (stamp - self._wall_clock_us()) / MICROSECONDS - AUDIO_LEAD
+                if delay > 0 and self._stop_requested.wait(delay):
+                    return None
+        last = self._last_audio_capture_us
+        if stamp is None or (last is not None and stamp <= last):
+            # The clock's offset dropped (a live source's first burst, or a late file
+            # restarting its pace): audio stays in capture order, as the wire wants.
+            return None
+        self._last_audio_capture_us = stamp
+        return stamp
+
+    def _start_file_audio(self) -> None:
+        """A transcoded source's audio: a file's own reader; none for a live source."""
+        if self._audio_sink is None:
+            return
+        self._audio = None
+        found = None
+        if self._paced:
+            found = file_audio(self._media.url, self._audio_sink, self._reactor)
+        if found is None:
+            self._audio_mode = (
+                "no audio in the source" if self._paced else "no audio (transcoded live source)"
+            )
+            self._meta_extra.pop("audio", None)
+            return
+        self._file_audio, self._meta_extra["audio"] = found
+        self._audio_mode = "audio: transcoded to Opus"
+        if not self._stop_requested.is_set():
+            self._file_audio.start()
+
     def _transcode(self, container: Any, reason: str) -> None:
         """Hand the source to an encoding pipeline, which reports when it finishes."""
         width, height = self._frame_size
         media = self._media
+        self._start_file_audio()
         if not self._paced:
             # Closed while idle on demand and opened again on resume; not a listener,
             # whose pusher might not come back.
@@ -385,6 +502,8 @@ class SourcePipeline:
             fps=self._fps,
             meta_extra=self._meta_extra,
             idle_clock=self.idle_clock,
+            thumbnails=self._thumbnails,
+            send_thumbnail=self._send_thumbnail,
         )
         inner.when_finished().chainDeferred(self._finished)
         self._inner = inner
@@ -420,10 +539,15 @@ class SourcePipeline:
         self._waiting_for_key = True
         self._access_units = 0
         recent_pts: list[int] = []
-        for packet in container.demux(stream):
+        audio = self._audio
+        streams = [stream] if audio is None else [stream, container.streams.audio[0]]
+        for packet in container.demux(*streams):
             if self._stop_requested.is_set():
                 break
             if not packet.size:
+                continue
+            if audio is not None and packet.stream_index != stream.index:
+                audio.handle(packet, self._audio_capture_time(packet))
                 continue
             if packet.has_sidedata("new_extradata"):
                 converter.update_extradata(bytes(packet.get_sidedata("new_extradata")))
@@ -538,6 +662,11 @@ class SourcePipeline:
             self.mode = self._remux_mode
         self._waiting_for_key = refused
         self._patient = True
+        if key and not refused and self._keyframe_thumbnails is not None:
+            # After the hand-off: the thumbnail never delays a frame.
+            for message in messages:
+                if message.is_key:
+                    self._keyframe_thumbnails.offer(self._codec, message.payload)
         return not refused
 
     def _wait_for_room(self) -> Readiness:

@@ -63,10 +63,21 @@ class ThumbnailMaker:
 
     def maybe_make(self, frame: av.VideoFrame) -> bytes | None:
         """The JPEG of ``frame`` when one is due (and fits), else None."""
+        if not self.take_turn():
+            return None
+        return self.make(frame)
+
+    def take_turn(self) -> bool:
+        """True when a thumbnail is due, and then not again for ``interval`` seconds: a
+        caller that must decode a picture first asks this before decoding it."""
         now = self._monotonic()
         if self._next_due is not None and now < self._next_due:
-            return None
+            return False
         self._next_due = now + self.interval
+        return True
+
+    def make(self, frame: av.VideoFrame) -> bytes | None:
+        """The JPEG of ``frame`` now (counted), or None when it does not fit."""
         started = time.perf_counter()
         jpeg = self.encode(frame)
         self.encode_seconds += time.perf_counter() - started
@@ -91,6 +102,41 @@ class ThumbnailMaker:
             elif len(jpeg) < self.target_bytes // 3 and self._qscale > MIN_QSCALE:
                 self._qscale -= 1
             return jpeg if len(jpeg) <= MAX_THUMBNAIL_BYTES else None
+
+
+class KeyframeThumbnails:
+    """Thumbnails for a publisher that decodes nothing (a remuxed source): when one is
+    due, ONE keyframe access unit, which carries its parameter sets in-band (the v1
+    profiles require it), is decoded by a decoder of its own that sees nothing else, and
+    the picture goes to a :class:`ThumbnailMaker`. Called on the source thread after
+    the access unit was handed off, so it never delays a frame: about 10 ms every
+    ``interval`` seconds for a 720p or 1080p H.264 IDR, decoding and JPEG together
+    (0.2 % of a core at one every 5 s)."""
+
+    def __init__(self, maker: ThumbnailMaker, send: Callable[[bytes], None]) -> None:
+        self.maker = maker
+        self._send = send
+        #: Keyframes that were due for a thumbnail but did not decode.
+        self.undecodable = 0
+
+    def offer(self, codec_name: str, access_unit: bytes) -> bytes | None:
+        """Decode ``access_unit`` (a KEY of ``codec_name``: ``h264`` or ``hevc``) and
+        send its thumbnail when one is due; the JPEG sent, or None."""
+        if not self.maker.take_turn():
+            return None
+        try:
+            decoder: Any = av.CodecContext.create(codec_name, "r")
+            frames = list(decoder.decode(av.Packet(access_unit)))
+            frames += list(decoder.decode(None))
+        except (av.FFmpegError, ValueError):
+            frames = []
+        if not frames:
+            self.undecodable += 1
+            return None
+        jpeg = self.maker.make(frames[0])
+        if jpeg is not None:
+            self._send(jpeg)
+        return jpeg
 
 
 def _mjpeg(frame: av.VideoFrame, qscale: int) -> bytes:

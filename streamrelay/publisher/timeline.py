@@ -73,6 +73,19 @@ class MediaTimeline:
         self._last_us = media_us
         return media_us
 
+    def media_time_of(self, pts: int | None, time_base: Fraction | None) -> int | None:
+        """The media time of a PTS of another stream of the same source (its audio), on
+        this timeline: shifted as the last timestamped frame was, so that audio and video
+        sampled together get the same media time. None without a PTS, before the first
+        timestamped frame, or more than ``max_gap`` away from it (the other stream is
+        across a discontinuity this timeline has not seen yet)."""
+        if pts is None or time_base is None or self._last_raw_us is None:
+            return None
+        raw_us = int(pts * time_base * MICROSECONDS)
+        if abs(raw_us - self._last_raw_us) > self._max_gap_us:
+            return None
+        return self._last_raw_media_us + raw_us - self._last_raw_us
+
 
 class LiveClock:
     """Capture times for a live source: see the module docstring."""
@@ -105,6 +118,11 @@ class LiveClock:
         self._last_capture_us = capture
         return capture
 
+    def time_of(self, media_us: int) -> int | None:
+        """The capture time of another stream's sample at ``media_us`` (the audio's),
+        on the frames' current offset, changing nothing; None before the first frame."""
+        return None if self._offset_us is None else media_us + self._offset_us
+
 
 class PacedClock:
     """When each frame of a paced (file) source is due, on the wall clock (microseconds)."""
@@ -128,6 +146,11 @@ class PacedClock:
         due = max(due, self._last_due_us + 1)
         self._last_due_us = due
         return due
+
+    def time_of(self, media_us: int) -> int | None:
+        """When another stream's sample at ``media_us`` (the audio's) is due, on the
+        frames' current offset, changing nothing; None before the first frame."""
+        return None if self._offset_us is None else media_us + self._offset_us
 
 
 __all__ = ["LiveClock", "MediaTimeline", "PacedClock"]

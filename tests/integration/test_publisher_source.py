@@ -522,14 +522,14 @@ def test_rtmp_push_into_a_listening_publisher(relay: RelayProcess, tmp_path: Pat
 
 @pytest.mark.parametrize("passthrough", [True, False], ids=["passthrough", "transcoded"])
 def test_hevc_over_udp(relay: RelayProcess, tmp_path: Path, passthrough: bool) -> None:
-    """HEVC in MPEG-TS over UDP: with --hevc-passthrough the viewer gets the x265 access
-    units byte for byte (minus AUDs), KEY on IRAP pictures, meta.codec the WebCodecs
-    string (hvc1.1.6.L60.90: Main, level 2); without it the publisher transcodes to
-    H.264 and says so."""
+    """HEVC in MPEG-TS over UDP: by default the viewer gets the x265 access units byte
+    for byte (minus AUDs), KEY on IRAP pictures, meta.codec the WebCodecs string
+    (hvc1.1.6.L60.90: Main, level 2); with --transcode the publisher re-encodes to H.264
+    (for browsers without HEVC) and says so."""
     port = free_port(socket.SOCK_DGRAM)
     record = tmp_path / "produced.jsonl"
     log = tmp_path / "publisher.log"
-    extra = ["--hevc-passthrough"] if passthrough else []
+    extra = [] if passthrough else ["--transcode"]
 
     async def scenario() -> Viewer:
         viewer = await watch(relay, "hevc")
@@ -555,7 +555,7 @@ def test_hevc_over_udp(relay: RelayProcess, tmp_path: Path, passthrough: bool) -
     check_times(frames)
     if not passthrough:
         assert meta["codec"].startswith("avc1.42")
-        assert "transcoding: hevc video" in text
+        assert "transcoding: --transcode" in text
         return
     assert meta["codec"] == "hvc1.1.6.L60.90"
     kinds = [hevc_nal_type(unit) for unit in split_annexb(configs[0].payload)]
