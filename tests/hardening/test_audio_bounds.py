@@ -37,10 +37,19 @@ BOUND = 3 * MB // 2
 RATIO = 1.5
 BATCH = 2_000
 STREAM = "audioflood"
-# The flood's messages and its KEY share one capture time: audio captured before the KEY
-# would be neither cached nor sent (it belongs to the GOP before).
-TINY_AUDIO = client_frame(OP_BINARY, b"\x04" + (1).to_bytes(8, "big"))
+# The flood's audio is captured at or after its KEY (audio captured before the KEY would
+# be neither cached nor sent: it belongs to the GOP before), each packet later than the
+# one before (a viewer gets audio whose capture times strictly increase: a repeat is
+# passed over, which would not fill its queue).
 TINY_KEY = client_frame(OP_BINARY, b"\x01" + (1).to_bytes(8, "big") + b"key")
+
+
+def tiny_audio(first: int, count: int) -> bytes:
+    """``count`` 9-byte AUDIO messages captured at ``first``, ``first + 1``, ..."""
+    return b"".join(
+        client_frame(OP_BINARY, b"\x04" + capture.to_bytes(8, "big"))
+        for capture in range(first, first + count)
+    )
 FULL_SPEED = ("--publisher-frames-per-second", "100000000")
 
 
@@ -80,13 +89,15 @@ def _flood(relay: RelayProcess, messages: int, *, key: bool, viewer: bool) -> di
         if key:
             publisher.sendall(TINY_KEY)
             expected += 1
-        publisher.sendall(TINY_AUDIO * 100)
+        publisher.sendall(tiny_audio(1, 100))
         wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
         time.sleep(0.3)
         publisher.settimeout(60)
         with RssSampler(relay) as sampler:
-            for _ in range(messages // BATCH):
-                publisher.sendall(TINY_AUDIO * BATCH)
+            # Built before the sampling window's sends, so the flood comes at full speed.
+            batches = [tiny_audio(101 + n * BATCH, BATCH) for n in range(messages // BATCH)]
+            for batch in batches:
+                publisher.sendall(batch)
             expected += messages
             wait_until(lambda: _entry(relay)["messages_in"] >= expected, 90, 0.1)
             time.sleep(0.3)
