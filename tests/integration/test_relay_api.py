@@ -24,11 +24,14 @@ _ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$
 def _check_entry_types(entry: dict[str, Any]) -> None:
     assert set(entry) == {
         "name", "live", "state", "viewers", "publisher", "messages_in", "bytes_in", "keyframes",
-        "dropped", "bitrate_bps", "fps", "thumbnail", "viewer_reports",
+        "dropped", "bitrate_bps", "fps", "thumbnail", "viewer_reports", "renditions",
+        "adaptive_viewers",
     }, sorted(entry)
     assert isinstance(entry["name"], str)
     assert isinstance(entry["live"], bool)
     assert entry["state"] in ("live", "available", "offline")
+    assert entry["renditions"] is None or isinstance(entry["renditions"], list)
+    assert isinstance(entry["adaptive_viewers"], int) and entry["adaptive_viewers"] >= 0
     for key in ("viewers", "messages_in", "bytes_in", "keyframes", "dropped", "bitrate_bps"):
         assert isinstance(entry[key], int) and not isinstance(entry[key], bool), key
         assert entry[key] >= 0, key
