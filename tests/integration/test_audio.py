@@ -31,7 +31,7 @@ from tests.support.raw_ws import RawWebSocket
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import write_secret
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT = 320, 240

@@ -33,7 +33,7 @@ from tests.support.tokens import write_secret
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import ws_connect
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
 GRACE = 2.0
 PUBLISHER_IDLE_TIMEOUT = 3.0

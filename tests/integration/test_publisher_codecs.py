@@ -21,7 +21,7 @@ from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import SUBPROTOCOL, text_of_type, ws_connect
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.publisher_process, pytest.mark.timeout(120)]
 
 HEADER = 9
 DECODERS = {"vp9": "vp9", "av1": "libdav1d"}

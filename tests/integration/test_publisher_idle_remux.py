@@ -29,7 +29,7 @@ from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import ws_connect
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
 NAME = "idlecam"
 

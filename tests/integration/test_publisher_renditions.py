@@ -28,7 +28,7 @@ from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import SUBPROTOCOL, ws_connect
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 RENDITIONS = "1280x720@2500k,640x360@800k,320x180@250k"

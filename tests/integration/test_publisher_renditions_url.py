@@ -26,7 +26,7 @@ from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import SUBPROTOCOL, ws_connect
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
 EXPECTED = [("cam", "240p", 320, 240), ("cam~120p", "120p", 160, 120)]
 

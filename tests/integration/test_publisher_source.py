@@ -45,6 +45,8 @@ from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import Viewer
 
+pytestmark = pytest.mark.publisher_process
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT, FPS, GOP = 320, 240, 25, 25
 

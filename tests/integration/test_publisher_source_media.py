@@ -39,7 +39,7 @@ from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import Viewer
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.publisher_process, pytest.mark.timeout(150)]
 
 FRAMES = 3 * GOP
 BEEP_FRAME = GOP  # the second keyframe: 1.0 s into the clip

@@ -21,7 +21,7 @@ from tests.support.relay_process import StartRelay
 from tests.support.tokens import make_token, write_secret
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.publisher_process, pytest.mark.timeout(120)]
 
 SECRET = b"view-secret-of-the-thumbnail-test"
 

@@ -21,7 +21,7 @@ from tests.support.relay_process import StartRelay
 from tests.support.tokens import write_secret
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.publisher_process, pytest.mark.timeout(90)]
 
 
 def test_reports_reach_the_listing_and_the_publishers_status_line(
