@@ -1,9 +1,10 @@
 """The publisher's codecs: H.264 (libx264), VP9 (libvpx-vp9) and AV1 (SVT-AV1), one interface.
 
-:func:`create_encoder` makes the encoder ``--codec`` names. VP9 and AV1 share
-:class:`_PacketEncoder`: PyAV encodes, the codec's packager (:mod:`.vp9`, :mod:`.av1`)
-turns each packet into v1 messages, with the KEY flag taken from PyAV's
-``packet.is_keyframe`` (and checked against the bitstream by the packager).
+:func:`create_encoder` makes the encoder ``--codec`` names. All three are a
+:class:`.encoder.PacketEncoder`: PyAV encodes, the codec's packager turns each packet into
+v1 messages. VP9 and AV1 share :class:`_PacketEncoder`, whose packagers (:mod:`.vp9`,
+:mod:`.av1`) take the KEY flag from PyAV's ``packet.is_keyframe`` (and check it against
+the bitstream).
 
 Both are set for live streaming as libx264 is (see :class:`.encoder.H264Encoder`): one
 packet out per frame in, at once (no lookahead, no frame reordering, no hidden alt-ref

@@ -99,12 +99,14 @@ class PacketEncoder:
 
     @property
     def codec_string(self) -> str | None:
-        """The WebCodecs codec string, known after the first keyframe."""
+        """The WebCodecs codec string (``avc1.PPCCLL`` for H.264), known after the first
+        keyframe."""
         return self._packager.codec_string
 
     @property
     def config_payload(self) -> bytes | None:
-        """The current CONFIG payload, known after the first keyframe."""
+        """The current CONFIG payload (for H.264 the Annex-B SPS+PPS), known after the
+        first keyframe."""
         return self._packager.config_payload
 
     def meta(self, **extra: Any) -> dict[str, Any] | None:
@@ -193,16 +195,6 @@ class H264Encoder(PacketEncoder):
         return self._packager.package(bytes(packet), capture_time_us)
 
     @property
-    def codec_string(self) -> str | None:
-        """``avc1.PPCCLL`` of the stream, known after the first keyframe."""
-        return self._packager.codec_string
-
-    @property
     def sps_info(self) -> SpsInfo | None:
         """The parsed SPS of the stream, known after the first keyframe."""
         return self._packager.sps_info
-
-    @property
-    def config_payload(self) -> bytes | None:
-        """The current CONFIG payload (Annex-B SPS+PPS), known after the first keyframe."""
-        return self._packager.config_payload
