@@ -79,8 +79,7 @@ def close_and_report(
     *parts: _Closeable,
 ) -> None:
     """Close a thread's ``parts`` and report its end (``outcome``, or a failure to close)
-    to ``finished`` in the reactor thread. Called last in the thread, from an except
-    clause's scope or not."""
+    to ``finished`` in the reactor thread. Called last in the thread."""
     try:
         for part in parts:
             part.close()
