@@ -33,9 +33,10 @@ from twisted.web.server import NOT_DONE_YET
 from streamrelay import wire
 from streamrelay.addresses import is_direct_loopback
 from streamrelay.auth_url import (
-    FORWARDED_HEADERS,
     AuthRequest,
     UrlAuthorizer,
+    forwarded_headers,
+    request_query,
     treq_post,
     unavailable,
 )
@@ -412,23 +413,14 @@ def _after_credentials(handshake: Handshake) -> Refusal | None:
 def auth_request(handshake: Handshake) -> AuthRequest:
     """What the user's endpoint is told about ``handshake``."""
     request = handshake.request
-    query = {
-        name.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
-        for name, values in request.args.items()
-    }
-    headers = {}
-    for name in FORWARDED_HEADERS:
-        value = request.getHeader(name)
-        if value is not None:
-            headers[name] = value
     return AuthRequest(
         role=handshake.endpoint.role.value,
         stream=handshake.stream,
         base=base_name(handshake.stream),
         client=peer_host(request.getClientAddress()),
         token=handshake.token(),
-        query=query,
-        headers=headers,
+        query=request_query(request),
+        headers=forwarded_headers(request),
     )
 
 

@@ -41,6 +41,25 @@ FORWARDED_HEADERS = ("authorization", "cookie", "origin", "user-agent")
 Post = Callable[[str, dict[str, Any], float], "Deferred[int]"]
 
 
+def request_query(request: Any) -> dict[str, list[str]]:
+    """An HTTP request's query parameters as text (undecodable bytes replaced), for
+    :attr:`AuthRequest.query`."""
+    return {
+        name.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
+        for name, values in request.args.items()
+    }
+
+
+def forwarded_headers(request: Any) -> dict[str, str]:
+    """The :data:`FORWARDED_HEADERS` an HTTP request has, for :attr:`AuthRequest.headers`."""
+    headers = {}
+    for name in FORWARDED_HEADERS:
+        value = request.getHeader(name)
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
 @dataclass(frozen=True)
 class AuthRequest:
     """What the endpoint is told about one handshake."""

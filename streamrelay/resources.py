@@ -16,7 +16,13 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from streamrelay.addresses import is_direct_loopback
-from streamrelay.auth_url import FORWARDED_HEADERS, AuthRequest, UrlAuthorizer, unavailable
+from streamrelay.auth_url import (
+    AuthRequest,
+    UrlAuthorizer,
+    forwarded_headers,
+    request_query,
+    unavailable,
+)
 from streamrelay.channel import REASONS, channel_of
 from streamrelay.context import RelayContext
 from streamrelay.limits import Refusal
@@ -268,22 +274,13 @@ class ThumbnailApi(HttpResource):
         return refusal if refusal is not None else "ask"
 
     def _auth_request(self, request: server.Request, name: str) -> AuthRequest:
-        query = {
-            key.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
-            for key, values in request.args.items()
-        }
-        headers = {}
-        for header in FORWARDED_HEADERS:
-            value = request.getHeader(header)
-            if value is not None:
-                headers[header] = value
         return AuthRequest(
             role=Role.VIEWER.value,
             stream=name,
             client=peer_host(request.getClientAddress()),
             token=_token(request),
-            query=query,
-            headers=headers,
+            query=request_query(request),
+            headers=forwarded_headers(request),
         )
 
     def _answer(self, request: server.Request, name: str, refusal: Refusal | None) -> bytes:

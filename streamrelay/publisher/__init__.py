@@ -94,6 +94,8 @@ Building blocks:
 - :mod:`.sources` (needs PyAV): test pattern, screen, file and camera sources;
 - :mod:`.pipeline` (needs PyAV): :class:`CapturePipeline`, the capture/encode thread with
   drop-at-source;
+- :mod:`.mediathread`: what the capture, source and audio threads share (start, idle
+  wait, end report);
 - :mod:`.renditions` (the ``--renditions`` list, the ``BASE~LABEL`` naming, the meta),
   :mod:`.rendition_publisher` (:class:`RenditionPublisher`) and, with PyAV,
   :mod:`.rendition_pipeline` (:class:`RenditionEncoders`, :class:`RenditionPipeline`);

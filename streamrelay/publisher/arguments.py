@@ -101,11 +101,15 @@ def parse_source_option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _positive_seconds(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
@@ -272,20 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grace_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    value = _seconds(text)
     if not 0 <= value <= 86_400:
         raise argparse.ArgumentTypeError("must be between 0 and 86400 seconds")
     return value
 
 
 def _thumbnail_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    value = _seconds(text)
     if not 0 <= value <= 3600 or (0 < value < 1):
         raise argparse.ArgumentTypeError("must be 0 (off) or from 1 to 3600 seconds")
     return value

@@ -51,10 +51,10 @@ from .audio_sources import (
 )
 from .client import Readiness
 from .idleclock import IdleClock
+from .mediathread import close_and_report, join, start_daemon, wait_while_idle
 from .sources import SourceError
 
 # How often an idle audio thread checks its sink when nothing wakes it.
-IDLE_RECHECK_SECONDS = 1.0
 
 AUDIO_KINDS = ("tone", "file", "source", "device", "none")
 
@@ -240,10 +240,7 @@ class AudioPipeline:
 
     def start(self) -> None:
         """Start the audio thread."""
-        if self._thread is not None:
-            raise RuntimeError("audio pipeline already started")
-        self._thread = threading.Thread(target=self._run, name="streamrelay-audio", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._thread, self._run, "streamrelay-audio", "audio pipeline")
 
     def stop(self) -> None:
         """Ask the audio thread to finish. Any thread."""
@@ -257,10 +254,7 @@ class AudioPipeline:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the audio thread; True if it has ended."""
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return join(self._thread, timeout)
 
     def when_finished(self) -> defer.Deferred[None]:
         """Fires in the reactor thread when the audio thread ends (errback on failure)."""
@@ -293,11 +287,7 @@ class AudioPipeline:
         clock stopped)."""
         self.stats.idle_periods += 1
         self._source.pause()
-        while not self._stop.is_set():
-            self._wake.clear()  # before the check: a wake-up after it is not lost
-            if self._sink.readiness is not Readiness.IDLE:
-                break
-            self._wake.wait(IDLE_RECHECK_SECONDS)
+        wait_while_idle(self._sink, self._stop, self._wake)
         if not self._stop.is_set():
             self._source.resume()
 
@@ -309,20 +299,7 @@ class AudioPipeline:
         except BaseException:
             outcome = Failure()
         finally:
-            try:
-                self._source.close()
-                self._encoder.close()
-            except Exception:
-                outcome = outcome or Failure()
-            self._reactor.callFromThread(self._report_finished, outcome)
-
-    def _report_finished(self, outcome: Failure | None) -> None:
-        if self._finished.called:
-            return
-        if outcome is None:
-            self._finished.callback(None)
-        else:
-            self._finished.errback(outcome)
+            close_and_report(self._reactor, self._finished, outcome, self._source, self._encoder)
 
 
 @dataclass(frozen=True, slots=True)

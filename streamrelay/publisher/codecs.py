@@ -1,9 +1,10 @@
 """The publisher's codecs: H.264 (libx264), VP9 (libvpx-vp9) and AV1 (SVT-AV1), one interface.
 
-:func:`create_encoder` makes the encoder ``--codec`` names. VP9 and AV1 share
-:class:`_PacketEncoder`: PyAV encodes, the codec's packager (:mod:`.vp9`, :mod:`.av1`)
-turns each packet into v1 messages, with the KEY flag taken from PyAV's
-``packet.is_keyframe`` (and checked against the bitstream by the packager).
+:func:`create_encoder` makes the encoder ``--codec`` names. All three are a
+:class:`.encoder.PacketEncoder`: PyAV encodes, the codec's packager turns each packet into
+v1 messages. VP9 and AV1 share :class:`_PacketEncoder`, whose packagers (:mod:`.vp9`,
+:mod:`.av1`) take the KEY flag from PyAV's ``packet.is_keyframe`` (and check it against
+the bitstream).
 
 Both are set for live streaming as libx264 is (see :class:`.encoder.H264Encoder`): one
 packet out per frame in, at once (no lookahead, no frame reordering, no hidden alt-ref
@@ -20,17 +21,15 @@ frames), a fixed GOP without scene-cut keyframes, and a forced keyframe on reque
 from __future__ import annotations
 
 import os
-import threading
-from fractions import Fraction
 from typing import Any, Final, Protocol
 
 import av
 import av.video.frame
 
-from streamrelay.wire import MediaMessage, meta_message
+from streamrelay.wire import MediaMessage
 
 from .av1 import Av1Packager
-from .encoder import EncoderSettings, H264Encoder
+from .encoder import EncoderSettings, H264Encoder, PacketEncoder
 from .vp9 import Vp9Packager
 
 CODECS: Final = ("h264", "vp9", "av1")
@@ -64,7 +63,7 @@ class VideoEncoder(Protocol):
         ...
 
 
-class _Packager(Protocol):
+class _KeyedPackager(Protocol):
     @property
     def codec_string(self) -> str | None: ...
 
@@ -74,98 +73,16 @@ class _Packager(Protocol):
     def package(self, data: bytes, key: bool, capture_time_us: int) -> list[MediaMessage]: ...
 
 
-class _PacketEncoder:
-    """A PyAV encoder whose packets a packager turns into v1 messages.
+class _PacketEncoder(PacketEncoder):
+    """An encoder whose packager takes the KEY flag from PyAV's ``packet.is_keyframe``."""
 
-    Not thread-safe, except :meth:`request_keyframe`; use one encoder from one thread.
-    """
+    _packager: _KeyedPackager
 
-    codec_name: str = ""
-
-    def __init__(self, settings: EncoderSettings) -> None:
-        self.settings = settings
-        self._keyframe_requested = threading.Event()
-        self._next_pts = 0
-        self._packager = self._make_packager(settings)
-        self._context: Any = self._open_context(settings)
-
-    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+    def _make_packager(self, settings: EncoderSettings) -> _KeyedPackager:
         raise NotImplementedError
 
-    def _options(self, settings: EncoderSettings) -> dict[str, str]:
-        raise NotImplementedError
-
-    def _open_context(self, settings: EncoderSettings) -> Any:
-        context: Any = av.CodecContext.create(self.codec_name, "w")
-        context.width = settings.width
-        context.height = settings.height
-        context.pix_fmt = "yuv420p"
-        context.time_base = Fraction(settings.fps.denominator, settings.fps.numerator)
-        context.framerate = settings.fps
-        context.bit_rate = settings.bitrate
-        context.gop_size = settings.keyframe_interval_frames
-        context.max_b_frames = 0
-        context.thread_count = settings.threads
-        context.options = self._options(settings)
-        context.open()
-        return context
-
-    @property
-    def codec_string(self) -> str | None:
-        """The WebCodecs codec string, known after the first keyframe."""
-        return self._packager.codec_string
-
-    @property
-    def config_payload(self) -> bytes | None:
-        """The current CONFIG payload, known after the first keyframe."""
-        return self._packager.config_payload
-
-    def meta(self, **extra: Any) -> dict[str, Any] | None:
-        """The ``meta`` message for this stream, once the codec string is known."""
-        codec = self.codec_string
-        if codec is None:
-            return None
-        settings = self.settings
-        return meta_message(codec, settings.width, settings.height, float(settings.fps), **extra)
-
-    def request_keyframe(self) -> None:
-        """Make the next encoded frame a keyframe (a v1 KEY). Safe to call from any thread."""
-        self._keyframe_requested.set()
-
-    def encode(
-        self, frame: av.VideoFrame, capture_time_us: int, *, force_keyframe: bool = False
-    ) -> list[MediaMessage]:
-        """Encode one picture; return its messages (CONFIG first when it changed).
-
-        ``frame`` is converted to the configured size and yuv420p when it differs.
-        """
-        settings = self.settings
-        if (frame.width, frame.height, frame.format.name) != (
-            settings.width,
-            settings.height,
-            "yuv420p",
-        ):
-            frame = frame.reformat(settings.width, settings.height, "yuv420p")
-        if self._keyframe_requested.is_set():
-            self._keyframe_requested.clear()
-            force_keyframe = True
-        # Always set: a decoded source frame still carries its own I/P type.
-        frame.pict_type = (
-            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
-        )
-        frame.pts = self._next_pts
-        frame.time_base = self._context.time_base
-        self._next_pts += 1
-        messages: list[MediaMessage] = []
-        for packet in self._context.encode(frame):
-            messages.extend(
-                self._packager.package(bytes(packet), packet.is_keyframe, capture_time_us)
-            )
-        return messages
-
-    def close(self) -> None:
-        """Release the codec context."""
-        self._context = None
+    def _package(self, packet: Any, capture_time_us: int) -> list[MediaMessage]:
+        return self._packager.package(bytes(packet), packet.is_keyframe, capture_time_us)
 
 
 class Vp9Encoder(_PacketEncoder):
@@ -173,7 +90,7 @@ class Vp9Encoder(_PacketEncoder):
 
     codec_name = VP9_ENCODER
 
-    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+    def _make_packager(self, settings: EncoderSettings) -> _KeyedPackager:
         return Vp9Packager(settings.width, settings.height, settings.fps)
 
     def _options(self, settings: EncoderSettings) -> dict[str, str]:
@@ -196,7 +113,7 @@ class Av1Encoder(_PacketEncoder):
 
     codec_name = AV1_ENCODER
 
-    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+    def _make_packager(self, settings: EncoderSettings) -> _KeyedPackager:
         return Av1Packager()
 
     def _open_context(self, settings: EncoderSettings) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Protocol
 
 import av
 import av.video.frame
@@ -46,28 +46,44 @@ class EncoderSettings:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}")
 
 
-class H264Encoder:
-    """libx264 through PyAV, producing v1 media messages (see :mod:`.h264`).
+class _Packager(Protocol):
+    @property
+    def codec_string(self) -> str | None: ...
 
-    Settings: zerolatency tune (no lookahead, no frame delay: one packet per frame, out at
-    once), no B-frames, a fixed GOP with scene-cut keyframes off (predictable cache sizes on
-    the relay), a one-second VBV so that bursts stay bounded, and in-band SPS/PPS on every
-    IDR (libx264 repeats headers when the global-header flag is not set).
+    @property
+    def config_payload(self) -> bytes | None: ...
+
+
+class PacketEncoder:
+    """A PyAV video encoder whose packets a packager turns into v1 messages; the codecs
+    (:class:`H264Encoder` here, VP9 and AV1 in :mod:`.codecs`) differ only in the codec,
+    its options and the packager.
 
     Not thread-safe, except :meth:`request_keyframe`, which any thread may call; use one
     encoder from one thread.
     """
 
+    codec_name: str = ""
+
     def __init__(self, settings: EncoderSettings) -> None:
         self.settings = settings
         self._keyframe_requested = threading.Event()
-        self._packager = H264Packager()
         self._next_pts = 0
-        self._context = self._open_context(settings)
+        self._packager = self._make_packager(settings)
+        self._context: Any = self._open_context(settings)
 
-    @staticmethod
-    def _open_context(settings: EncoderSettings) -> Any:
-        context: Any = av.CodecContext.create("libx264", "w")
+    def _make_packager(self, settings: EncoderSettings) -> _Packager:
+        raise NotImplementedError
+
+    def _options(self, settings: EncoderSettings) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _package(self, packet: Any, capture_time_us: int) -> list[MediaMessage]:
+        """The v1 messages of one encoded packet."""
+        raise NotImplementedError
+
+    def _open_context(self, settings: EncoderSettings) -> Any:
+        context: Any = av.CodecContext.create(self.codec_name, "w")
         context.width = settings.width
         context.height = settings.height
         context.pix_fmt = "yuv420p"
@@ -77,34 +93,20 @@ class H264Encoder:
         context.gop_size = settings.keyframe_interval_frames
         context.max_b_frames = 0
         context.thread_count = settings.threads
-        keyint = settings.keyframe_interval_frames
-        context.options = {
-            "preset": settings.preset,
-            "tune": "zerolatency",
-            # Set through options: PyAV's context.profile does not reach libx264.
-            "profile": settings.profile,
-            # A forced keyframe must be an IDR, else it is no v1 KEY.
-            "forced-idr": "1",
-            "maxrate": str(settings.bitrate),
-            "bufsize": str(settings.bitrate),
-            "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0",
-        }
+        context.options = self._options(settings)
         context.open()
         return context
 
     @property
     def codec_string(self) -> str | None:
-        """``avc1.PPCCLL`` of the stream, known after the first keyframe."""
+        """The WebCodecs codec string (``avc1.PPCCLL`` for H.264), known after the first
+        keyframe."""
         return self._packager.codec_string
 
     @property
-    def sps_info(self) -> SpsInfo | None:
-        """The parsed SPS of the stream, known after the first keyframe."""
-        return self._packager.sps_info
-
-    @property
     def config_payload(self) -> bytes | None:
-        """The current CONFIG payload (Annex-B SPS+PPS), known after the first keyframe."""
+        """The current CONFIG payload (for H.264 the Annex-B SPS+PPS), known after the
+        first keyframe."""
         return self._packager.config_payload
 
     def meta(self, **extra: Any) -> dict[str, Any] | None:
@@ -116,17 +118,13 @@ class H264Encoder:
         return meta_message(codec, settings.width, settings.height, float(settings.fps), **extra)
 
     def request_keyframe(self) -> None:
-        """Make the next encoded frame an IDR (a v1 KEY). Safe to call from any thread."""
+        """Make the next encoded frame a keyframe (a v1 KEY). Safe to call from any thread."""
         self._keyframe_requested.set()
 
     def encode(
-        self,
-        frame: av.VideoFrame,
-        capture_time_us: int,
-        *,
-        force_keyframe: bool = False,
+        self, frame: av.VideoFrame, capture_time_us: int, *, force_keyframe: bool = False
     ) -> list[MediaMessage]:
-        """Encode one picture; return its messages (CONFIG first when SPS/PPS changed).
+        """Encode one picture; return its messages (CONFIG first when it changed).
 
         ``frame`` is converted to the configured size and yuv420p when it differs.
         ``capture_time_us`` is the capture time that goes into the message headers.
@@ -142,7 +140,7 @@ class H264Encoder:
             self._keyframe_requested.clear()
             force_keyframe = True
         # Always set the picture type: a decoded frame (file source) still carries its
-        # source's I/P type, and libx264 would obey it.
+        # source's I/P type, and the encoder would obey it.
         frame.pict_type = (
             av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
         )
@@ -150,12 +148,53 @@ class H264Encoder:
         frame.time_base = self._context.time_base
         self._next_pts += 1
         messages: list[MediaMessage] = []
-        # zerolatency means one packet per frame, at once; keep the frame's own capture
+        # Live settings mean one packet per frame, at once; keep the frame's own capture
         # time with it even so.
         for packet in self._context.encode(frame):
-            messages.extend(self._packager.package(bytes(packet), capture_time_us))
+            messages.extend(self._package(packet, capture_time_us))
         return messages
 
     def close(self) -> None:
         """Release the codec context."""
         self._context = None
+
+
+class H264Encoder(PacketEncoder):
+    """libx264 through PyAV, producing v1 media messages (see :mod:`.h264`).
+
+    Settings: zerolatency tune (no lookahead, no frame delay: one packet per frame, out at
+    once), no B-frames, a fixed GOP with scene-cut keyframes off (predictable cache sizes on
+    the relay), a one-second VBV so that bursts stay bounded, and in-band SPS/PPS on every
+    IDR (libx264 repeats headers when the global-header flag is not set).
+
+    Not thread-safe, except :meth:`request_keyframe`, which any thread may call; use one
+    encoder from one thread.
+    """
+
+    codec_name = "libx264"
+    _packager: H264Packager
+
+    def _make_packager(self, settings: EncoderSettings) -> H264Packager:
+        return H264Packager()
+
+    def _options(self, settings: EncoderSettings) -> dict[str, str]:
+        keyint = settings.keyframe_interval_frames
+        return {
+            "preset": settings.preset,
+            "tune": "zerolatency",
+            # Set through options: PyAV's context.profile does not reach libx264.
+            "profile": settings.profile,
+            # A forced keyframe must be an IDR, else it is no v1 KEY.
+            "forced-idr": "1",
+            "maxrate": str(settings.bitrate),
+            "bufsize": str(settings.bitrate),
+            "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=0",
+        }
+
+    def _package(self, packet: Any, capture_time_us: int) -> list[MediaMessage]:
+        return self._packager.package(bytes(packet), capture_time_us)
+
+    @property
+    def sps_info(self) -> SpsInfo | None:
+        """The parsed SPS of the stream, known after the first keyframe."""
+        return self._packager.sps_info

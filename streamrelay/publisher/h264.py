@@ -104,6 +104,24 @@ def avcc_to_annexb(data: bytes, length_size: int = 4) -> bytes:
     return join_annexb(split_avcc(data, length_size))
 
 
+def read_config_units(
+    record: bytes, position: int, count: int, kind: str
+) -> tuple[list[bytes], int]:
+    """Read ``count`` NAL units, each after a 16-bit length, from a decoder configuration
+    record (``avcC``, ``hvcC``: ``kind``) at ``position``: (the units, the position after
+    them). An IndexError is left to the caller's record parser."""
+    units: list[bytes] = []
+    for _ in range(count):
+        length = int.from_bytes(record[position : position + 2], "big")
+        position += 2
+        unit = record[position : position + length]
+        if len(unit) != length:
+            raise H264Error(f"truncated {kind} record")
+        units.append(unit)
+        position += length
+    return units, position
+
+
 def avcc_config_to_parameter_sets(record: bytes) -> tuple[list[bytes], list[bytes], int]:
     """Parse an AVCDecoderConfigurationRecord (``avcC``): (SPS list, PPS list, length size)."""
     try:
@@ -114,16 +132,7 @@ def avcc_config_to_parameter_sets(record: bytes) -> tuple[list[bytes], list[byte
         parameter_sets: list[list[bytes]] = []
         for count_mask in (0x1F, 0xFF):
             count = record[position] & count_mask
-            position += 1
-            units = []
-            for _ in range(count):
-                length = int.from_bytes(record[position : position + 2], "big")
-                position += 2
-                unit = record[position : position + length]
-                if len(unit) != length:
-                    raise H264Error("truncated avcC record")
-                units.append(unit)
-                position += length
+            units, position = read_config_units(record, position + 1, count, "avcC")
             parameter_sets.append(units)
     except IndexError:
         raise H264Error("truncated avcC record") from None

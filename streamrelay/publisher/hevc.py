@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from .h264 import AnnexBPackager, H264Error, _BitReader, unescape_rbsp
+from .h264 import AnnexBPackager, H264Error, _BitReader, read_config_units, unescape_rbsp
 
 HEVC_VPS: Final = 32
 HEVC_SPS: Final = 33
@@ -42,15 +42,8 @@ def hvcc_config_to_parameter_sets(record: bytes) -> tuple[list[bytes], int]:
         for _ in range(record[22]):
             position += 1  # array_completeness, reserved, NAL_unit_type
             count = int.from_bytes(record[position : position + 2], "big")
-            position += 2
-            for _ in range(count):
-                length = int.from_bytes(record[position : position + 2], "big")
-                position += 2
-                unit = record[position : position + length]
-                if len(unit) != length:
-                    raise H264Error("truncated hvcC record")
-                units.append(unit)
-                position += length
+            array, position = read_config_units(record, position + 2, count, "hvcC")
+            units.extend(array)
     except IndexError:
         raise H264Error("truncated hvcC record") from None
     return units, length_size

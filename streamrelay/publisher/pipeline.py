@@ -32,11 +32,11 @@ from streamrelay.wire import HEADER_SIZE, MediaMessage
 from .client import Readiness
 from .codecs import VideoEncoder
 from .idleclock import IdleClock
+from .mediathread import close_and_report, join, start_daemon, wait_while_idle
 from .sources import FrameSource
 from .thumbnail import ThumbnailMaker
 
 # How often an idle capture thread checks its sink when nothing wakes it.
-IDLE_RECHECK_SECONDS = 1.0
 
 
 class MediaSink(Protocol):
@@ -114,11 +114,7 @@ class CapturePipeline:
 
     def start(self) -> None:
         """Start the capture thread."""
-        if self._thread is not None:
-            raise RuntimeError("pipeline already started")
-        # A daemon thread: a device read that blocks forever must not keep the process alive.
-        self._thread = threading.Thread(target=self._run, name="streamrelay-capture", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._thread, self._run, "streamrelay-capture", "pipeline")
 
     def stop(self) -> None:
         """Ask the capture thread to finish after the current frame. Any thread."""
@@ -128,10 +124,7 @@ class CapturePipeline:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the capture thread; True if it has ended."""
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return join(self._thread, timeout)
 
     def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe. Any thread.
@@ -204,20 +197,16 @@ class CapturePipeline:
         self.stats.idle_periods += 1
         self.idle_clock.pause()
         self._source.pause()
-        while not self._stop_requested.is_set():
-            self._wake.clear()  # before the check: a wake-up after it is not lost
-            if self._sink.readiness is not Readiness.IDLE:
-                break
-            if self._source.drain_while_paused:
-                # A listening source's pusher keeps sending: read on, send nothing.
-                self._source.read(0, 0.0)
-                self.stats.frames_offline += 1
-                continue
-            # Woken at once when the publisher turns active; the timeout is a safety net.
-            self._wake.wait(IDLE_RECHECK_SECONDS)
+        # A listening source's pusher keeps sending: read on, send nothing.
+        drain = self._drain_while_idle if self._source.drain_while_paused else None
+        wait_while_idle(self._sink, self._stop_requested, self._wake, drain)
         if not self._stop_requested.is_set():
             self._source.resume()
             self.idle_clock.resume()
+
+    def _drain_while_idle(self) -> None:
+        self._source.read(0, 0.0)
+        self.stats.frames_offline += 1
 
     def _run(self) -> None:
         interval = self._frame_interval
@@ -254,17 +243,4 @@ class CapturePipeline:
         except BaseException:
             outcome = Failure()
         finally:
-            try:
-                self._source.close()
-                self._encoder.close()
-            except Exception:
-                outcome = outcome or Failure()
-            self._reactor.callFromThread(self._report_finished, outcome)
-
-    def _report_finished(self, outcome: Failure | None) -> None:
-        if self._finished.called:
-            return
-        if outcome is None:
-            self._finished.callback(None)
-        else:
-            self._finished.errback(outcome)
+            close_and_report(self._reactor, self._finished, outcome, self._source, self._encoder)

@@ -83,6 +83,7 @@ from .client import Readiness
 from .codecs import VideoEncoder
 from .h264 import AnnexBPackager, H264Error
 from .idleclock import IdleClock
+from .mediathread import join, report_finished, start_daemon, wait_while_idle
 from .pipeline import CapturePipeline, MediaSink, PipelineStats
 from .remux_audio import SourceAudio, file_audio
 from .sources import DeviceInput, DeviceSource, FileSource, MediaInput, SourceError
@@ -110,7 +111,6 @@ IDLE_PAUSED = "idle: paused while nobody watches"
 IDLE_CLOSED = "idle: source closed while nobody watches"
 RESUMED = "; resumed, viewers start at the source's next keyframe"
 #: How often an idle source thread checks its sink when nothing wakes it.
-IDLE_RECHECK_SECONDS = 1.0
 
 
 class _Reordering(Exception):
@@ -241,11 +241,7 @@ class SourcePipeline:
 
     def start(self) -> None:
         """Start the source thread."""
-        if self._thread is not None:
-            raise RuntimeError("pipeline already started")
-        # A daemon thread: a network read that blocks forever must not keep the process up.
-        self._thread = threading.Thread(target=self._run, name="streamrelay-source", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._thread, self._run, "streamrelay-source", "pipeline")
 
     def stop(self) -> None:
         """Ask the source thread (and a transcoder) to finish. Any thread."""
@@ -258,10 +254,8 @@ class SourcePipeline:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the source thread (and a transcoder); True if they have ended."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return False
+        if not join(self._thread, timeout):
+            return False
         if self._file_audio is not None and not self._file_audio.join(timeout):
             return False
         return self._inner.join(timeout) if self._inner is not None else True
@@ -301,7 +295,7 @@ class SourcePipeline:
             outcome = Failure()
         finally:
             if not handed_over:
-                self._reactor.callFromThread(self._report_finished, outcome)
+                self._reactor.callFromThread(report_finished, self._finished, outcome)
 
     def _serve(self) -> bool:
         """Open, remux, reopen; True once a transcoder has taken the source over."""
@@ -519,7 +513,7 @@ class SourcePipeline:
             inner.start()
         else:
             inner.stop()
-            self._reactor.callFromThread(self._report_finished, None)
+            self._reactor.callFromThread(report_finished, self._finished, None)
 
     def _remux(self, container: Any, stream: Any) -> bool:
         """Remux until the source ends or a stop, counting the access units read; True
@@ -590,11 +584,7 @@ class SourcePipeline:
         if paced:
             self.idle_clock.pause()
         self.mode = IDLE_PAUSED if paced else IDLE_CLOSED
-        while not self._stop_requested.is_set():
-            self._wake.clear()  # before the check: a wake-up after it is not lost
-            if self._sink.readiness is not Readiness.IDLE:
-                break
-            self._wake.wait(IDLE_RECHECK_SECONDS)
+        wait_while_idle(self._sink, self._stop_requested, self._wake)
         if paced:
             self.idle_clock.resume()
         self._waiting_for_key = True
@@ -718,14 +708,6 @@ class SourcePipeline:
                 source=self._media.description,
                 error=error,
             )
-
-    def _report_finished(self, outcome: Failure | None) -> None:
-        if self._finished.called:
-            return
-        if outcome is None:
-            self._finished.callback(None)
-        else:
-            self._finished.errback(outcome)
 
 
 __all__ = ["REMUXING", "RemuxStats", "SourcePipeline"]
