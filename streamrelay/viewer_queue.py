@@ -356,7 +356,12 @@ class ViewerQueue(_FanOutFields):
             self.sent_messages += 1
             self.bytes_sent += message.size
             if not self._sink.write_frame(frame):
-                self._unflushed(message.size)
+                self._writes_since_resume += 1
+                self._bytes_since_resume += message.size
+                if self._paused:
+                    self._set_transport_bytes(
+                        self._transport_estimate(message.size + self._overhead)
+                    )
             return
         if self.closed:
             return
@@ -397,7 +402,12 @@ class ViewerQueue(_FanOutFields):
             self.sent_messages += 1
             self.bytes_sent += message.size
             if not self._sink.write_frame(frame):
-                self._unflushed(message.size)
+                self._writes_since_resume += 1
+                self._bytes_since_resume += message.size
+                if self._paused:
+                    self._set_transport_bytes(
+                        self._transport_estimate(message.size + self._overhead)
+                    )
             return
         if self._closed or not self._audio_open:
             # Before the first KEY there is nothing to hear it with.  After it, a queue
@@ -561,17 +571,12 @@ class ViewerQueue(_FanOutFields):
         self.bytes_sent += max(1, size - self._overhead)
         if self._sink.write_frame(frame):
             return  # all of it is in the kernel: nothing waits in the transport
-        self._unflushed(size - self._overhead)
-
-    def _unflushed(self, payload: int) -> None:
-        """A write of ``payload`` bytes left some in the transport's buffer.  (Off the
-        fast paths' common case: a write the kernel took whole never comes here.)"""
         self._writes_since_resume += 1
-        self._bytes_since_resume += payload
+        self._bytes_since_resume += size - self._overhead
         # A write that made the transport pause us sits, with up to its high-water mark
         # of earlier data, in the transport's buffer; one that did not is on its way.
         if self._paused:
-            self._set_transport_bytes(self._transport_estimate(payload + self._overhead))
+            self._set_transport_bytes(self._transport_estimate(size))
 
     def _transport_estimate(self, last_size: int) -> int:
         """Memory in a transport that just paused: its high-water mark of bytes, the last
