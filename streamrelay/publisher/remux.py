@@ -33,9 +33,10 @@ demuxed with the video. Opus passes through packet for packet; any other codec (
 is decoded and re-encoded to Opus; :attr:`SourcePipeline.mode` says which. Audio PTS
 are mapped through the video's timeline and clock, so audio and video keep their sync
 (a paced file sends audio up to :data:`AUDIO_LEAD` seconds before it is due, so that a
-file's interleaving never holds back the video). A transcoded file takes its audio from
-the file's own reader (:class:`~.audio_sources.FileAudioSource`); a transcoded live
-source carries no audio (said in the status line).
+file's interleaving never holds back the video). A transcoded live source carries its
+audio through the decoding source (:class:`~.remux_audio.AudioCarryingSource`: demuxed
+from the same container, mapped onto the decoded frames' capture times); a transcoded
+file takes its audio from the file's own reader (:class:`~.audio_sources.FileAudioSource`).
 
 Thumbnails (``thumbnails``): at most every interval, one KEY that was just handed off is
 decoded by a decoder of its own (:class:`~.thumbnail.KeyframeThumbnails`); a transcoder
@@ -85,7 +86,7 @@ from .h264 import AnnexBPackager, H264Error
 from .idleclock import IdleClock
 from .mediathread import join, report_finished, start_daemon, wait_while_idle
 from .pipeline import CapturePipeline, MediaSink, PipelineStats
-from .remux_audio import SourceAudio, file_audio
+from .remux_audio import AudioCarryingSource, SourceAudio, file_audio
 from .sources import DeviceInput, DeviceSource, FileSource, MediaInput, SourceError
 from .thumbnail import KeyframeThumbnails, ThumbnailMaker
 from .timeline import MICROSECONDS, LiveClock, MediaTimeline, PacedClock
@@ -449,7 +450,8 @@ class SourcePipeline:
         return stamp
 
     def _start_file_audio(self) -> None:
-        """A transcoded source's audio: a file's own reader; none for a live source."""
+        """A transcoded file's audio: its own reader (a live source's is carried by its
+        decoder, see _live_audio_source)."""
         if self._audio_sink is None:
             return
         self._audio = None
@@ -457,15 +459,31 @@ class SourcePipeline:
         if self._paced:
             found = file_audio(self._media.url, self._audio_sink, self._reactor)
         if found is None:
-            self._audio_mode = (
-                "no audio in the source" if self._paced else "no audio (transcoded live source)"
-            )
+            # A live source's is carried by its decoder (_live_audio_source).
+            self._audio_mode = "no audio in the source"
             self._meta_extra.pop("audio", None)
             return
         self._file_audio, self._meta_extra["audio"] = found
         self._audio_mode = "audio: transcoded to Opus"
         if not self._stop_requested.is_set():
             self._file_audio.start()
+
+    def _live_audio_source(
+        self, container: Any, description: str, reopen: DeviceInput | None
+    ) -> AudioCarryingSource | None:
+        """A transcoded live source's decoder carrying its audio (when audio is wanted
+        and the source has some); the status line and ``meta`` say so."""
+        if self._audio_sink is None or not container.streams.audio:
+            return None
+        width, height = self._frame_size
+        source = AudioCarryingSource.carrying(
+            container, width, height, description, self._audio_sink, reopen=reopen
+        )
+        assert source.audio is not None
+        self._audio_mode = source.audio.mode
+        self._meta_extra["audio"] = source.meta
+        _log.info("{source}: {mode}", source=description, mode=source.audio.mode)
+        return source
 
     def _transcode(self, container: Any, reason: str) -> None:
         """Hand the source to an encoding pipeline, which reports when it finishes."""
@@ -476,7 +494,9 @@ class SourcePipeline:
             # Closed while idle on demand and opened again on resume; not a listener,
             # whose pusher might not come back.
             reopen = DeviceInput(media.url, None, dict(media.options), (OPEN_TIMEOUT, READ_TIMEOUT))
-            source: Any = DeviceSource.from_container(
+            source: Any = self._live_audio_source(
+                container, media.description, None if media.listen else reopen
+            ) or DeviceSource.from_container(
                 container,
                 width,
                 height,

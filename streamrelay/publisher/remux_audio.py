@@ -18,8 +18,13 @@ clock as the video, so audio and video sampled together carry the same capture t
   when the source's timestamps jump by more than :data:`RESYNC_US`, or after the
   publisher was offline.
 
-A file whose video must be transcoded keeps its audio through :func:`file_audio` (the
-file's own reader, as for a captured source); a transcoded live source carries none.
+A live source whose video must be transcoded carries its audio through
+:class:`AudioCarryingSource`: the decoding source demuxes the audio packets from the same
+container as the video and hands them to a :class:`SourceAudio`, stamped through a
+:class:`~.timeline.CaptureTimeMap` (the video frames are stamped when decoded; the audio
+PTS follow the latest frame's PTS-to-capture offset). A file whose video must be
+transcoded keeps its audio through :func:`file_audio` (the file's own reader, as for a
+captured source, paced as the transcoder paces the video but not on a shared timeline).
 
 Audio goes out while the video is READY or CONGESTED (it is small, and the outbox drops
 it alone when full), never while the publisher is offline or idle on demand.
@@ -44,6 +49,8 @@ from .audio_sources import (
     file_has_audio,
 )
 from .client import Readiness
+from .sources import DeviceInput, DeviceSource
+from .timeline import MICROSECONDS, CaptureTimeMap
 
 _log = Logger()
 
@@ -163,6 +170,105 @@ class SourceAudio:
             stats.dropped += 1
 
 
+class AudioCarryingSource(DeviceSource):
+    """A live source decoded for transcoding (see :meth:`carrying`) that carries its
+    first audio track along: audio packets demuxed with the video go to a
+    :class:`SourceAudio` (a new one each time the source is opened), stamped through
+    :attr:`times`. Used from the capture thread only, as every source."""
+
+    times: CaptureTimeMap
+    #: The track being carried (None: the source, as opened last, has no usable audio).
+    audio: SourceAudio | None
+    _audio_sink: Any
+    _announced: int
+    _first_container: Any
+    _frame_pts_us: int | None
+
+    @classmethod
+    def carrying(
+        cls,
+        container: Any,
+        width: int,
+        height: int,
+        description: str,
+        sink: Any,
+        reopen: DeviceInput | None = None,
+    ) -> AudioCarryingSource:
+        """Decode the open ``container`` (as :meth:`DeviceSource.from_container`) and
+        carry its first audio track to ``sink``, which must have one (the caller checked
+        ``container.streams.audio``)."""
+        source = cls.from_container(container, width, height, description, reopen=reopen)
+        assert isinstance(source, AudioCarryingSource)
+        # The frame iterator is a generator: nothing has run before these are set.
+        source.times = CaptureTimeMap()
+        source._audio_sink = sink
+        source._frame_pts_us = None
+        source.audio = SourceAudio(container.streams.audio[0], sink)
+        source._first_container = container
+        #: The channel count the stream's ``meta`` announced (it goes out once).
+        source._announced = source.audio.channels
+        return source
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The ``audio`` member of ``meta``."""
+        return audio_meta(self._announced)
+
+    def read(self, frame_index: int, elapsed: float) -> Any:
+        """The next picture, stamped at capture; its PTS and stamp placed on
+        :attr:`times` for the audio that follows."""
+        captured = super().read(frame_index, elapsed)
+        if self._frame_pts_us is not None:
+            self.times.note_frame(self._frame_pts_us, captured.capture_time_us)
+            self._frame_pts_us = None
+        return captured
+
+    def _decode_frames(self, container: Any) -> Any:
+        return self._demux(container)
+
+    def _demux(self, container: Any) -> Any:
+        video = container.streams.video[0]
+        audio = self._audio_of(container)
+        streams = [video] if audio is None else [video, container.streams.audio[0]]
+        self.times.forget_frames()
+        for packet in container.demux(*streams):
+            if packet.stream_index != video.index:
+                if audio is not None and packet.size and packet.pts is not None:
+                    pts_us = int(packet.pts * packet.time_base * MICROSECONDS)
+                    audio.handle(packet, self.times.capture_time(pts_us))
+                continue
+            for frame in packet.decode():
+                self._frame_pts_us = (
+                    None
+                    if frame.pts is None or frame.time_base is None
+                    else int(frame.pts * frame.time_base * MICROSECONDS)
+                )
+                yield frame
+
+    def _audio_of(self, container: Any) -> SourceAudio | None:
+        """The first container's track (made for ``meta``), or a new one for a reopened
+        source: none when it has no audio or a channel count other than announced."""
+        audio = self.audio
+        if audio is not None and container is self._first_container:
+            return audio
+        self._first_container = None
+        self.audio = None
+        if not container.streams.audio:
+            _log.warn("{source}: no audio since it was reopened", source=self.description)
+            return None
+        audio = SourceAudio(container.streams.audio[0], self._audio_sink)
+        if audio.channels != self._announced:
+            _log.warn(
+                "{source}: the audio changed to {channels} channels when reopened; "
+                "it is not carried (restart the publisher)",
+                source=self.description,
+                channels=audio.channels,
+            )
+            return None
+        self.audio = audio
+        return audio
+
+
 def file_audio(path: str, sink: Any, reactor: Any) -> tuple[AudioPipeline, dict[str, Any]] | None:
     """For a file whose video is transcoded: its audio through the file's own reader
     (:class:`~.audio_sources.FileAudioSource`, paced as the transcoder paces the video),
@@ -190,4 +296,10 @@ def _codec_label(name: str) -> str:
     )
 
 
-__all__ = ["PASSED_THROUGH", "SourceAudio", "SourceAudioStats", "file_audio"]
+__all__ = [
+    "PASSED_THROUGH",
+    "AudioCarryingSource",
+    "SourceAudio",
+    "SourceAudioStats",
+    "file_audio",
+]

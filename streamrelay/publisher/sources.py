@@ -398,7 +398,12 @@ class DeviceSource(FrameSource):
                 f"cannot open {self.description}{where}: {self._scrub(error)}"
             ) from None
         stream.thread_type = "AUTO"
-        self._frames = self._container.decode(stream)
+        self._frames = self._decode_frames(self._container)
+
+    def _decode_frames(self, container: Any) -> Iterator[av.VideoFrame]:
+        """The decoded pictures of the container's first video stream (a subclass may
+        demux more, see :class:`~.remux_audio.AudioCarryingSource`)."""
+        return container.decode(container.streams.video[0])  # type: ignore[no-any-return]
 
     def _scrub(self, error: Exception) -> str:
         """An error's text without a URL source's URL (FFmpeg errors may quote it)."""
@@ -450,7 +455,7 @@ class DeviceSource(FrameSource):
         source._container = container
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        source._frames = container.decode(stream)
+        source._frames = source._decode_frames(container)
         return source
 
     def read(self, frame_index: int, elapsed: float) -> CapturedFrame:

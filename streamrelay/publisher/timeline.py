@@ -20,7 +20,11 @@ from frame to frame. Three small pieces, free of I/O (clocks are passed in):
 :class:`PacedClock`
     for a file that the publisher plays at its own rate: the time each frame is due; a
     reader that falls behind by more than ``late_after`` carries on from now rather than
-    bursting to catch up.
+    bursting to catch up;
+:class:`CaptureTimeMap`
+    for the audio of a source whose video is decoded and re-encoded (the video frames
+    are stamped when decoded): audio PTS mapped onto the capture clock through the
+    latest video frame's (PTS, capture time) pair.
 """
 
 from __future__ import annotations
@@ -153,4 +157,54 @@ class PacedClock:
         return None if self._offset_us is None else media_us + self._offset_us
 
 
-__all__ = ["LiveClock", "MediaTimeline", "PacedClock"]
+class CaptureTimeMap:
+    """Capture times for another stream's packets (the audio's) of a source whose video
+    frames are stamped at capture (decoded for transcoding): a PTS (microseconds, the
+    source's clock) is shifted by the latest video frame's (capture time - PTS), so that
+    audio and video sampled together get the same capture time, within the jitter of the
+    frames' own stamps. Results strictly increase, as the wire wants: a stamp that falls
+    back by up to ``max_clamp`` seconds (the offset shrank a little, a frame decoded
+    faster than the one before) follows the previous one by a microsecond; further back,
+    or more than ``max_gap`` seconds from the latest frame's PTS (across a discontinuity
+    the video has not reached yet), or before any frame: None.
+    """
+
+    def __init__(self, max_gap: float = 5.0, max_clamp: float = 0.1) -> None:
+        self._max_gap_us = int(max_gap * MICROSECONDS)
+        self._max_clamp_us = int(max_clamp * MICROSECONDS)
+        self._frame_pts_us: int | None = None
+        self._offset_us = 0
+        self._last_us: int | None = None
+        #: How many stamps fell back and were moved forward, and how many were refused.
+        self.clamped = 0
+        self.refused = 0
+
+    def note_frame(self, pts_us: int, capture_us: int) -> None:
+        """A video frame at ``pts_us`` was stamped ``capture_us``."""
+        self._frame_pts_us = pts_us
+        self._offset_us = capture_us - pts_us
+
+    def forget_frames(self) -> None:
+        """The source was opened again (its PTS may restart): wait for a new frame.
+        Results still increase past the ones already given."""
+        self._frame_pts_us = None
+
+    def capture_time(self, pts_us: int) -> int | None:
+        """The capture time of a packet at ``pts_us``, or None (see the class docstring)."""
+        frame_pts = self._frame_pts_us
+        if frame_pts is None or abs(pts_us - frame_pts) > self._max_gap_us:
+            self.refused += 1
+            return None
+        stamp = pts_us + self._offset_us
+        last = self._last_us
+        if last is not None and stamp <= last:
+            if last - stamp > self._max_clamp_us:
+                self.refused += 1
+                return None
+            self.clamped += 1
+            stamp = last + 1
+        self._last_us = stamp
+        return stamp
+
+
+__all__ = ["CaptureTimeMap", "LiveClock", "MediaTimeline", "PacedClock"]

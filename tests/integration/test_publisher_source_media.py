@@ -56,11 +56,12 @@ def slices(access_unit: bytes) -> list[bytes]:
 
 
 def write_av_clip(
-    path: Path, audio_codec: str, bframes: int = 0
+    path: Path, audio_codec: str, bframes: int = 0, flash: bool = False
 ) -> tuple[list[list[bytes]], list[bytes]]:
     """Write the clip (see the module docstring); (each frame's slices, the audio
     packets as muxed). Opus: 48 kHz mono; AAC: 44.1 kHz stereo (resampled by the
-    publisher). With ``bframes``, Main profile with that many B-frames."""
+    publisher). With ``bframes``, Main profile with that many B-frames. With ``flash``,
+    the beep frame is white (found after transcoding, where slices change)."""
     rate, layout = (48_000, "mono") if audio_codec == "libopus" else (44_100, "stereo")
     output = av.open(str(path), "w", format="matroska")
     video: Any = output.add_stream("libx264", rate=FPS)
@@ -115,6 +116,8 @@ def write_av_clip(
             picture = np.stack(
                 [(across + index * 7) % 256, (across * 3 + index) % 256, across % 256], axis=2
             ).astype(np.uint8)
+            if flash and index == BEEP_FRAME:
+                picture[:] = 255
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts = index
             packets = video.encode(frame)
