@@ -44,9 +44,12 @@ PICTURE_BYTES = 96_000
 
 
 @contextmanager
-def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
-    """The real publisher: test pattern with ``--audio tone``, a KEY every second."""
-    environment = dict(os.environ)
+def tone_publisher(
+    url: str, audio: str = "tone", extra_environment: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """The real publisher: test pattern with ``--audio tone`` (or ``audio``), a KEY every
+    second."""
+    environment = dict(os.environ, **(extra_environment or {}))
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
     )
@@ -68,7 +71,7 @@ def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
             "--keyframe-interval",
             "1",
             "--audio",
-            "tone",
+            audio,
             "--quiet",
         ],
         env=environment,
@@ -357,3 +360,36 @@ def test_a_viewer_too_slow_for_the_video_keeps_its_audio(start_relay: StartRelay
     assert len(audio) >= 0.9 * len(expected), (len(audio), len(expected), audio_drops)
     assert len(video) < 0.5 * (len(video) + video_drops)
     assert not any(m.is_audio for m in plain.media)
+
+
+@pytest.mark.timeout(120)
+def test_a_capture_device_is_published_as_opus(start_relay: StartRelay, tmp_path: Path) -> None:
+    """``--audio device:NAME`` through FFmpeg's ALSA input: an ALSA ``null`` device (this
+    machine has no sound card; an ALSA configuration of the test's own defines it) is
+    captured, encoded and published: the audio viewer gets ``meta.audio`` (stereo), and
+    Opus packets of 20 ms each, capture times strictly increasing, that PyAV decodes into
+    the device's silence."""
+    conf = tmp_path / "asound.conf"
+    conf.write_text("pcm.!default { type null }\npcm.null { type null }\n")
+    relay = start_relay()
+    with (
+        Collector(f"{relay.ws_url}/watch/mic?audio=1") as listener,
+        tone_publisher(
+            f"{relay.ws_url}/publish/mic", "device:null", {"ALSA_CONFIG_PATH": str(conf)}
+        ) as publisher,
+    ):
+        listener.wait_for(lambda: len(listener.audio()) >= 100, 60)
+        assert publisher.poll() is None, publisher.stderr.read() if publisher.stderr else ""
+    meta = next(text for text in listener.texts if text.get("type") == "meta")
+    assert meta["audio"] == {"codec": "opus", "sample_rate": 48_000, "channels": 2}
+    audio = listener.audio()
+    times = [m.capture_time_us for m in audio]
+    assert all(later > earlier for earlier, later in zip(times, times[1:], strict=False))
+    # (No pacing check: ALSA's null device delivers samples as fast as they are read,
+    # where a sound card delivers them in real time.)
+    decoded = decode_audio(audio, 2)
+    assert len(decoded) == len(audio)
+    assert all(len(samples) == 960 for _t, samples in decoded)  # 20 ms at 48 kHz
+    # Silence, give or take the codec's start-up ripple (the tone's quietest is > 0.05).
+    assert max(max(abs(v) for v in samples) for _t, samples in decoded) < 0.05
+
