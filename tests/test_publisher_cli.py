@@ -7,11 +7,9 @@ independent ``websockets`` library, on 127.0.0.1 with a kernel-chosen port.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +36,8 @@ from streamrelay.publisher.h264 import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, spli
 from streamrelay.publisher.sources import SourceSpec
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
 from tests.support.certs import make_certificate
+from tests.support.publisher_process import publisher_command, publisher_environment
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 TOKEN = "1999999999.feedfacecafebeef-not-for-printing"
 
 
@@ -238,18 +236,10 @@ class StandInRelay:
 def publisher_process(
     url: str, *extra: str, token: str | None = TOKEN
 ) -> Iterator[subprocess.Popen[str]]:
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
-    )
-    environment.pop("STREAMRELAY_TOKEN", None)
-    if token is not None:
-        environment["STREAMRELAY_TOKEN"] = token
+    """The real CLI publishing its test pattern to ``url`` with ``token`` in its
+    environment; its output piped; killed at the end."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamrelay.publisher",
+        publisher_command(
             url,
             "--size",
             "320x240",
@@ -263,8 +253,8 @@ def publisher_process(
             "--audio",
             "none",
             *extra,
-        ],
-        env=environment,
+        ),
+        env=publisher_environment(token),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

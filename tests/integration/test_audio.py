@@ -5,9 +5,7 @@ packets are decoded with PyAV and the beeps are timed against the flash frames."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from array import array
@@ -27,13 +25,17 @@ from streamrelay.publisher.testpattern import BEAT_FRAMES
 from streamrelay.wire import FLAG_AUDIO, MediaMessage, parse_media
 from tests.support.frames import OP_BINARY, OP_TEXT
 from tests.support.media import capture_of, media
+from tests.support.publisher_process import (
+    publisher_command,
+    publisher_environment,
+    stop_publisher,
+)
 from tests.support.raw_ws import RawWebSocket
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import write_secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT = 320, 240
 START_US = 1_800_000_000_000_000
 # The slow viewer's link, in bytes a second: a third of the video's.  (Loopback's kernel
@@ -46,16 +48,8 @@ PICTURE_BYTES = 96_000
 @contextmanager
 def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
     """The real publisher: test pattern with ``--audio tone``, a KEY every second."""
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
-    )
-    environment.pop("STREAMRELAY_TOKEN", None)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamrelay.publisher",
+        publisher_command(
             url,
             "--size",
             f"{WIDTH}x{HEIGHT}",
@@ -70,8 +64,8 @@ def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
             "--audio",
             "tone",
             "--quiet",
-        ],
-        env=environment,
+        ),
+        env=publisher_environment(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -80,12 +74,7 @@ def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_publisher(process)
 
 
 class Collector:

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +24,8 @@ import pytest
 
 from streamrelay.wire import parse_media
 from tests.support.figures import record_figure
-from tests.support.relay_api import api_streams, stream_entry
+from tests.support.publisher_process import PublisherProcesses
+from tests.support.relay_api import current_entry, entry_in_state
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.tokens import write_secret
 from tests.support.waiting import run, wait_until
@@ -53,37 +51,16 @@ def publisher_log(tmp_path: Path) -> Path:
 def start_publisher(publisher_log: Path) -> Iterator[Any]:
     """``start_publisher(url, *extra)``: ``python -m streamrelay.publisher`` as a separate
     process (the same code as ``streamrelay-publish``), stopped at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(url: str, *extra: str) -> subprocess.Popen[bytes]:
-        with open(publisher_log, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "streamrelay.publisher", "--url", url, *extra],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(publisher_log.parent),
-            )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with PublisherProcesses(publisher_log.parent) as publishers:
+        yield lambda url, *extra: publishers.start("--url", url, *extra, log=publisher_log)
 
 
 def _entry(relay: RelayProcess) -> dict[str, Any] | None:
-    return stream_entry(api_streams(relay), NAME)
+    return current_entry(relay, NAME)
 
 
 def _in_state(relay: RelayProcess, state: str) -> dict[str, Any] | None:
-    entry = _entry(relay)
-    return entry if entry is not None and entry.get("state") == state else None
+    return entry_in_state(relay, NAME, state)
 
 
 def _cpu_percent(process: psutil.Process, seconds: float) -> float:

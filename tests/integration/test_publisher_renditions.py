@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +22,17 @@ from websockets.exceptions import ConnectionClosed
 
 from streamrelay.publisher.h264 import NAL_SPS, nal_type, parse_sps, split_annexb
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, parse_media
+from tests.support.publisher_process import (
+    publisher_environment,
+    start_publisher,
+    stop_publisher,
+)
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import SUBPROTOCOL, ws_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 RENDITIONS = "1280x720@2500k,640x360@800k,320x180@250k"
 # (stream, label, width, height, bitrate), highest first: what the set must announce.
 EXPECTED = [
@@ -77,35 +79,24 @@ async def record(connection: ClientConnection, watched: Watched) -> None:
                     watched.keys.append((time.monotonic(), media.capture_time_us, media.payload))
 
 
-def start_publisher(relay: RelayProcess, log: Path) -> subprocess.Popen[bytes]:
+def start_renditions_publisher(relay: RelayProcess, log: Path) -> subprocess.Popen[bytes]:
     """The real command line, as a user runs it (stderr to ``log``)."""
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
+    return start_publisher(
+        f"{relay.ws_url}/publish/cam",
+        "--renditions",
+        RENDITIONS,
+        "--fps",
+        "15",
+        "--preset",
+        "ultrafast",
+        # A GOP longer than the test: every KEY after the first ones is a forced one.
+        "--keyframe-interval",
+        "120s",
+        log=log,
+        stdout_to_log=False,
+        append=False,
+        env=publisher_environment(),
     )
-    environment.pop("STREAMRELAY_TOKEN", None)
-    with open(log, "wb") as output:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/cam",
-                "--renditions",
-                RENDITIONS,
-                "--fps",
-                "15",
-                "--preset",
-                "ultrafast",
-                # A GOP longer than the test: every KEY after the first ones is a forced one.
-                "--keyframe-interval",
-                "120s",
-            ],
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-        )
 
 
 def sps_size(config: bytes) -> tuple[int, int]:
@@ -134,7 +125,7 @@ def test_three_renditions_are_live_aligned_and_announced(
     bitrate; their KEYs carry identical capture times, and a keyframe request from a viewer
     of one rendition yields a KEY with one and the same capture time in all three."""
     log = tmp_path / "publisher.log"
-    publisher = start_publisher(relay, log)
+    publisher = start_renditions_publisher(relay, log)
     watched = [Watched(stream) for stream, *_ in EXPECTED]
 
     async def scenario() -> float:
@@ -169,9 +160,7 @@ def test_three_renditions_are_live_aligned_and_announced(
     try:
         asked = run(scenario(), 100)
     finally:
-        if publisher.poll() is None:
-            publisher.send_signal(signal.SIGINT)
-        status = publisher.wait(20)
+        status = stop_publisher(publisher, 20, signal.SIGINT)
     output = log.read_text()
     assert status == 0, output
     assert "Traceback" not in output, output

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +16,13 @@ import pytest
 from tests.integration.test_publisher_renditions import Watched, record, sps_size
 from tests.integration.test_publisher_source import (
     GOP,
-    environment,
     free_port,
     producer_process,
+)
+from tests.support.publisher_process import (
+    publisher_environment,
+    start_publisher,
+    stop_publisher,
 )
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
@@ -39,27 +41,21 @@ def test_a_url_source_is_published_in_renditions(relay: RelayProcess, tmp_path: 
     port = free_port(socket.SOCK_DGRAM)
     url = f"udp://127.0.0.1:{port}"
     log = tmp_path / "publisher.log"
-    with open(log, "wb") as errors:
-        publisher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/cam",
-                "--renditions",
-                "320x240@400k,160x120@150k",
-                "--source",
-                url,
-                "--fps",
-                "25",
-                "--preset",
-                "ultrafast",
-            ],
-            env=environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
+    publisher = start_publisher(
+        f"{relay.ws_url}/publish/cam",
+        "--renditions",
+        "320x240@400k,160x120@150k",
+        "--source",
+        url,
+        "--fps",
+        "25",
+        "--preset",
+        "ultrafast",
+        log=log,
+        stdout_to_log=False,
+        append=False,
+        env=publisher_environment(),
+    )
     producer = producer_process(
         [f"{url}?pkt_size=1316"], "mpegts", 60 * GOP, str(tmp_path / "produced.jsonl")
     )
@@ -88,9 +84,7 @@ def test_a_url_source_is_published_in_renditions(relay: RelayProcess, tmp_path: 
     try:
         run(scenario(), 100)
     finally:
-        if publisher.poll() is None:
-            publisher.send_signal(signal.SIGINT)
-        status = publisher.wait(20)
+        status = stop_publisher(publisher, 20, signal.SIGINT)
         producer.kill()
         producer.wait()
     output = log.read_text()

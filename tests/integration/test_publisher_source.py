@@ -17,8 +17,6 @@ import asyncio
 import functools
 import http.server
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from streamrelay.publisher.h264 import (
 )
 from streamrelay.publisher.hevc import HEVC_AUD, HEVC_PPS, HEVC_SPS, HEVC_VPS, hevc_nal_type
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
+from tests.support.publisher_process import publisher_environment, running_publisher
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import Viewer
@@ -137,16 +136,10 @@ def producer_process(
     )
     arguments = {"urls": urls, "fmt": fmt, "frames": frames, "record": record, **options}
     return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(arguments)], cwd=REPOSITORY, env=environment()
+        [sys.executable, "-c", code, json.dumps(arguments)],
+        cwd=REPOSITORY,
+        env=publisher_environment(),
     )
-
-
-def environment() -> dict[str, str]:
-    """The test's environment, with this tree importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), *filter(None, [env.get("PYTHONPATH")])])
-    env.pop("STREAMRELAY_TOKEN", None)
-    return env
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -162,38 +155,23 @@ def publisher(
     relay: RelayProcess, stream: str, source: str, log: Path, *extra: str, size: str = ""
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``streamrelay-publish`` publishing ``source`` to ``relay``; stderr goes to ``log``."""
-    with open(log, "wb") as errors:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/{stream}",
-                "--source",
-                source,
-                "--size",
-                size or f"{WIDTH}x{HEIGHT}",
-                "--preset",
-                "ultrafast",
-                "--bitrate",
-                "400k",
-                *extra,
-            ],
-            env=environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-    try:
+    with running_publisher(
+        f"{relay.ws_url}/publish/{stream}",
+        "--source",
+        source,
+        "--size",
+        size or f"{WIDTH}x{HEIGHT}",
+        "--preset",
+        "ultrafast",
+        "--bitrate",
+        "400k",
+        *extra,
+        log=log,
+        stdout_to_log=False,
+        append=False,
+        env=publisher_environment(),
+    ) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def recorded(path: Path) -> list[tuple[list[bytes], bool]]:
