@@ -16,16 +16,8 @@ from pathlib import Path
 import pytest
 
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, parse_media
-from tests.integration.test_publisher_source import (
-    GOP,
-    free_port,
-    producer_process,
-)
-from tests.support.publisher_process import (
-    publisher_environment,
-    start_publisher,
-    stop_publisher,
-)
+from tests.integration.test_publisher_source import GOP, free_port, producer_process
+from tests.support.publisher_process import start_publisher, stop_publisher
 from tests.support.relay_api import entry_in_state
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
@@ -56,9 +48,7 @@ def test_a_remuxed_live_source_idles_unwatched_and_wakes_at_its_next_keyframe(
         "--on-demand-grace",
         "1",
         log=log,
-        stdout_to_log=False,
-        append=False,
-        env=publisher_environment(),
+        output="stderr",
     )
     producer = producer_process(
         [f"{url}?pkt_size=1316"], "mpegts", 90 * GOP, str(tmp_path / "produced.jsonl")

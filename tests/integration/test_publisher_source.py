@@ -167,9 +167,7 @@ def publisher(
         "400k",
         *extra,
         log=log,
-        stdout_to_log=False,
-        append=False,
-        env=publisher_environment(),
+        output="stderr",
     ) as process:
         yield process
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -37,22 +37,21 @@ def publisher_environment(token: str | None = None) -> dict[str, str]:
 def start_publisher(
     *arguments: str,
     log: Path,
-    stdout_to_log: bool = True,
-    append: bool = True,
-    env: dict[str, str] | None = None,
+    output: Literal["all", "stderr"] = "all",
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the publisher with ``arguments``; its stderr (and stdout, unless
-    ``stdout_to_log`` is false: then it is discarded) goes to ``log``, appended to or
-    truncated. ``env`` defaults to the test's own environment."""
-    with open(log, "ab" if append else "wb") as output:
+    """Start the publisher with ``arguments`` in :func:`publisher_environment`. With
+    ``output="all"`` its stdout and stderr are appended to ``log``; with ``"stderr"``
+    only its stderr is kept, in ``log`` written afresh, and its stdout is discarded."""
+    stderr_only = output == "stderr"
+    with open(log, "wb" if stderr_only else "ab") as written:
         return subprocess.Popen(
             publisher_command(*arguments),
-            env=env,
+            env=publisher_environment(),
             cwd=None if cwd is None else str(cwd),
             stdin=subprocess.DEVNULL,
-            stdout=output if stdout_to_log else subprocess.DEVNULL,
-            stderr=output if not stdout_to_log else subprocess.STDOUT,
+            stdout=subprocess.DEVNULL if stderr_only else written,
+            stderr=written if stderr_only else subprocess.STDOUT,
         )
 
 
