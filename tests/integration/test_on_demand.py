@@ -169,6 +169,30 @@ def test_on_demand_publisher_idles_unwatched_and_wakes_for_a_viewer(
     assert idle_cpu < streaming_cpu / 3, (idle_cpu, streaming_cpu)
 
 
+def _idle_publisher_behind_an_edge(
+    start_relay: StartRelay,
+    start_publisher: Any,
+    tmp_path: Path,
+    upstream_grace: str,
+    *extra: str,
+) -> tuple[RelayProcess, RelayProcess]:
+    """An origin, an edge pulling from it (``--upstream-grace``), and the on-demand
+    publisher (``extra`` on its command line) at the origin, once it has gone idle there;
+    returns the origin and the edge."""
+    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
+    origin = start_relay("--relay-secret-file", secret)
+    edge = start_relay(
+        "--relay-secret-file", secret, "--upstream", origin.ws_url,
+        "--upstream-grace", upstream_grace,
+    )
+    start_publisher(
+        f"{origin.ws_url}/publish/{NAME}",
+        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180", *extra,
+    )
+    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
+    return origin, edge
+
+
 @pytest.mark.timeout(90)
 def test_a_viewer_of_an_edge_wakes_an_idle_publisher_at_the_origin(
     start_relay: StartRelay, start_publisher: Any, tmp_path: Path
@@ -176,16 +200,7 @@ def test_a_viewer_of_an_edge_wakes_an_idle_publisher_at_the_origin(
     """The audience an idle publisher waits for includes edges' viewers: a viewer joining
     an edge (which then pulls the stream) gets CONFIG then KEY within the bound; the origin
     shows the stream live while it watches and available again after it leaves."""
-    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
-    origin = start_relay("--relay-secret-file", secret)
-    edge = start_relay(
-        "--relay-secret-file", secret, "--upstream", origin.ws_url, "--upstream-grace", "1"
-    )
-    start_publisher(
-        f"{origin.ws_url}/publish/{NAME}",
-        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180",
-    )
-    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
+    origin, edge = _idle_publisher_behind_an_edge(start_relay, start_publisher, tmp_path, "1")
 
     async def watch_through_the_edge() -> float:
         status, flags, elapsed, ws = await _first_frames(f"{edge.ws_url}/watch/{NAME}")
@@ -237,17 +252,9 @@ def test_an_edge_still_pulling_when_the_origins_publisher_idles_serves_nothing_s
     available too and lets its cached GOP go, so a viewer joining the edge later gets the
     idle status, then only pictures captured after it joined (none from before the
     idle), the first within the bound; the edge shows it live again while it watches."""
-    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
-    origin = start_relay("--relay-secret-file", secret)
-    edge = start_relay(
-        "--relay-secret-file", secret, "--upstream", origin.ws_url, "--upstream-grace", "60"
+    origin, edge = _idle_publisher_behind_an_edge(
+        start_relay, start_publisher, tmp_path, "60", "--keyframe-interval", "2"
     )
-    start_publisher(
-        f"{origin.ws_url}/publish/{NAME}",
-        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180",
-        "--keyframe-interval", "2",
-    )
-    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
     watch_url = f"{edge.ws_url}/watch/{NAME}"
 
     # A first viewer of the edge wakes the publisher and fills the edge's cache.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -84,6 +85,20 @@ async def read_frames_async(
                     return frames
     except TimeoutError:
         return []
+
+
+def drain_until(sock: socket.socket, stop: threading.Event) -> None:
+    """Read and drop what comes on ``sock`` (a relay's viewer counts, keyframe requests)
+    until ``stop`` is set or the connection ends: for a thread beside a flooding peer."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            if not sock.recv(65536):
+                return
+        except TimeoutError:
+            continue
+        except OSError:
+            return
 
 
 @dataclass

@@ -45,6 +45,13 @@ def current_entry(relay: RelayProcess, name: str) -> dict[str, Any] | None:
     return stream_entry(api_streams(relay), name)
 
 
+def listed_entry(relay: RelayProcess, name: str) -> dict[str, Any]:
+    """The relay's ``/api/streams`` entry for ``name``, which must be listed."""
+    entry = current_entry(relay, name)
+    assert entry is not None, f"{name} is not in /api/streams"
+    return entry
+
+
 def entry_in_state(relay: RelayProcess, name: str, state: str) -> dict[str, Any] | None:
     """The entry for ``name`` if its ``state`` is ``state`` ("live", "available"), else
     None: a predicate for :func:`tests.support.waiting.wait_until`."""
