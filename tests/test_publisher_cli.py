@@ -36,7 +36,11 @@ from streamrelay.publisher.h264 import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, spli
 from streamrelay.publisher.sources import SourceSpec
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
 from tests.support.certs import make_certificate
-from tests.support.publisher_process import publisher_command, publisher_environment
+from tests.support.publisher_process import (
+    light_encode,
+    publisher_command,
+    publisher_environment,
+)
 
 TOKEN = "1999999999.feedfacecafebeef-not-for-printing"
 
@@ -241,14 +245,7 @@ def publisher_process(
     process = subprocess.Popen(
         publisher_command(
             url,
-            "--size",
-            "320x240",
-            "--fps",
-            "30",
-            "--preset",
-            "ultrafast",
-            "--bitrate",
-            "500k",
+            *light_encode("320x240", 30, "500k"),
             # Video only: these tests read the stand-in relay's messages one by one.
             "--audio",
             "none",

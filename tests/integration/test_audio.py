@@ -26,6 +26,7 @@ from streamrelay.wire import FLAG_AUDIO, MediaMessage, parse_media
 from tests.support.frames import OP_BINARY, OP_TEXT
 from tests.support.media import capture_of, media
 from tests.support.publisher_process import (
+    light_encode,
     publisher_command,
     publisher_environment,
     stop_publisher,
@@ -51,14 +52,7 @@ def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         publisher_command(
             url,
-            "--size",
-            f"{WIDTH}x{HEIGHT}",
-            "--fps",
-            "30",
-            "--preset",
-            "ultrafast",
-            "--bitrate",
-            "300k",
+            *light_encode(f"{WIDTH}x{HEIGHT}", 30, "300k"),
             "--keyframe-interval",
             "1",
             "--audio",

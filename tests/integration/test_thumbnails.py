@@ -15,7 +15,7 @@ import av
 import pytest
 
 from tests.support.http import http_get
-from tests.support.publisher_process import PublisherProcesses
+from tests.support.publisher_process import PublisherProcesses, light_encode
 from tests.support.relay_api import current_entry
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import make_token, write_secret
@@ -31,8 +31,7 @@ def publisher(tmp_path: Path) -> Iterator[Any]:
     """``publisher(url, *extra)``: the real publisher process, stopped at teardown."""
     with PublisherProcesses(tmp_path) as publishers:
         yield lambda url, *extra: publishers.start(
-            url, "--quiet", "--size", "640x360", "--fps", "15", "--preset", "ultrafast",
-            "--bitrate", "500k", *extra,
+            url, "--quiet", *light_encode("640x360", 15, "500k"), *extra
         )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.frames import OP_TEXT, FrameParser, client_frame
 from tests.support.http import http_get, http_json
-from tests.support.publisher_process import running_publisher
+from tests.support.publisher_process import light_encode, running_publisher
 from tests.support.raw_ws import ws_open
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import write_secret
@@ -31,8 +31,7 @@ def test_reports_reach_the_listing_and_the_publishers_status_line(
     relay = start_relay()
     log_path = tmp_path / "publisher.log"
     with running_publisher(
-        f"{relay.ws_url}/publish/rep", "--size", "320x180", "--fps", "15",
-        "--preset", "ultrafast", "--bitrate", "300k", log=log_path,
+        f"{relay.ws_url}/publish/rep", *light_encode("320x180", 15, "300k"), log=log_path
     ):
         wait_until(
             lambda: any(s["live"] for s in http_json(relay.http_url, "/api/streams")["streams"]),
@@ -80,9 +79,8 @@ def test_an_edges_viewers_reach_the_origin_and_the_edge_serves_the_thumbnail(
     edge = start_relay("--relay-secret-file", str(secret), "--upstream", origin.ws_url)
     log_path = tmp_path / "publisher.log"
     with running_publisher(
-        f"{origin.ws_url}/publish/far", "--quiet", "--size", "320x180", "--fps", "15",
-        "--preset", "ultrafast", "--bitrate", "300k", "--thumbnail-interval", "1",
-        log=log_path,
+        f"{origin.ws_url}/publish/far", "--quiet", *light_encode("320x180", 15, "300k"),
+        "--thumbnail-interval", "1", log=log_path,
     ):
         viewer, response = ws_open(edge.port, "/watch/far")
         assert response.status == 101

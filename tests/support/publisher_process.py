@@ -21,6 +21,12 @@ def publisher_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "streamrelay.publisher", *arguments]
 
 
+def light_encode(size: str, fps: int, bitrate: str) -> list[str]:
+    """The arguments of a light test-pattern encode: ``size`` (WxH) at ``fps`` with
+    libx264's ultrafast preset at ``bitrate`` (e.g. "300k")."""
+    return ["--size", size, "--fps", str(fps), "--preset", "ultrafast", "--bitrate", bitrate]
+
+
 def publisher_environment(token: str | None = None) -> dict[str, str]:
     """The test's environment with this tree importable, and ``STREAMRELAY_TOKEN`` set to
     ``token`` (or removed: a token of the caller's shell must not reach the publisher)."""
