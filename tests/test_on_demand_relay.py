@@ -6,22 +6,16 @@ count and keyframe request for the first viewer of an idle stream."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, Peer, Relay
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
 
-
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def media(flags: int, tag: int) -> bytes:
