@@ -16,8 +16,6 @@ audio with no KEY yet                          the 64 KiB kept for the next KEY;
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from typing import Any
 
@@ -25,7 +23,7 @@ import pytest
 
 from tests.support.figures import record_figure, rounded
 from tests.support.frames import OP_BINARY, client_frame
-from tests.support.raw_ws import drain_until, ws_open
+from tests.support.raw_ws import flood_connections
 from tests.support.relay_api import MB, RssSampler, listed_entry
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.waiting import wait_until
@@ -54,17 +52,9 @@ FULL_SPEED = ("--publisher-frames-per-second", "100000000")
 
 def _flood(relay: RelayProcess, messages: int, *, key: bool, viewer: bool) -> dict[str, Any]:
     """Optionally a KEY, then ``messages`` tiny AUDIO messages, RSS sampled throughout."""
-    publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
-    assert response.status == 101, response
-    watcher = None
-    if viewer:
-        # An audio viewer with a small receive window that never reads.
-        watcher, response = ws_open(relay.port, f"/watch/{STREAM}?audio=1", rcvbuf=4096)
-        assert response.status == 101, response
-    stop = threading.Event()
-    reader = threading.Thread(target=drain_until, args=(publisher, stop), daemon=True)
-    reader.start()
-    try:
+    # With ``viewer``, an audio viewer with a small receive window that never reads.
+    watch = f"/watch/{STREAM}?audio=1" if viewer else None
+    with flood_connections(relay.port, STREAM, watch) as (publisher, _):
         expected = 100
         if key:
             publisher.sendall(TINY_KEY)
@@ -87,13 +77,6 @@ def _flood(relay: RelayProcess, messages: int, *, key: bool, viewer: bool) -> di
             "dropped": entry["dropped"],
             "rss_peak_growth_mb": rounded(sampler.peak_growth / MB, 3),
         }
-    finally:
-        stop.set()
-        for sock in (publisher, watcher):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        reader.join(2)
 
 
 def test_audio_flood_into_the_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:

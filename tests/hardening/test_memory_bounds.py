@@ -20,8 +20,6 @@ a viewer that never reads,              1.5 MiB (``--gop-cache-bytes 0``: the qu
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from typing import Any
 
@@ -32,7 +30,7 @@ from streamrelay.gop import DEFAULT_GOP_CACHE_MESSAGES
 from tests.support.figures import record_figure, rounded
 from tests.support.frames import OP_BINARY, client_frame
 from tests.support.media import KEY, media_message
-from tests.support.raw_ws import drain_until, ws_open
+from tests.support.raw_ws import flood_connections
 from tests.support.relay_api import MB, RssSampler, listed_entry
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.waiting import wait_until
@@ -59,17 +57,9 @@ def _flood(
 ) -> dict[str, Any]:
     """Publish one KEY and 100 tiny messages, measure the RSS, then flood ``messages``
     tiny messages while sampling it; returns the figures."""
-    publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
-    assert response.status == 101, response
-    viewer = None
-    if with_viewer:
-        # A small receive window, and the viewer never reads.
-        viewer, response = ws_open(relay.port, f"/watch/{STREAM}", rcvbuf=4096)
-        assert response.status == 101, response
-    stop = threading.Event()
-    reader = threading.Thread(target=drain_until, args=(publisher, stop), daemon=True)
-    reader.start()
-    try:
+    # With ``with_viewer``, a viewer with a small receive window that never reads.
+    watch = f"/watch/{STREAM}" if with_viewer else None
+    with flood_connections(relay.port, STREAM, watch) as (publisher, _):
         publisher.sendall(client_frame(OP_BINARY, media_message(0, KEY, 9)))
         publisher.sendall(TINY_FRAME * 100)
         expected = 101
@@ -97,13 +87,6 @@ def _flood(
             "rss_peak_growth_mb": rounded(sampler.peak_growth / MB, 3),
             "rss_final_growth_mb": rounded((relay.rss() - sampler.start_rss) / MB, 3),
         }
-    finally:
-        stop.set()
-        for sock in (publisher, viewer):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        reader.join(2)
 
 
 def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:
