@@ -38,8 +38,7 @@ from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
 from tests.support.certs import make_certificate
 from tests.support.publisher_process import (
     light_encode,
-    publisher_command,
-    publisher_environment,
+    start_piped_publisher,
 )
 
 TOKEN = "1999999999.feedfacecafebeef-not-for-printing"
@@ -242,20 +241,14 @@ def publisher_process(
 ) -> Iterator[subprocess.Popen[str]]:
     """The real CLI publishing its test pattern to ``url`` with ``token`` in its
     environment; its output piped; killed at the end."""
-    process = subprocess.Popen(
-        publisher_command(
-            url,
-            *light_encode("320x240", 30, "500k"),
-            # Video only: these tests read the stand-in relay's messages one by one.
-            "--audio",
-            "none",
-            *extra,
-        ),
-        env=publisher_environment(token),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_piped_publisher(
+        url,
+        *light_encode("320x240", 30, "500k"),
+        # Video only: these tests read the stand-in relay's messages one by one.
+        "--audio",
+        "none",
+        *extra,
+        token=token,
     )
     try:
         yield process

@@ -27,8 +27,7 @@ from tests.support.frames import OP_BINARY, OP_TEXT
 from tests.support.media import capture_of, media
 from tests.support.publisher_process import (
     light_encode,
-    publisher_command,
-    publisher_environment,
+    start_piped_publisher,
     stop_publisher,
 )
 from tests.support.raw_ws import RawWebSocket
@@ -49,21 +48,14 @@ PICTURE_BYTES = 96_000
 @contextmanager
 def tone_publisher(url: str) -> Iterator[subprocess.Popen[str]]:
     """The real publisher: test pattern with ``--audio tone``, a KEY every second."""
-    process = subprocess.Popen(
-        publisher_command(
-            url,
-            *light_encode(f"{WIDTH}x{HEIGHT}", 30, "300k"),
-            "--keyframe-interval",
-            "1",
-            "--audio",
-            "tone",
-            "--quiet",
-        ),
-        env=publisher_environment(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_piped_publisher(
+        url,
+        *light_encode(f"{WIDTH}x{HEIGHT}", 30, "300k"),
+        "--keyframe-interval",
+        "1",
+        "--audio",
+        "tone",
+        "--quiet",
     )
     try:
         yield process

@@ -61,6 +61,19 @@ def start_publisher(
         )
 
 
+def start_piped_publisher(*arguments: str, token: str | None = None) -> subprocess.Popen[str]:
+    """Start the publisher with ``arguments`` in :func:`publisher_environment` (with
+    ``token``), its stdout and stderr piped as text for the test to read."""
+    return subprocess.Popen(
+        publisher_command(*arguments),
+        env=publisher_environment(token),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def stop_publisher(
     process: subprocess.Popen[Any], timeout: float = 15.0, sig: int = signal.SIGTERM
 ) -> int:
