@@ -559,6 +559,23 @@ def sentinel_nodes(
     return nodes
 
 
+@contextlib.asynccontextmanager
+async def cam_of_a_watched_on_b(
+    a: RelayProcess, b: RelayProcess, limit: int
+) -> AsyncIterator[tuple[Viewer, PacedPublisher]]:
+    """A viewer of ``cam`` on ``b``, then a publisher of ``limit`` messages (50/s, a KEY
+    every 10) of ``cam`` on ``a``; both closed at the end of the block, publisher first."""
+    viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+    publisher = await PacedPublisher(
+        f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=limit
+    ).start()
+    try:
+        yield viewer, publisher
+    finally:
+        await publisher.close()
+        await viewer.close()
+
+
 @pytest.mark.timeout(60)
 def test_the_directory_through_sentinel(
     start_relay: StartRelay, redis: Redis, tmp_path: Path
@@ -651,23 +668,6 @@ def test_a_sentinel_failover_costs_seconds(
         for child in children:
             child.kill()
             child.wait()
-
-
-@contextlib.asynccontextmanager
-async def cam_of_a_watched_on_b(
-    a: RelayProcess, b: RelayProcess, limit: int
-) -> AsyncIterator[tuple[Viewer, PacedPublisher]]:
-    """A viewer of ``cam`` on ``b``, then a publisher of ``limit`` messages (50/s, a KEY
-    every 10) of ``cam`` on ``a``; both closed at the end of the block, publisher first."""
-    viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
-    publisher = await PacedPublisher(
-        f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=limit
-    ).start()
-    try:
-        yield viewer, publisher
-    finally:
-        await publisher.close()
-        await viewer.close()
 
 
 def _is_master(port: int) -> bool:
