@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.support.relay_process import RelayProcess, StartRelay, problems_report
+
+if TYPE_CHECKING:
+    from tests.fakes import LogCapture
 
 _SLOW_OR_BIG = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
@@ -30,6 +33,19 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def log() -> Iterator[LogCapture]:
+    """The relay's log events during the test (in-process relays, ``tests.fakes``): the
+    test fails if any is an unhandled error. A module applies it to every test with
+    ``pytestmark = pytest.mark.usefixtures("log")``."""
+    # Imported here: the process-level suites (integration, browser) need none of it.
+    from tests.fakes import captured_log
+
+    with captured_log() as capture:
+        yield capture
+    assert not capture.failures, capture.describe_failures()
 
 
 @pytest.fixture

@@ -114,6 +114,16 @@ def back_up(session: ViewerSession, renditions: Renditions, seconds: float) -> N
     renditions.tick(seconds)
 
 
+def stepped_down(renditions: Renditions) -> tuple[ViewerSession, FakeViewer]:
+    """A viewer whose transport was full for 2 s of frames, then drained after a KEY on
+    every rendition: it has stepped down. Returns its session and its viewer."""
+    session, viewer = renditions.watch()
+    back_up(session, renditions, 2.0)
+    renditions.frames(key=True)
+    session.queue.resume_producing()
+    return session, viewer
+
+
 def test_an_adaptive_viewer_starts_on_the_top_rendition_and_is_told() -> None:
     """``rendition`` (reason start) comes before the meta and the first CONFIG."""
     renditions = Renditions()
@@ -161,10 +171,7 @@ def test_after_headroom_the_viewer_steps_back_up_one_rendition_at_a_time() -> No
     """On the lowest rendition with nothing queued for the up hold (and no recent
     capacity measurement holding it down), the viewer steps up at the next natural KEY."""
     renditions = Renditions()
-    session, viewer = renditions.watch()
-    back_up(session, renditions, 2.0)
-    renditions.frames(key=True)
-    session.queue.resume_producing()
+    session, viewer = stepped_down(renditions)
     reached = session.stream.name
     assert reached != "cam"
     # Calm long enough for the hold and for the old measurement to expire, with a
@@ -367,10 +374,7 @@ def test_a_viewer_whose_rendition_goes_offline_moves_to_a_live_one() -> None:
     ``offline``, is moved to the nearest live rendition at once (a KEY is asked for) and
     told ``live`` again before the switch."""
     renditions = Renditions()
-    session, viewer = renditions.watch()
-    back_up(session, renditions, 2.0)
-    renditions.frames(key=True)
-    session.queue.resume_producing()
+    session, viewer = stepped_down(renditions)
     on = STREAMS.index(session.stream.name)
     assert on > 0
     renditions.publishers[on][0].close()
@@ -392,10 +396,7 @@ def test_a_step_up_on_a_long_gop_asks_for_a_key_after_half_the_switch_timeout() 
     """No natural KEY within half the switch timeout (a long GOP): the target is asked
     for one, and the switch happens when it comes."""
     renditions = Renditions()
-    session, viewer = renditions.watch()
-    back_up(session, renditions, 2.0)
-    renditions.frames(key=True)
-    session.queue.resume_producing()
+    session, viewer = stepped_down(renditions)
     low = STREAMS.index(session.stream.name)
     higher = renditions.publishers[low - 1][1]
     # Calm, no KEY at all, until the step up is decided and has waited half the timeout.

@@ -79,6 +79,14 @@ def _cache(limit: int = 1 << 20, max_messages: int = 4096) -> tuple[GopCache[Any
     return GopCache(limit, sizes.append, max_messages), sizes
 
 
+def _cache_with(*messages: MediaMessage) -> tuple[GopCache[Any], list[int]]:
+    """:func:`_cache` after ``messages`` were added to it in this order."""
+    cache, sizes = _cache()
+    for message in messages:
+        cache.add(message.info(), message.capture_time_us)
+    return cache, sizes
+
+
 def _tags(items: list[Any]) -> list[int]:
     return [message.capture_time_us for message, _frame in items]
 
@@ -86,8 +94,7 @@ def _tags(items: list[Any]) -> list[int]:
 def test_gop_cache_keeps_audio_from_the_key_in_arrival_order() -> None:
     """Audio after a KEY is cached with its GOP, interleaved in arrival order; audio of
     an older GOP goes with it; a joiner without audio gets the GOP without it."""
-    cache, _ = _cache()
-    for message in (
+    cache, _ = _cache_with(
         key_msg(10),
         audio_msg(11),
         delta_msg(12),
@@ -95,8 +102,7 @@ def test_gop_cache_keeps_audio_from_the_key_in_arrival_order() -> None:
         audio_msg(21),
         delta_msg(22),
         audio_msg(23),
-    ):
-        cache.add(message.info(), message.capture_time_us)
+    )
     assert _tags(cache.start_sequence(audio=True)) == [20, 21, 22, 23]
     assert _tags(cache.start_sequence()) == [20, 22]
 
@@ -105,8 +111,7 @@ def test_gop_cache_carries_audio_captured_after_the_key_but_sent_before_it() -> 
     """The video encoder is slower than the audio one: audio captured at or after a KEY
     that arrived before it belongs to the KEY's GOP (after the KEY, never before it);
     older audio does not."""
-    cache, _ = _cache()
-    for message in (
+    cache, _ = _cache_with(
         key_msg(10),
         audio_msg(95),
         delta_msg(90),
@@ -114,8 +119,7 @@ def test_gop_cache_carries_audio_captured_after_the_key_but_sent_before_it() -> 
         audio_msg(105),
         key_msg(100),
         audio_msg(110),
-    ):
-        cache.add(message.info(), message.capture_time_us)
+    )
     assert _tags(cache.start_sequence(audio=True)) == [100, 100, 105, 110]
     assert _tags(cache.start_sequence()) == [100]
 
@@ -123,9 +127,9 @@ def test_gop_cache_carries_audio_captured_after_the_key_but_sent_before_it() -> 
 def test_gop_cache_leaves_out_audio_captured_before_its_key_but_sent_after() -> None:
     """Audio capture buffers more than video: packets captured before a KEY may arrive
     after it; they belong to the GOP that is gone and are not cached."""
-    cache, sizes = _cache()
-    for message in (key_msg(100), audio_msg(80), audio_msg(100), delta_msg(110), audio_msg(120)):
-        cache.add(message.info(), message.capture_time_us)
+    cache, sizes = _cache_with(
+        key_msg(100), audio_msg(80), audio_msg(100), delta_msg(110), audio_msg(120)
+    )
     assert _tags(cache.start_sequence(audio=True)) == [100, 100, 110, 120]
     assert cache.backlog_bytes == sum(sizes)
 

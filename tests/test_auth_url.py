@@ -5,7 +5,6 @@ holding a handshake until the answer (tests.fakes, with the HTTP call faked)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from streamrelay.auth_url import AnswerCache, AuthRequest, UrlAuthorizer, refusa
 from streamrelay.limits import Refusal
 from streamrelay.metrics import RelayMetrics
 from streamrelay.tokens import make_token
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, Peer, Relay
 from tests.support.http import request_head, upgrade_headers
 
 SECRET = b"publish-secret-for-tests"
@@ -186,12 +185,8 @@ def post(monkeypatch: pytest.MonkeyPatch) -> FakePost:
     return fake
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def _send(relay: Relay, target: str, extra: dict[str, str] | None = None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -18,7 +17,7 @@ from streamrelay.config import RelayConfig
 from streamrelay.inbound import FRAMES_PER_TURN, VIEWER_FRAME_BURST, limits_for
 from streamrelay.roles import Role
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MAX_VIEWER_MESSAGE_BYTES, encode_media
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, LogCapture, Peer, Relay
 from tests.support.frames import (
     OP_BINARY,
     OP_CONTINUATION,
@@ -39,12 +38,8 @@ assert PUBLISHER_LIMITS is not None
 PUBLISHER_FRAME_BURST = int(PUBLISHER_LIMITS.frame_burst)
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def closes(peer: Peer) -> list[tuple[int | None, str]]:

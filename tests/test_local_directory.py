@@ -85,14 +85,23 @@ def connect_server(factory: DirectoryServerFactory) -> tuple[Any, StringTranspor
     return protocol, transport
 
 
-def test_server_broadcasts_origins_and_forgets_a_lost_worker() -> None:
-    """Worker 1 publishes: both workers hear it; worker 1's connection drops: both hear
-    the stream has no origin; a worker joining later gets the table on connect."""
+def two_workers_connected() -> tuple[
+    DirectoryServerFactory, tuple[Any, StringTransport], tuple[Any, StringTransport]
+]:
+    """A directory server with workers 1 (at T1) and 2 (at T2) connected and said hello:
+    the factory and each worker's (protocol, transport)."""
     factory = DirectoryServerFactory()
     one, one_out = connect_server(factory)
     two, two_out = connect_server(factory)
     one.lineReceived(json.dumps({"op": "hello", "worker": 1, "url": T1}).encode())
     two.lineReceived(json.dumps({"op": "hello", "worker": 2, "url": T2}).encode())
+    return factory, (one, one_out), (two, two_out)
+
+
+def test_server_broadcasts_origins_and_forgets_a_lost_worker() -> None:
+    """Worker 1 publishes: both workers hear it; worker 1's connection drops: both hear
+    the stream has no origin; a worker joining later gets the table on connect."""
+    factory, (one, one_out), (two, two_out) = two_workers_connected()
     one.lineReceived(b'{"op": "publish", "stream": "a"}')
     expected = {"op": "origin", "stream": "a", "url": "ws://127.0.0.1:1001/relay/a", "epoch": 1}
     assert lines(one_out) == [expected]
@@ -280,11 +289,7 @@ def test_no_takeover_publish_on_a_sibling_is_refused_to_that_worker_only() -> No
     """A publish with ``takeover: false`` for a stream a sibling holds is answered with
     ``refused`` to the sender alone and changes nothing; the holder itself may publish
     again, and with takeover (the default) the newer publish wins as before."""
-    factory = DirectoryServerFactory()
-    one, one_out = connect_server(factory)
-    two, two_out = connect_server(factory)
-    one.lineReceived(json.dumps({"op": "hello", "worker": 1, "url": T1}).encode())
-    two.lineReceived(json.dumps({"op": "hello", "worker": 2, "url": T2}).encode())
+    factory, (one, one_out), (two, two_out) = two_workers_connected()
     one.lineReceived(b'{"op": "publish", "stream": "a", "takeover": false}')
     lines(one_out), lines(two_out)
     two.lineReceived(b'{"op": "publish", "stream": "a", "takeover": false}')

@@ -4,7 +4,6 @@ with prometheus_client's own parsers, and checked against what the relay did."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamrelay.metrics import close_code_label
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
-from tests.fakes import LogCapture, Peer, Relay, captured_log
+from tests.fakes import Peer, Relay
 from tests.support.frames import binary_frame, close_frame
 
 HOST = "relay.test"
@@ -68,12 +67,8 @@ EXPECTED_FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -6,22 +6,16 @@ count and keyframe request for the first viewer of an idle stream."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, Peer, Relay
 from tests.support.frames import OP_PONG, binary_frame, client_frame, text_frame
 
-
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def media(flags: int, tag: int) -> bytes:
@@ -54,6 +48,18 @@ def streaming_publisher(relay: Relay) -> Peer:
 
 
 IDLE_STATUS = {"type": "status", "state": "live", "publisher": "idle"}
+
+
+def woken_by(viewer: Peer, publisher: Peer) -> None:
+    """A viewer joining an idle stream gets only the status (no minutes-old pictures);
+    the publisher is told of it and asked for a KEY, goes active and sends CONFIG (tag
+    10) and a KEY (tag 11)."""
+    assert [m.json for m in viewer.messages()] == [IDLE_STATUS]
+    to_publisher = texts(publisher)
+    assert {"type": "viewers", "count": 1} in to_publisher
+    assert {"type": "keyframe-request"} in to_publisher
+    state(publisher, "active")
+    publisher.send(binary_frame(media(FLAG_CONFIG, 10)) + binary_frame(media(FLAG_KEY, 11)))
 LIVE_STATUS = {"type": "status", "state": "live"}
 
 
@@ -75,14 +81,7 @@ def test_an_idle_publisher_makes_the_stream_available_and_a_viewer_wakes_it() ->
     assert relay.context.registry.available_count == 1
 
     viewer = relay.viewer()
-    # Only the status: no minutes-old pictures.
-    assert [m.json for m in viewer.messages()] == [IDLE_STATUS]
-    to_publisher = texts(publisher)
-    assert {"type": "viewers", "count": 1} in to_publisher
-    assert {"type": "keyframe-request"} in to_publisher
-
-    state(publisher, "active")
-    publisher.send(binary_frame(media(FLAG_CONFIG, 10)) + binary_frame(media(FLAG_KEY, 11)))
+    woken_by(viewer, publisher)
     publisher.send(binary_frame(media(0, 12)))
     assert [m.json if m.kind == "text" else m.payload for m in viewer.messages()] == [
         LIVE_STATUS, media(FLAG_CONFIG, 10), media(FLAG_KEY, 11), media(0, 12)
@@ -284,13 +283,7 @@ def test_an_edge_learns_its_origins_publisher_idles_and_drops_its_stale_gop() ->
 
     joining = edge.viewer("cam")
     net.flush()
-    assert [m.json for m in joining.messages()] == [IDLE_STATUS]
-    to_publisher = texts(publisher)
-    assert {"type": "viewers", "count": 1} in to_publisher
-    assert {"type": "keyframe-request"} in to_publisher
-
-    state(publisher, "active")
-    publisher.send(binary_frame(media(FLAG_CONFIG, 10)) + binary_frame(media(FLAG_KEY, 11)))
+    woken_by(joining, publisher)
     net.flush()
     assert seen(joining) == ["live", "C10", "K11"]
     assert entry(edge)["state"] == "live"

@@ -4,12 +4,11 @@ StreamGate and Autobahn protocols, on StringTransports and a Clock (no sockets).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, encode_media
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, Peer, Relay
 from tests.support.frames import (
     OP_BINARY,
     OP_CONTINUATION,
@@ -23,13 +22,8 @@ from tests.support.frames import (
 )
 from tests.support.http import request_head, upgrade_headers
 
-
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def media(flags: int, tag: int, payload: bytes = b"") -> bytes:

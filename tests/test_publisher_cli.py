@@ -7,11 +7,9 @@ independent ``websockets`` library, on 127.0.0.1 with a kernel-chosen port.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +36,11 @@ from streamrelay.publisher.h264 import NAL_IDR, NAL_PPS, NAL_SPS, nal_type, spli
 from streamrelay.publisher.sources import SourceSpec
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
 from tests.support.certs import make_certificate
+from tests.support.publisher_process import (
+    light_encode,
+    start_piped_publisher,
+)
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 TOKEN = "1999999999.feedfacecafebeef-not-for-printing"
 
 
@@ -238,37 +239,16 @@ class StandInRelay:
 def publisher_process(
     url: str, *extra: str, token: str | None = TOKEN
 ) -> Iterator[subprocess.Popen[str]]:
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
-    )
-    environment.pop("STREAMRELAY_TOKEN", None)
-    if token is not None:
-        environment["STREAMRELAY_TOKEN"] = token
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamrelay.publisher",
-            url,
-            "--size",
-            "320x240",
-            "--fps",
-            "30",
-            "--preset",
-            "ultrafast",
-            "--bitrate",
-            "500k",
-            # Video only: these tests read the stand-in relay's messages one by one.
-            "--audio",
-            "none",
-            *extra,
-        ],
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    """The real CLI publishing its test pattern to ``url`` with ``token`` in its
+    environment; its output piped; killed at the end."""
+    process = start_piped_publisher(
+        url,
+        *light_encode("320x240", 30, "500k"),
+        # Video only: these tests read the stand-in relay's messages one by one.
+        "--audio",
+        "none",
+        *extra,
+        token=token,
     )
     try:
         yield process

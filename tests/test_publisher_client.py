@@ -662,10 +662,9 @@ def test_threadsafe_handoff_is_bounded_and_drops_until_a_key() -> None:
     assert stamps == [0, 1, 2, 11]
 
 
-def make_pipeline(
-    sink: Any, reactor: Any, keyint: int = 1000
-) -> tuple[CapturePipeline, H264Encoder]:
-    encoder = H264Encoder(
+def small_encoder(keyint: int) -> H264Encoder:
+    """A real libx264 encoder of 160x96 at 30 fps, a KEY every ``keyint`` frames."""
+    return H264Encoder(
         EncoderSettings(
             width=160,
             height=96,
@@ -675,6 +674,12 @@ def make_pipeline(
             preset="ultrafast",
         )
     )
+
+
+def make_pipeline(
+    sink: Any, reactor: Any, keyint: int = 1000
+) -> tuple[CapturePipeline, H264Encoder]:
+    encoder = small_encoder(keyint)
     source = TestPatternSource(160, 96)
     return CapturePipeline(source, encoder, sink, reactor=reactor, fps=Fraction(30)), encoder
 

@@ -31,21 +31,15 @@ from streamrelay.publisher.vp9 import (
     vp9_level,
 )
 from streamrelay.wire import MediaMessage
+from tests.test_publisher_encoder import encoder_settings
 
 WIDTH, HEIGHT = 320, 240
 DECODERS = {"vp9": "vp9", "av1": "libdav1d"}
 
 
 def settings(**overrides: object) -> EncoderSettings:
-    values: dict[str, object] = {
-        "width": WIDTH,
-        "height": HEIGHT,
-        "fps": Fraction(30),
-        "bitrate": 400_000,
-        "keyframe_interval_frames": 10,
-    }
-    values.update(overrides)
-    return EncoderSettings(**values)  # type: ignore[arg-type]
+    """:func:`encoder_settings` at 400 kbit/s unless overridden."""
+    return encoder_settings(**{"bitrate": 400_000, **overrides})
 
 
 def encode(

@@ -25,17 +25,22 @@ from streamrelay.wire import MediaMessage
 WIDTH, HEIGHT = 320, 240
 
 
-def make_encoder(**overrides: object) -> H264Encoder:
-    settings: dict[str, object] = {
+def encoder_settings(**overrides: object) -> EncoderSettings:
+    """320x240 at 30 fps, 500 kbit/s, a KEY every 10 frames; ``overrides`` applied."""
+    values: dict[str, object] = {
         "width": WIDTH,
         "height": HEIGHT,
         "fps": Fraction(30),
         "bitrate": 500_000,
         "keyframe_interval_frames": 10,
-        "preset": "ultrafast",
     }
-    settings.update(overrides)
-    return H264Encoder(EncoderSettings(**settings))  # type: ignore[arg-type]
+    values.update(overrides)
+    return EncoderSettings(**values)  # type: ignore[arg-type]
+
+
+def make_encoder(**overrides: object) -> H264Encoder:
+    """A libx264 encoder with :func:`encoder_settings`, ultrafast unless overridden."""
+    return H264Encoder(encoder_settings(**{"preset": "ultrafast", **overrides}))
 
 
 def encode_frames(

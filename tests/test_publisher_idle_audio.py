@@ -25,12 +25,11 @@ from streamrelay.publisher.audio_sources import (
     ToneSource,
 )
 from streamrelay.publisher.client import Readiness
-from streamrelay.publisher.encoder import EncoderSettings, H264Encoder
 from streamrelay.publisher.idleclock import IdleClock
 from streamrelay.publisher.pipeline import CapturePipeline
 from streamrelay.publisher.sources import CapturedFrame, DeviceInput, FileSource
 from tests.support.waiting import wait_until
-from tests.test_publisher_client import FakeSink, ThreadedMemoryReactor
+from tests.test_publisher_client import FakeSink, ThreadedMemoryReactor, small_encoder
 
 START_US = 1_700_000_000_000_000
 CLIP_FPS = 25
@@ -160,16 +159,7 @@ def test_a_files_sound_stays_in_step_with_its_picture_across_an_idle_period(
     clock = IdleClock()
     picture = FlashProbe(clip, sink)
     sound = BeepProbe(clip, clock, sink)
-    encoder = H264Encoder(
-        EncoderSettings(
-            width=160,
-            height=96,
-            fps=Fraction(30),
-            bitrate=200_000,
-            keyframe_interval_frames=60,
-            preset="ultrafast",
-        )
-    )
+    encoder = small_encoder(60)
     video = CapturePipeline(
         picture, encoder, sink, reactor=ThreadedMemoryReactor(), fps=Fraction(30), idle_clock=clock
     )

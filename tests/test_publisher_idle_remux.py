@@ -16,6 +16,7 @@ import pytest
 from streamrelay.publisher.client import Readiness
 from streamrelay.publisher.remux import IDLE_CLOSED, IDLE_PAUSED, REMUXING, RESUMED
 from streamrelay.publisher.sources import DeviceInput, DeviceSource, MediaInput
+from tests.support.pipelines import running
 from tests.support.waiting import wait_until
 from tests.test_publisher_client import FakeSink, ThreadedMemoryReactor
 
@@ -52,8 +53,7 @@ def test_a_paced_file_pauses_where_it_is_and_resumes_at_its_next_keyframe(
     encode_to([str(clip)], "flv", 4 * GOP, str(tmp_path / "clip.jsonl"), paced=False)
     sink = FakeSink()
     pipeline = source_pipeline(MediaInput(str(clip), {}, False, False, "file:clip.flv"), sink)
-    pipeline.start()
-    try:
+    with running(pipeline):
         wait_until(lambda: len(frames(sink)) >= 5, 20)
         sink.readiness = Readiness.IDLE
         wait_until(lambda: pipeline.mode == IDLE_PAUSED, 20)
@@ -68,9 +68,6 @@ def test_a_paced_file_pauses_where_it_is_and_resumes_at_its_next_keyframe(
         after = [kind for kind, _ in sink.received[sent:] if kind in ("key", "delta")]
         assert after[0] == "key"
         assert stats.frames_captured - read <= GOP + 1  # on from where it paused
-    finally:
-        pipeline.stop()
-        assert pipeline.join(10)
     assert stats.frames_dropped == 0 and stats.frames_idle >= 1
     assert stats.idle_periods == 1 and pipeline.idle_clock.paused_seconds() >= 1.0
     assert stats.source_opens == 1  # paused, not reopened
@@ -130,12 +127,8 @@ def test_a_listening_source_is_read_on_while_idle_and_not_counted_as_drops(
     sink = FakeSink()
     sink.readiness = Readiness.IDLE
     pipeline = source_pipeline(MediaInput(str(clip), {}, True, True, "rtmp://listen"), sink)
-    pipeline.start()
-    try:
+    with running(pipeline):
         wait_until(lambda: pipeline.remux_stats.frames_idle >= 2, 20)
-    finally:
-        pipeline.stop()
-        assert pipeline.join(10)
     stats = pipeline.remux_stats
     assert stats.frames_dropped == 0 and stats.idle_periods == 0 and frames(sink) == []
 
@@ -195,16 +188,12 @@ def test_a_listening_source_is_drained_while_the_capture_thread_idles() -> None:
     pipeline = CapturePipeline(
         source, encoder, sink, reactor=ThreadedMemoryReactor(), fps=Fraction(30)
     )
-    pipeline.start()
-    try:
+    with running(pipeline):
         wait_until(lambda: source.reads >= 10, 20)
         assert source.opened and frames(sink) == []
         sink.readiness = Readiness.READY
         pipeline.request_keyframe()
         wait_until(lambda: frames(sink), 20)
         assert frames(sink)[0] == "key"
-    finally:
-        pipeline.stop()
-        assert pipeline.join(10)
     stats = pipeline.stats
     assert stats.idle_periods == 1 and stats.frames_dropped == 0 and stats.frames_offline >= 9

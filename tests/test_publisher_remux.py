@@ -38,6 +38,7 @@ from streamrelay.publisher.hevc import (
 from streamrelay.publisher.sources import SourceSpec, media_input, parse_source_spec
 from streamrelay.publisher.timeline import LiveClock, MediaTimeline, PacedClock
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY
+from tests.support.pipelines import running
 from tests.test_publisher_client import FakeSink, ThreadedMemoryReactor
 from tests.test_publisher_h264 import IDR_SLICE, P_SLICE, PPS_BASELINE, SEI, SPS_BASELINE_720P
 
@@ -384,12 +385,8 @@ def test_a_file_keeps_looping_while_the_publisher_is_offline(tmp_path: Path) -> 
         fps=Fraction(25),
         wall_clock_us=lambda: next(ticks) * 1_000_000,
     )
-    pipeline.start()
-    try:
+    with running(pipeline):
         wait_until(lambda: pipeline.remux_stats.source_opens >= 3, 30)
-    finally:
-        pipeline.stop()
-        assert pipeline.join(10)
     reactor.run_thread_calls()
     outcomes: list[object] = []
     pipeline.when_finished().addBoth(outcomes.append)

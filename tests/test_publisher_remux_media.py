@@ -18,6 +18,7 @@ from streamrelay.publisher.remux_audio import SourceAudio
 from streamrelay.publisher.thumbnail import KeyframeThumbnails, ThumbnailMaker
 from streamrelay.publisher.timeline import LiveClock, MediaTimeline, PacedClock
 from tests.integration.test_publisher_source_media import BEEP_FRAME, write_av_clip
+from tests.support.pipelines import running
 from tests.test_publisher_client import FakeSink, ThreadedMemoryReactor
 
 BASE_US = 1_700_000_000_000_000
@@ -237,12 +238,8 @@ def test_source_thread_carries_the_audio_and_makes_thumbnails(clips: dict[str, A
         # Every read is late: the file is read as fast as it goes (no waiting).
         wall_clock_us=lambda: BASE_US + next(ticks) * 1_000_000,
     )
-    pipeline.start()
-    try:
+    with running(pipeline):
         wait_until(lambda: len(sink.audio) >= len(packets) and sink.thumbnails, 30)
-    finally:
-        pipeline.stop()
-        assert pipeline.join(10)
     assert pipeline.mode.endswith("; audio: Opus passed through")
     assert pipeline.mode.startswith("remuxing H.264")
     metas = [meta for kind, meta in sink.received if kind == "meta"]

@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,19 +19,15 @@ from streamrelay.protocol import ViewerProtocol, kernel_unsent_bytes
 from streamrelay.streams import ViewerSession
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_KEY, encode_media, parse_media
-from tests.fakes import LogCapture, Relay, captured_log
+from tests.fakes import Relay
 from tests.support.frames import text_frame
 from tests.test_abr import SET
 
 VIEW_SECRET = b"view-secret-for-tests"
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def view_token(stream: str) -> str:

@@ -5,7 +5,6 @@ and ``/api/streams`` paths through the real Site and Autobahn protocols."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from streamrelay.reports import (
 from streamrelay.roles import Role
 from streamrelay.streams import VIEWER_REPORT_INTERVAL
 from streamrelay.wire import FLAG_KEY, encode_media, encode_text
-from tests.fakes import LogCapture, Relay, captured_log
+from tests.fakes import Relay
 from tests.support.frames import OP_PING, binary_frame, client_frame, text_frame
 
 GOOD: dict[str, Any] = {
@@ -42,12 +41,8 @@ GOOD: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def report(latency: float | None = 100.0, **changes: Any) -> ViewerReport:

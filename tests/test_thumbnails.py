@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from streamrelay.thumbnails import (
     decode_thumbnail,
 )
 from streamrelay.wire import FLAG_KEY, WireError, encode_media
-from tests.fakes import HOST, LogCapture, Relay, captured_log
+from tests.fakes import HOST, Relay
 from tests.support.frames import binary_frame, text_frame
 from tests.support.http import request_head, upgrade_headers
 from tests.support.tokens import make_token
@@ -32,12 +31,8 @@ SECRET = b"view-secret-for-thumbnail-tests"
 PATH = "/api/streams/cam/thumbnail.jpg"
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def message(jpeg: bytes = JPEG) -> dict[str, Any]:

@@ -4,25 +4,19 @@ a proxy, through the real Site on StringTransports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from streamrelay.addresses import forwarded_client, forwarded_hops, hop_address
-from tests.fakes import LogCapture, Relay, captured_log
+from tests.fakes import LogCapture, Relay
 
 PROXY = IPv4Address("TCP", "127.0.0.1", 40000)
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def client(values: list[bytes], trust: int, peer: object = PROXY) -> object:

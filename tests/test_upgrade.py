@@ -6,25 +6,20 @@ and which requests take the fast path at all."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from streamrelay import opening
 from streamrelay.upgrade import HeadRequest
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, Peer, Relay
 from tests.support.http import parse_response, request_head
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def head(

@@ -7,7 +7,6 @@ import io
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from streamrelay.admission import CHECKS
 from streamrelay.tokens import make_token
 from streamrelay.wire import FLAG_KEY, encode_media
-from tests.fakes import HOST, LogCapture, Peer, Relay, captured_log
+from tests.fakes import HOST, LogCapture, Peer, Relay
 from tests.support.frames import binary_frame
 from tests.support.http import request_head, upgrade_headers
 
@@ -24,12 +23,8 @@ PUBLISH_SECRET = b"publish-secret-for-tests"
 VIEW_SECRET = b"view-secret-for-tests"
 
 
-@pytest.fixture(autouse=True)
-def log() -> Iterator[LogCapture]:
-    """No test here may log an unhandled error."""
-    with captured_log() as capture:
-        yield capture
-    assert not capture.failures, capture.describe_failures()
+# No test here may log an unhandled error (the ``log`` fixture checks).
+pytestmark = pytest.mark.usefixtures("log")
 
 
 def token(role: str, stream: str = "cam", ttl: int = 3600, secret: bytes | None = None) -> str:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 
 from tests.support.ci import ci_is_set
 from tests.support.figures import artifacts_folder
+from tests.support.publisher_process import PublisherProcesses
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -155,29 +154,8 @@ def open_page(browser: Any) -> Iterator[Callable[..., tuple[Any, PageLog]]]:
 def start_publisher(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """``start_publisher(url, *extra)``: the real desktop publisher as a separate process
     (``python -m streamrelay.publisher URL --quiet``), stopped at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(url: str, *extra: str) -> subprocess.Popen[bytes]:
-        log = open(tmp_path / f"publisher-{len(started)}.log", "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamrelay.publisher", "--url", url, "--quiet", *extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(tmp_path),
-        )
-        log.close()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with PublisherProcesses(tmp_path) as publishers:
+        yield lambda url, *extra: publishers.start("--url", url, "--quiet", *extra)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import PROBE_SCRIPT
+from tests.support.browser_page import read_fields_script
 from tests.support.relay_process import StartRelay
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
@@ -29,10 +30,7 @@ AUDIO_FIELDS = (
     "state contextState packets decoded nonSilent scheduled late serverDropped "
     "decoderErrors playoutMs avOffsetMs avOffsetSamplesMs beeps"
 ).split()
-READ_AUDIO = (
-    "(fields) => { const a = window.streamrelayAudio; if (!a) return null;"
-    " const o = {}; for (const f of fields) o[f] = a[f]; return o; }"
-)
+READ_AUDIO = read_fields_script("streamrelayAudio")
 
 # Watches the painted canvas: the Date.now() of every frame whose top-left flash square
 # turned white (the test pattern's beat frames), checked at every animation frame.

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
+from tests.support.browser_page import MEAN, sample_canvas
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import wait_until
 
@@ -41,20 +42,6 @@ SUPPORTED = (
     "async (codec) => (await VideoDecoder.isConfigSupported("
     "{codec, optimizeForLatency: true})).supported"
 )
-# Luminance of the player's canvas scaled down to w x h, as a flat list.
-SAMPLE_CANVAS = """
-([w, h]) => {
-  const src = document.getElementById('video');
-  const c = document.createElement('canvas');
-  c.width = w; c.height = h;
-  const g = c.getContext('2d', { willReadFrequently: true });
-  g.drawImage(src, 0, 0, w, h);
-  const d = g.getImageData(0, 0, w, h).data;
-  const out = [];
-  for (let i = 0; i < d.length; i += 4) out.push(Math.round((d[i] + d[i + 1] + d[i + 2]) / 3));
-  return out;
-}
-"""
 
 CODEC_PREFIX = {"h264": "avc1.", "vp9": "vp09.", "av1": "av01."}
 CODEC_NAME = {"h264": "H.264", "vp9": "VP9", "av1": "AV1"}
@@ -130,7 +117,7 @@ def test_publisher_codec_plays_or_is_refused_plainly(
         assert stats["codec"] == meta_codec, stats
         assert stats["state"] == "live" and stats["decoderErrors"] == 0, stats
         assert (stats["width"], stats["height"]) == (640, 360), stats
-        sample = page.evaluate(SAMPLE_CANVAS, [64, 36])
+        sample = sample_canvas(page, 64, 36, MEAN)
         assert statistics.pstdev(sample) > 20, "canvas is flat (blank)"
         assert len(set(sample)) >= 16, f"canvas has only {len(set(sample))} grey levels"
     else:

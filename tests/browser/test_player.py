@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.browser_page import read_fields_script, sample_canvas
 from tests.support.figures import percentile
 from tests.support.relay_api import api_streams, stream_entry
 from tests.support.relay_process import RelayProcess, StartRelay
@@ -35,27 +36,8 @@ PLAYER_FIELDS = (
     "state framesReceived framesDecoded framesDropped serverDropped bytesReceived "
     "lastLatencyMs decoderErrors reconnects keyframeRequests codec width height error"
 ).split()
-READ_PLAYER = (
-    "(fields) => { const p = window.streamrelayPlayer; if (!p) return null;"
-    " const o = {}; for (const f of fields) o[f] = p[f]; return o; }"
-)
+READ_PLAYER = read_fields_script("streamrelayPlayer")
 
-# Luminance of the player's canvas scaled down to w x h, as a flat list.
-SAMPLE_CANVAS = """
-([w, h]) => {
-  const src = document.getElementById('video');
-  const c = document.createElement('canvas');
-  c.width = w; c.height = h;
-  const g = c.getContext('2d', { willReadFrequently: true });
-  g.drawImage(src, 0, 0, w, h);
-  const d = g.getImageData(0, 0, w, h).data;
-  const out = new Array(w * h);
-  for (let i = 0, j = 0; i < d.length; i += 4, j++) {
-    out[j] = Math.round(0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2]);
-  }
-  return out;
-}
-"""
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -170,10 +152,10 @@ def test_demo_plays_60_frames_within_10s_and_canvas_not_blank(
     assert (stats["width"], stats["height"]) == (1280, 720), stats
     assert stats["codec"] and stats["codec"].startswith("avc1."), stats
 
-    size = [160, 90]
-    first = page.evaluate(SAMPLE_CANVAS, size)
+    width, height = 160, 90
+    first = sample_canvas(page, width, height)
     time.sleep(1.0)
-    second = page.evaluate(SAMPLE_CANVAS, size)
+    second = sample_canvas(page, width, height)
     for sample in (first, second):
         assert statistics.pstdev(sample) > 20, "canvas is flat (blank)"
         assert len(set(sample)) >= 16, f"canvas has only {len(set(sample))} grey levels"

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.browser.test_player import SAMPLE_CANVAS, player, wait_decoding, wait_live
+from tests.browser.test_player import player, wait_decoding, wait_live
 from tests.integration.test_publisher_source import GOP, encode_to
+from tests.support.browser_page import sample_canvas
 from tests.support.relay_process import StartRelay
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(90)]
@@ -40,6 +41,6 @@ def test_remuxed_high_profile_mp4_plays_in_chromium(
     assert stats["decoderErrors"] == 0 and stats["state"] == "live", stats
     assert stats["codec"].startswith("avc1.64"), stats
     assert (stats["width"], stats["height"]) == (320, 240), stats
-    sample = page.evaluate(SAMPLE_CANVAS, [64, 48])
+    sample = sample_canvas(page, 64, 48)
     assert statistics.pstdev(sample) > 10, "canvas is flat (blank)"
     assert not log.page_errors, log.page_errors

@@ -18,7 +18,11 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.support.relay_process import StartRelay
-from tests.support.renditions import RenditionPublisher, RenditionSpec, encode_renditions
+from tests.support.renditions import (
+    THREE_RENDITIONS,
+    RenditionPublisher,
+    encode_renditions,
+)
 from tests.support.throttle import Throttle
 from tests.support.waiting import wait_until
 
@@ -27,11 +31,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 T = TypeVar("T")
 FPS = 25
 GOP = 25
-SPECS = [
-    RenditionSpec("360p", 640, 360, 1_200_000),
-    RenditionSpec("180p", 320, 180, 400_000),
-    RenditionSpec("96p", 160, 96, 120_000),
-]
+SPECS = THREE_RENDITIONS
 FIELDS = "state framesDecoded decoderErrors serverDropped rendition renditionSwitches width height"
 READ = (
     "(fields) => { const p = window.streamrelayPlayer; if (!p) return {};"

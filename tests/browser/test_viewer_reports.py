@@ -28,6 +28,7 @@ from streamrelay.publisher.testpattern import (
     GLYPH_WIDTH,
     TestPattern,
 )
+from tests.support.publisher_process import light_encode
 from tests.support.relay_api import api_streams, stream_entry
 from tests.support.relay_process import StartRelay
 from tests.support.waiting import wait_until
@@ -234,8 +235,7 @@ def test_a_publisher_that_freezes_shows_as_a_stall_in_the_reports(
     report carries it, and /api/streams sums it up; afterwards playback goes on."""
     relay = start_relay()
     process = start_publisher(
-        f"{relay.ws_url}/publish/freeze",
-        "--size", "320x180", "--fps", "30", "--preset", "ultrafast", "--bitrate", "300k",
+        f"{relay.ws_url}/publish/freeze", *light_encode("320x180", 30, "300k")
     )
     page, _ = open_page(f"{relay.http_url}/view/freeze")
     wait_until(lambda: (page.evaluate(READ_PLAYER) or {}).get("reportsSent", 0) >= 1, 40, 0.2)

@@ -16,9 +16,6 @@ audio with no KEY yet                          the 64 KiB kept for the next KEY;
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from typing import Any
 
@@ -26,8 +23,8 @@ import pytest
 
 from tests.support.figures import record_figure, rounded
 from tests.support.frames import OP_BINARY, client_frame
-from tests.support.raw_ws import ws_open
-from tests.support.relay_api import MB, RssSampler, api_streams, stream_entry
+from tests.support.raw_ws import flood_connections
+from tests.support.relay_api import MB, RssSampler, listed_entry
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.waiting import wait_until
 
@@ -53,44 +50,17 @@ def tiny_audio(first: int, count: int) -> bytes:
 FULL_SPEED = ("--publisher-frames-per-second", "100000000")
 
 
-def _drain(sock: socket.socket, stop: threading.Event) -> None:
-    """Read what the relay sends the publisher."""
-    sock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            if not sock.recv(65536):
-                return
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-
-
-def _entry(relay: RelayProcess) -> dict[str, Any]:
-    entry = stream_entry(api_streams(relay), STREAM)
-    assert entry is not None
-    return entry
-
-
 def _flood(relay: RelayProcess, messages: int, *, key: bool, viewer: bool) -> dict[str, Any]:
     """Optionally a KEY, then ``messages`` tiny AUDIO messages, RSS sampled throughout."""
-    publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
-    assert response.status == 101, response
-    watcher = None
-    if viewer:
-        # An audio viewer with a small receive window that never reads.
-        watcher, response = ws_open(relay.port, f"/watch/{STREAM}?audio=1", rcvbuf=4096)
-        assert response.status == 101, response
-    stop = threading.Event()
-    reader = threading.Thread(target=_drain, args=(publisher, stop), daemon=True)
-    reader.start()
-    try:
+    # With ``viewer``, an audio viewer with a small receive window that never reads.
+    watch = f"/watch/{STREAM}?audio=1" if viewer else None
+    with flood_connections(relay.port, STREAM, watch) as (publisher, _):
         expected = 100
         if key:
             publisher.sendall(TINY_KEY)
             expected += 1
         publisher.sendall(tiny_audio(1, 100))
-        wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
+        wait_until(lambda: listed_entry(relay, STREAM)["messages_in"] >= expected, 10)
         time.sleep(0.3)
         publisher.settimeout(60)
         with RssSampler(relay) as sampler:
@@ -99,21 +69,14 @@ def _flood(relay: RelayProcess, messages: int, *, key: bool, viewer: bool) -> di
             for batch in batches:
                 publisher.sendall(batch)
             expected += messages
-            wait_until(lambda: _entry(relay)["messages_in"] >= expected, 90, 0.1)
+            wait_until(lambda: listed_entry(relay, STREAM)["messages_in"] >= expected, 90, 0.1)
             time.sleep(0.3)
-        entry = _entry(relay)
+        entry = listed_entry(relay, STREAM)
         return {
             "messages": entry["messages_in"],
             "dropped": entry["dropped"],
             "rss_peak_growth_mb": rounded(sampler.peak_growth / MB, 3),
         }
-    finally:
-        stop.set()
-        for sock in (publisher, watcher):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        reader.join(2)
 
 
 def test_audio_flood_into_the_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:

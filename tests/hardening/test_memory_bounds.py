@@ -20,9 +20,6 @@ a viewer that never reads,              1.5 MiB (``--gop-cache-bytes 0``: the qu
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from typing import Any
 
@@ -33,8 +30,8 @@ from streamrelay.gop import DEFAULT_GOP_CACHE_MESSAGES
 from tests.support.figures import record_figure, rounded
 from tests.support.frames import OP_BINARY, client_frame
 from tests.support.media import KEY, media_message
-from tests.support.raw_ws import ws_open
-from tests.support.relay_api import MB, RssSampler, api_streams, stream_entry
+from tests.support.raw_ws import flood_connections
+from tests.support.relay_api import MB, RssSampler, listed_entry
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.waiting import wait_until
 
@@ -50,51 +47,23 @@ STREAM = "flood"
 TINY_FRAME = client_frame(OP_BINARY, b"\x00" + (1).to_bytes(8, "big"))
 
 
-def _drain(sock: socket.socket, stop: threading.Event) -> None:
-    """Read what the relay sends the publisher (viewer counts, keyframe requests)."""
-    sock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            if not sock.recv(65536):
-                return
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-
-
 # The flood sends as fast as a socket takes it, far past the publisher's default inbound
 # budget (which would close it with 1008 first: tests/hardening/test_inbound_flood.py):
 # raised here so that the memory bounds are what is measured.
 FULL_SPEED = ("--publisher-frames-per-second", "100000000")
-
-def _entry(relay: RelayProcess) -> dict[str, Any]:
-    """The flooded stream's entry in ``/api/streams``."""
-    entry = stream_entry(api_streams(relay), STREAM)
-    assert entry is not None
-    return entry
-
 
 def _flood(
     relay: RelayProcess, with_viewer: bool, messages: int = TINY_MESSAGES
 ) -> dict[str, Any]:
     """Publish one KEY and 100 tiny messages, measure the RSS, then flood ``messages``
     tiny messages while sampling it; returns the figures."""
-    publisher, response = ws_open(relay.port, f"/publish/{STREAM}")
-    assert response.status == 101, response
-    viewer = None
-    if with_viewer:
-        # A small receive window, and the viewer never reads.
-        viewer, response = ws_open(relay.port, f"/watch/{STREAM}", rcvbuf=4096)
-        assert response.status == 101, response
-    stop = threading.Event()
-    reader = threading.Thread(target=_drain, args=(publisher, stop), daemon=True)
-    reader.start()
-    try:
+    # With ``with_viewer``, a viewer with a small receive window that never reads.
+    watch = f"/watch/{STREAM}" if with_viewer else None
+    with flood_connections(relay.port, STREAM, watch) as (publisher, _):
         publisher.sendall(client_frame(OP_BINARY, media_message(0, KEY, 9)))
         publisher.sendall(TINY_FRAME * 100)
         expected = 101
-        wait_until(lambda: _entry(relay)["messages_in"] >= expected, 10)
+        wait_until(lambda: listed_entry(relay, STREAM)["messages_in"] >= expected, 10)
         time.sleep(0.3)
         # The relay reads the publisher as fast as it relays (some 30,000 tiny messages a
         # second here); a flood larger than the kernel's buffers waits on it.
@@ -105,10 +74,10 @@ def _flood(
                 publisher.sendall(TINY_FRAME * BATCH)
             sent_after = time.monotonic() - started
             expected += messages
-            wait_until(lambda: _entry(relay)["messages_in"] >= expected, 60, 0.1)
+            wait_until(lambda: listed_entry(relay, STREAM)["messages_in"] >= expected, 60, 0.1)
             relayed_after = time.monotonic() - started
             time.sleep(0.3)
-        entry = _entry(relay)
+        entry = listed_entry(relay, STREAM)
         return {
             "messages": entry["messages_in"],
             "dropped": entry["dropped"],
@@ -118,13 +87,6 @@ def _flood(
             "rss_peak_growth_mb": rounded(sampler.peak_growth / MB, 3),
             "rss_final_growth_mb": rounded((relay.rss() - sampler.start_rss) / MB, 3),
         }
-    finally:
-        stop.set()
-        for sock in (publisher, viewer):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        reader.join(2)
 
 
 def test_tiny_flood_into_a_small_gop_cache_stays_within_its_bound(start_relay: StartRelay) -> None:

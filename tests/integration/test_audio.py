@@ -5,9 +5,7 @@ packets are decoded with PyAV and the beeps are timed against the flash frames."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from array import array
@@ -27,13 +25,17 @@ from streamrelay.publisher.testpattern import BEAT_FRAMES
 from streamrelay.wire import FLAG_AUDIO, MediaMessage, parse_media
 from tests.support.frames import OP_BINARY, OP_TEXT
 from tests.support.media import capture_of, media
+from tests.support.publisher_process import (
+    light_encode,
+    start_piped_publisher,
+    stop_publisher,
+)
 from tests.support.raw_ws import RawWebSocket
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import write_secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 WIDTH, HEIGHT = 320, 240
 START_US = 1_800_000_000_000_000
 # The slow viewer's link, in bytes a second: a third of the video's.  (Loopback's kernel
@@ -44,51 +46,22 @@ PICTURE_BYTES = 96_000
 
 
 @contextmanager
-def tone_publisher(
-    url: str, audio: str = "tone", extra_environment: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[str]]:
+def tone_publisher(url: str, audio: str = "tone") -> Iterator[subprocess.Popen[str]]:
     """The real publisher: test pattern with ``--audio tone`` (or ``audio``), a KEY every
     second."""
-    environment = dict(os.environ, **(extra_environment or {}))
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
-    )
-    environment.pop("STREAMRELAY_TOKEN", None)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamrelay.publisher",
-            url,
-            "--size",
-            f"{WIDTH}x{HEIGHT}",
-            "--fps",
-            "30",
-            "--preset",
-            "ultrafast",
-            "--bitrate",
-            "300k",
-            "--keyframe-interval",
-            "1",
-            "--audio",
-            audio,
-            "--quiet",
-        ],
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_piped_publisher(
+        url,
+        *light_encode(f"{WIDTH}x{HEIGHT}", 30, "300k"),
+        "--keyframe-interval",
+        "1",
+        "--audio",
+        audio,
+        "--quiet",
     )
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_publisher(process)
 
 
 class Collector:
@@ -363,7 +336,9 @@ def test_a_viewer_too_slow_for_the_video_keeps_its_audio(start_relay: StartRelay
 
 
 @pytest.mark.timeout(120)
-def test_a_capture_device_is_published_as_opus(start_relay: StartRelay, tmp_path: Path) -> None:
+def test_a_capture_device_is_published_as_opus(
+    start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--audio device:NAME`` through FFmpeg's ALSA input: an ALSA ``null`` device (this
     machine has no sound card; an ALSA configuration of the test's own defines it) is
     captured, encoded and published: the audio viewer gets ``meta.audio`` (stereo), and
@@ -371,12 +346,11 @@ def test_a_capture_device_is_published_as_opus(start_relay: StartRelay, tmp_path
     the device's silence."""
     conf = tmp_path / "asound.conf"
     conf.write_text("pcm.!default { type null }\npcm.null { type null }\n")
+    monkeypatch.setenv("ALSA_CONFIG_PATH", str(conf))  # the publisher inherits it
     relay = start_relay()
     with (
         Collector(f"{relay.ws_url}/watch/mic?audio=1") as listener,
-        tone_publisher(
-            f"{relay.ws_url}/publish/mic", "device:null", {"ALSA_CONFIG_PATH": str(conf)}
-        ) as publisher,
+        tone_publisher(f"{relay.ws_url}/publish/mic", "device:null") as publisher,
     ):
         listener.wait_for(lambda: len(listener.audio()) >= 100, 60)
         assert publisher.poll() is None, publisher.stderr.read() if publisher.stderr else ""

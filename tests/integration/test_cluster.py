@@ -5,6 +5,7 @@ nodes, an origin crash, a Redis crash."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -558,6 +559,23 @@ def sentinel_nodes(
     return nodes
 
 
+@contextlib.asynccontextmanager
+async def cam_of_a_watched_on_b(
+    a: RelayProcess, b: RelayProcess, limit: int
+) -> AsyncIterator[tuple[Viewer, PacedPublisher]]:
+    """A viewer of ``cam`` on ``b``, then a publisher of ``limit`` messages (50/s, a KEY
+    every 10) of ``cam`` on ``a``; both closed at the end of the block, publisher first."""
+    viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
+    publisher = await PacedPublisher(
+        f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=limit
+    ).start()
+    try:
+        yield viewer, publisher
+    finally:
+        await publisher.close()
+        await viewer.close()
+
+
 @pytest.mark.timeout(60)
 def test_the_directory_through_sentinel(
     start_relay: StartRelay, redis: Redis, tmp_path: Path
@@ -569,17 +587,10 @@ def test_the_directory_through_sentinel(
         a, b = sentinel_nodes(start_relay, port, tmp_path)
 
         async def scenario() -> None:
-            viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
-            publisher = await PacedPublisher(
-                f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=100
-            ).start()
-            try:
+            async with cam_of_a_watched_on_b(a, b, 100) as (viewer, publisher):
                 await asyncio.wait_for(publisher.done.wait(), 10)
                 await until(partial(has_at_least, viewer, 100), 10, "every message on B")
                 assert viewer.sequences() == list(range(100))
-            finally:
-                await publisher.close()
-                await viewer.close()
 
         run(scenario(), 40)
     finally:
@@ -625,35 +636,30 @@ def test_a_sentinel_failover_costs_seconds(
         a, b = sentinel_nodes(start_relay, sentinel_port, tmp_path)
 
         async def scenario() -> None:
-            viewer = await Viewer(f"{b.ws_url}/watch/cam").start()
-            publisher = await PacedPublisher(
-                f"{a.ws_url}/publish/cam", rate=50, gop=10, limit=800
-            ).start()
             later: list[Any] = []
             try:
-                await until(partial(has_at_least, viewer, 50), 15, "A's stream on B")
-                redis.kill()
-                # The Sentinel needs down-after (1 s) plus an election to promote.
-                await until(
-                    lambda: any(
-                        key.endswith(b.ws_url)
-                        for key in keys_on(replica_port, "streamrelay:*:node:*")
-                    ) and _is_master(replica_port),
-                    20, "the nodes registered on the promoted replica",
-                )
-                second = await PacedPublisher(
-                    f"{b.ws_url}/publish/after", rate=50, gop=10, limit=50
-                ).start()
-                later.append(second)
-                other = await Viewer(f"{a.ws_url}/watch/after").start()
-                later.append(other)
-                await until(partial(has_at_least, other, 50), 15, "a stream published after")
-                await asyncio.wait_for(publisher.done.wait(), 30)
-                await until(partial(has_at_least, viewer, 800), 10, "every message on B")
-                assert viewer.sequences() == list(range(800))
+                async with cam_of_a_watched_on_b(a, b, 800) as (viewer, publisher):
+                    await until(partial(has_at_least, viewer, 50), 15, "A's stream on B")
+                    redis.kill()
+                    # The Sentinel needs down-after (1 s) plus an election to promote.
+                    await until(
+                        lambda: any(
+                            key.endswith(b.ws_url)
+                            for key in keys_on(replica_port, "streamrelay:*:node:*")
+                        ) and _is_master(replica_port),
+                        20, "the nodes registered on the promoted replica",
+                    )
+                    second = await PacedPublisher(
+                        f"{b.ws_url}/publish/after", rate=50, gop=10, limit=50
+                    ).start()
+                    later.append(second)
+                    other = await Viewer(f"{a.ws_url}/watch/after").start()
+                    later.append(other)
+                    await until(partial(has_at_least, other, 50), 15, "a stream published after")
+                    await asyncio.wait_for(publisher.done.wait(), 30)
+                    await until(partial(has_at_least, viewer, 800), 10, "every message on B")
+                    assert viewer.sequences() == list(range(800))
             finally:
-                await publisher.close()
-                await viewer.close()
                 for item in later:
                     await item.close()
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +24,8 @@ import pytest
 
 from streamrelay.wire import parse_media
 from tests.support.figures import record_figure
-from tests.support.relay_api import api_streams, stream_entry
+from tests.support.publisher_process import PublisherProcesses
+from tests.support.relay_api import current_entry, entry_in_state
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.tokens import write_secret
 from tests.support.waiting import run, wait_until
@@ -53,37 +51,16 @@ def publisher_log(tmp_path: Path) -> Path:
 def start_publisher(publisher_log: Path) -> Iterator[Any]:
     """``start_publisher(url, *extra)``: ``python -m streamrelay.publisher`` as a separate
     process (the same code as ``streamrelay-publish``), stopped at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(url: str, *extra: str) -> subprocess.Popen[bytes]:
-        with open(publisher_log, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "streamrelay.publisher", "--url", url, *extra],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(publisher_log.parent),
-            )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with PublisherProcesses(publisher_log.parent) as publishers:
+        yield lambda url, *extra: publishers.start("--url", url, *extra, log=publisher_log)
 
 
 def _entry(relay: RelayProcess) -> dict[str, Any] | None:
-    return stream_entry(api_streams(relay), NAME)
+    return current_entry(relay, NAME)
 
 
 def _in_state(relay: RelayProcess, state: str) -> dict[str, Any] | None:
-    entry = _entry(relay)
-    return entry if entry is not None and entry.get("state") == state else None
+    return entry_in_state(relay, NAME, state)
 
 
 def _cpu_percent(process: psutil.Process, seconds: float) -> float:
@@ -192,6 +169,30 @@ def test_on_demand_publisher_idles_unwatched_and_wakes_for_a_viewer(
     assert idle_cpu < streaming_cpu / 3, (idle_cpu, streaming_cpu)
 
 
+def _idle_publisher_behind_an_edge(
+    start_relay: StartRelay,
+    start_publisher: Any,
+    tmp_path: Path,
+    upstream_grace: str,
+    *extra: str,
+) -> tuple[RelayProcess, RelayProcess]:
+    """An origin, an edge pulling from it (``--upstream-grace``), and the on-demand
+    publisher (``extra`` on its command line) at the origin, once it has gone idle there;
+    returns the origin and the edge."""
+    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
+    origin = start_relay("--relay-secret-file", secret)
+    edge = start_relay(
+        "--relay-secret-file", secret, "--upstream", origin.ws_url,
+        "--upstream-grace", upstream_grace,
+    )
+    start_publisher(
+        f"{origin.ws_url}/publish/{NAME}",
+        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180", *extra,
+    )
+    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
+    return origin, edge
+
+
 @pytest.mark.timeout(90)
 def test_a_viewer_of_an_edge_wakes_an_idle_publisher_at_the_origin(
     start_relay: StartRelay, start_publisher: Any, tmp_path: Path
@@ -199,16 +200,7 @@ def test_a_viewer_of_an_edge_wakes_an_idle_publisher_at_the_origin(
     """The audience an idle publisher waits for includes edges' viewers: a viewer joining
     an edge (which then pulls the stream) gets CONFIG then KEY within the bound; the origin
     shows the stream live while it watches and available again after it leaves."""
-    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
-    origin = start_relay("--relay-secret-file", secret)
-    edge = start_relay(
-        "--relay-secret-file", secret, "--upstream", origin.ws_url, "--upstream-grace", "1"
-    )
-    start_publisher(
-        f"{origin.ws_url}/publish/{NAME}",
-        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180",
-    )
-    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
+    origin, edge = _idle_publisher_behind_an_edge(start_relay, start_publisher, tmp_path, "1")
 
     async def watch_through_the_edge() -> float:
         status, flags, elapsed, ws = await _first_frames(f"{edge.ws_url}/watch/{NAME}")
@@ -260,17 +252,9 @@ def test_an_edge_still_pulling_when_the_origins_publisher_idles_serves_nothing_s
     available too and lets its cached GOP go, so a viewer joining the edge later gets the
     idle status, then only pictures captured after it joined (none from before the
     idle), the first within the bound; the edge shows it live again while it watches."""
-    secret = str(write_secret(tmp_path, "relay.key", b"on-demand-chain-secret"))
-    origin = start_relay("--relay-secret-file", secret)
-    edge = start_relay(
-        "--relay-secret-file", secret, "--upstream", origin.ws_url, "--upstream-grace", "60"
+    origin, edge = _idle_publisher_behind_an_edge(
+        start_relay, start_publisher, tmp_path, "60", "--keyframe-interval", "2"
     )
-    start_publisher(
-        f"{origin.ws_url}/publish/{NAME}",
-        "--quiet", "--on-demand", "--on-demand-grace", str(GRACE), "--size", "320x180",
-        "--keyframe-interval", "2",
-    )
-    wait_until(lambda: _in_state(origin, "available"), GRACE + 30)
     watch_url = f"{edge.ws_url}/watch/{NAME}"
 
     # A first viewer of the edge wakes the publisher and fills the edge's cache.

@@ -5,9 +5,7 @@ viewer asks for one (the GOP is far longer), and frames that PyAV decodes one fo
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import av
 import pytest
 
 from tests.support.media import CONFIG, KEY, flags_of
+from tests.support.publisher_process import PublisherProcesses
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import SUBPROTOCOL, text_of_type, ws_connect
@@ -33,28 +32,8 @@ GOP_SECONDS = 60  # far longer than the test: a KEY after the first one is a for
 def publisher_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """``start(url, *extra)``: ``python -m streamrelay.publisher`` as its own process,
     stopped with SIGTERM at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(url: str, *extra: str) -> subprocess.Popen[bytes]:
-        with open(tmp_path / f"publisher-{len(started)}.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "streamrelay.publisher", "--url", url, "--quiet", *extra],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(tmp_path),
-            )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with PublisherProcesses(tmp_path) as publishers:
+        yield lambda url, *extra: publishers.start("--url", url, "--quiet", *extra)
 
 
 def decode_all(codec: str, payloads: list[bytes]) -> list[Any]:

@@ -10,21 +10,15 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, parse_media
-from tests.integration.test_publisher_source import (
-    GOP,
-    environment,
-    free_port,
-    producer_process,
-)
-from tests.support.relay_api import api_streams, stream_entry
+from tests.integration.test_publisher_source import GOP, free_port, producer_process
+from tests.support.publisher_process import start_publisher, stop_publisher
+from tests.support.relay_api import entry_in_state
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run, wait_until
 from tests.support.ws_client import ws_connect
@@ -46,34 +40,22 @@ def test_a_remuxed_live_source_idles_unwatched_and_wakes_at_its_next_keyframe(
     port = free_port(socket.SOCK_DGRAM)
     url = f"udp://127.0.0.1:{port}"
     log = tmp_path / "publisher.log"
-    with open(log, "wb") as errors:
-        publisher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/{NAME}",
-                "--source",
-                url,
-                "--on-demand",
-                "--on-demand-grace",
-                "1",
-            ],
-            env=environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
+    publisher = start_publisher(
+        f"{relay.ws_url}/publish/{NAME}",
+        "--source",
+        url,
+        "--on-demand",
+        "--on-demand-grace",
+        "1",
+        log=log,
+        output="stderr",
+    )
     producer = producer_process(
         [f"{url}?pkt_size=1316"], "mpegts", 90 * GOP, str(tmp_path / "produced.jsonl")
     )
 
-    def entry() -> dict[str, object] | None:
-        return stream_entry(api_streams(relay), NAME)
-
     def in_state(state: str) -> dict[str, object] | None:
-        found = entry()
-        return found if found is not None and found.get("state") == state else None
+        return entry_in_state(relay, NAME, state)
 
     async def first_frames() -> list[int]:
         """The flags of what a viewer receives up to a KEY captured after it came (one
@@ -104,9 +86,7 @@ def test_a_remuxed_live_source_idles_unwatched_and_wakes_at_its_next_keyframe(
         assert flags[0] == FLAG_CONFIG and flags[-1] == FLAG_KEY, flags
         assert publisher.poll() is None, log.read_text()
     finally:
-        if publisher.poll() is None:
-            publisher.send_signal(signal.SIGINT)
-        status = publisher.wait(20)
+        status = stop_publisher(publisher, 20, signal.SIGINT)
         producer.kill()
         producer.wait()
     output = log.read_text()

@@ -25,13 +25,14 @@ import numpy as np
 import pytest
 
 from streamrelay.wire import MediaMessage
-from tests.integration.test_publisher_source import REPOSITORY, environment, free_port, publisher
+from tests.integration.test_publisher_source import REPOSITORY, free_port, publisher
 from tests.integration.test_publisher_source_media import (
     beep_onsets,
     meta_audio,
     split_messages,
     write_av_clip,
 )
+from tests.support.publisher_process import publisher_environment
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import Viewer
@@ -94,7 +95,9 @@ def test_live_source_with_b_frames_keeps_its_audio_in_sync(
         with publisher(relay, "live", f"udp://127.0.0.1:{port}", log):
             await asyncio.sleep(1.0)
             producer = subprocess.Popen(
-                [sys.executable, "-c", code, str(clip), url], cwd=REPOSITORY, env=environment()
+                [sys.executable, "-c", code, str(clip), url],
+                cwd=REPOSITORY,
+                env=publisher_environment(),
             )
             await asyncio.to_thread(producer.wait, 90)
             await asyncio.sleep(2.0)

@@ -6,31 +6,24 @@ rendition stream (``cam``, ``cam~360p``, ``cam~180p``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import av
 import pytest
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
 from streamrelay.publisher.h264 import NAL_SPS, nal_type, parse_sps, split_annexb
-from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, parse_media
+from tests.support.publisher_process import start_publisher, stop_publisher
 from tests.support.relay_process import RelayProcess
+from tests.support.rendition_viewers import Watched, wait_every_rendition, watching
 from tests.support.waiting import run, wait_until
-from tests.support.ws_client import SUBPROTOCOL, ws_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 RENDITIONS = "1280x720@2500k,640x360@800k,320x180@250k"
 # (stream, label, width, height, bitrate), highest first: what the set must announce.
 EXPECTED = [
@@ -40,72 +33,22 @@ EXPECTED = [
 ]
 
 
-@dataclass
-class Watched:
-    """Everything one viewer of one rendition stream received, with arrival times."""
-
-    stream: str
-    metas: list[dict[str, Any]] = field(default_factory=list)
-    configs: list[bytes] = field(default_factory=list)
-    # (arrival monotonic time, capture time, payload) of every KEY
-    keys: list[tuple[float, int, bytes]] = field(default_factory=list)
-    frames: int = 0
-    statuses: list[str] = field(default_factory=list)
-
-    def ready(self) -> bool:
-        """meta, CONFIG and a KEY have arrived."""
-        return bool(self.metas and self.configs and self.keys)
-
-
-async def record(connection: ClientConnection, watched: Watched) -> None:
-    """Read one viewer's messages into ``watched`` until the connection closes."""
-    with contextlib.suppress(ConnectionClosed):
-        async for message in connection:
-            if isinstance(message, str):
-                value = json.loads(message)
-                if value.get("type") == "meta":
-                    watched.metas.append(value)
-                elif value.get("type") == "status":
-                    watched.statuses.append(value["state"])
-                continue
-            media = parse_media(message)
-            if media.flags & FLAG_CONFIG:
-                watched.configs.append(media.payload)
-            else:
-                watched.frames += 1
-                if media.flags & FLAG_KEY:
-                    watched.keys.append((time.monotonic(), media.capture_time_us, media.payload))
-
-
-def start_publisher(relay: RelayProcess, log: Path) -> subprocess.Popen[bytes]:
+def start_renditions_publisher(relay: RelayProcess, log: Path) -> subprocess.Popen[bytes]:
     """The real command line, as a user runs it (stderr to ``log``)."""
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPOSITORY), *filter(None, [environment.get("PYTHONPATH")])]
+    return start_publisher(
+        f"{relay.ws_url}/publish/cam",
+        "--renditions",
+        RENDITIONS,
+        "--fps",
+        "15",
+        "--preset",
+        "ultrafast",
+        # A GOP longer than the test: every KEY after the first ones is a forced one.
+        "--keyframe-interval",
+        "120s",
+        log=log,
+        output="stderr",
     )
-    environment.pop("STREAMRELAY_TOKEN", None)
-    with open(log, "wb") as output:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/cam",
-                "--renditions",
-                RENDITIONS,
-                "--fps",
-                "15",
-                "--preset",
-                "ultrafast",
-                # A GOP longer than the test: every KEY after the first ones is a forced one.
-                "--keyframe-interval",
-                "120s",
-            ],
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-        )
 
 
 def sps_size(config: bytes) -> tuple[int, int]:
@@ -134,23 +77,12 @@ def test_three_renditions_are_live_aligned_and_announced(
     bitrate; their KEYs carry identical capture times, and a keyframe request from a viewer
     of one rendition yields a KEY with one and the same capture time in all three."""
     log = tmp_path / "publisher.log"
-    publisher = start_publisher(relay, log)
+    publisher = start_renditions_publisher(relay, log)
     watched = [Watched(stream) for stream, *_ in EXPECTED]
 
     async def scenario() -> float:
-        connections = [
-            await ws_connect(f"{relay.ws_url}/watch/{w.stream}", subprotocols=[SUBPROTOCOL])
-            for w in watched
-        ]
-        readers = [
-            asyncio.create_task(record(c, w)) for c, w in zip(connections, watched, strict=True)
-        ]
-        try:
-            deadline = time.monotonic() + 60
-            while not all(w.ready() for w in watched):
-                assert time.monotonic() < deadline, "not every rendition went live"
-                assert publisher.poll() is None, log.read_text()
-                await asyncio.sleep(0.1)
+        async with watching(relay, watched) as connections:
+            await wait_every_rendition(watched, Watched.ready, publisher, log)
             # Past the first KEYs (one per connection opening), ask on the lowest rendition.
             await asyncio.sleep(1.5)
             asked = time.monotonic()
@@ -160,18 +92,11 @@ def test_three_renditions_are_live_aligned_and_announced(
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
             return asked
-        finally:
-            for connection in connections:
-                await connection.close()
-            for reader in readers:
-                await reader
 
     try:
         asked = run(scenario(), 100)
     finally:
-        if publisher.poll() is None:
-            publisher.send_signal(signal.SIGINT)
-        status = publisher.wait(20)
+        status = stop_publisher(publisher, 20, signal.SIGINT)
     output = log.read_text()
     assert status == 0, output
     assert "Traceback" not in output, output

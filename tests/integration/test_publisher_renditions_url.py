@@ -5,26 +5,18 @@ independent ``websockets`` viewers."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_publisher_renditions import Watched, record, sps_size
-from tests.integration.test_publisher_source import (
-    GOP,
-    environment,
-    free_port,
-    producer_process,
-)
+from tests.integration.test_publisher_renditions import sps_size
+from tests.integration.test_publisher_source import GOP, free_port, producer_process
+from tests.support.publisher_process import start_publisher, stop_publisher
 from tests.support.relay_process import RelayProcess
+from tests.support.rendition_viewers import Watched, wait_every_rendition, watching
 from tests.support.waiting import run
-from tests.support.ws_client import SUBPROTOCOL, ws_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.publisher_process]
 
@@ -39,58 +31,34 @@ def test_a_url_source_is_published_in_renditions(relay: RelayProcess, tmp_path: 
     port = free_port(socket.SOCK_DGRAM)
     url = f"udp://127.0.0.1:{port}"
     log = tmp_path / "publisher.log"
-    with open(log, "wb") as errors:
-        publisher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/cam",
-                "--renditions",
-                "320x240@400k,160x120@150k",
-                "--source",
-                url,
-                "--fps",
-                "25",
-                "--preset",
-                "ultrafast",
-            ],
-            env=environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
+    publisher = start_publisher(
+        f"{relay.ws_url}/publish/cam",
+        "--renditions",
+        "320x240@400k,160x120@150k",
+        "--source",
+        url,
+        "--fps",
+        "25",
+        "--preset",
+        "ultrafast",
+        log=log,
+        output="stderr",
+    )
     producer = producer_process(
         [f"{url}?pkt_size=1316"], "mpegts", 60 * GOP, str(tmp_path / "produced.jsonl")
     )
     watched = [Watched(stream) for stream, *_ in EXPECTED]
 
     async def scenario() -> None:
-        connections = [
-            await ws_connect(f"{relay.ws_url}/watch/{w.stream}", subprotocols=[SUBPROTOCOL])
-            for w in watched
-        ]
-        readers = [
-            asyncio.create_task(record(c, w)) for c, w in zip(connections, watched, strict=True)
-        ]
-        try:
-            deadline = time.monotonic() + 60
-            while not all(w.ready() and w.frames > 2 * GOP for w in watched):
-                assert time.monotonic() < deadline, "not every rendition went live"
-                assert publisher.poll() is None, log.read_text()
-                await asyncio.sleep(0.1)
-        finally:
-            for connection in connections:
-                await connection.close()
-            for reader in readers:
-                await reader
+        async with watching(relay, watched):
+            await wait_every_rendition(
+                watched, lambda w: w.ready() and w.frames > 2 * GOP, publisher, log
+            )
 
     try:
         run(scenario(), 100)
     finally:
-        if publisher.poll() is None:
-            publisher.send_signal(signal.SIGINT)
-        status = publisher.wait(20)
+        status = stop_publisher(publisher, 20, signal.SIGINT)
         producer.kill()
         producer.wait()
     output = log.read_text()

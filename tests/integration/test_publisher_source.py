@@ -17,8 +17,6 @@ import asyncio
 import functools
 import http.server
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from streamrelay.publisher.h264 import (
 )
 from streamrelay.publisher.hevc import HEVC_AUD, HEVC_PPS, HEVC_SPS, HEVC_VPS, hevc_nal_type
 from streamrelay.wire import FLAG_CONFIG, FLAG_KEY, MediaMessage, parse_media
+from tests.support.publisher_process import publisher_environment, running_publisher
 from tests.support.relay_process import RelayProcess
 from tests.support.waiting import run
 from tests.support.ws_client import Viewer
@@ -137,16 +136,10 @@ def producer_process(
     )
     arguments = {"urls": urls, "fmt": fmt, "frames": frames, "record": record, **options}
     return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(arguments)], cwd=REPOSITORY, env=environment()
+        [sys.executable, "-c", code, json.dumps(arguments)],
+        cwd=REPOSITORY,
+        env=publisher_environment(),
     )
-
-
-def environment() -> dict[str, str]:
-    """The test's environment, with this tree importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), *filter(None, [env.get("PYTHONPATH")])])
-    env.pop("STREAMRELAY_TOKEN", None)
-    return env
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -162,38 +155,21 @@ def publisher(
     relay: RelayProcess, stream: str, source: str, log: Path, *extra: str, size: str = ""
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``streamrelay-publish`` publishing ``source`` to ``relay``; stderr goes to ``log``."""
-    with open(log, "wb") as errors:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrelay.publisher",
-                f"{relay.ws_url}/publish/{stream}",
-                "--source",
-                source,
-                "--size",
-                size or f"{WIDTH}x{HEIGHT}",
-                "--preset",
-                "ultrafast",
-                "--bitrate",
-                "400k",
-                *extra,
-            ],
-            env=environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-    try:
+    with running_publisher(
+        f"{relay.ws_url}/publish/{stream}",
+        "--source",
+        source,
+        "--size",
+        size or f"{WIDTH}x{HEIGHT}",
+        "--preset",
+        "ultrafast",
+        "--bitrate",
+        "400k",
+        *extra,
+        log=log,
+        output="stderr",
+    ) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def recorded(path: Path) -> list[tuple[list[bytes], bool]]:
@@ -301,28 +277,47 @@ def meta_of(viewer: Viewer) -> dict[str, Any]:
     return metas[-1]
 
 
-def test_udp_mpegts_is_remuxed_byte_identical(relay: RelayProcess, tmp_path: Path) -> None:
-    """MPEG-TS over UDP from a live producer: the viewer gets the encoder's access units
-    byte for byte (minus the TS muxer's AUDs; x264 repeats SPS/PPS itself, so nothing is
-    inserted), in order, KEY on every IDR; meta says avc1 at the source's size; the
-    status line says it remuxes."""
+def watch_udp_source(
+    relay: RelayProcess,
+    stream: str,
+    log: Path,
+    record: Path,
+    frames: int,
+    *extra: str,
+    **producer_options: Any,
+) -> Viewer:
+    """A viewer of ``stream`` while the publisher (``extra`` on its command line) reads
+    MPEG-TS over UDP from a live producer of ``frames`` frames (recorded to ``record``);
+    the viewer, closed once the stream has settled."""
     port = free_port(socket.SOCK_DGRAM)
-    record = tmp_path / "produced.jsonl"
-    log = tmp_path / "publisher.log"
 
     async def scenario() -> Viewer:
-        viewer = await watch(relay, "ts")
-        with publisher(relay, "ts", f"udp://127.0.0.1:{port}", log):
+        viewer = await watch(relay, stream)
+        with publisher(relay, stream, f"udp://127.0.0.1:{port}", log, *extra):
             await asyncio.sleep(1.0)  # the publisher binds the port
             producer = producer_process(
-                [f"udp://127.0.0.1:{port}?pkt_size=1316"], "mpegts", 175, str(record)
+                [f"udp://127.0.0.1:{port}?pkt_size=1316"],
+                "mpegts",
+                frames,
+                str(record),
+                **producer_options,
             )
             await asyncio.to_thread(producer.wait, 60)
             await settle(viewer)
         await viewer.close()
         return viewer
 
-    viewer = run(scenario(), timeout=120)
+    return run(scenario(), timeout=120)
+
+
+def test_udp_mpegts_is_remuxed_byte_identical(relay: RelayProcess, tmp_path: Path) -> None:
+    """MPEG-TS over UDP from a live producer: the viewer gets the encoder's access units
+    byte for byte (minus the TS muxer's AUDs; x264 repeats SPS/PPS itself, so nothing is
+    inserted), in order, KEY on every IDR; meta says avc1 at the source's size; the
+    status line says it remuxes."""
+    record = tmp_path / "produced.jsonl"
+    log = tmp_path / "publisher.log"
+    viewer = watch_udp_source(relay, "ts", log, record, 175)
     configs, frames = received(viewer)
     produced = recorded(record)
     assert configs and [nal_type(u) for u in split_annexb(configs[0].payload)] == [NAL_SPS, NAL_PPS]
@@ -528,28 +523,10 @@ def test_hevc_over_udp(relay: RelayProcess, tmp_path: Path, passthrough: bool) -
     for byte (minus AUDs), KEY on IRAP pictures, meta.codec the WebCodecs string
     (hvc1.1.6.L60.90: Main, level 2); with --transcode the publisher re-encodes to H.264
     (for browsers without HEVC) and says so."""
-    port = free_port(socket.SOCK_DGRAM)
     record = tmp_path / "produced.jsonl"
     log = tmp_path / "publisher.log"
     extra = [] if passthrough else ["--transcode"]
-
-    async def scenario() -> Viewer:
-        viewer = await watch(relay, "hevc")
-        with publisher(relay, "hevc", f"udp://127.0.0.1:{port}", log, *extra):
-            await asyncio.sleep(1.0)
-            producer = producer_process(
-                [f"udp://127.0.0.1:{port}?pkt_size=1316"],
-                "mpegts",
-                125,
-                str(record),
-                codec="libx265",
-            )
-            await asyncio.to_thread(producer.wait, 60)
-            await settle(viewer)
-        await viewer.close()
-        return viewer
-
-    viewer = run(scenario(), timeout=120)
+    viewer = watch_udp_source(relay, "hevc", log, record, 125, *extra, codec="libx265")
     configs, frames = received(viewer)
     meta = meta_of(viewer)
     text = log.read_text()

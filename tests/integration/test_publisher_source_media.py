@@ -340,7 +340,8 @@ def test_live_mpegts_over_udp_carries_opus_byte_identical_in_sync(
     its frame's capture time (the live clock). The first second is read in a burst
     (what FFmpeg buffered while probing the source) and stamped compressed by the live
     clock: the first beep is not checked."""
-    from tests.integration.test_publisher_source import environment, free_port
+    from tests.integration.test_publisher_source import free_port
+    from tests.support.publisher_process import publisher_environment
 
     clip = tmp_path / "live.mkv"
     video, packets = write_av_clip(clip, "libopus")
@@ -358,7 +359,9 @@ def test_live_mpegts_over_udp_carries_opus_byte_identical_in_sync(
         with publisher(relay, "live", f"udp://127.0.0.1:{port}", log):
             await asyncio.sleep(1.0)
             producer = subprocess.Popen(
-                [sys.executable, "-c", code, str(clip), url], cwd=REPOSITORY, env=environment()
+                [sys.executable, "-c", code, str(clip), url],
+                cwd=REPOSITORY,
+                env=publisher_environment(),
             )
             await asyncio.to_thread(producer.wait, 60)
             await asyncio.sleep(2.0)

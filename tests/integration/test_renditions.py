@@ -23,8 +23,8 @@ from tests.support.media import HEADER
 from tests.support.relay_process import RelayProcess, StartRelay
 from tests.support.renditions import (
     AUDIO_PACKET_US,
+    THREE_RENDITIONS,
     RenditionPublisher,
-    RenditionSpec,
     encode_renditions,
     encode_tone,
 )
@@ -37,11 +37,7 @@ pytestmark = pytest.mark.integration
 
 FPS = 25
 GOP = 25
-SPECS = [
-    RenditionSpec("360p", 640, 360, 1_200_000),
-    RenditionSpec("180p", 320, 180, 400_000),
-    RenditionSpec("96p", 160, 96, 120_000),
-]
+SPECS = THREE_RENDITIONS
 RELAY_ARGUMENTS = (
     "--viewer-stall-timeout", "120", "--ping-interval", "120", "--ping-timeout", "120",
     "--publisher-idle-timeout", "120",

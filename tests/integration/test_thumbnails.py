@@ -6,8 +6,6 @@ the 404 and the view-token rules are checked over real sockets."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,9 @@ from typing import Any
 import av
 import pytest
 
-from tests.support.http import http_get, http_json
+from tests.support.http import http_get
+from tests.support.publisher_process import PublisherProcesses, light_encode
+from tests.support.relay_api import current_entry
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import make_token, write_secret
 from tests.support.waiting import wait_until
@@ -29,28 +29,10 @@ SECRET = b"view-secret-of-the-thumbnail-test"
 @pytest.fixture
 def publisher(tmp_path: Path) -> Iterator[Any]:
     """``publisher(url, *extra)``: the real publisher process, stopped at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(url: str, *extra: str) -> subprocess.Popen[bytes]:
-        log = open(tmp_path / f"publisher-{len(started)}.log", "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamrelay.publisher", url, "--quiet", "--size", "640x360",
-             "--fps", "15", "--preset", "ultrafast", "--bitrate", "500k", *extra],
-            stdout=log, stderr=subprocess.STDOUT,
+    with PublisherProcesses(tmp_path) as publishers:
+        yield lambda url, *extra: publishers.start(
+            url, "--quiet", *light_encode("640x360", 15, "500k"), *extra
         )
-        log.close()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def decode_jpeg(jpeg: bytes) -> av.VideoFrame:
@@ -59,14 +41,6 @@ def decode_jpeg(jpeg: bytes) -> av.VideoFrame:
     frames = decoder.decode(av.Packet(jpeg))
     assert len(frames) == 1
     return frames[0]
-
-
-def stream_entry(base_url: str, name: str) -> dict[str, Any] | None:
-    """The stream's /api/streams entry, or None."""
-    for entry in http_json(base_url, "/api/streams")["streams"]:
-        if entry["name"] == name:
-            return dict(entry)
-    return None
 
 
 def test_the_publishers_thumbnail_is_served_decodable_and_cacheable(
@@ -91,7 +65,7 @@ def test_the_publishers_thumbnail_is_served_decodable_and_cacheable(
     etag = first.header("etag")
     assert etag and "no-cache" in (first.header("cache-control") or "")
     print(f"thumbnail: {len(first.body)} bytes, {frame.width}x{frame.height}")
-    entry = stream_entry(relay.http_url, "thumbs")
+    entry = current_entry(relay, "thumbs")
     assert entry is not None and entry["thumbnail"]["bytes"] > 0
     # The same ETag is answered 304 (unless a new thumbnail just replaced it).
     revalidated = http_get(relay.http_url, path, {"If-None-Match": etag})

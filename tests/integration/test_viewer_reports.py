@@ -6,9 +6,6 @@ passes its viewers' reports on to the origin and serves the origin's thumbnail."
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 
 from tests.support.frames import OP_TEXT, FrameParser, client_frame
 from tests.support.http import http_get, http_json
+from tests.support.publisher_process import light_encode, running_publisher
 from tests.support.raw_ws import ws_open
 from tests.support.relay_process import StartRelay
 from tests.support.tokens import write_secret
@@ -32,13 +30,9 @@ def test_reports_reach_the_listing_and_the_publishers_status_line(
     a line every 5 s) then shows the latency the viewers report."""
     relay = start_relay()
     log_path = tmp_path / "publisher.log"
-    with open(log_path, "ab") as log:
-        publisher = subprocess.Popen(
-            [sys.executable, "-m", "streamrelay.publisher", f"{relay.ws_url}/publish/rep",
-             "--size", "320x180", "--fps", "15", "--preset", "ultrafast", "--bitrate", "300k"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
+    with running_publisher(
+        f"{relay.ws_url}/publish/rep", *light_encode("320x180", 15, "300k"), log=log_path
+    ):
         wait_until(
             lambda: any(s["live"] for s in http_json(relay.http_url, "/api/streams")["streams"]),
             30, 0.2,
@@ -72,13 +66,6 @@ def test_reports_reach_the_listing_and_the_publishers_status_line(
 
         wait_until(status_shows_it, 20, 0.5)
         viewer.close()
-    finally:
-        publisher.send_signal(signal.SIGTERM)
-        try:
-            publisher.wait(15)
-        except subprocess.TimeoutExpired:
-            publisher.kill()
-            publisher.wait()
 
 
 def test_an_edges_viewers_reach_the_origin_and_the_edge_serves_the_thumbnail(
@@ -91,14 +78,10 @@ def test_an_edges_viewers_reach_the_origin_and_the_edge_serves_the_thumbnail(
     origin = start_relay("--relay-secret-file", str(secret))
     edge = start_relay("--relay-secret-file", str(secret), "--upstream", origin.ws_url)
     log_path = tmp_path / "publisher.log"
-    with open(log_path, "ab") as log:
-        publisher = subprocess.Popen(
-            [sys.executable, "-m", "streamrelay.publisher", f"{origin.ws_url}/publish/far",
-             "--quiet", "--size", "320x180", "--fps", "15", "--preset", "ultrafast",
-             "--bitrate", "300k", "--thumbnail-interval", "1"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
+    with running_publisher(
+        f"{origin.ws_url}/publish/far", "--quiet", *light_encode("320x180", 15, "300k"),
+        "--thumbnail-interval", "1", log=log_path,
+    ):
         viewer, response = ws_open(edge.port, "/watch/far")
         assert response.status == 101
 
@@ -123,10 +106,3 @@ def test_an_edges_viewers_reach_the_origin_and_the_edge_serves_the_thumbnail(
                      if e["name"] == "far")
         assert entry["viewer_reports"]["latency_ms"] == {"p50": 321.0, "p95": 321.0}
         viewer.close()
-    finally:
-        publisher.send_signal(signal.SIGTERM)
-        try:
-            publisher.wait(15)
-        except subprocess.TimeoutExpired:
-            publisher.kill()
-            publisher.wait()

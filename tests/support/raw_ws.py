@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tests.support.frames import (
@@ -84,6 +86,48 @@ async def read_frames_async(
                     return frames
     except TimeoutError:
         return []
+
+
+def drain_until(sock: socket.socket, stop: threading.Event) -> None:
+    """Read and drop what comes on ``sock`` (a relay's viewer counts, keyframe requests)
+    until ``stop`` is set or the connection ends: for a thread beside a flooding peer."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            if not sock.recv(65536):
+                return
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def flood_connections(
+    port: int, stream: str, viewer_path: str | None = None
+) -> Iterator[tuple[socket.socket, socket.socket | None]]:
+    """A publisher of ``stream`` opened by hand (what the relay sends it is read and
+    dropped in a thread: :func:`drain_until`) and, with ``viewer_path``, a viewer there
+    with a 4 KiB receive window that never reads; all closed at the end."""
+    publisher, response = ws_open(port, f"/publish/{stream}")
+    assert response.status == 101, response
+    viewer = None
+    stop = threading.Event()
+    reader = threading.Thread(target=drain_until, args=(publisher, stop), daemon=True)
+    try:
+        if viewer_path is not None:
+            viewer, response = ws_open(port, viewer_path, rcvbuf=4096)
+            assert response.status == 101, response
+        reader.start()
+        yield publisher, viewer
+    finally:
+        stop.set()
+        for sock in (publisher, viewer):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        if reader.is_alive():
+            reader.join(2)
 
 
 @dataclass

@@ -40,6 +40,25 @@ def stream_entry(snapshot: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((entry for entry in entries if entry["name"] == name), None)
 
 
+def current_entry(relay: RelayProcess, name: str) -> dict[str, Any] | None:
+    """The relay's ``/api/streams`` entry for ``name`` now, or None."""
+    return stream_entry(api_streams(relay), name)
+
+
+def listed_entry(relay: RelayProcess, name: str) -> dict[str, Any]:
+    """The relay's ``/api/streams`` entry for ``name``, which must be listed."""
+    entry = current_entry(relay, name)
+    assert entry is not None, f"{name} is not in /api/streams"
+    return entry
+
+
+def entry_in_state(relay: RelayProcess, name: str, state: str) -> dict[str, Any] | None:
+    """The entry for ``name`` if its ``state`` is ``state`` ("live", "available"), else
+    None: a predicate for :func:`tests.support.waiting.wait_until`."""
+    entry = current_entry(relay, name)
+    return entry if entry is not None and entry.get("state") == state else None
+
+
 def idle_state(relay: RelayProcess) -> dict[str, Any] | None:
     """``/api/streams`` when the relay is idle (no streams, only this request open),
     else None."""

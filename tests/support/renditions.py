@@ -48,6 +48,14 @@ class RenditionSpec:
     bitrate: int
 
 
+# The ladder the relay's and the browser's rendition tests publish, highest first.
+THREE_RENDITIONS = [
+    RenditionSpec("360p", 640, 360, 1_200_000),
+    RenditionSpec("180p", 320, 180, 400_000),
+    RenditionSpec("96p", 160, 96, 120_000),
+]
+
+
 @dataclass
 class EncodedRendition:
     """One rendition's loop: per source frame, its messages as (flags, payload)."""
