@@ -364,6 +364,9 @@ def test_a_capture_device_is_published_as_opus(
     decoded = decode_audio(audio, 2)
     assert len(decoded) == len(audio)
     assert all(len(samples) == 960 for _t, samples in decoded)  # 20 ms at 48 kHz
-    # Silence, give or take the codec's start-up ripple (the tone's quietest is > 0.05).
-    assert max(max(abs(v) for v in samples) for _t, samples in decoded) < 0.05
+    # Silence: Opus's start-up ripple (up to ~0.07 from silence, seen on CI) decays within
+    # ~10 packets; past the first half second the device's zeros decode to well under 1% of
+    # full scale (the tone's quietest is > 0.05).
+    settled = decoded[25:]
+    assert max(max(abs(v) for v in samples) for _t, samples in settled) < 0.01
 
