@@ -114,6 +114,22 @@ def test_publisher_media_reaches_viewers_byte_for_byte_in_order() -> None:
         assert binaries(viewer) == sent
 
 
+def test_message_observers_still_hear_every_message() -> None:
+    """The relay skips Autobahn's per-message ``message`` signal only while nobody
+    listens: a listener registered on a publisher's protocol hears every message, and
+    the viewers get them all the same."""
+    relay = Relay()
+    publisher = relay.publisher()
+    viewer = relay.viewer()
+    heard: list[tuple[bytes, bool]] = []
+    publisher.protocol.on("message", lambda payload, is_binary: heard.append((payload, is_binary)))
+    sent = [media(FLAG_CONFIG, 1), media(FLAG_KEY, 2), media(0, 3)]
+    for message in sent:
+        publisher.send(binary_frame(message))
+    assert heard == [(message, True) for message in sent]
+    assert binaries(viewer) == sent
+
+
 def test_viewer_starts_with_status_then_config_and_key() -> None:
     """A late joiner gets status live, the meta, CONFIG and the cached GOP at once."""
     relay = Relay()
