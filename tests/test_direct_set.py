@@ -520,7 +520,7 @@ def _run(direct: bool, events: list[tuple[str, int]]) -> tuple[Core, list[Any]]:
     return core, outcome
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)
 @given(events=st.lists(_EVENT, max_size=60))
 def test_direct_sets_change_nothing_a_viewer_or_a_counter_sees(
     events: list[tuple[str, int]],
@@ -532,7 +532,8 @@ def test_direct_sets_change_nothing_a_viewer_or_a_counter_sees(
     _core, without = _run(False, events)
     assert with_direct[:-1] == without[:-1]
     for connection in _core.connections:
-        parse_wire(bytes(connection.wire))
+        if not connection.closing:  # a closing one is never drained here
+            parse_wire(bytes(connection.wire))
 
 
 def test_the_property_run_uses_the_direct_set() -> None:
