@@ -187,7 +187,7 @@ class DirectSet:
         self.last_capture = -1
         self.prev_capture = -1
         # Audio: no member had audio newer than this (a message not newer takes the
-        # queues' path, which drops it for those that had it).
+        # queues' path, which drops it for those that had it); -1 while there are none.
         self.ceiling = -1
         self._looping = False
         self._leaving: list[Seat] = []
@@ -225,6 +225,9 @@ class DirectSet:
         if last[1] is not seat:
             entries[seat.index] = last
             last[1].index = seat.index
+        elif not entries:
+            # No member had any audio: a new publisher's clock may start lower.
+            self.ceiling = -1
 
     def _admit(self, queue: ViewerQueue) -> None:
         if self._looping or queue not in self.rest:

@@ -412,6 +412,28 @@ def test_older_audio_is_dropped_for_members_that_had_newer() -> None:
     assert tags(hearing) == [1000, 1010, 1030, 1050, 1070]
 
 
+def test_a_new_publisher_with_an_earlier_clock_gets_the_direct_loop_again() -> None:
+    """A publisher replaced by one whose capture clock is far behind: once its KEY is
+    in, the audio viewers are members again and its audio goes by the members' loop."""
+    core = Core(direct=True)
+    hearing = core.watch(audio=True)
+    publish = core.publisher.media
+    publish(media(FLAG_KEY, 5_000_000))
+    for capture in (5_000_010, 5_000_030, 5_000_050):
+        publish(media(FLAG_AUDIO, capture, 60))
+    assert core.stream.audio_out.members == 1
+    replacement = core.registry.publish("cam", FakePublisher(clock=core.clock))
+    assert isinstance(replacement, PublisherSession)
+    assert core.stream.audio_out.members == 0
+    replacement.media(media(FLAG_KEY, 1000))
+    replacement.media(media(FLAG_AUDIO, 1010, 60))
+    assert core.stream.audio_out.members == 1
+    looped = core.stream.audio_out.messages
+    replacement.media(media(FLAG_AUDIO, 1030, 60))
+    assert core.stream.audio_out.messages == looped + 1
+    assert tags(hearing)[-4:] == [5_000_050, 1000, 1010, 1030]
+
+
 def test_leaving_the_stream_or_closing_takes_a_viewer_out() -> None:
     """A detach (the connection closed) and a close frame take members out; nothing is
     sent to them afterwards, and the counters the stream keeps for viewers that left
