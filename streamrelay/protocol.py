@@ -664,7 +664,7 @@ class ViewerProtocol(RelayProtocol):
     def opened(self) -> None:
         """Join the stream: status, meta, CONFIG and the cached GOP go out at once."""
         if self._perMessageCompress is None:
-            self._write = writer_for(self.transport, self._sent_directly)
+            self._write = writer_for(self.transport)
         registry = self.context.registry
         address = self.client_host or peer_host(self.transport.getPeer())
         if self.abr:
@@ -715,6 +715,8 @@ class ViewerProtocol(RelayProtocol):
         anything else writes to the transport (Autobahn's own frames included)."""
         writer = self._write
         if self.state == _STATE_OPEN and type(writer) is DirectWriter and writer.ready():
+            # Set here, not at opening: an idle viewer keeps no bound method for it.
+            writer.sent_directly = self._sent_directly
             return writer
         return None
 
