@@ -434,6 +434,35 @@ def test_a_new_publisher_with_an_earlier_clock_gets_the_direct_loop_again() -> N
     assert tags(hearing)[-4:] == [5_000_050, 1000, 1010, 1030]
 
 
+def test_a_switch_after_direct_audio_announces_the_same_gap() -> None:
+    """A member's queue keeps the capture times of the last two audio messages (a
+    rendition switch measures its gap with them): settled from the set's loop, they
+    give the same ``dropped`` notice as the queue's own path would."""
+    wires = []
+    for direct in (True, False):
+        core = Core(direct=direct)
+        hearing = core.watch(audio=True)
+        publish = core.publisher.media
+        publish(media(FLAG_KEY, 1000))
+        for capture in range(1010, 1200, 20):
+            publish(media(FLAG_AUDIO, capture, 60))
+        assert core.stream.audio_out.members == (1 if direct else 0)
+        queue = core.stream.release_viewer(hearing)
+        assert queue is not None
+        # Another rendition's KEY and audio, as streamrelay.adaptive hands them over.
+        key, later = media(FLAG_KEY, 1300), media(FLAG_AUDIO, 1330, 60)
+        queue.switch_source(
+            None,
+            key.info(),
+            wire_frame(key.data, True),
+            [(later.info(), wire_frame(later.data, True))],
+        )
+        wires.append(bytes(hearing.wire))
+    assert wires[0] == wires[1]
+    texts = [payload for kind, payload in parse_wire(wires[0]) if kind == 0]
+    assert texts[-1] == encode_text({"type": "dropped", "audio": 6})
+
+
 def test_leaving_the_stream_or_closing_takes_a_viewer_out() -> None:
     """A detach (the connection closed) and a close frame take members out; nothing is
     sent to them afterwards, and the counters the stream keeps for viewers that left
@@ -478,7 +507,9 @@ def _run(direct: bool, events: list[tuple[str, int]]) -> tuple[Core, list[Any]]:
         core.watch(audio=index % 2 == 1)
     capture = 1000
     members = 0
-    for kind, value in events:
+    # From a KEY and two deltas on, the viewers that keep up are members: the events
+    # then mostly hit the members' loop.
+    for kind, value in [("key", 500), ("delta", 500), ("delta", 500), *events]:
         capture += 10
         live = [
             index
