@@ -49,7 +49,7 @@ from zope.interface import implementer
 from streamrelay import logs, wire
 from streamrelay.adaptive import watch_adaptive
 from streamrelay.context import RelayContext
-from streamrelay.fastwrite import FrameWriter, writer_for
+from streamrelay.fastwrite import DirectWriter, FrameWriter, writer_for
 from streamrelay.inbound import (
     FRAMES_PER_TURN,
     InboundBudget,
@@ -724,6 +724,22 @@ class ViewerProtocol(RelayProtocol):
                 return writer.write(payload)
             self.sendPreparedMessage(frame)
         return None
+
+    def direct_port(self) -> DirectWriter | None:
+        """The socket's direct port for the stream's fan-out (:mod:`streamrelay.fanout`)
+        when the WebSocket is open, uncompressed, on a plain TCP transport that holds
+        nothing now; else None.  The port leaves the fan-out's direct set before
+        anything else writes to the transport (Autobahn's own frames included)."""
+        writer = self._write
+        if self.state == _STATE_OPEN and type(writer) is DirectWriter and writer.ready():
+            # Set here, not at opening: an idle viewer keeps no bound method for it.
+            writer.sent_directly = self._sent_directly
+            return writer
+        return None
+
+    def _sent_directly(self, octets: int) -> None:
+        # The fan-out's members' loop sent these: the close line's byte count has them.
+        self.trafficStats.outgoingOctetsWireLevel += octets
 
     def unsent_bytes(self) -> int:
         """What the kernel holds for this viewer unsent (read by adaptive sessions only,

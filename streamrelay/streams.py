@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from streamrelay.abr import Rendition, parse_renditions
 from streamrelay.budget import BufferBudget
 from streamrelay.config import RelayConfig
+from streamrelay.fanout import DirectSet
 from streamrelay.gop import GopCache
 from streamrelay.limits import Refusal, WaitingStreams
 from streamrelay.logs import relay_logger
@@ -147,6 +148,10 @@ class Stream:
         # The viewers (edges included) that take audio: audio goes to them alone, so a
         # viewer without audio costs nothing per audio message.
         self.audio_viewers: dict[ViewerSink, ViewerQueue] = {}
+        # The same viewers for the fan-out (streamrelay.fanout): those that keep up get
+        # each message straight to their socket.
+        self.video_out = DirectSet()
+        self.audio_out = DirectSet(audio=True)
         self.audio_in = 0
         # The publisher is a pull from the upstream, not a local connection.
         self.pulled = False
@@ -295,8 +300,12 @@ class Stream:
         frame = self._registry.frame_factory(message.data, True)
         info = message.info()
         self.gop.add(info, frame)
-        for queue in list(self.viewers.values()):
-            queue.send_media(info, frame)
+        if info.is_config:
+            # Rare, and each queue keeps it for its next KEY: every viewer's own path.
+            for queue in list(self.viewers.values()):
+                queue.send_media(info, frame)
+        else:
+            self.video_out.deliver(info, frame)
         if self.switchers and info.is_key:
             # After the viewers: a switcher moves into them and sends this KEY itself.
             for switch in list(self.switchers.values()):
@@ -312,8 +321,7 @@ class Stream:
         self.gop.add(info, frame)
         if self.switchers and info.size <= SWITCH_AUDIO_MAX_BYTES:
             self.switch_audio.append((info, frame))
-        for queue in list(self.audio_viewers.values()):
-            queue.send_audio(info, frame)
+        self.audio_out.deliver(info, frame)
 
     def upstream_audio_gap(self, count: int) -> None:
         """The upstream dropped ``count`` audio messages on their way here: every audio
@@ -446,10 +454,12 @@ class Stream:
             on_need_keyframe=self.need_keyframe,
         )
         self.viewers[sink] = queue
+        self.video_out.add(queue)
         # An edge always takes audio: it may serve viewers that do.
         audio = audio or relay
         if audio:
             self.audio_viewers[sink] = queue
+            self.audio_out.add(queue)
         self._registry.budget.add_viewer(queue)
         sink.attached(queue)
         frame, size = self._status_frame("live" if self.live else "offline")
@@ -473,6 +483,8 @@ class Stream:
         self.adaptive_viewers.discard(sink)
         if queue is None:
             return
+        self.video_out.remove(queue)
+        self.audio_out.remove(queue)
         queue.close()
         self.messages_out += queue.sent_messages
         self.bytes_out += queue.bytes_sent
@@ -494,6 +506,8 @@ class Stream:
         self.audio_viewers.pop(sink, None)
         self.adaptive_viewers.discard(sink)
         if queue is not None:
+            self.video_out.remove(queue)
+            self.audio_out.remove(queue)
             self._viewer_count_updates.request()
         return queue
 
@@ -503,9 +517,11 @@ class Stream:
         carries it)."""
         queue.rebind(self._count_dropped, self.need_keyframe)
         self.viewers[sink] = queue
+        self.video_out.add(queue)
         self.adaptive_viewers.add(sink)
         if audio:
             self.audio_viewers[sink] = queue
+            self.audio_out.add(queue)
         self._request_viewer_count()
 
     def _count_dropped(self, count: int) -> None:

@@ -10,7 +10,11 @@ A message already handed to the transport is always finished, so framing stays v
 
 The common case is the cheap one: a viewer that keeps up (transport not paused, nothing
 queued, not skipping) gets each media message written at once, with no object made
-for it and O(1) bookkeeping.
+for it and O(1) bookkeeping.  Cheaper still, on a plain TCP connection such a viewer
+becomes a member of its stream's direct set (:mod:`streamrelay.fanout`), whose loop
+sends each message straight to its socket without calling the queue at all: the queue
+leaves the set (its counters settled) the moment it stops flowing, and its
+``sent_messages`` and ``bytes_sent`` include what the set sent.
 
 "Bytes" here are memory: each message is charged its size plus the objects kept with it
 (:data:`streamrelay.budget.MESSAGE_OVERHEAD_BYTES`), so a flood of tiny messages is
@@ -34,12 +38,15 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from streamrelay.budget import MESSAGE_OVERHEAD_BYTES
 from streamrelay.wire import FLAG_AUDIO, FLAG_CONFIG, MediaInfo, encode_text
+
+if TYPE_CHECKING:
+    from streamrelay.fanout import DirectPort, Seat
 
 # What a transport may hold before it pauses its producer (Twisted's FileDescriptor
 # bufferSize).  Public APIs do not expose the transport's buffer, so bytes handed over
@@ -59,7 +66,10 @@ TRANSPORT_WRITE_OVERHEAD_BYTES = 72
 
 
 class ViewerSink(Protocol):
-    """What the queue needs from a viewer connection."""
+    """What the queue needs from a viewer connection.  A connection that can take the
+    fan-out's direct sends also has ``direct_port()``, returning its
+    :class:`~streamrelay.fanout.DirectPort` while its transport holds nothing (else
+    None); the queue asks for it only when it may join its stream's direct set."""
 
     def write_frame(self, frame: Any) -> bool | None:
         """Write one prepared WebSocket message to the transport; True when none of it
@@ -126,8 +136,9 @@ class ViewerQueue(_FanOutFields):
         "dropped_total",
         "limit",
         "skip_episodes",
-        "sent_messages",
-        "bytes_sent",
+        "_sent_messages",
+        "_bytes_sent",
+        "_seats",
     )
 
     def __init__(
@@ -174,9 +185,13 @@ class ViewerQueue(_FanOutFields):
         self.dropped_in_episode = 0
         self.dropped_total = 0
         self.skip_episodes = 0
-        # Messages written to the transport and their bytes (for metrics).
-        self.sent_messages = 0
-        self.bytes_sent = 0
+        # Messages written to the transport and their bytes (for metrics), but for
+        # what the stream's direct sets sent since they last settled (see sent_messages).
+        self._sent_messages = 0
+        self._bytes_sent = 0
+        # The direct sets (streamrelay.fanout) this viewer is a member of, none or its
+        # stream's video set and audio set.
+        self._seats: tuple[Seat, ...] = ()
         self._latest_config: tuple[MediaInfo, Any] | None = None
         self._config_sent: MediaInfo | None = None
         # Audio dropped since the last audio delivered, and ever (audio viewers only).
@@ -195,9 +210,12 @@ class ViewerQueue(_FanOutFields):
     # -- state ---------------------------------------------------------------------
 
     def _refresh_flow(self) -> None:
-        self._flowing = not (
+        self._flowing = flowing = not (
             self._paused or self._waiting_for_key or self._skipping or self._closed
         )
+        if not flowing and self._seats:
+            # A direct set's members flow: out first.
+            self.leave_direct()
 
     @property
     def paused(self) -> bool:
@@ -269,6 +287,70 @@ class ViewerQueue(_FanOutFields):
         if delta:
             self._on_backlog_change(delta)
 
+    @property
+    def sent_messages(self) -> int:
+        """Messages written to the viewer (handed to its transport or its socket)."""
+        if self._seats:
+            self.settle_direct()
+        return self._sent_messages
+
+    @property
+    def bytes_sent(self) -> int:
+        """The bytes of the messages written to the viewer."""
+        if self._seats:
+            self.settle_direct()
+        return self._bytes_sent
+
+    # -- the stream's direct sets (streamrelay.fanout) --------------------------------
+
+    def direct_port(self) -> DirectPort | None:
+        """The viewer's socket for its stream's direct sets, when the queue flows and the
+        connection has one whose transport holds nothing now; else None."""
+        if not self._flowing:
+            return None
+        port = getattr(self._sink, "direct_port", None)
+        return port() if port is not None else None
+
+    def take_seat(self, seat: Seat) -> None:
+        """The viewer is a member of ``seat``'s direct set from now: it leaves as soon
+        as anything else touches its connection (the port watches the transport)."""
+        if not self._seats:
+            seat.port.watch(self.leave_direct)
+        self._seats = (*self._seats, seat)
+
+    def leave_direct(self) -> None:
+        """Leave every direct set, counters settled: the queue stops flowing, or
+        something else is about to write to the connection, close it or lose it."""
+        seats = self._seats
+        if seats:
+            self._seats = ()
+            seats[0].port.watch(None)
+            for seat in seats:
+                seat.direct.leave(seat)
+
+    def settle_direct(self) -> None:
+        """Bring the counters up to date with what the direct sets sent."""
+        for seat in self._seats:
+            seat.settle()
+
+    def count_direct(self, messages: int, size: int) -> None:
+        """A direct set sent ``messages`` messages of ``size`` bytes in all."""
+        self._sent_messages += messages
+        self._bytes_sent += size
+
+    def audio_direct(self, last_us: int, prev_us: int | None) -> None:
+        """The audio direct set's last message sent had capture time ``last_us``, and the
+        one before ``prev_us`` (None: the last one this queue knew of)."""
+        self._audio_prev_us = self._audio_last_us if prev_us is None else prev_us
+        self._audio_last_us = last_us
+
+    @property
+    def audio_last_us(self) -> int:
+        """The capture time of the last audio delivered or dropped (-1: none yet)."""
+        if self._seats:
+            self.settle_direct()
+        return self._audio_last_us
+
     # -- input from the stream ------------------------------------------------------
 
     def start(
@@ -314,6 +396,8 @@ class ViewerQueue(_FanOutFields):
         no KEY yet starts its audio at this KEY, as at a join.)"""
         if self.closed:
             return
+        # Its audio times are read below: settled, and out of the old stream's sets.
+        self.leave_direct()
         if self._audio_open and self._audio_switched_from_us < 0:
             self._audio_switched_from_us = self._audio_last_us
         self._latest_config = config
@@ -346,74 +430,70 @@ class ViewerQueue(_FanOutFields):
                 self._on_backlog_change(-item.size)
         self._deliver(_Outbound(frame, self.cost(size), None, kind))
 
-    def send_media(self, message: MediaInfo, frame: Any) -> None:
-        """Offer a media message; it is delivered, held, or dropped by the policy."""
+    def send_media(self, message: MediaInfo, frame: Any) -> bool:
+        """Offer a media message; it is delivered, held, or dropped by the policy.  True
+        when it went out at once on the fast path and the kernel took all of it (the
+        viewer may then join its stream's direct set, :mod:`streamrelay.fanout`)."""
         if self._flowing and not message.flags & FLAG_CONFIG:
             # Keeping up: not paused, so nothing is pending in the transport, nor here
             # (the queue holds messages only while the transport is paused); the
             # message fits whatever its size and goes out now.  (_write, inlined: this
-            # runs for every viewer of every message.)
-            self.sent_messages += 1
-            self.bytes_sent += message.size
-            if not self._sink.write_frame(frame):
-                self._writes_since_resume += 1
-                self._bytes_since_resume += message.size
-                if self._paused:
-                    self._set_transport_bytes(
-                        self._transport_estimate(message.size + self._overhead)
-                    )
-            return
+            # runs for every viewer outside the direct set, for every message.)
+            self._sent_messages += 1
+            self._bytes_sent += message.size
+            if self._sink.write_frame(frame):
+                return True
+            self.kept_by_transport(message.size)
+            return False
         if self.closed:
-            return
+            return False
         if message.is_config:
             self._latest_config = (message, frame)
             if self.waiting_for_key or self.skipping:
-                return
+                return False
         elif self.waiting_for_key or self.skipping:
             if not message.is_key:
                 self._count_drop(1)
-                return
+                return False
             if not self._fits(message):
                 # A KEY this viewer cannot take: a drop episode, resumed by a requested KEY.
                 self._enter_skipping()
                 self._count_drop(1)
-                return
+                return False
             self._resume_with(message, frame)
-            return
+            return False
         if not self._fits(message):
             self._enter_skipping()
             self._count_drop(1)
-            return
+            return False
         self._deliver(_Outbound(frame, self.cost(message.size), message))
+        return False
 
-    def send_audio(self, message: MediaInfo, frame: Any) -> None:
+    def send_audio(self, message: MediaInfo, frame: Any) -> bool:
         """Offer an audio message (only to viewers that take audio): written at once
         while the viewer keeps up; otherwise kept through a video drop episode while
-        there is room, dropped (and counted for the next ``dropped`` notice) when not."""
+        there is room, dropped (and counted for the next ``dropped`` notice) when not.
+        True as for :meth:`send_media`."""
         capture = message.capture_time_us
         if capture <= self._audio_last_us:
-            return  # before the KEY this viewer started from, or delivered already
+            return False  # before the KEY this viewer started from, or delivered already
         if self._audio_switched_from_us >= 0:
             self._after_switch(capture)
         if self._flowing:
             # As send_media's fast path.
             self._audio_prev_us = self._audio_last_us
             self._audio_last_us = capture
-            self.sent_messages += 1
-            self.bytes_sent += message.size
-            if not self._sink.write_frame(frame):
-                self._writes_since_resume += 1
-                self._bytes_since_resume += message.size
-                if self._paused:
-                    self._set_transport_bytes(
-                        self._transport_estimate(message.size + self._overhead)
-                    )
-            return
+            self._sent_messages += 1
+            self._bytes_sent += message.size
+            if self._sink.write_frame(frame):
+                return True
+            self.kept_by_transport(message.size)
+            return False
         if self._closed or not self._audio_open:
             # Before the first KEY there is nothing to hear it with.  After it, a queue
             # waiting for a KEY (a switch whose KEY did not fit) is in a drop episode:
             # audio goes on within the bound.
-            return
+            return False
         self._audio_prev_us = self._audio_last_us
         self._audio_last_us = capture
         cost = self.cost(message.size)
@@ -426,10 +506,11 @@ class ViewerQueue(_FanOutFields):
             self.audio_dropped_in_episode += 1
             self.audio_dropped_total += 1
             self._on_dropped(1)
-            return
+            return False
         if self.audio_dropped_in_episode:
             self._audio_notice()
         self._deliver(_Outbound(frame, cost, message))
+        return False
 
     def _after_switch(self, capture: int) -> None:
         """The first audio after a switch: when more than a packet is missing between
@@ -567,16 +648,21 @@ class ViewerQueue(_FanOutFields):
         if message is not None and message.flags & FLAG_CONFIG:
             # Only a CONFIG that really left counts as sent: a discarded one is resent.
             self._config_sent = message
-        self.sent_messages += 1
-        self.bytes_sent += max(1, size - self._overhead)
+        self._sent_messages += 1
+        self._bytes_sent += max(1, size - self._overhead)
         if self._sink.write_frame(frame):
             return  # all of it is in the kernel: nothing waits in the transport
+        self.kept_by_transport(size - self._overhead)
+
+    def kept_by_transport(self, size: int) -> None:
+        """The transport kept (some of) the last message, of ``size`` bytes, written to
+        it: count it, and if it paused us, estimate what it holds."""
         self._writes_since_resume += 1
-        self._bytes_since_resume += size - self._overhead
+        self._bytes_since_resume += size
         # A write that made the transport pause us sits, with up to its high-water mark
         # of earlier data, in the transport's buffer; one that did not is on its way.
         if self._paused:
-            self._set_transport_bytes(self._transport_estimate(size))
+            self._set_transport_bytes(self._transport_estimate(size + self._overhead))
 
     def _transport_estimate(self, last_size: int) -> int:
         """Memory in a transport that just paused: its high-water mark of bytes, the last

@@ -2,7 +2,8 @@
 run, never installed) reactor instances: which transports get direct writes, and every
 case of a direct write -- empty transport, data already buffered, partial send, a full
 socket, a reset peer, a closing or aborted transport -- ending in the same bytes, in
-the same order, as the transport's own write would give."""
+the same order, as the transport's own write would give; and the watch that takes a
+viewer out of the fan-out's direct set before anything changes its transport."""
 
 from __future__ import annotations
 
@@ -382,3 +383,73 @@ def test_a_paused_producer_keeps_the_public_path(pair: Pair) -> None:
     finally:
         transport.producerPaused = False
     assert pair.drain() == b"held"
+
+
+# -- the watch for the fan-out's direct set -------------------------------------------
+
+
+def _write(transport: Any) -> None:
+    transport.write(b"x")
+
+
+def _write_sequence(transport: Any) -> None:
+    transport.writeSequence([b"x", b"y"])
+
+
+def _lose(transport: Any) -> None:
+    transport.loseConnection()
+
+
+def _half_close(transport: Any) -> None:
+    transport.loseWriteConnection()
+
+
+def _abort(transport: Any) -> None:
+    transport.abortConnection()
+
+
+def _lost(transport: Any) -> None:
+    transport.connectionLost(Failure(error.ConnectionDone()))
+
+
+def _stop(transport: Any) -> None:
+    transport.stopProducing()
+
+
+@pytest.mark.parametrize(
+    "change", [_write, _write_sequence, _lose, _half_close, _abort, _lost, _stop]
+)
+def test_the_watcher_hears_of_every_change_before_it_happens(
+    pair: Pair, change: Callable[[Any], None]
+) -> None:
+    """A watched transport calls its watcher once, before a write, a close of any kind
+    or the loss is carried out (the transport is still fit for direct sends then); an
+    unwatched one calls nothing."""
+    writer = writer_for(pair.transport)
+    assert isinstance(writer, DirectWriter)
+    seen: list[bool] = []
+    writer.watch(lambda: seen.append(writer.ready()))
+    change(pair.transport)
+    assert seen == [True]
+    assert not writer.ready()
+    # Once: the watcher is forgotten as it is called.
+    if pair.transport.connected:
+        pair.transport.write(b"z")
+    assert seen == [True]
+
+
+def test_a_watched_transport_is_still_a_plain_tcp_server(pair: Pair) -> None:
+    """The watch changes the transport's class to a subclass of tcp.Server with the
+    same layout: still direct-writable, still TCP, not TLS, and the watcher is stored
+    only while set."""
+    writer = writer_for(pair.transport)
+    assert isinstance(pair.transport, tcp.Server)
+    assert supports_direct_writes(pair.transport)
+    assert "_streamrelay_watcher" not in vars(pair.transport)
+    assert isinstance(writer, DirectWriter)
+    writer.watch(lambda: None)
+    assert "_streamrelay_watcher" in vars(pair.transport)
+    writer.watch(None)
+    assert "_streamrelay_watcher" not in vars(pair.transport)
+    assert writer.write(b"direct") is True
+    assert pair.read_available() == b"direct"
