@@ -8,6 +8,7 @@ relay is a bug even when every client got the answer it expected."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,13 @@ from tests.support.relay_process import RelayProcess, StartRelay, problems_repor
 
 if TYPE_CHECKING:
     from tests.fakes import LogCapture
+
+# Launched in the background by a non-interactive shell (``cmd &``, ``nohup``), this
+# process starts with SIGINT ignored, and every process it starts inherits that: the
+# publishers that tests stop with SIGINT (as a user's Ctrl-C does) would then never hear
+# it.  Python's own handler here gives every child the default disposition again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _SLOW_OR_BIG = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile(
