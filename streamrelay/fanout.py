@@ -144,6 +144,10 @@ class Seat:
         queue = self.queue
         if sent == _DEPARTED:
             self.owed = False
+            if queue not in direct.rest:
+                # It left this stream altogether (a detach, a rendition switch): the
+                # message is no longer its to get.
+                return
             if direct.audio:
                 queue.send_audio(info, frame)
             else:

@@ -65,6 +65,9 @@ from typing import Any, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+
+_log = Logger()
 
 # The reactors whose TCP transports are FileDescriptors written with send() in doWrite.
 _POSIX_REACTORS = (
@@ -155,7 +158,12 @@ class _WatchedServer(tcp.Server):
         watcher = self._streamrelay_watcher
         if watcher is not None:
             self._streamrelay_watcher = None
-            watcher()
+            try:
+                watcher()
+            except Exception:
+                # Whatever the watcher met, the write, close or loss it announced must
+                # still happen: a teardown skipped here would leak the socket.
+                _log.failure("Error while a viewer left the direct set")
 
     def write(self, data: bytes) -> None:
         self._changing()

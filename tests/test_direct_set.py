@@ -597,3 +597,33 @@ def test_the_property_run_uses_the_direct_set() -> None:
     assert outcome[-1] is True
     assert core.stream.video_out.members == 4
     assert core.stream.audio_out.members == 2
+
+
+def _two_members() -> tuple[Core, ModelConnection, ModelConnection]:
+    """A stream with two viewers that are both members of its video set."""
+    core = Core(direct=True)
+    core.watch()
+    core.watch()
+    for tag in (1, 2):
+        core.publisher.media(media(FLAG_KEY if tag == 1 else 0, tag))
+    entries = core.stream.video_out._entries
+    assert core.stream.video_out.members == 2
+    first, second = entries[0][1].port, entries[1][1].port
+    assert isinstance(first, ModelConnection) and isinstance(second, ModelConnection)
+    return core, first, second
+
+
+def test_a_member_released_before_its_turn_does_not_get_the_old_streams_message() -> None:
+    """A member that leaves the stream during the members' loop, before its turn (a
+    rendition switch releases it), does not get the message of the stream it left."""
+    core, first, second = _two_members()
+    stream = core.stream
+
+    def release() -> None:
+        stream.release_viewer(second)
+
+    first.on_send = release
+    core.publisher.media(media(0, 3))
+    assert second not in stream.viewers
+    assert tags(second) == [1, 2]
+    assert tags(first) == [1, 2, 3]

@@ -438,6 +438,34 @@ def test_the_watcher_hears_of_every_change_before_it_happens(
     assert seen == [True]
 
 
+@pytest.mark.parametrize("change", [_write, _lose, _abort, _lost])
+def test_a_failing_watcher_is_logged_and_the_change_still_happens(
+    pair: Pair, change: Callable[[Any], None]
+) -> None:
+    """An error in the watcher is logged and contained: the write, close or loss it
+    announced is still carried out (a skipped teardown would leak the socket)."""
+    from tests.fakes import captured_log
+
+    writer = writer_for(pair.transport)
+    assert isinstance(writer, DirectWriter)
+
+    def broken() -> None:
+        raise ValueError("broken watcher")
+
+    writer.watch(broken)
+    with captured_log() as capture:
+        change(pair.transport)
+    assert [event.get("log_format") for event in capture.failures] == [
+        "Error while a viewer left the direct set"
+    ]
+    if change is _write:
+        assert pair.transport.dataBuffer or pair.transport._tempDataLen
+    elif change is _lost:
+        assert not pair.transport.connected
+    else:
+        assert pair.transport.disconnecting or pair.transport._aborting
+
+
 def test_a_watched_transport_is_still_a_plain_tcp_server(pair: Pair) -> None:
     """The watch changes the transport's class to a subclass of tcp.Server with the
     same layout: still direct-writable, still TCP, not TLS, and the watcher is stored
