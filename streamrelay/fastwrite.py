@@ -232,16 +232,7 @@ class DirectWriter:
         """Send ``data`` now as far as the socket takes it; the transport gets the rest.
         True when the socket took all of it."""
         transport: Any = self._transport
-        if (
-            transport._tempDataLen
-            or transport.dataBuffer
-            or not transport.connected
-            or transport.disconnecting
-            or transport._aborting
-            or transport._writeDisconnecting
-            or transport.producerPaused
-            or transport.TLS
-        ):
+        if not self.ready():
             transport.write(data)
             return False
         try:
