@@ -3,8 +3,9 @@
 The supervising process (twistd, or the ``streamrelay`` console script) binds every
 ``--listen`` socket and never accepts on it: it runs N worker processes, each
 ``python -m streamrelay`` with the same arguments, that adopt the listening sockets
-(``reactor.adoptStreamPort``, the descriptors passed as ``childFDs``), so the kernel
-spreads connections among them.  The workers are supervised by Twisted's stock
+(``reactor.adoptStreamPort``, the descriptors passed as ``childFDs``).  On Linux a TCP
+listener becomes one ``SO_REUSEPORT`` socket per worker, so the kernel spreads
+connections evenly among them (elsewhere they share the one socket).  The workers are supervised by Twisted's stock
 :class:`~twisted.runner.procmon.ProcessMonitor` (restarted with a doubling delay while
 they keep dying young, their output logged line by line, prefixed ``[worker N]``);
 SIGTERM stops the monitor, which forwards SIGTERM to each worker (each drains as a relay
@@ -348,13 +349,35 @@ class WorkerService(service.Service):
 # -- the supervisor side --------------------------------------------------------------------
 
 
+def kernel_balances_reuseport() -> bool:
+    """True where a group of ``SO_REUSEPORT`` TCP sockets on one address has the kernel
+    spread new connections over its members by a hash of the 4-tuple (Linux; the BSDs'
+    and macOS's ``SO_REUSEPORT`` does not balance)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def _member_socket(family: int) -> socket.socket:
+    """A new TCP socket for a member of a worker socket group (replaced by tests)."""
+    return socket.socket(family, socket.SOCK_STREAM)
+
+
 @implementer(IStreamServerEndpoint)
 class ParkedEndpoint:
-    """Binds a listening socket for the workers; the supervisor never accepts on it."""
+    """Binds a listening socket for the workers; the supervisor never accepts on it.
 
-    def __init__(self, endpoint: Any) -> None:
+    For a TCP listener on Linux it also binds one more socket per further worker on the
+    same address, all in one ``SO_REUSEPORT`` group, so the kernel spreads connections
+    evenly by a hash of each connection's addresses.  One socket shared by all workers
+    goes to whichever process wakes and accepts first, which under load (or a busy
+    reactor) is mostly the same one: that is what a UNIX socket, another POSIX system or
+    a group that cannot be formed falls back to."""
+
+    def __init__(self, endpoint: Any, count: int = 1) -> None:
         self._endpoint = endpoint
+        self._count = count
         self.port: IListeningPort | None = None
+        # The sockets bound besides the port, for workers 2, 3, ... (empty: shared).
+        self.extra: list[socket.socket] = []
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:  # noqa: N803
         """Listen (announcing the address), then stop reading at once."""
@@ -364,26 +387,75 @@ class ParkedEndpoint:
     def _park(self, port: IListeningPort) -> IListeningPort:
         port.stopReading()  # type: ignore[attr-defined]
         self.port = port
+        sock: socket.socket = port.socket  # type: ignore[attr-defined]
+        if self._count > 1 and sock.family in (socket.AF_INET, socket.AF_INET6):
+            if kernel_balances_reuseport():
+                self._form_group(sock, getattr(port, "backlog", 50))
         return port
 
-    def descriptor(self) -> tuple[int, int]:
-        """The socket's descriptor and address family."""
+    def _form_group(self, leader: socket.socket, backlog: int) -> None:
+        """Bind ``count - 1`` more sockets on the leader's address, all with
+        ``SO_REUSEPORT``; on any error, close them and share the leader."""
+        extra: list[socket.socket] = []
+        try:
+            # Linux adds a socket that is already listening to the group once it has
+            # the option, when the next member listens.
+            leader.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            for _ in range(self._count - 1):
+                member = _member_socket(leader.family)
+                extra.append(member)
+                member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if leader.family == socket.AF_INET6:
+                    only = leader.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                    member.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, only)
+                member.bind(leader.getsockname())
+                member.listen(backlog)
+                member.setblocking(False)
+        except OSError as error:
+            for member in extra:
+                member.close()
+            with contextlib.suppress(OSError):
+                leader.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+            _log.warn(
+                "The workers share one listening socket on {address} (no SO_REUSEPORT "
+                "group: {error}); the kernel gives each connection to whichever worker "
+                "accepts first",
+                address=leader.getsockname(),
+                error=error,
+            )
+            return
+        self.extra = extra
+
+    def descriptor(self, worker: int = 1) -> tuple[int, int]:
+        """The descriptor of the socket for worker number ``worker`` and its address
+        family."""
         assert self.port is not None, "not bound yet"
         sock: socket.socket = self.port.socket  # type: ignore[attr-defined]
+        if self.extra and worker > 1:
+            sock = self.extra[(worker - 2) % len(self.extra)]
         return sock.fileno(), int(sock.family)
+
+    def close_extra(self) -> None:
+        """Close the sockets bound besides the port (the workers have exited)."""
+        extra, self.extra = self.extra, []
+        for member in extra:
+            member.close()
 
 
 class _SpawningReactor:
     """The reactor as the process monitor sees it: spawned workers inherit the
     listening sockets (the stock monitor passes no ``childFDs``)."""
 
-    def __init__(self, reactor: Any, inherited: Callable[[], dict[int, int]]) -> None:
+    def __init__(self, reactor: Any, inherited: Callable[[int], dict[int, int]]) -> None:
         self._reactor = reactor
         self._inherited = inherited
 
     def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 (Twisted API)
-        """Spawn with stdin, stdout, stderr piped and the sockets at 3, 4, ..."""
-        kwargs["childFDs"] = {0: "w", 1: "r", 2: "r", **self._inherited()}
+        """Spawn with stdin, stdout, stderr piped and the worker's sockets at 3, 4, ...
+        (which worker: its environment says)."""
+        number = int((kwargs.get("env") or {}).get(WORKER_VARIABLE, "1"))
+        kwargs["childFDs"] = {0: "w", 1: "r", 2: "r", **self._inherited(number)}
         return self._reactor.spawnProcess(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -451,9 +523,10 @@ class WorkerPool(service.Service):
         self._command = command
         self._environment = environment
 
-    def _inherited(self) -> dict[int, int]:
+    def _inherited(self, number: int) -> dict[int, int]:
         return {
-            FIRST_FD + index: parked.descriptor()[0] for index, parked in enumerate(self._sockets)
+            FIRST_FD + index: parked.descriptor(number)[0]
+            for index, parked in enumerate(self._sockets)
         }
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
@@ -482,7 +555,11 @@ class WorkerPool(service.Service):
             self._exited.append(exited)
         else:
             exited.callback(None)
-        return exited
+        return exited.addCallback(self._close_sockets)
+
+    def _close_sockets(self, _: None) -> None:
+        for parked in self._sockets:
+            parked.close_extra()
 
 
 class DirectoryService(service.Service):
@@ -532,7 +609,7 @@ def supervisor(
     for description in listen:
         listening = listener(reactor, description, unused)
         announced.append(listening.endpoint)
-        endpoint = ParkedEndpoint(listening.endpoint)
+        endpoint = ParkedEndpoint(listening.endpoint, config.workers)
         listening.endpoint = endpoint
         parked.append(endpoint)
         listening.setServiceParent(top)
