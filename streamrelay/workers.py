@@ -5,12 +5,12 @@ The supervising process (twistd, or the ``streamrelay`` console script) binds ev
 ``python -m streamrelay`` with the same arguments, that adopt the listening sockets
 (``reactor.adoptStreamPort``, the descriptors passed as ``childFDs``).  On Linux a TCP
 listener becomes one ``SO_REUSEPORT`` socket per worker, so the kernel spreads
-connections evenly among them (elsewhere they share the one socket).  The workers are supervised by Twisted's stock
-:class:`~twisted.runner.procmon.ProcessMonitor` (restarted with a doubling delay while
-they keep dying young, their output logged line by line, prefixed ``[worker N]``);
-SIGTERM stops the monitor, which forwards SIGTERM to each worker (each drains as a relay
-does: 503 to new handshakes, 1001 to WebSockets) and SIGKILLs a worker still alive
-after a bound.
+connections evenly among them (elsewhere they share the one socket).  The workers are
+supervised by Twisted's stock :class:`~twisted.runner.procmon.ProcessMonitor`
+(restarted with a doubling delay while they keep dying young, their output logged line
+by line, prefixed ``[worker N]``); SIGTERM stops the monitor, which forwards SIGTERM to
+each worker (each drains as a relay does: 503 to new handshakes, 1001 to WebSockets) and
+SIGKILLs a worker still alive after a bound.
 
 The supervisor is also the workers' directory (:mod:`streamrelay.local_directory`) over
 a UNIX socket in a private temporary folder.  Each worker listens on a private loopback
