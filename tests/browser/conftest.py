@@ -11,14 +11,18 @@ WebCodecs exists only in secure contexts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.ci import ci_is_set
@@ -90,9 +94,81 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
+# A Playwright call waits on the browser with no bound of its own, and pytest-timeout's
+# signal cannot interrupt it (the sync API waits inside its own event loop, which takes
+# the exception only once the browser answers).  Chromium has been seen to hang that way
+# for 20 minutes while closing a context, its zygote forking renderers in a loop.  So
+# the suite bounds every test and every close itself: past the bound it kills Chromium's
+# processes, the pending call fails at once, and the next test gets a new browser.
+CLOSE_BOUND_S = 20.0
+# The test's own bound is its pytest-timeout less this margin (for the teardown).
+TEST_BOUND_MARGIN_S = 10.0
+
+
+class Chromium:
+    """The session's headless Chromium: launched again for the next test after a
+    watchdog killed it."""
+
+    def __init__(self, playwright: Any, executable: str) -> None:
+        self._playwright = playwright
+        self._executable = executable
+        self.browser = self._launch()
+        # Why each kill happened, in order.
+        self.kills: list[str] = []
+
+    def _launch(self) -> Any:
+        return self._playwright.chromium.launch(
+            executable_path=self._executable, args=CHROMIUM_ARGS
+        )
+
+    def connected(self) -> Any:
+        """The browser, launched again if the last one is gone."""
+        if not self.browser.is_connected():
+            self.browser = self._launch()
+        return self.browser
+
+    def kill(self, why: str) -> None:
+        """SIGKILL every Chromium process of this test run (called from a timer thread:
+        only psutil here, no Playwright)."""
+        self.kills.append(why)
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "chrom" in process.name().lower():
+                    process.kill()
+
+    @contextlib.contextmanager
+    def watchdog(self, seconds: float, what: str) -> Iterator[None]:
+        """Kill the browser if the block has not ended within ``seconds``."""
+        timer = threading.Timer(seconds, self.kill, args=(f"{what}: no answer in {seconds:g} s",))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def close_bounded(self, closable: Any, what: str, bound: float = CLOSE_BOUND_S) -> None:
+        """``closable.close()`` (a page or a context), bounded: a browser that does not
+        answer within ``bound`` seconds is killed (a warning says so) and the next test
+        gets a new one."""
+        kills = len(self.kills)
+        try:
+            with self.watchdog(bound, what):
+                closable.close()
+        except Exception:  # noqa: BLE001 - the browser may be gone already
+            pass
+        if len(self.kills) > kills:
+            warnings.warn(f"Chromium killed and launched again: {self.kills[-1]}", stacklevel=2)
+
+    def close(self) -> None:
+        """Close the browser at the end of the session (bounded as well)."""
+        if self.browser.is_connected():
+            self.close_bounded(self.browser, "closing the browser")
+
+
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session."""
+def chromium() -> Iterator[Chromium]:
+    """One headless Chromium for the session (a new one after a hang, see ``Chromium``)."""
     executable = os.environ.get("STREAMRELAY_CHROMIUM", "/usr/bin/chromium")
     if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
         _unavailable(
@@ -104,11 +180,33 @@ def browser() -> Iterator[Any]:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         _unavailable(f"playwright is not installed: {exc}")
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        launched = Chromium(playwright, executable)
         try:
             yield launched
         finally:
             launched.close()
+
+
+def _test_bound(request: pytest.FixtureRequest) -> float:
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(
+        request.config.getini("timeout") or 300
+    )
+    return max(timeout - TEST_BOUND_MARGIN_S, TEST_BOUND_MARGIN_S)
+
+
+@pytest.fixture
+def browser(chromium: Chromium, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The session's browser, for one test that the browser cannot hang: past the test's
+    timeout (less a margin for its teardown) Chromium is killed, the test's pending
+    Playwright call fails, and the test fails saying why."""
+    kills = len(chromium.kills)
+    bound = _test_bound(request)
+    with chromium.watchdog(bound, f"{request.node.name}"):
+        yield chromium.connected()
+    hung = chromium.kills[kills:]
+    if any(why.startswith(f"{request.node.name}:") for why in hung):
+        pytest.fail(f"Chromium did not answer: killed ({'; '.join(hung)})", pytrace=False)
 
 
 @dataclass
@@ -125,7 +223,7 @@ class PageLog:
 
 
 @pytest.fixture
-def open_page(browser: Any) -> Iterator[Callable[..., tuple[Any, PageLog]]]:
+def open_page(browser: Any, chromium: Chromium) -> Iterator[Callable[..., tuple[Any, PageLog]]]:
     """``open_page(url=None)``: a new page in its own context (a fresh "tab") with the
     probe script installed, and its console log.  Every context is closed at teardown."""
     contexts: list[Any] = []
@@ -144,10 +242,7 @@ def open_page(browser: Any) -> Iterator[Callable[..., tuple[Any, PageLog]]]:
 
     yield open_
     for context in contexts:
-        try:
-            context.close()
-        except Exception:  # noqa: BLE001 - the browser may be gone already
-            pass
+        chromium.close_bounded(context, "closing a page's context")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import PROBE_SCRIPT
+from tests.browser.conftest import PROBE_SCRIPT, Chromium
 from tests.support.browser_page import read_fields_script
 from tests.support.relay_process import StartRelay
 
@@ -89,7 +89,7 @@ AUTOPLAY_POLICY = """
 
 
 @pytest.fixture
-def strict_page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
+def strict_page(browser: Any, chromium: Chromium) -> Iterator[tuple[Any, list[str]]]:
     """A page where sound needs a user gesture, with the suite's probe script, and the
     console errors and page errors it reports."""
     context = browser.new_context(viewport={"width": 1280, "height": 720})
@@ -102,7 +102,7 @@ def strict_page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
         page.on("pageerror", lambda error: errors.append(str(error)))
         yield page, errors
     finally:
-        context.close()
+        chromium.close_bounded(context, "closing the page's context")
 
 
 def audio_state(page: Any) -> dict[str, Any]:

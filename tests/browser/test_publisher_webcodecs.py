@@ -22,6 +22,7 @@ import pytest
 
 from streamrelay.publisher.encoder import EncoderSettings, H264Encoder
 from streamrelay.publisher.testpattern import TestPattern
+from tests.browser.conftest import Chromium
 
 pytestmark = pytest.mark.browser
 
@@ -126,7 +127,7 @@ def write_stream(directory: Path, profile: str, frames: int = 50, gop: int = 20)
 
 
 def test_chromium_webcodecs_decodes_from_a_mid_stream_key(
-    served_directory: tuple[Path, str], browser: Any
+    served_directory: tuple[Path, str], browser: Any, chromium: Chromium
 ) -> None:
     """For baseline (the default) and high profile streams, Chromium accepts the meta codec string
     and decodes every chunk fed from the second KEY on (no description, no CONFIG), into
@@ -145,4 +146,4 @@ def test_chromium_webcodecs_decodes_from_a_mid_stream_key(
             assert result["distinct"] >= 27, result
             assert {tuple(size) for size in result["sizes"]} == {(640, 360)}
     finally:
-        page.close()
+        chromium.close_bounded(page, "closing the page")
